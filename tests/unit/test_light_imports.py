@@ -1,0 +1,16 @@
+"""The pure-math modules must import without Ray, vLLM or transformers (they run on GPU boxes without them)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_math_modules_import_only_torch():
+    code = (
+        "import sys; import dpo_ray.losses, dpo_ray.logps, dpo_ray.metrics, dpo_ray.batching; "
+        "heavy = [m for m in ('ray', 'vllm', 'transformers') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

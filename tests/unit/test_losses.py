@@ -1,0 +1,127 @@
+"""Loss variants against independent float64 NumPy implementations of the papers' formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_ray.losses import LOSSES, preference_loss
+
+
+def _logsig(x: np.ndarray) -> np.ndarray:
+    # log σ(x) = −log(1 + e^{−x}), written stably for both signs.
+    return np.where(x >= 0, -np.log1p(np.exp(-x)), x - np.log1p(np.exp(x)))
+
+
+def _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average):
+    """Float64 re-derivation of each variant (not calling the code under test)."""
+    if average:
+        pcs, prs, rcs, rrs = pc / lc, pr / lr, rc / lc, rr / lr
+    else:
+        pcs, prs, rcs, rrs = pc, pr, rc, rr
+    h = (pcs - rcs) - (prs - rrs)
+    if name == "sigmoid":
+        loss = -(1 - eps) * _logsig(beta * h) - eps * _logsig(-beta * h)
+    elif name == "robust":
+        loss = (-(1 - eps) * _logsig(beta * h) + eps * _logsig(-beta * h)) / (1 - 2 * eps)
+    elif name == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    elif name == "hinge":
+        loss = np.maximum(0.0, 1 - beta * h)
+    loss = loss + sft * (-pc / lc)
+    return loss, beta * (pcs - rcs), beta * (prs - rrs)
+
+
+def _random_inputs(seed: int, batch: int = 16):
+    g = np.random.default_rng(seed)
+    lc = g.integers(1, 60, batch).astype(np.float64)
+    lr = g.integers(1, 60, batch).astype(np.float64)
+    pc, pr = -g.uniform(0.5, 4, batch) * lc, -g.uniform(0.5, 4, batch) * lr
+    rc, rr = pc + g.normal(0, 3, batch), pr + g.normal(0, 3, batch)
+    return pc, pr, rc, rr, lc, lr
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize(("eps", "sft"), [(0.0, 0.0), (0.1, 0.0), (0.3, 0.5)])
+def test_variants_match_float64_reference(name, average, eps, sft):
+    pc, pr, rc, rr, lc, lr = _random_inputs(hash((name, average, eps)) % 1000)
+    beta = 0.1 if name != "ipo" else 0.5
+    expected = _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average)
+    t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
+    out = preference_loss(name, *t, beta=beta, label_smoothing=eps, sft_weight=sft, average_logps=average)
+    for got, want in zip((out.losses, out.chosen_rewards, out.rejected_rewards), expected, strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-12)
+
+
+def test_float32_inputs_close_to_float64_reference():
+    pc, pr, rc, rr, lc, lr = _random_inputs(7)
+    expected, _, _ = _reference("sigmoid", pc, pr, rc, rr, lc, lr, 0.1, 0.0, 0.0, False)
+    t = [torch.tensor(x, dtype=torch.float32) for x in (pc, pr)] + [
+        torch.tensor(x, dtype=torch.float64) for x in (rc, rr, lc, lr)
+    ]
+    out = preference_loss("sigmoid", *t, beta=0.1)
+    assert out.losses.dtype == torch.float32
+    np.testing.assert_allclose(out.losses.numpy(), expected, rtol=1e-5)
+
+
+def test_policy_equals_reference_gives_ln2_and_zero_rewards():
+    pc, pr, _, _, lc, lr = _random_inputs(3)
+    t = [torch.tensor(x) for x in (pc, pr, pc, pr, lc, lr)]
+    out = preference_loss("sigmoid", *t, beta=0.3)
+    torch.testing.assert_close(out.losses, torch.full_like(out.losses, math.log(2)), atol=1e-6, rtol=0)
+    assert out.chosen_rewards.abs().max() == 0 and out.rejected_rewards.abs().max() == 0
+
+
+def test_sigmoid_gradient_matches_closed_form():
+    """d mean_b[−log σ(β h_b)] / d πθ_w,b = −β σ(−β h_b) / B (chain rule: d h / d πθ_w = 1)."""
+    pc, pr, rc, rr, lc, lr = _random_inputs(11, batch=9)
+    beta = 0.2
+    policy_chosen = torch.tensor(pc, requires_grad=True)
+    t = [torch.tensor(x) for x in (pr, rc, rr, lc, lr)]
+    out = preference_loss("sigmoid", policy_chosen, *t, beta=beta)
+    out.losses.mean().backward()
+    h = (pc - rc) - (pr - rr)
+    closed = -beta * (1 / (1 + np.exp(beta * h))) / len(h)
+    np.testing.assert_allclose(policy_chosen.grad.numpy(), closed, rtol=1e-9)
+    assert not out.chosen_rewards.requires_grad
+
+
+@pytest.mark.parametrize("name", ["robust"])
+def test_zero_smoothing_reduces_to_dpo(name):
+    t = [torch.tensor(x) for x in _random_inputs(5)]
+    plain = preference_loss("sigmoid", *t, beta=0.1)
+    other = preference_loss(name, *t, beta=0.1, label_smoothing=0.0)
+    cdpo = preference_loss("sigmoid", *t, beta=0.1, label_smoothing=0.0)
+    torch.testing.assert_close(other.losses, plain.losses, rtol=1e-12, atol=0)
+    torch.testing.assert_close(cdpo.losses, plain.losses, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"beta": 0.0}, "beta"),
+        ({"beta": -1.0}, "beta"),
+        ({"beta": float("nan")}, "beta"),
+        ({"beta": 0.1, "label_smoothing": 0.5}, "label_smoothing"),
+        ({"beta": 0.1, "label_smoothing": -0.1}, "label_smoothing"),
+        ({"beta": 0.1, "sft_weight": -1.0}, "sft_weight"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, argument):
+    t = [torch.tensor(x) for x in _random_inputs(1)]
+    with pytest.raises(ValueError, match=argument):
+        preference_loss("sigmoid", *t, **kwargs)
+
+
+def test_mismatched_shapes_and_unknown_variant():
+    t = [torch.tensor(x) for x in _random_inputs(1)]
+    with pytest.raises(ValueError, match="shapes"):
+        preference_loss("sigmoid", t[0][:3], *t[1:], beta=0.1)
+    with pytest.raises(ValueError, match="shapes"):
+        preference_loss("sigmoid", t[0].reshape(4, 4), *[x.reshape(4, 4) for x in t[1:]], beta=0.1)
+    with pytest.raises(ValueError, match="unknown variant"):
+        preference_loss("kto", *t, beta=0.1)

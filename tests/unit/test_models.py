@@ -1,0 +1,74 @@
+"""Tiny model construction, loading and fingerprints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dpo_ray.models import (
+    build_tiny_llama,
+    load_causal_lm,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model_dir,
+    tokenizer_fingerprint,
+)
+
+
+def test_tiny_model_loads_with_special_tokens(tiny_model_dir: Path, tiny_model):
+    tok = load_tokenizer(tiny_model_dir)
+    ids = tok("the movie was great").input_ids
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.bos_token_id != tok.eos_token_id != tok.pad_token_id
+    assert tok("the movie", add_special_tokens=False).input_ids[0] != tok.bos_token_id
+    assert tok.decode(tok("the movie was great", add_special_tokens=False).input_ids) == "the movie was great"
+    assert tiny_model.config.head_dim >= 32
+    assert tiny_model.config.vocab_size == len(tok)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) == (
+        "<|user|>hi\n<|assistant|>"
+    )
+
+
+def test_fingerprints_are_stable_and_sensitive(tiny_model_dir: Path, tmp_path: Path):
+    tok = load_tokenizer(tiny_model_dir)
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(load_tokenizer(tiny_model_dir))
+    tok.chat_template = "{{ messages }}"
+    assert tokenizer_fingerprint(tok) != tokenizer_fingerprint(load_tokenizer(tiny_model_dir))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert model_fingerprint(copy) == model_fingerprint(tiny_model_dir)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-3
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
+
+    other = build_tiny_llama(tmp_path / "other", ["some other corpus text"] * 20, vocab_size=300, seed=1)
+    assert model_fingerprint(other) != model_fingerprint(tiny_model_dir)
+    assert tokenizer_fingerprint(load_tokenizer(other)) != tokenizer_fingerprint(load_tokenizer(tiny_model_dir))
+    assert load_causal_lm(other).config.vocab_size == len(load_tokenizer(other))
+
+
+def test_resolve_errors(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        resolve_model_dir(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        model_fingerprint(tmp_path)
+    with pytest.raises(ValueError, match="head_dim"):
+        build_tiny_llama(tmp_path / "x", ["a b"], head_dim=16)
+
+
+def test_resolve_copies_uri_to_cache(tiny_model_dir: Path, tmp_path: Path):
+    local = resolve_model_dir(f"file://{tiny_model_dir}")
+    assert local == tiny_model_dir
+    # A non-local fsspec URI (memory://) is copied once into the cache.
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in tiny_model_dir.iterdir():
+        fs.pipe(f"/model/{f.name}", f.read_bytes())
+    cached = resolve_model_dir("memory://model", cache_dir=tmp_path / "cache")
+    assert model_fingerprint(cached) == model_fingerprint(tiny_model_dir)
