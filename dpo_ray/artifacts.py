@@ -1,0 +1,192 @@
+"""Artifact directories: `part-*.parquet` shards plus `manifest.json`, written last.
+
+An artifact without a manifest is incomplete. A complete artifact whose recorded config and upstream
+manifest hashes equal the ones a stage would use is reused instead of recomputed. Paths are local
+directories or any fsspec URI (`s3://bucket/run/pairs`); nothing assumes a shared POSIX disk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+from dpo_ray import __version__
+from dpo_ray.schema import SCHEMA_VERSION
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MANIFEST",
+    "Manifest",
+    "ShardInfo",
+    "artifact_fs",
+    "is_complete",
+    "join",
+    "list_shards",
+    "manifest_sha256",
+    "read_manifest",
+    "remove_artifact",
+    "shard_infos",
+    "write_manifest",
+]
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str
+    schema_version: int
+    rows: int
+    shards: list[ShardInfo]
+    config: dict[str, Any]
+    fingerprints: dict[str, str]
+    upstream: dict[str, str]
+    stats: dict[str, Any]
+    created_by: dict[str, str | None] = field(default_factory=dict)
+    created_at: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        shards = [ShardInfo(**s) for s in data.get("shards", [])]
+        return cls(**{**data, "shards": shards})
+
+
+def artifact_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of an artifact URI or local directory."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([str(uri).rstrip("/"), *parts])
+
+
+def list_shards(uri: str, pattern: str = "part-*.parquet") -> list[str]:
+    """Shard file names (not paths) under an artifact directory, sorted."""
+    fs, path = artifact_fs(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(Path(p).name for p in fs.glob(join(path, pattern)))
+
+
+def _sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_infos(uri: str, pattern: str = "part-*.parquet") -> list[ShardInfo]:
+    """Name, row count (from Parquet metadata) and sha256 of every shard."""
+    fs, path = artifact_fs(uri)
+    infos = []
+    for name in list_shards(uri, pattern):
+        full = join(path, name)
+        with fs.open(full, "rb") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        infos.append(ShardInfo(name, rows, _sha256_file(fs, full)))
+    return infos
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def write_manifest(
+    uri: str,
+    kind: str,
+    config: dict[str, Any],
+    fingerprints: dict[str, str],
+    upstream: dict[str, str],
+    stats: dict[str, Any],
+    shards: list[ShardInfo] | None = None,
+) -> Manifest:
+    """Record the shards present (or `shards`) and write manifest.json last, atomically where possible."""
+    shards = shard_infos(uri) if shards is None else shards
+    manifest = Manifest(
+        kind=kind,
+        schema_version=SCHEMA_VERSION,
+        rows=sum(s.rows for s in shards),
+        shards=shards,
+        config=json.loads(json.dumps(config)),
+        fingerprints=fingerprints,
+        upstream=upstream,
+        stats=stats,
+        created_by={"package": __version__, "git_sha": _git_sha()},
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    fs, path = artifact_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+    tmp = join(path, MANIFEST + ".tmp")
+    with fs.open(tmp, "w") as f:
+        f.write(manifest.to_json())
+    fs.mv(tmp, join(path, MANIFEST))
+    return manifest
+
+
+def read_manifest(uri: str) -> Manifest | None:
+    """The artifact's manifest, or None when it has none (incomplete or absent)."""
+    fs, path = artifact_fs(uri)
+    target = join(path, MANIFEST)
+    if not fs.exists(target):
+        return None
+    with fs.open(target, "r") as f:
+        return Manifest.from_dict(json.load(f))
+
+
+def manifest_sha256(uri: str) -> str:
+    """sha256 of the artifact's manifest.json bytes: how downstream artifacts name their inputs."""
+    fs, path = artifact_fs(uri)
+    target = join(path, MANIFEST)
+    if not fs.exists(target):
+        raise FileNotFoundError(f"{uri}: no {MANIFEST}; the artifact is incomplete (rerun the stage that writes it)")
+    return _sha256_file(fs, target)
+
+
+def is_complete(uri: str, config: dict[str, Any], upstream: dict[str, str]) -> bool:
+    """True when the artifact has a manifest with this config and upstream, and all its shards exist."""
+    manifest = read_manifest(uri)
+    if manifest is None or manifest.schema_version != SCHEMA_VERSION:
+        return False
+    if manifest.config != json.loads(json.dumps(config)) or manifest.upstream != upstream:
+        return False
+    present = set(list_shards(uri, "*.parquet"))
+    return all(s.file in present for s in manifest.shards)
+
+
+def remove_artifact(uri: str) -> None:
+    """Delete an artifact directory and everything under it (used before rewriting an incomplete one)."""
+    fs, path = artifact_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

@@ -1,0 +1,48 @@
+"""CLI: `python -m pipeline <stage> --config X.yaml [key=value ...]` (also installed as `dpo-ray`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.config import ConfigError, PipelineConfig, load_config
+
+# stage name → (module holding `run(cfg)`, config section)
+STAGES = {"prepare": ("pipeline.prepare", "prepare")}
+
+# Errors a user can act on: printed as one message, exit status 2, no traceback.
+_USER_ERRORS = ("ConfigError", "InputError", "PrepareError", "ArtifactError")
+
+
+def _stage_config(cfg: PipelineConfig, section: str):
+    stage_cfg = getattr(cfg, section)
+    if stage_cfg is None:
+        raise ConfigError(f"the config has no '{section}:' section (needed by `{section}`)")
+    return stage_cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpo-ray", description=__doc__)
+    parser.add_argument("stage", choices=sorted(STAGES), help="stage to run")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prepare.max_length=512")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        module_name, section = STAGES[args.stage]
+        stage_cfg = _stage_config(cfg, section)
+        importlib.import_module(module_name).run(stage_cfg)
+    except Exception as e:
+        if type(e).__name__ in _USER_ERRORS:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Typed configuration: one pydantic model per stage, nested in PipelineConfig.
+
+Configs are frozen and reject unknown keys; they are validated once, at the edge (YAML + dotted
+`key=value` overrides), and the resolved stage config is written into each artifact's manifest.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ColumnMap",
+    "ConfigError",
+    "PipelineConfig",
+    "PrepareConfig",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ColumnMap(StrictModel):
+    prompt: str = Field("prompt", description="Input column holding the prompt (text or message list).")
+    chosen: str = Field("chosen", description="Input column holding the preferred completion or dialog.")
+    rejected: str = Field("rejected", description="Input column holding the dispreferred completion or dialog.")
+
+
+class PrepareConfig(StrictModel):
+    inputs: list[str] = Field(
+        description="Files, directories or globs (local or fsspec URIs: s3://, gs://), a dataset saved with "
+        "datasets' save_to_disk, or a hub dataset name (with input_type: hf_hub).",
+        min_length=1,
+    )
+    input_type: Literal["auto", "jsonl", "json", "parquet", "csv", "hf_disk", "hf_hub"] = Field(
+        "auto", description="How to read inputs; auto decides from file extensions and directory contents."
+    )
+    hf_split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict.")
+    format: Literal["auto", "explicit", "implicit", "conversational"] = Field(
+        "auto",
+        description="explicit: prompt/chosen/rejected text; implicit: HH-style full dialogs in chosen/rejected; "
+        "conversational: message lists. auto decides per record.",
+    )
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="Maps prompt/chosen/rejected to input columns.")
+    implicit_marker: str = Field(
+        "\n\nAssistant:", description="Implicit format: the prompt ends with the last occurrence of this text."
+    )
+    tokenizer: str = Field(description="Tokenizer: a local dir, fsspec URI or hub id (the policy's tokenizer).")
+    trust_remote_code: bool = Field(False, description="Allow custom tokenizer code from the model repo.")
+    max_length: int = Field(1024, gt=1, description="Max prompt + completion tokens of one sequence.")
+    max_prompt_length: int = Field(512, ge=1, description="Max prompt tokens.")
+    truncation: Literal["keep_start", "keep_end", "drop"] = Field(
+        "keep_end",
+        description="Over-long prompts keep their start or end (BOS kept); completions keep their start; "
+        "drop rejects the pair as too_long.",
+    )
+    max_text_chars: int = Field(1_000_000, ge=1, description="Reject a text field longer than this (text_too_long).")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of pairs in the eval split (by hash).")
+    dedup: bool = Field(True, description="Drop exact duplicate pairs (same pair_id); they go to rejects.")
+    rows_per_shard: int = Field(100_000, ge=1, description="Upper bound on rows per output Parquet shard.")
+    num_actors: int = Field(1, ge=1, description="Tokenizer actors (Ray Data actor pool size).")
+    batch_size: int = Field(512, ge=1, description="Records per tokenization batch.")
+    output: str = Field("", description="Output artifact directory; default <run_dir>/pairs.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> PrepareConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        return self
+
+
+class PipelineConfig(StrictModel):
+    run_dir: str = Field("runs/default", description="Root directory (or URI) of this run's artifacts.")
+    prepare: PrepareConfig | None = Field(None, description="Prepare stage settings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_outputs(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        run_dir = str(data.get("run_dir", "runs/default")).rstrip("/")
+        stage = data.get("prepare")
+        if isinstance(stage, dict) and not stage.get("output"):
+            data = {**data, "prepare": {**stage, "output": f"{run_dir}/pairs"}}
+        return data
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class inside an annotation like `X`, `X | None` or `Optional[X]`, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_keys(data: Any, model: type[BaseModel], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        sub = _model_of(fields[key].annotation)
+        if sub is not None:
+            _check_keys(value, sub, f"{prefix}{key}.")
+
+
+def _apply_override(data: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected key=value, e.g. prepare.max_length=512")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """PipelineConfig from a YAML file (or nothing) plus dotted key=value overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"config {path}: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path}: expected a mapping at the top level, found {type(loaded).__name__}")
+        data = loaded or {}
+    for assignment in overrides:
+        _apply_override(data, assignment)
+    _check_keys(data, PipelineConfig)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            found = f" (found {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            lines.append(f"{loc or '<root>'}: {err['msg']}{found}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None

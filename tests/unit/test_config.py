@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_overrides_and_defaults(tmp_path):
+    p = _write(tmp_path, "run_dir: /r\nprepare:\n  inputs: [a.jsonl]\n  tokenizer: tok\n")
+    cfg = load_config(p, ["prepare.max_length=2048", "prepare.columns.prompt=question", "prepare.dedup=false"])
+    assert cfg.prepare.max_length == 2048 and cfg.prepare.dedup is False
+    assert cfg.prepare.columns.prompt == "question" and cfg.prepare.columns.chosen == "chosen"
+    assert cfg.prepare.output == "/r/pairs"
+    with pytest.raises(pydantic.ValidationError):
+        cfg.prepare.max_length = 3  # frozen
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("prepare.max_lenght=5", "unknown config key 'prepare.max_lenght'; did you mean 'prepare.max_length'?"),
+        (
+            "prepare.columns.promt=q",
+            "unknown config key 'prepare.columns.promt'; did you mean 'prepare.columns.prompt'?",
+        ),
+        ("prepar.inputs=[x]", "did you mean 'prepare'?"),
+        ("prepare.max_prompt_length=2000", "max_prompt_length (2000) must be < max_length (1024)"),
+        ("prepare.truncation=middle", "prepare.truncation"),
+        ("prepare.eval_fraction=1.5", "prepare.eval_fraction"),
+        ("novalue", "expected key=value"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, override, message):
+    p = _write(tmp_path, "prepare:\n  inputs: [a.jsonl]\n  tokenizer: tok\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, [override])
+    assert message in str(e.value)
+
+
+def test_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="prepare.tokenizer"):
+        load_config(_write(tmp_path, "prepare:\n  inputs: [a]\n"))
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    p = _write(tmp_path, "prepare:\n  inputs: [a.jsonl]\n  tokenizer: tok\n")
+    assert main(["prepare", "--config", str(p), "prepare.max_lenght=3"]) == 2
+    assert "did you mean 'prepare.max_length'" in capsys.readouterr().err
+    assert main(["prepare", "--config", str(_write(tmp_path, "run_dir: x\n"))]) == 2
+    assert "no 'prepare:' section" in capsys.readouterr().err
