@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo_ray import __version__
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MANIFEST",
+    "ArtifactError",
+    "require_complete",
+    "write_table",
     "Manifest",
     "ShardInfo",
     "artifact_fs",
@@ -40,6 +44,10 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """An input artifact is missing, incomplete, of the wrong kind, or incompatible; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -190,3 +198,29 @@ def remove_artifact(uri: str) -> None:
     fs, path = artifact_fs(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def require_complete(uri: str, kind: str) -> Manifest:
+    """The manifest of a complete artifact of `kind`, or ArtifactError saying what is wrong and what to run."""
+    manifest = read_manifest(uri)
+    if manifest is None:
+        fs, path = artifact_fs(uri)
+        state = "is incomplete (no manifest.json)" if fs.exists(path) else "does not exist"
+        raise ArtifactError(f"{uri} {state}: run the stage that writes the {kind!r} artifact first")
+    if manifest.kind != kind:
+        raise ArtifactError(f"{uri}: expected a {kind!r} artifact, found {manifest.kind!r}")
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{uri}: schema_version {manifest.schema_version}, this dpo-ray reads {SCHEMA_VERSION}; rerun that stage"
+        )
+    return manifest
+
+
+def write_table(table: pa.Table, uri: str, name: str) -> None:
+    """Write one Parquet shard atomically: a temporary name first, then a rename (a put on object stores)."""
+    fs, path = artifact_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+    tmp = join(path, f".tmp-{name}")
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, join(path, name))

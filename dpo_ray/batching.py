@@ -23,6 +23,8 @@ from dpo_ray.logps import DEFAULT_CHUNK_TOKENS, sequence_logps, token_logps
 
 __all__ = [
     "PaddedBatch",
+    "collate_sequences",
+    "completion_logps",
     "PairLogps",
     "PairTokens",
     "collate_padded",
@@ -88,22 +90,70 @@ class PairLogps:
     rejected_lengths: Tensor
 
 
-def collate_padded(pairs: Sequence[PairTokens], pad_token_id: int, pad_to_multiple_of: int = 1) -> PaddedBatch:
-    """Lay out pairs for one padded forward (chosen rows first, then rejected rows)."""
-    if not pairs:
-        raise ValueError("collate_padded: no pairs")
-    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    width = max(len(a) + len(b) for a, b in seqs)
+def collate_sequences(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_token_id: int,
+    pad_to_multiple_of: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded rows prompt_i + completion_i → (input_ids, attention_mask, completion_mask), each (N, T)."""
+    if not prompts or len(prompts) != len(completions):
+        raise ValueError(
+            f"collate: need as many prompts as completions (>= 1), found {len(prompts)}, {len(completions)}"
+        )
+    width = max(len(a) + len(b) for a, b in zip(prompts, completions, strict=True))
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.int64)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.int64)
-    completion_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for row, (prompt, completion) in enumerate(seqs):
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    completion_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         n_prompt, n_total = len(prompt), len(prompt) + len(completion)
         input_ids[row, :n_total] = torch.tensor([*prompt, *completion], dtype=torch.int64)
         attention_mask[row, :n_total] = 1
         completion_mask[row, n_prompt:n_total] = True
-    return PaddedBatch(input_ids, attention_mask, completion_mask, len(pairs))
+    return input_ids, attention_mask, completion_mask
+
+
+def collate_padded(pairs: Sequence[PairTokens], pad_token_id: int, pad_to_multiple_of: int = 1) -> PaddedBatch:
+    """Lay out pairs for one padded forward (chosen rows first, then rejected rows)."""
+    if not pairs:
+        raise ValueError("collate_padded: no pairs")
+    prompts = [p.prompt_ids for p in pairs] * 2
+    completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    tensors = collate_sequences(prompts, completions, pad_token_id, pad_to_multiple_of)
+    return PaddedBatch(*tensors, num_pairs=len(pairs))
+
+
+def completion_logps(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_token_id: int,
+    token_budget: int = 16_384,
+) -> list[list[float]]:
+    """Per-token log-probs of each completion given its prompt, from padded forwards of `model` (no grad).
+
+    Sequences are grouped longest-first into forwards of at most ~token_budget padded tokens.
+    out[i][j] = log p(completion_i[j] | prompt_i, completion_i[:j]).
+    """
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]), reverse=True)
+    out: list[list[float]] = [[] for _ in prompts]
+    start = 0
+    while start < len(order):
+        width = len(prompts[order[start]]) + len(completions[order[start]])
+        stop = min(len(order), start + max(1, token_budget // width))
+        idx = order[start:stop]
+        ids, attn, mask = collate_sequences([prompts[i] for i in idx], [completions[i] for i in idx], pad_token_id)
+        device = next(model.parameters()).device
+        ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        per_token = token_logps(logits, ids, mask).double().cpu()
+        for row, i in enumerate(idx):
+            p = len(prompts[i])
+            out[i] = per_token[row, p : p + len(completions[i])].tolist()
+        start = stop
+    return out
 
 
 def padded_token_count(pairs: Sequence[PairTokens]) -> int:

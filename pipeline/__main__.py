@@ -10,10 +10,13 @@ import sys
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
 # stage name → (module holding `run(cfg)`, config section)
-STAGES = {"prepare": ("pipeline.prepare", "prepare")}
+STAGES = {
+    "prepare": ("pipeline.prepare", "prepare"),
+    "reference": ("pipeline.reference", "reference"),
+}
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
-_USER_ERRORS = ("ConfigError", "InputError", "PrepareError", "ArtifactError")
+_USER_ERRORS = ("ConfigError", "InputError", "PrepareError", "ArtifactError", "ParityError")
 
 
 def _stage_config(cfg: PipelineConfig, section: str):

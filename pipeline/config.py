@@ -20,12 +20,21 @@ __all__ = [
     "ConfigError",
     "PipelineConfig",
     "PrepareConfig",
+    "ReferenceConfig",
     "load_config",
 ]
 
 
 class ConfigError(ValueError):
     """A configuration problem a user can fix; the message names the key."""
+
+
+# (section, key, artifact name under run_dir) filled in when a config leaves the path empty.
+_DEFAULT_PATHS = [
+    ("prepare", "output", "pairs"),
+    ("reference", "pairs", "pairs"),
+    ("reference", "output", "scored"),
+]
 
 
 class StrictModel(BaseModel):
@@ -81,9 +90,50 @@ class PrepareConfig(StrictModel):
         return self
 
 
+class ReferenceConfig(StrictModel):
+    model: str = Field(description="Frozen reference model: local dir, fsspec URI or hub id (safetensors).")
+    pairs: str = Field("", description="Input `pairs` artifact; default <run_dir>/pairs.")
+    output: str = Field("", description="Output `scored` artifact; default <run_dir>/scored.")
+    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm, or a transformers forward (no vLLM needed).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Reference model precision.")
+    max_model_len: int = Field(2048, ge=2, description="Longest sequence scored; longer pairs go to rejects.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vLLM memory fraction for weights + KV cache (on CPU: of host memory; use ~0.1)."
+    )
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="vLLM scheduler token budget per step.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans.")
+    num_actors: int = Field(1, ge=1, description="Scoring actors (one engine each).")
+    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs each actor requests (>= tensor_parallel_size on GPU).")
+    num_cpus_per_actor: float = Field(1, gt=0, description="CPUs each actor requests.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type for the actors, e.g. H100.")
+    rows_per_unit: int = Field(1024, ge=1, description="Pairs per unit of work; a unit is the resume granularity.")
+    hf_token_budget: int = Field(16_384, ge=1, description="hf backend / parity: padded tokens per forward.")
+    parity_samples: int = Field(32, ge=0, description="Pairs re-scored with a transformers forward (0: skip).")
+    parity_tolerance: float | None = Field(
+        None, gt=0, description="Max per-token |vLLM - HF| log-prob; default 1e-4 (float32), 0.15 (bf16/fp16)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the model repo.")
+    seed: int = Field(0, description="Engine seed.")
+
+    @model_validator(mode="after")
+    def _gpus(self) -> ReferenceConfig:
+        if 0 < self.num_gpus_per_actor < self.tensor_parallel_size:
+            raise ValueError(
+                f"num_gpus_per_actor ({self.num_gpus_per_actor}) < tensor_parallel_size ({self.tensor_parallel_size})"
+            )
+        return self
+
+    @property
+    def tolerance(self) -> float:
+        if self.parity_tolerance is not None:
+            return self.parity_tolerance
+        return 1e-4 if self.dtype == "float32" else 0.15
+
+
 class PipelineConfig(StrictModel):
     run_dir: str = Field("runs/default", description="Root directory (or URI) of this run's artifacts.")
     prepare: PrepareConfig | None = Field(None, description="Prepare stage settings.")
+    reference: ReferenceConfig | None = Field(None, description="Reference stage settings.")
 
     @model_validator(mode="before")
     @classmethod
@@ -91,9 +141,10 @@ class PipelineConfig(StrictModel):
         if not isinstance(data, dict):
             return data
         run_dir = str(data.get("run_dir", "runs/default")).rstrip("/")
-        stage = data.get("prepare")
-        if isinstance(stage, dict) and not stage.get("output"):
-            data = {**data, "prepare": {**stage, "output": f"{run_dir}/pairs"}}
+        for section, key, name in _DEFAULT_PATHS:
+            stage = data.get(section)
+            if isinstance(stage, dict) and not stage.get(key):
+                data = {**data, section: {**stage, key: f"{run_dir}/{name}"}}
         return data
 
 

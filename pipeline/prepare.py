@@ -32,10 +32,15 @@ _TRUNC = ("trunc_prompt", "trunc_chosen", "trunc_rejected")
 # Every tokenizer batch yields rows of this one schema: a pair (kind "pair") or a reject (kind "reject").
 UNIFIED_SCHEMA = pa.schema(
     list(PAIRS_SCHEMA)
-    + [("kind", pa.string()), ("row", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
-       ("record", pa.string())]
+    + [
+        ("kind", pa.string()),
+        ("row", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("record", pa.string()),
+    ]
     + [(name, pa.bool_()) for name in _TRUNC]
-)  # fmt: skip
+)
 
 
 class PrepareError(RuntimeError):
@@ -65,11 +70,19 @@ class Tokenize:
                 p = record_to_pair(json.loads(record), self.pt, self.columns, self.cfg.format, self.cfg.implicit_marker)
                 pid = pair_id(p.prompt, p.chosen, p.rejected)
                 out.update(
-                    kind="pair", pair_id=pid, split=split_of(pid, self.cfg.eval_fraction), prompt=p.prompt,
-                    chosen=p.chosen, rejected=p.rejected, prompt_ids=p.prompt_ids, chosen_ids=p.chosen_ids,
-                    rejected_ids=p.rejected_ids, trunc_prompt=p.truncated["prompt"],
-                    trunc_chosen=p.truncated["chosen"], trunc_rejected=p.truncated["rejected"],
-                )  # fmt: skip
+                    kind="pair",
+                    pair_id=pid,
+                    split=split_of(pid, self.cfg.eval_fraction),
+                    prompt=p.prompt,
+                    chosen=p.chosen,
+                    rejected=p.rejected,
+                    prompt_ids=p.prompt_ids,
+                    chosen_ids=p.chosen_ids,
+                    rejected_ids=p.rejected_ids,
+                    trunc_prompt=p.truncated["prompt"],
+                    trunc_chosen=p.truncated["chosen"],
+                    trunc_rejected=p.truncated["rejected"],
+                )
                 return out
             except RowRejected as e:
                 reason, detail = e.reason, e.detail

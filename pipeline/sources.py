@@ -30,14 +30,25 @@ logger = logging.getLogger(__name__)
 __all__ = ["RECORDS_SCHEMA", "InputError", "InputFile", "inputs_fingerprint", "read_records", "resolve_inputs"]
 
 RECORDS_SCHEMA = pa.schema(
-    [("row", pa.string()), ("source", pa.string()), ("record", pa.string()), ("reason", pa.string()),
-     ("detail", pa.string())]
-)  # fmt: skip
+    [
+        ("row", pa.string()),
+        ("source", pa.string()),
+        ("record", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
 
 _EXTENSIONS = {
-    ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".ndjson": "jsonl", ".json": "json", ".json.gz": "json",
-    ".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv",
-}  # fmt: skip
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".json.gz": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".csv.gz": "csv",
+}
 
 
 class InputError(ValueError):
@@ -142,8 +153,15 @@ def parse_jsonl(data: bytes, path: str) -> Iterator[dict[str, str]]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            rows.append(_row(where, path, json.dumps(raw.decode("utf-8", "replace")), "undecodable_text",
-                             f"line {lineno}: {e.reason} at byte {e.start}"))  # fmt: skip
+            rows.append(
+                _row(
+                    where,
+                    path,
+                    json.dumps(raw.decode("utf-8", "replace")),
+                    "undecodable_text",
+                    f"line {lineno}: {e.reason} at byte {e.start}",
+                )
+            )
             continue
         try:
             obj = json.loads(text)

@@ -1,0 +1,101 @@
+"""The only vLLM-specific code: an engine spec, scoring of given token ids, and sampling.
+
+Scoring feeds exactly the stored ids (`TokensPrompt(prompt_token_ids=prompt_ids + completion_ids)`) and
+reads the log-prob vLLM assigns to each of them (`prompt_logprobs=0`), with prefix caching off: cached
+prefixes can make prompt log-probs depend on request order. vLLM is imported lazily so this module can be
+imported (for EngineSpec) on machines without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EngineSpec", "SampleResult", "make_engine", "sample", "score_completions"]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Settings of one vLLM engine (one per Ray actor)."""
+
+    model: str
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int | None = None
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    trust_remote_code: bool = False
+    enable_prefix_caching: bool = False
+
+
+def make_engine(spec: EngineSpec) -> Any:
+    """A vllm.LLM for `spec` (safetensors weights only)."""
+    from vllm import LLM
+
+    kwargs = {k: v for k, v in asdict(spec).items() if v is not None}
+    logger.info("starting vLLM engine: %s", kwargs)
+    return LLM(load_format="safetensors", **kwargs)
+
+
+def score_completions(
+    llm: Any, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+) -> list[list[float]]:
+    """Per-token log-probs of each completion given its prompt: out[i][j] = log p(c_ij | p_i, c_i<j)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    if len(prompts) != len(completions):
+        raise ValueError(f"score_completions: {len(prompts)} prompts but {len(completions)} completions")
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    requests = [TokensPrompt(prompt_token_ids=[*p, *c]) for p, c in zip(prompts, completions, strict=True)]
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    result = []
+    for p, c, out in zip(prompts, completions, outputs, strict=True):
+        ids = [*p, *c]
+        per_position = out.prompt_logprobs
+        if per_position is None or len(per_position) != len(ids):
+            raise RuntimeError(f"vLLM returned {len(per_position or [])} prompt log-probs for {len(ids)} tokens")
+        result.append([per_position[t][ids[t]].logprob for t in range(len(p), len(ids))])
+    return result
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    completion_ids: list[int]
+    text: str
+    logp: float
+    finish_reason: str
+
+
+def sample(
+    llm: Any,
+    prompts: Sequence[Sequence[int]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_tokens: int,
+    seeds: Sequence[int],
+) -> list[list[SampleResult]]:
+    """n samples per prompt (per-request seeds make reruns reproducible), with each sample's log-prob."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+    params = [
+        SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s, logprobs=0)
+        for s in seeds
+    ]
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    results = []
+    for out in outputs:
+        samples = []
+        for c in out.outputs:
+            logp = sum(step[tok].logprob for step, tok in zip(c.logprobs or [], c.token_ids, strict=True))
+            samples.append(SampleResult(list(c.token_ids), c.text, float(logp), str(c.finish_reason)))
+        results.append(samples)
+    return results

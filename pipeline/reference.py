@@ -1,0 +1,337 @@
+"""reference: a `pairs` artifact → a `scored` artifact with the frozen reference model's per-token log-probs.
+
+The input's shards are cut into units of `rows_per_unit` pairs. A Ray Data actor pool (one vLLM engine per
+actor, created once; or a transformers model with `backend: hf`) scores unit after unit and writes each
+unit's output shard itself, atomically, under a deterministic name. A rerun after a crash scores only the
+units whose shard is missing, so completed work is never redone and no pair is duplicated or lost.
+
+After scoring, a parity gate re-scores a sample of pairs with a transformers forward through
+dpo_ray.logps and fails the stage when the per-token difference exceeds the tolerance: the guard against
+vLLM-vs-transformers log-prob drift. The manifest is written only when everything above passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpo_ray import artifacts
+from dpo_ray.artifacts import ArtifactError, Manifest
+from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA, SCORED_SCHEMA, check_columns
+from pipeline.config import ReferenceConfig
+from pipeline.runtime import ensure_ray
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ParityError", "run"]
+
+_PROGRESS = "_progress.json"
+
+
+class ParityError(RuntimeError):
+    """vLLM's reference log-probs disagree with a transformers forward beyond the tolerance."""
+
+
+def _units(pairs_uri: str, manifest: Manifest, rows_per_unit: int) -> list[dict[str, Any]]:
+    units = []
+    for index, shard in enumerate(manifest.shards):
+        for start in range(0, shard.rows, rows_per_unit):
+            units.append(
+                {
+                    "shard": artifacts.join(pairs_uri, shard.file),
+                    "start": start,
+                    "stop": min(shard.rows, start + rows_per_unit),
+                    "name": f"part-{index:05d}-{start:09d}.parquet",
+                }
+            )
+    return units
+
+
+class ScoreUnits:
+    """Ray Data actor: scores units (rows of shard/start/stop/name) and writes their shards."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = ReferenceConfig.model_validate(cfg)
+        self.cache: tuple[str, pa.Table] | None = None
+        if self.cfg.backend == "vllm":
+            from dpo_ray.engine import make_engine
+
+            self.llm = make_engine(_engine_spec(self.cfg))
+        else:
+            from dpo_ray.models import load_causal_lm, load_tokenizer
+
+            self.model = load_causal_lm(self.cfg.model, self.cfg.dtype, self.cfg.trust_remote_code)
+            self.pad = load_tokenizer(self.cfg.model).pad_token_id
+            if _cuda():
+                self.model.cuda()
+
+    def _shard(self, uri: str) -> pa.Table:
+        if self.cache is None or self.cache[0] != uri:
+            fs, path = artifacts.artifact_fs(uri)
+            with fs.open(path, "rb") as f:
+                self.cache = (uri, pq.read_table(f))
+        return self.cache[1]
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        if self.cfg.backend == "vllm":
+            from dpo_ray.engine import score_completions
+
+            return score_completions(self.llm, prompts, completions)
+        from dpo_ray.batching import completion_logps
+
+        return completion_logps(self.model, prompts, completions, self.pad, self.cfg.hf_token_budget)
+
+    def unit(self, shard: str, start: int, stop: int, name: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        table = self._shard(shard).slice(start, stop - start)
+        rows = table.to_pylist()
+        limit = self.cfg.max_model_len - 1  # vLLM needs room for the one token it generates
+        keep, rejects = [], []
+        for r in rows:
+            longest = len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
+            if longest > limit:
+                detail = f"{longest} tokens > max_model_len - 1 = {limit}"
+                record = json.dumps({k: r[k] for k in ("pair_id", "prompt", "chosen", "rejected")})
+                rejects.append({"row": r["pair_id"], "reason": "too_long", "detail": detail, "record": record})
+            else:
+                keep.append(r)
+        prompts = [r["prompt_ids"] for r in keep]
+        scores = self.score(prompts * 2, [r["chosen_ids"] for r in keep] + [r["rejected_ids"] for r in keep])
+        for i, r in enumerate(keep):
+            chosen, rejected = scores[i], scores[len(keep) + i]
+            r.update(
+                ref_chosen_logps=chosen,
+                ref_rejected_logps=rejected,
+                ref_chosen_logp=float(np.sum(chosen, dtype=np.float64)),
+                ref_rejected_logp=float(np.sum(rejected, dtype=np.float64)),
+            )
+        out_uri = self.cfg.output
+        artifacts.write_table(
+            pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), artifacts.join(out_uri, "rejects"), name
+        )
+        artifacts.write_table(pa.Table.from_pylist(keep, schema=SCORED_SCHEMA), out_uri, name)  # last: "done"
+        tokens = sum(
+            len(p) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for p, r in zip(prompts, keep, strict=True)
+        )
+        seconds = time.perf_counter() - t0
+        logger.info("reference: %s: %d pairs, %d tokens in %.1fs", name, len(keep), tokens, seconds)
+        return {"name": name, "rows": len(keep), "rejected": len(rejects), "tokens": tokens, "seconds": seconds}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        results = [
+            self.unit(str(s), int(a), int(b), str(n))
+            for s, a, b, n in zip(batch["shard"], batch["start"], batch["stop"], batch["name"], strict=True)
+        ]
+        return {key: [r[key] for r in results] for key in ("name", "rows", "rejected", "tokens", "seconds")}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _engine_spec(cfg: ReferenceConfig) -> Any:
+    from dpo_ray.engine import EngineSpec
+    from dpo_ray.models import resolve_model_dir
+
+    return EngineSpec(
+        model=str(resolve_model_dir(cfg.model)),
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        seed=cfg.seed,
+        trust_remote_code=cfg.trust_remote_code,
+        enable_prefix_caching=False,
+    )
+
+
+def parity_check(cfg: dict[str, Any], sample: list[dict[str, Any]]) -> dict[str, Any]:
+    """Re-score `sample` (scored rows) with a transformers forward; max/mean |difference| per token and sequence."""
+    from dpo_ray.batching import completion_logps
+    from dpo_ray.models import load_causal_lm, load_tokenizer
+
+    c = ReferenceConfig.model_validate(cfg)
+    model = load_causal_lm(c.model, c.dtype, c.trust_remote_code)
+    if _cuda():
+        model.cuda()
+    pad = load_tokenizer(c.model).pad_token_id
+    prompts = [r["prompt_ids"] for r in sample] * 2
+    completions = [r["chosen_ids"] for r in sample] + [r["rejected_ids"] for r in sample]
+    stored = [r["ref_chosen_logps"] for r in sample] + [r["ref_rejected_logps"] for r in sample]
+    hf = completion_logps(model, prompts, completions, pad, c.hf_token_budget)
+    token_diffs = np.concatenate(
+        [np.abs(np.asarray(a, np.float64) - np.asarray(b)) for a, b in zip(hf, stored, strict=True)]
+    )
+    seq_diffs = np.array([abs(np.sum(a) - np.sum(np.asarray(b, np.float64))) for a, b in zip(hf, stored, strict=True)])
+    return {
+        "pairs": len(sample),
+        "token_max_abs": float(token_diffs.max()),
+        "token_mean_abs": float(token_diffs.mean()),
+        "sequence_max_abs": float(seq_diffs.max()),
+        "sequence_mean_abs": float(seq_diffs.mean()),
+    }
+
+
+def _parity_sample(output: str, k: int) -> list[dict[str, Any]]:
+    fs, path = artifacts.artifact_fs(output)
+    rows: list[dict[str, Any]] = []
+    for name in artifacts.list_shards(output):
+        if len(rows) >= k:
+            break
+        with fs.open(artifacts.join(path, name), "rb") as f:
+            rows += pq.read_table(f).slice(0, k - len(rows)).to_pylist()
+    return rows
+
+
+def _check_tokenizer(cfg: ReferenceConfig, pairs_manifest: Manifest) -> str:
+    from dpo_ray.models import load_tokenizer, tokenizer_fingerprint
+
+    fingerprint = tokenizer_fingerprint(load_tokenizer(cfg.model, cfg.trust_remote_code))
+    expected = pairs_manifest.fingerprints.get("tokenizer")
+    if fingerprint != expected:
+        raise ArtifactError(
+            f"{cfg.pairs} was tokenized with tokenizer {expected}, but reference model {cfg.model} has "
+            f"tokenizer {fingerprint}: rerun prepare with prepare.tokenizer set to the reference model's"
+        )
+    return fingerprint
+
+
+def _start_or_resume(cfg: ReferenceConfig, config: dict[str, Any], upstream: dict[str, str]) -> None:
+    """Keep shards of an interrupted run with the same config and upstream; otherwise start clean."""
+    fs, path = artifacts.artifact_fs(cfg.output)
+    progress = artifacts.join(path, _PROGRESS)
+    state = {"config": config, "upstream": upstream}
+    if fs.exists(progress):
+        with fs.open(progress, "r") as f:
+            if json.load(f) == json.loads(json.dumps(state)):
+                for tmp in fs.glob(artifacts.join(path, "**", ".tmp-*")):
+                    fs.rm(tmp)
+                return
+    artifacts.remove_artifact(cfg.output)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(progress, "w") as f:
+        json.dump(state, f)
+
+
+def run(cfg: ReferenceConfig) -> Manifest:
+    """Run the reference stage; resumes an interrupted run, skips a complete one."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from dpo_ray.models import model_fingerprint, resolve_model_dir
+
+    pairs_manifest = artifacts.require_complete(cfg.pairs, "pairs")
+    config = cfg.model_dump(mode="json")
+    upstream = {"pairs": artifacts.manifest_sha256(cfg.pairs)}
+    existing = artifacts.read_manifest(cfg.output)
+    if existing is not None and artifacts.is_complete(cfg.output, config, upstream):
+        print(f"reference: {cfg.output} is complete for this config and these pairs; skipped", flush=True)
+        return existing
+    fingerprints = {
+        "tokenizer": _check_tokenizer(cfg, pairs_manifest),
+        "model": model_fingerprint(resolve_model_dir(cfg.model)),
+    }
+    _start_or_resume(cfg, config, upstream)
+    units = _units(cfg.pairs, pairs_manifest, cfg.rows_per_unit)
+    done = set(artifacts.list_shards(cfg.output))
+    pending = [u for u in units if u["name"] not in done]
+    print(f"reference: {len(units)} units of <= {cfg.rows_per_unit} pairs, {len(pending)} to score", flush=True)
+    t0 = time.perf_counter()
+    summaries: list[dict[str, Any]] = []
+    if pending:
+        ensure_ray()
+        ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
+            ScoreUnits,
+            fn_constructor_args=(config,),
+            batch_size=1,
+            compute=ActorPoolStrategy(size=cfg.num_actors),
+            num_gpus=cfg.num_gpus_per_actor or None,
+            num_cpus=cfg.num_cpus_per_actor,
+            accelerator_type=cfg.accelerator_type,
+        )
+        summaries = ds.take_all()
+    seconds = time.perf_counter() - t0
+    return _finish(cfg, config, upstream, fingerprints, pairs_manifest, units, summaries, seconds)
+
+
+def _finish(
+    cfg: ReferenceConfig,
+    config: dict[str, Any],
+    upstream: dict[str, str],
+    fingerprints: dict[str, str],
+    pairs_manifest: Manifest,
+    units: list[dict[str, Any]],
+    summaries: list[dict[str, Any]],
+    seconds: float,
+) -> Manifest:
+    import ray
+
+    names = [u["name"] for u in units]
+    missing = sorted(set(names) - set(artifacts.list_shards(cfg.output)))
+    if missing:
+        raise RuntimeError(f"reference: units {missing[:5]} produced no shard; rerun to resume")
+    rejects_uri = artifacts.join(cfg.output, "rejects")
+    scored_shards = [s for s in artifacts.shard_infos(cfg.output) if s.file in set(names)]
+    reject_shards = [s for s in artifacts.shard_infos(rejects_uri) if s.file in set(names)]
+    rows_out, rows_rejected = sum(s.rows for s in scored_shards), sum(s.rows for s in reject_shards)
+    if rows_out + rows_rejected != pairs_manifest.rows:
+        raise RuntimeError(f"row accounting failed: {pairs_manifest.rows} pairs != {rows_out} + {rows_rejected}")
+    _check_schema(cfg.output, scored_shards[0].file)
+    parity: dict[str, Any] = {"skipped": "backend hf is itself the transformers forward"}
+    if cfg.backend == "vllm" and cfg.parity_samples > 0 and rows_out > 0:
+        sample = _parity_sample(cfg.output, cfg.parity_samples)
+        task = ray.remote(parity_check).options(num_gpus=cfg.num_gpus_per_actor or None, num_cpus=1)
+        measured: dict[str, Any] = ray.get(task.remote(config, sample))
+        parity = {**measured, "tolerance": cfg.tolerance}
+        print(
+            f"reference: parity vs transformers on {parity['pairs']} pairs: per-token max "
+            f"{parity['token_max_abs']:.2e} (tolerance {cfg.tolerance:.0e}), mean {parity['token_mean_abs']:.2e}",
+            flush=True,
+        )
+        if parity["token_max_abs"] > cfg.tolerance:
+            raise ParityError(
+                f"reference log-probs from vLLM differ from a transformers forward by up to "
+                f"{parity['token_max_abs']:.3g} per token (> parity_tolerance {cfg.tolerance:g}); the `scored` "
+                f"shards are kept but the artifact is not marked complete. Check dtype, the model, or raise "
+                f"reference.parity_tolerance if this precision is expected."
+            )
+    tokens = sum(s["tokens"] for s in summaries)
+    stats = {
+        "rows_in": pairs_manifest.rows,
+        "rows_out": rows_out,
+        "rows_rejected": rows_rejected,
+        "rejects": {"too_long": rows_rejected} if rows_rejected else {},
+        "parity": parity,
+        "units": len(units),
+        "units_scored_this_run": len(summaries),
+        "tokens_scored_this_run": tokens,
+        "tokens_per_sec_this_run": tokens / seconds if summaries and seconds > 0 else None,
+        "backend": cfg.backend,
+    }
+    artifacts.write_manifest(rejects_uri, "rejects", config, fingerprints, upstream, {}, shards=reject_shards)
+    manifest = artifacts.write_manifest(
+        cfg.output, "scored", config, fingerprints, upstream, stats, shards=scored_shards
+    )
+    print(
+        f"reference: {pairs_manifest.rows} pairs -> {rows_out} scored, {rows_rejected} rejected (too_long); "
+        f"{len(summaries)}/{len(units)} units scored this run, {tokens} tokens in {seconds:.1f}s -> {cfg.output}",
+        flush=True,
+    )
+    return manifest
+
+
+def _check_schema(uri: str, name: str) -> None:
+    fs, path = artifacts.artifact_fs(uri)
+    with fs.open(artifacts.join(path, name), "rb") as f:
+        found = pq.read_schema(f)
+    check_columns(found, SCORED_SCHEMA, f"{uri}/{name}")
+    check_columns(found, PAIRS_SCHEMA, f"{uri}/{name}")
