@@ -27,6 +27,10 @@ typecheck: install
 unit: install
 	$(PY) -m pytest -q tests/unit
 
+# The whole pipeline on the embedded default: local Ray, vLLM on CPU, a tiny model and data generated on the fly.
+demo: install
+	$(PY) -m pipeline run --config pipeline/configs/demo.yaml
+
 test: lint typecheck
 	$(PY) -m pytest -q -ra --durations=15 tests
 

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
@@ -13,13 +14,15 @@ from pipeline.config import ConfigError, PipelineConfig, load_config
 STAGES = {
     "prepare": ("pipeline.prepare", "prepare"),
     "reference": ("pipeline.reference", "reference"),
+    "train": ("pipeline.train", "train"),
+    "run": ("pipeline.run", ""),  # the whole pipeline: takes the full config
 }
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
 _USER_ERRORS = ("ConfigError", "InputError", "PrepareError", "ArtifactError", "ParityError")
 
 
-def _stage_config(cfg: PipelineConfig, section: str):
+def _stage_config(cfg: PipelineConfig, section: str) -> Any:
     stage_cfg = getattr(cfg, section)
     if stage_cfg is None:
         raise ConfigError(f"the config has no '{section}:' section (needed by `{section}`)")
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         module_name, section = STAGES[args.stage]
-        stage_cfg = _stage_config(cfg, section)
+        stage_cfg = _stage_config(cfg, section) if section else cfg
         importlib.import_module(module_name).run(stage_cfg)
     except Exception as e:
         if type(e).__name__ in _USER_ERRORS:

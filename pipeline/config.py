@@ -7,6 +7,7 @@ Configs are frozen and reject unknown keys; they are validated once, at the edge
 from __future__ import annotations
 
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,7 @@ __all__ = [
     "PipelineConfig",
     "PrepareConfig",
     "ReferenceConfig",
+    "TrainConfig",
     "load_config",
 ]
 
@@ -31,10 +33,38 @@ class ConfigError(ValueError):
 
 # (section, key, artifact name under run_dir) filled in when a config leaves the path empty.
 _DEFAULT_PATHS = [
+    ("demo", "assets", "assets"),
     ("prepare", "output", "pairs"),
     ("reference", "pairs", "pairs"),
     ("reference", "output", "scored"),
+    ("train", "scored", "scored"),
+    ("train", "output", "train"),
+    ("train", "export", "export"),
+    ("train", "storage_path", "checkpoints"),
 ]
+
+
+# Per section: keys that are always local paths or URIs, and model/data references (maybe hub ids).
+_PATH_KEYS = {
+    "demo": {"paths": {"assets"}, "refs": set()},
+    "prepare": {"paths": {"output"}, "refs": {"tokenizer"}},
+    "reference": {"paths": {"pairs", "output"}, "refs": {"model"}},
+    "train": {"paths": {"scored", "output", "export", "storage_path"}, "refs": {"model"}},
+}
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute; URIs (scheme://) unchanged."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_ref(ref: str) -> str:
+    """Like _absolute for what is a local path: it exists, starts with . or ~, or has 2+ slashes (not org/name)."""
+    if "://" in ref or not (os.path.exists(ref) or ref.startswith((".", "~")) or ref.count("/") >= 2):
+        return ref
+    return _absolute(ref)
 
 
 class StrictModel(BaseModel):
@@ -130,21 +160,95 @@ class ReferenceConfig(StrictModel):
         return 1e-4 if self.dtype == "float32" else 0.15
 
 
+class TrainConfig(StrictModel):
+    model: str = Field(description="Initial policy: local dir, URI or hub id (usually the reference model).")
+    scored: str = Field("", description="Input `scored` artifact; default <run_dir>/scored.")
+    output: str = Field("", description="Run directory for metrics.jsonl; default <run_dir>/train.")
+    export: str = Field("", description="Exported HF model dir; default <run_dir>/export.")
+    storage_path: str = Field("", description="Ray Train storage for checkpoints; default <run_dir>/checkpoints.")
+    run_name: str = Field("dpo", description="Ray Train run name; a restart with the same name resumes.")
+    loss: Literal["sigmoid", "robust", "ipo", "hinge"] = Field("sigmoid", description="Loss variant.")
+    beta: float = Field(0.1, gt=0, description="β: strength of the KL constraint.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε of cDPO (sigmoid) / rDPO (robust).")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen completion (RPO).")
+    average_logps: bool = Field(False, description="Per-token mean log-probs instead of sums.")
+    optimizer: Literal["adamw", "rmsprop"] = Field("adamw", description="AdamW, or RMSprop (the DPO paper's).")
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="After warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    batch_size: int = Field(32, ge=1, description="Global batch: pairs per optimizer step, across workers.")
+    token_budget: int = Field(16_384, ge=1, description="Max padded tokens per micro-batch (accumulation).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; default: epochs over the train split.")
+    epochs: int = Field(1, ge=1, description="Passes over the train split when max_steps is not set.")
+    seed: int = Field(0, description="Seed for initialisation order, dropout and RNG state.")
+    log_every: int = Field(1, ge=1, description="Log and record metrics every N steps.")
+    eval_every: int = Field(0, ge=0, description="Evaluate on the eval split every N steps (0: at the end only).")
+    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the latest K).")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0: local mode in the driver process).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU with gloo.")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="e.g. {CPU: 8, GPU: 1}.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type for workers, e.g. H100.")
+    parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="DDP, or FSDP2 (fully_shard) per layer.")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, float32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    max_failures: int = Field(2, ge=-1, description="Worker-failure restarts from the last checkpoint (-1: no limit).")
+    initial_check_tolerance: float = Field(
+        1e-3, gt=0, description="Step-0 check when policy == reference: |loss - ln 2| and |margins| bound."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the model repo.")
+    fault_injection: str | None = Field(None, description="Testing only: 'STEP:RANK' exits that rank once.")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> TrainConfig:
+        if self.batch_size % max(1, self.num_workers):
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
+        return self
+
+
+class DemoConfig(StrictModel):
+    assets: str = Field("", description="Where the generated data and tiny model go; default <run_dir>/assets.")
+    pairs: int = Field(2000, ge=10, description="Generated review preference pairs.")
+    seed: int = Field(0, description="Seed of the generated data and the tiny model's initialisation.")
+    model: dict[str, int] = Field(
+        default_factory=dict, description="build_tiny_llama overrides: hidden_size, num_layers, num_heads, ..."
+    )
+
+
 class PipelineConfig(StrictModel):
     run_dir: str = Field("runs/default", description="Root directory (or URI) of this run's artifacts.")
+    demo: DemoConfig | None = Field(None, description="Generate demo data and a tiny model before the stages.")
     prepare: PrepareConfig | None = Field(None, description="Prepare stage settings.")
     reference: ReferenceConfig | None = Field(None, description="Reference stage settings.")
+    train: TrainConfig | None = Field(None, description="Train stage settings.")
 
     @model_validator(mode="before")
     @classmethod
     def _default_outputs(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        run_dir = str(data.get("run_dir", "runs/default")).rstrip("/")
+        run_dir = _absolute(str(data.get("run_dir", "runs/default")).rstrip("/"))
+        data = {**data, "run_dir": run_dir}
         for section, key, name in _DEFAULT_PATHS:
             stage = data.get(section)
             if isinstance(stage, dict) and not stage.get(key):
                 data = {**data, section: {**stage, key: f"{run_dir}/{name}"}}
+        # Ray workers run in other directories: relative local paths are made absolute here, at the edge.
+        for section, keys in _PATH_KEYS.items():
+            stage = data.get(section)
+            if not isinstance(stage, dict):
+                continue
+            fixed: dict[str, Any] = {
+                k: _absolute(v) for k, v in stage.items() if k in keys["paths"] and isinstance(v, str)
+            }
+            fixed |= {k: _absolute_ref(v) for k, v in stage.items() if k in keys["refs"] and isinstance(v, str)}
+            if isinstance(stage.get("inputs"), list):
+                fixed["inputs"] = [_absolute_ref(v) if isinstance(v, str) else v for v in stage["inputs"]]
+            data = {**data, section: {**stage, **fixed}}
         return data
 
 

@@ -191,8 +191,9 @@ def test_engine_scores_given_ids_exactly(tiny_model_dir, tiny_model):
 
     llm = make_engine(EngineSpec(model=str(tiny_model_dir), max_model_len=256, gpu_memory_utilization=0.1))
     rng = random.Random(1)
-    prompts = [[1] + [rng.randrange(3, 500) for _ in range(rng.randint(0, 30))] for _ in range(20)]
-    completions = [[rng.randrange(3, 500) for _ in range(rng.randint(0, 40))] + [2] for _ in range(20)]
+    vocab = tiny_model.config.vocab_size
+    prompts = [[1] + [rng.randrange(3, vocab) for _ in range(rng.randint(0, 30))] for _ in range(20)]
+    completions = [[rng.randrange(3, vocab) for _ in range(rng.randint(0, 40))] + [2] for _ in range(20)]
     got = score_completions(llm, prompts, completions)
     for p, c, g in zip(prompts, completions, got, strict=True):
         ids = torch.tensor([p + c])

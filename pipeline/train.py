@@ -1,0 +1,192 @@
+"""train: DPO on Ray Train's TorchTrainer over a `scored` artifact → checkpoints + an exported HF model dir.
+
+No reference model is loaded: its log-probs come from the artifact. Every worker reads the train split in
+the same (artifact) order and keeps its own contiguous slice of each global batch, so the sequence of
+updates is the same for any number of workers and any micro-batch token budget (tests hold it to 1e-4).
+Checkpoints go through `ray.train.report` to `storage_path/run_name`; a worker failure restarts the
+workers from the latest one (FailureConfig), and a new job with the same run name continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dpo_ray import artifacts
+from dpo_ray.artifacts import ArtifactError, Manifest
+from pipeline.config import TrainConfig
+from pipeline.runtime import ensure_ray
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run"]
+
+_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp", "split"]
+_RUN_FILE = "dpo_ray_run.json"
+
+
+def _split(name: str) -> Any:
+    def fn(t: pa.Table) -> pa.Table:
+        return t.filter(pc.equal(t["split"], name)).drop_columns(["split"])
+
+    return fn
+
+
+def _storage(cfg: TrainConfig) -> str:
+    return cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
+
+
+def _claim_run_name(cfg: TrainConfig, config: dict[str, Any], upstream: dict[str, str]) -> None:
+    """A run name holds one training run: refuse to resume checkpoints made with another config or data."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(_storage(cfg))
+    path = f"{root}/{cfg.run_name}/{_RUN_FILE}"
+    state = json.loads(json.dumps({"config": config, "upstream": upstream}))
+    if fs.exists(path):
+        with fs.open(path, "r") as f:
+            if json.load(f) != state:
+                raise ArtifactError(
+                    f"run name {cfg.run_name!r} under {cfg.storage_path} holds checkpoints of a run with another "
+                    "config or scored artifact; choose another train.run_name or delete that directory"
+                )
+        return
+    fs.makedirs(f"{root}/{cfg.run_name}", exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(state, f)
+
+
+def _expected_initial_loss(cfg: TrainConfig) -> float | None:
+    # At h = 0: sigmoid, cDPO and rDPO all give ln 2; IPO gives 1/(4β²), hinge 1; an NLL term adds to it.
+    if cfg.sft_weight > 0:
+        return None
+    return {"sigmoid": math.log(2), "robust": math.log(2), "ipo": 1 / (4 * cfg.beta**2), "hinge": 1.0}[cfg.loss]
+
+
+def _loop_config(cfg: TrainConfig, total_steps: int, starts_from_reference: bool, has_eval: bool) -> Any:
+    import torch
+
+    from dpo_ray.models import load_tokenizer
+    from dpo_ray.train_loop import LoopConfig, TrainSettings
+
+    bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and cfg.use_gpu)
+    settings = TrainSettings(
+        loss=cfg.loss,
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        sft_weight=cfg.sft_weight,
+        average_logps=cfg.average_logps,
+        token_budget=cfg.token_budget,
+        max_grad_norm=cfg.max_grad_norm,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+        pad_token_id=int(load_tokenizer(cfg.model, cfg.trust_remote_code).pad_token_id),
+    )
+    return LoopConfig(
+        model=cfg.model,
+        settings=settings,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        schedule=cfg.schedule,
+        batch_size=cfg.batch_size,
+        total_steps=total_steps,
+        seed=cfg.seed,
+        log_every=cfg.log_every,
+        eval_every=(cfg.eval_every or total_steps) if has_eval else 0,
+        checkpoint_every=cfg.checkpoint_every,
+        parallelism=cfg.parallelism,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        output=cfg.output,
+        export=cfg.export,
+        expected_initial_loss=_expected_initial_loss(cfg),
+        check_initial_margin=starts_from_reference,
+        initial_tolerance=cfg.initial_check_tolerance,
+        fault_injection=cfg.fault_injection,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def run(cfg: TrainConfig) -> Manifest:
+    """Train; skipped when the export is complete for this config and scored artifact."""
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dpo_ray.models import load_tokenizer, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
+    from dpo_ray.train_loop import worker_loop
+
+    scored = artifacts.require_complete(cfg.scored, "scored")
+    config = cfg.model_dump(mode="json")
+    upstream = {"scored": artifacts.manifest_sha256(cfg.scored)}
+    existing = artifacts.read_manifest(cfg.export)
+    if existing is not None and artifacts.is_complete(cfg.export, config, upstream):
+        print(f"train: {cfg.export} is complete for this config and scored artifact; skipped", flush=True)
+        return existing
+    tok_fp = tokenizer_fingerprint(load_tokenizer(cfg.model, cfg.trust_remote_code))
+    if tok_fp != scored.fingerprints.get("tokenizer"):
+        raise ArtifactError(
+            f"policy {cfg.model} has tokenizer {tok_fp}, but {cfg.scored} was tokenized with "
+            f"{scored.fingerprints.get('tokenizer')}: train with the tokenizer the pairs were prepared with"
+        )
+    starts_from_reference = model_fingerprint(resolve_model_dir(cfg.model)) == scored.fingerprints.get("model")
+    _claim_run_name(cfg, config, upstream)
+    ensure_ray()
+    files = [artifacts.join(cfg.scored, s.file) for s in scored.shards]
+    ds = ray.data.read_parquet(files, columns=_COLUMNS)
+    train_ds = ds.map_batches(_split("train"), batch_format="pyarrow").materialize()
+    eval_ds = ds.map_batches(_split("eval"), batch_format="pyarrow").materialize()
+    n_train, n_eval = train_ds.count(), eval_ds.count()
+    steps_per_epoch = n_train // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ArtifactError(f"{cfg.scored} has {n_train} train pairs, fewer than train.batch_size {cfg.batch_size}")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    print(
+        f"train: {n_train} train / {n_eval} eval pairs, {total_steps} steps of {cfg.batch_size} pairs on "
+        f"{max(1, cfg.num_workers)} worker(s); policy {'==' if starts_from_reference else '!='} reference",
+        flush=True,
+    )
+    loop = _loop_config(cfg, total_steps, starts_from_reference, n_eval > 0)
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"loop": loop},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=cfg.resources_per_worker or None,
+            accelerator_type=cfg.accelerator_type,
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=_storage(cfg),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=LoggingConfig(log_level="WARNING"),  # per-report lines; our rank-0 log is the progress
+        ),
+        datasets={"train": train_ds, "eval": eval_ds},
+        # Not split: each worker reads the same ordered stream and keeps its slice of every global batch.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    export_dir = resolve_model_dir(cfg.export)
+    fingerprints = {"model": model_fingerprint(export_dir), "tokenizer": tok_fp}
+    stats = {
+        "steps": total_steps,
+        "train_pairs": n_train,
+        "eval_pairs": n_eval,
+        "final_metrics": result.metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "policy_started_from_reference": starts_from_reference,
+    }
+    lineage = {**upstream, "scored_path": cfg.scored}
+    manifest = artifacts.write_manifest(cfg.export, "model", config, fingerprints, upstream, {**stats, **lineage}, [])
+    print(f"train: exported {cfg.export} (final loss {(result.metrics or {}).get('loss')})", flush=True)
+    return manifest

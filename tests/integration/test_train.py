@@ -1,0 +1,184 @@
+"""The train stage on local Ray (CPU, gloo): invariances, learning, fault tolerance, export, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_ray.artifacts import ArtifactError
+from dpo_ray.logps import token_logps
+from dpo_ray.models import build_tiny_llama, load_causal_lm
+from pipeline.config import PrepareConfig, ReferenceConfig, TrainConfig
+from pipeline.demo import build_assets
+from pipeline.prepare import run as prepare
+from pipeline.reference import run as reference
+from pipeline.train import run as train
+from tests.integration.helpers import read_artifact
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """Review-preference pairs, a tiny Llama, and their `scored` artifact (hf backend: same numbers as vLLM)."""
+    root = tmp_path_factory.mktemp("train")
+    assets = build_assets(root / "assets", pairs=400, seed=0, conditional=True)
+    model = assets / "model"
+    prepare(
+        PrepareConfig(
+            inputs=[str(assets / "pairs.jsonl")],
+            tokenizer=str(model),
+            output=str(root / "pairs"),
+            max_length=96,
+            max_prompt_length=48,
+            eval_fraction=0.2,
+        )
+    )
+    reference(ReferenceConfig(model=str(model), pairs=str(root / "pairs"), output=str(root / "scored"), backend="hf"))
+    return {"root": root, "model": model, "scored": root / "scored"}
+
+
+def _cfg(setup, name: str, **kw) -> TrainConfig:
+    base = {
+        "model": str(setup["model"]),
+        "scored": str(setup["scored"]),
+        "output": str(setup["root"] / name / "train"),
+        "export": str(setup["root"] / name / "export"),
+        "storage_path": str(setup["root"] / name / "checkpoints"),
+        "batch_size": 16,
+        "max_steps": 5,
+        "lr": 5e-3,
+        "token_budget": 100_000,
+        "checkpoint_every": 100,
+    }
+    return TrainConfig(**{**base, **kw})
+
+
+def _history(cfg: TrainConfig) -> list[dict]:
+    return [json.loads(line) for line in Path(cfg.output, "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_workers(setup) -> TrainConfig:
+    cfg = _cfg(setup, "two", num_workers=2, eval_every=1)
+    train(cfg)
+    return cfg
+
+
+def test_first_loss_is_ln2_and_the_split_does_not_change_the_updates(setup, two_workers):
+    """Same global batch of 16 pairs: local mode (1 process, 1 micro-batch) vs 2 workers vs 16 micro-batches."""
+    local = _cfg(setup, "local", num_workers=0)
+    micro = _cfg(setup, "micro", num_workers=0, token_budget=200)  # ~1 pair per micro-batch: 16 x 1 vs 1 x 16
+    train(local)
+    train(micro)
+    runs = {"local": _history(local), "two": _history(two_workers), "micro": _history(micro)}
+    for name, hist in runs.items():
+        assert [h["step"] for h in hist] == [1, 2, 3, 4, 5], name
+        assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), name
+        assert abs(hist[0]["rewards/margins"]) < 1e-6
+    for name in ("two", "micro"):
+        for a, b in zip(runs["local"], runs[name], strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), (name, a["step"])
+            assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-4), (name, a["step"])
+    # The updates are large enough that a mis-scaled gradient would show far beyond the 1e-4 tolerance.
+    assert max(abs(h["loss"] - math.log(2)) for h in runs["local"]) > 0.01
+
+
+def test_learns_the_preference(setup):
+    """Prompt-conditional preferences: eval accuracy starts near chance and must reach >= 0.9."""
+    cfg = _cfg(setup, "learn", num_workers=0, max_steps=40, eval_every=4, lr=2e-3, batch_size=32)
+    train(cfg)
+    hist = [h for h in _history(cfg) if "eval/loss" in h]
+    first, last = hist[0], hist[-1]
+    print("eval accuracy by step:", [(h["step"], round(h["eval/rewards/accuracies"], 3)) for h in hist])
+    assert first["eval/rewards/accuracies"] <= 0.75
+    assert last["eval/rewards/accuracies"] >= 0.9
+    assert last["eval/loss"] < first["eval/loss"] - 0.1
+    assert last["loss"] < first["loss"]
+    for key in ("grad_norm", "lr", "tokens_per_sec", "pairs_per_sec", "logps/chosen", "rewards/chosen"):
+        assert key in last
+    assert len(_history(cfg)) == 40
+
+
+def test_export_loads_in_transformers_and_vllm_and_matches_the_last_checkpoint(setup, two_workers, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from dpo_ray.engine import EngineSpec, make_engine, score_completions
+
+    export = Path(two_workers.export)
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["kind"] == "model" and manifest["upstream"]["scored"]
+    trained = load_causal_lm(export)
+    # The trainer's last-step policy, read back from the last checkpoint (DCP) into a fresh model.
+    checkpoint = sorted(p for p in Path(two_workers.storage_path, "dpo").glob("checkpoint_*") if p.is_dir())[-1]
+    policy = load_causal_lm(setup["model"])
+    state = {"model": policy.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint / "state"))
+    policy.load_state_dict(state["model"])
+    reference_model = load_causal_lm(setup["model"])
+    rows = read_artifact(setup["scored"]).slice(0, 12).to_pylist()
+    prompts = [r["prompt_ids"] for r in rows]
+    completions = [r["chosen_ids"] for r in rows]
+
+    def hf(model):
+        out = []
+        for p, c in zip(prompts, completions, strict=True):
+            ids = torch.tensor([p + c])
+            with torch.no_grad():
+                out.append(token_logps(model(input_ids=ids).logits, ids)[0, len(p) :].double().numpy())
+        return out
+
+    from_export, from_checkpoint, from_reference = hf(trained), hf(policy), hf(reference_model)
+    for a, b, r in zip(from_export, from_checkpoint, from_reference, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+        assert np.abs(a - r).max() > 1e-3  # training changed the model
+    llm = make_engine(EngineSpec(model=str(export), max_model_len=128, gpu_memory_utilization=0.1))
+    from_vllm = score_completions(llm, prompts, completions)
+    for a, v in zip(from_export, from_vllm, strict=True):
+        np.testing.assert_allclose(a, np.asarray(v), atol=1e-4)
+    del llm
+
+
+def test_worker_failure_resumes_from_last_checkpoint(setup):
+    cfg = _cfg(setup, "fault", num_workers=2, checkpoint_every=2, fault_injection="3:1", max_failures=1)
+    train(cfg)
+    hist = _history(cfg)
+    assert [h["step"] for h in hist] == [1, 2, 3, 4, 5]
+    assert all("resumed_from_step" not in h for h in hist[:2])
+    assert all(h["resumed_from_step"] == 2 for h in hist[2:])
+    assert (Path(cfg.export) / "model.safetensors").exists()
+
+
+def test_restarted_job_with_same_run_name_continues(setup):
+    cfg = _cfg(setup, "restart", num_workers=1, checkpoint_every=2, fault_injection="3:0", max_failures=0)
+    with pytest.raises(Exception, match="(?i)fail|error"):
+        train(cfg)
+    assert not (Path(cfg.export) / "manifest.json").exists()
+    train(cfg)  # same config, same run name: a new job
+    hist = _history(cfg)
+    assert [h["step"] for h in hist] == [1, 2, 3, 4, 5]
+    assert all(h["resumed_from_step"] == 2 for h in hist[2:])
+    # And a complete export is not retrained.
+    mtime = (Path(cfg.export) / "manifest.json").stat().st_mtime_ns
+    train(cfg)
+    assert (Path(cfg.export) / "manifest.json").stat().st_mtime_ns == mtime
+    # Reusing the run name with another config is refused instead of resuming foreign checkpoints.
+    with pytest.raises(ArtifactError, match="holds checkpoints of a run with another config"):
+        train(_cfg(setup, "restart", num_workers=1, checkpoint_every=2, lr=1e-3))
+
+
+def test_refusals(setup, tmp_path):
+    other = build_tiny_llama(tmp_path / "other", ["another corpus"] * 30, vocab_size=300)
+    with pytest.raises(ArtifactError, match="has tokenizer .* but .* was tokenized with"):
+        train(_cfg(setup, "x", model=str(other)))
+    incomplete = tmp_path / "scored"
+    incomplete.mkdir()
+    with pytest.raises(ArtifactError, match="is incomplete"):
+        train(_cfg(setup, "y", scored=str(incomplete)))
+    with pytest.raises(ArtifactError, match="fewer than train.batch_size"):
+        train(_cfg(setup, "z", batch_size=4096))
