@@ -164,7 +164,7 @@ def run(cfg: TrainConfig) -> Manifest:
             resources_per_worker=cfg.resources_per_worker or None,
             accelerator_type=cfg.accelerator_type,
         ),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 RunConfig; mypy sees the V1 stub
             name=cfg.run_name,
             storage_path=_storage(cfg),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
