@@ -59,6 +59,7 @@ REJECTS_SCHEMA = pa.schema(
 GENERATIONS_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
         ("prompt_ids", _IDS),
         ("completion_ids", _IDS),
         ("completion", pa.string()),

@@ -15,11 +15,12 @@ STAGES = {
     "prepare": ("pipeline.prepare", "prepare"),
     "reference": ("pipeline.reference", "reference"),
     "train": ("pipeline.train", "train"),
+    "generate": ("pipeline.generate", "generate"),
     "run": ("pipeline.run", ""),  # the whole pipeline: takes the full config
 }
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
-_USER_ERRORS = ("ConfigError", "InputError", "PrepareError", "ArtifactError", "ParityError")
+_USER_ERRORS = ("ConfigError", "InputError", "PrepareError", "ArtifactError", "ParityError", "RewardError")
 
 
 def _stage_config(cfg: PipelineConfig, section: str) -> Any:

@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "PipelineConfig",
     "PrepareConfig",
+    "GenerateConfig",
     "ReferenceConfig",
     "TrainConfig",
     "load_config",
@@ -41,6 +42,9 @@ _DEFAULT_PATHS = [
     ("train", "output", "train"),
     ("train", "export", "export"),
     ("train", "storage_path", "checkpoints"),
+    ("generate", "prompts", "pairs"),
+    ("generate", "generations", "generations"),
+    ("generate", "output", "generated_pairs"),
 ]
 
 
@@ -50,6 +54,7 @@ _PATH_KEYS = {
     "prepare": {"paths": {"output"}, "refs": {"tokenizer"}},
     "reference": {"paths": {"pairs", "output"}, "refs": {"model"}},
     "train": {"paths": {"scored", "output", "export", "storage_path"}, "refs": {"model"}},
+    "generate": {"paths": {"prompts", "generations", "output"}, "refs": {"policy"}},
 }
 
 
@@ -120,38 +125,43 @@ class PrepareConfig(StrictModel):
         return self
 
 
-class ReferenceConfig(StrictModel):
-    model: str = Field(description="Frozen reference model: local dir, fsspec URI or hub id (safetensors).")
-    pairs: str = Field("", description="Input `pairs` artifact; default <run_dir>/pairs.")
-    output: str = Field("", description="Output `scored` artifact; default <run_dir>/scored.")
-    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm, or a transformers forward (no vLLM needed).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Reference model precision.")
-    max_model_len: int = Field(2048, ge=2, description="Longest sequence scored; longer pairs go to rejects.")
+class VllmConfig(StrictModel):
+    """vLLM engine and actor-pool settings shared by the stages that run vLLM (reference, generate)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Model precision.")
+    max_model_len: int = Field(2048, ge=2, description="Longest sequence (prompt + completion).")
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="vLLM memory fraction for weights + KV cache (on CPU: of host memory; use ~0.1)."
     )
     max_num_batched_tokens: int | None = Field(None, ge=1, description="vLLM scheduler token budget per step.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans.")
-    num_actors: int = Field(1, ge=1, description="Scoring actors (one engine each).")
+    num_actors: int = Field(1, ge=1, description="vLLM actors (one engine each).")
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs each actor requests (>= tensor_parallel_size on GPU).")
     num_cpus_per_actor: float = Field(1, gt=0, description="CPUs each actor requests.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type for the actors, e.g. H100.")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the model repo.")
+    seed: int = Field(0, description="Engine seed (generate: also the base of per-prompt sampling seeds).")
+
+    @model_validator(mode="after")
+    def _gpus(self) -> VllmConfig:
+        if 0 < self.num_gpus_per_actor < self.tensor_parallel_size:
+            raise ValueError(
+                f"num_gpus_per_actor ({self.num_gpus_per_actor}) < tensor_parallel_size ({self.tensor_parallel_size})"
+            )
+        return self
+
+
+class ReferenceConfig(VllmConfig):
+    model: str = Field(description="Frozen reference model: local dir, fsspec URI or hub id (safetensors).")
+    pairs: str = Field("", description="Input `pairs` artifact; default <run_dir>/pairs.")
+    output: str = Field("", description="Output `scored` artifact; default <run_dir>/scored.")
+    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm, or a transformers forward (no vLLM needed).")
     rows_per_unit: int = Field(1024, ge=1, description="Pairs per unit of work; a unit is the resume granularity.")
     hf_token_budget: int = Field(16_384, ge=1, description="hf backend / parity: padded tokens per forward.")
     parity_samples: int = Field(32, ge=0, description="Pairs re-scored with a transformers forward (0: skip).")
     parity_tolerance: float | None = Field(
         None, gt=0, description="Max per-token |vLLM - HF| log-prob; default 1e-4 (float32), 0.15 (bf16/fp16)."
     )
-    trust_remote_code: bool = Field(False, description="Allow custom model code from the model repo.")
-    seed: int = Field(0, description="Engine seed.")
-
-    @model_validator(mode="after")
-    def _gpus(self) -> ReferenceConfig:
-        if 0 < self.num_gpus_per_actor < self.tensor_parallel_size:
-            raise ValueError(
-                f"num_gpus_per_actor ({self.num_gpus_per_actor}) < tensor_parallel_size ({self.tensor_parallel_size})"
-            )
-        return self
 
     @property
     def tolerance(self) -> float:
@@ -210,6 +220,25 @@ class TrainConfig(StrictModel):
         return self
 
 
+class GenerateConfig(VllmConfig):
+    policy: str = Field(description="Policy that samples: an HF dir (e.g. the train stage's export) or hub id.")
+    prompts: str = Field(
+        "", description="`pairs` artifact whose unique train prompts are used; default <run_dir>/pairs."
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many prompts (the first by prompt_id).")
+    n: int = Field(4, ge=2, description="Samples per prompt.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_tokens: int = Field(64, ge=1, description="Max completion tokens.")
+    reward: str = Field("lexicon", description="lexicon | model:<dir> | <module>:<function>.")
+    strategy: Literal["best_vs_worst", "margin", "all_pairs"] = Field("best_vs_worst", description="Pairing.")
+    margin: float = Field(0.0, ge=0, description="margin strategy: minimum reward gap.")
+    max_pairs_per_prompt: int = Field(1, ge=1, description="margin/all_pairs: at most this many pairs per prompt.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of new pairs in the eval split.")
+    generations: str = Field("", description="Output `generations` artifact; default <run_dir>/generations.")
+    output: str = Field("", description="Output `pairs` artifact; default <run_dir>/generated_pairs.")
+
+
 class DemoConfig(StrictModel):
     assets: str = Field("", description="Where the generated data and tiny model go; default <run_dir>/assets.")
     pairs: int = Field(2000, ge=10, description="Generated review preference pairs.")
@@ -225,6 +254,7 @@ class PipelineConfig(StrictModel):
     prepare: PrepareConfig | None = Field(None, description="Prepare stage settings.")
     reference: ReferenceConfig | None = Field(None, description="Reference stage settings.")
     train: TrainConfig | None = Field(None, description="Train stage settings.")
+    generate: GenerateConfig | None = Field(None, description="Generate (on-policy) stage settings.")
 
     @model_validator(mode="before")
     @classmethod

@@ -21,7 +21,7 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA, check_columns
 from pipeline.config import PrepareConfig
-from pipeline.runtime import ensure_ray, unwrap_user_error
+from pipeline.runtime import ensure_ray, unwrap_user_error, write_dataset
 from pipeline.sources import InputError, inputs_fingerprint, read_records, resolve_inputs
 
 logger = logging.getLogger(__name__)
@@ -158,20 +158,6 @@ def _pair_stats(pairs_full: Any) -> dict[str, Any]:
     }
 
 
-def _write(ds: Any, uri: str, schema: pa.Schema, rows_per_shard: int) -> None:
-    from ray.data.datasource import FilenameProvider
-
-    class PartNames(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{write_uuid}-{task_index:05d}.parquet"
-
-    shards = max(1, -(-ds.count() // rows_per_shard))
-    ds = ds.repartition(shards, shuffle=False)
-    ds.map_batches(lambda t: t.cast(schema), batch_format="pyarrow", batch_size=None).write_parquet(
-        uri, filename_provider=PartNames(), max_rows_per_file=rows_per_shard
-    )
-
-
 def _reject_counts(rejects_ds: Any) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for batch in rejects_ds.select_columns(["reason"]).iter_batches(batch_format="pyarrow"):
@@ -252,7 +238,7 @@ def run(cfg: PrepareConfig) -> Manifest:
     rejects_uri = artifacts.join(cfg.output, "rejects")
     reject_counts = _reject_counts(rejects)
     if rows_rejected:
-        _write(rejects, rejects_uri, REJECTS_SCHEMA, cfg.rows_per_shard)
+        write_dataset(rejects, rejects_uri, REJECTS_SCHEMA, cfg.rows_per_shard)
     artifacts.write_manifest(rejects_uri, "rejects", config, fingerprints, upstream, {"reasons": reject_counts})
     if rows_out == 0:
         top = ", ".join(f"{k} {v}" for k, v in sorted(reject_counts.items(), key=lambda kv: -kv[1])[:5])
@@ -260,7 +246,7 @@ def run(cfg: PrepareConfig) -> Manifest:
             f"prepare: all {rows_in} rows were rejected ({top}); see {rejects_uri}. "
             "Check prepare.columns and prepare.format against your data."
         )
-    _write(pairs_full.select_columns(PAIRS_SCHEMA.names), cfg.output, PAIRS_SCHEMA, cfg.rows_per_shard)
+    write_dataset(pairs_full.select_columns(PAIRS_SCHEMA.names), cfg.output, PAIRS_SCHEMA, cfg.rows_per_shard)
     _check_written(cfg.output)
     stats = {
         "rows_in": rows_in,

@@ -25,7 +25,7 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import ArtifactError, Manifest
 from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA, SCORED_SCHEMA, check_columns
 from pipeline.config import ReferenceConfig
-from pipeline.runtime import ensure_ray
+from pipeline.runtime import engine_spec, ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ScoreUnits:
         if self.cfg.backend == "vllm":
             from dpo_ray.engine import make_engine
 
-            self.llm = make_engine(_engine_spec(self.cfg))
+            self.llm = make_engine(engine_spec(self.cfg, self.cfg.model, enable_prefix_caching=False))
         else:
             from dpo_ray.models import load_causal_lm, load_tokenizer
 
@@ -135,23 +135,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _engine_spec(cfg: ReferenceConfig) -> Any:
-    from dpo_ray.engine import EngineSpec
-    from dpo_ray.models import resolve_model_dir
-
-    return EngineSpec(
-        model=str(resolve_model_dir(cfg.model)),
-        dtype=cfg.dtype,
-        max_model_len=cfg.max_model_len,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        seed=cfg.seed,
-        trust_remote_code=cfg.trust_remote_code,
-        enable_prefix_caching=False,
-    )
 
 
 def parity_check(cfg: dict[str, Any], sample: list[dict[str, Any]]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ensure_ray", "unwrap_user_error"]
+__all__ = ["engine_spec", "ensure_ray", "unwrap_user_error", "write_dataset"]
 
 
 def ensure_ray() -> None:
@@ -37,3 +37,36 @@ def unwrap_user_error(exc: BaseException, types: tuple[type[BaseException], ...]
             return e
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     return None
+
+
+def write_dataset(ds: Any, uri: str, schema: Any, rows_per_shard: int) -> None:
+    """Write a Ray Dataset as `part-*.parquet` shards cast to `schema` (explicit Arrow list types)."""
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{write_uuid}-{task_index:05d}.parquet"
+
+    shards = max(1, -(-ds.count() // rows_per_shard))
+    ds = ds.repartition(shards, shuffle=False)
+    ds.map_batches(lambda t: t.cast(schema), batch_format="pyarrow", batch_size=None).write_parquet(
+        uri, filename_provider=PartNames(), max_rows_per_file=rows_per_shard
+    )
+
+
+def engine_spec(cfg: Any, model: str, enable_prefix_caching: bool) -> Any:
+    """A dpo_ray.engine.EngineSpec from a stage's VllmConfig fields."""
+    from dpo_ray.engine import EngineSpec
+    from dpo_ray.models import resolve_model_dir
+
+    return EngineSpec(
+        model=str(resolve_model_dir(model)),
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        seed=cfg.seed,
+        trust_remote_code=cfg.trust_remote_code,
+        enable_prefix_caching=enable_prefix_caching,
+    )

@@ -1,0 +1,107 @@
+"""Reward functions for on-policy pairs: (prompts, completions) batches → one float per completion.
+
+A reward is named in config as one of:
+- `lexicon`: the demo's sentiment score (positive minus negative lexicon words, per word of text);
+- `model:<dir or hub id>`: a sequence-classification reward model (its first logit), batched;
+- `<module>:<function>`: any importable callable with the same signature.
+`score` checks what a scorer returns (count, finiteness) and names the scorer in every error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["NEGATIVE", "POSITIVE", "RewardError", "RewardFn", "lexicon_sentiment", "load_reward", "score"]
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+POSITIVE = frozenset(
+    "wonderful brilliant delightful moving superb charming great excellent beautiful fun good loved liked".split()
+)
+NEGATIVE = frozenset("terrible boring awful dull clumsy painful weak bad tedious messy hated disliked".split())
+_WORD = re.compile(r"[a-z']+")
+
+
+class RewardError(RuntimeError):
+    """A reward function failed or returned something unusable; the message names it."""
+
+
+def lexicon_sentiment(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    """(#positive − #negative lexicon words) / max(1, #words) of each completion, in [-1, 1]."""
+    del prompts
+    out = []
+    for text in completions:
+        words = _WORD.findall(text.lower())
+        hits = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
+        out.append(hits / max(1, len(words)))
+    return out
+
+
+class RewardModel:
+    """A sequence-classification reward model scoring prompt + completion texts in batches."""
+
+    def __init__(self, ref: str, batch_size: int = 16, trust_remote_code: bool = False) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from dpo_ray.models import load_tokenizer, resolve_model_dir
+
+        path = str(resolve_model_dir(ref))
+        self.tok = load_tokenizer(path, trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=trust_remote_code
+        ).eval()
+        self.model.config.pad_token_id = self.tok.pad_token_id
+        self.batch_size, self.torch = batch_size, torch
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(prompts), self.batch_size):
+            texts = [
+                p + c
+                for p, c in zip(prompts[i : i + self.batch_size], completions[i : i + self.batch_size], strict=True)
+            ]
+            enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True)
+            with self.torch.no_grad():
+                out += self.model(**enc).logits[:, 0].float().tolist()
+        return out
+
+
+def load_reward(spec: str) -> RewardFn:
+    """The reward function a config names (see the module docstring)."""
+    if spec == "lexicon":
+        return lexicon_sentiment
+    if spec.startswith("model:"):
+        return RewardModel(spec.removeprefix("model:"))
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise RewardError(f"reward {spec!r}: expected 'lexicon', 'model:<path>' or '<module>:<function>'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise RewardError(f"reward {spec!r}: cannot import it ({e})") from None
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r}: {name} is not callable")
+    return fn
+
+
+def score(fn: RewardFn, name: str, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    """Call a reward function and check its answer: one finite float per completion."""
+    try:
+        values: Any = fn(prompts, completions)
+    except Exception as e:
+        raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"reward {name!r} returned something that is not a list of numbers ({e})") from None
+    if len(floats) != len(completions):
+        raise RewardError(f"reward {name!r} returned {len(floats)} values for {len(completions)} completions")
+    bad = [i for i, v in enumerate(floats) if not math.isfinite(v)]
+    if bad:
+        raise RewardError(f"reward {name!r} returned non-finite values (NaN/inf) at positions {bad[:10]}")
+    return floats

@@ -1,0 +1,75 @@
+"""Pairing strategies on hand-made rewards, and reward-function checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dpo_ray.pairing import pair_samples
+from dpo_ray.rewards import RewardError, lexicon_sentiment, load_reward, score
+
+C = [[1], [2], [3], [4]]
+
+
+def test_best_vs_worst_ties_and_identical():
+    assert pair_samples(C, [0.1, 0.9, -0.5, 0.3]).pairs == [(1, 2)]
+    tie = pair_samples(C, [0.2, 0.2, 0.2, 0.2])
+    assert tie.pairs == [] and tie.ties == 1
+    same = pair_samples([[5], [6], [5]], [1.0, 0.5, 0.0])
+    assert same.pairs == [] and same.identical == 1
+    assert pair_samples([[1]], [1.0]).pairs == []
+    # Equal best rewards: the earliest sample wins (deterministic).
+    assert pair_samples(C, [1.0, 1.0, 0.0, 0.5]).pairs == [(0, 2)]
+
+
+def test_margin_and_all_pairs_with_caps():
+    r = [0.0, 1.0, 0.5, 0.5]
+    # All 6 candidate pairs: gaps 1.0 (1,0), 0.5 (1,2), 0.5 (1,3), 0.5 (2,0), 0.5 (3,0), tie (2,3).
+    m = pair_samples(C, r, "margin", margin=0.6, max_pairs=10)
+    assert m.pairs == [(1, 0)] and m.ties == 1
+    a = pair_samples(C, r, "all_pairs", max_pairs=10)
+    assert a.pairs == [(1, 0), (1, 2), (1, 3), (2, 0), (3, 0)] and a.ties == 1
+    assert pair_samples(C, r, "all_pairs", max_pairs=2).pairs == [(1, 0), (1, 2)]
+    with pytest.raises(ValueError, match="strategy"):
+        pair_samples(C, r, "random")
+    with pytest.raises(ValueError, match="rewards"):
+        pair_samples(C, r[:2])
+
+
+def test_lexicon_sentiment_by_hand():
+    got = lexicon_sentiment(["p"] * 3, ["The movie was great and fun.", "It was boring", "The plot"])
+    assert got == pytest.approx([2 / 6, -1 / 3, 0.0])
+
+
+def _nan(prompts, completions):
+    return [math.nan] * len(completions)
+
+
+def _short(prompts, completions):
+    return [1.0]
+
+
+def _boom(prompts, completions):
+    raise ZeroDivisionError("x")
+
+
+def test_score_errors_name_the_scorer():
+    with pytest.raises(RewardError, match="reward 'm:nan' returned non-finite"):
+        score(_nan, "m:nan", ["p", "p"], ["a", "b"])
+    with pytest.raises(RewardError, match="reward 'm:short' returned 1 values for 2 completions"):
+        score(_short, "m:short", ["p", "p"], ["a", "b"])
+    with pytest.raises(RewardError, match="reward 'm:boom' raised ZeroDivisionError"):
+        score(_boom, "m:boom", ["p"], ["a"])
+    with pytest.raises(RewardError, match="not a list of numbers"):
+        score(lambda p, c: ["x"], "m:str", ["p"], ["a"])
+
+
+def test_load_reward_specs():
+    assert load_reward("lexicon") is lexicon_sentiment
+    fn = load_reward("tests.unit.test_pairing_rewards:_nan")
+    assert fn is _nan
+    with pytest.raises(RewardError, match="cannot import"):
+        load_reward("no_such_module_xyz:fn")
+    with pytest.raises(RewardError, match="expected"):
+        load_reward("nonsense")
