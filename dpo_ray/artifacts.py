@@ -33,6 +33,7 @@ __all__ = [
     "Manifest",
     "ShardInfo",
     "artifact_fs",
+    "complete_manifest",
     "is_complete",
     "join",
     "list_shards",
@@ -191,6 +192,11 @@ def is_complete(uri: str, config: dict[str, Any], upstream: dict[str, str]) -> b
         return False
     present = set(list_shards(uri, "*.parquet"))
     return all(s.file in present for s in manifest.shards)
+
+
+def complete_manifest(uri: str, config: dict[str, Any], upstream: dict[str, str]) -> Manifest | None:
+    """The manifest of `uri` when it is complete for this config and upstream (the stage can be skipped)."""
+    return read_manifest(uri) if is_complete(uri, config, upstream) else None
 
 
 def remove_artifact(uri: str) -> None:

@@ -21,7 +21,7 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from dpo_ray.schema import GENERATIONS_SCHEMA, PAIRS_SCHEMA
 from pipeline.config import GenerateConfig
-from pipeline.runtime import engine_spec, ensure_ray, unwrap_user_error, write_dataset
+from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, unwrap_user_error, write_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -148,22 +148,17 @@ def run(cfg: GenerateConfig) -> Manifest:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from dpo_ray.models import load_tokenizer, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
+    from dpo_ray.models import model_fingerprint, resolve_model_dir
     from dpo_ray.rewards import RewardError
 
     prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
     config = cfg.model_dump(mode="json")
     upstream = {"prompts": artifacts.manifest_sha256(cfg.prompts)}
-    existing = artifacts.read_manifest(cfg.output)
-    if existing is not None and artifacts.is_complete(cfg.output, config, upstream):
+    existing = artifacts.complete_manifest(cfg.output, config, upstream)
+    if existing is not None:
         print(f"generate: {cfg.output} is complete for this config and these prompts; skipped", flush=True)
         return existing
-    tok_fp = tokenizer_fingerprint(load_tokenizer(cfg.policy, cfg.trust_remote_code))
-    if tok_fp != prompts_manifest.fingerprints.get("tokenizer"):
-        raise artifacts.ArtifactError(
-            f"policy {cfg.policy} has tokenizer {tok_fp}, but the prompts in {cfg.prompts} were tokenized with "
-            f"{prompts_manifest.fingerprints.get('tokenizer')}"
-        )
+    tok_fp = matching_tokenizer(cfg.policy, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
     fingerprints = {"tokenizer": tok_fp, "model": model_fingerprint(resolve_model_dir(cfg.policy))}
     prompts = _prompts(cfg, prompts_manifest)
     for uri in (cfg.generations, cfg.output):

@@ -189,8 +189,8 @@ def run(cfg: PrepareConfig) -> Manifest:
     files = resolve_inputs(cfg.inputs, cfg.input_type)
     config = cfg.model_dump(mode="json")
     upstream = {"inputs": inputs_fingerprint(files)}
-    existing = artifacts.read_manifest(cfg.output)
-    if existing is not None and artifacts.is_complete(cfg.output, config, upstream):
+    existing = artifacts.complete_manifest(cfg.output, config, upstream)
+    if existing is not None:
         print(f"prepare: {cfg.output} is complete for this config and these inputs; skipped", flush=True)
         return existing
     tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)

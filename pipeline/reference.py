@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo_ray import artifacts
-from dpo_ray.artifacts import ArtifactError, Manifest
+from dpo_ray.artifacts import Manifest
 from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA, SCORED_SCHEMA, check_columns
 from pipeline.config import ReferenceConfig
-from pipeline.runtime import engine_spec, ensure_ray
+from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -175,19 +175,6 @@ def _parity_sample(output: str, k: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _check_tokenizer(cfg: ReferenceConfig, pairs_manifest: Manifest) -> str:
-    from dpo_ray.models import load_tokenizer, tokenizer_fingerprint
-
-    fingerprint = tokenizer_fingerprint(load_tokenizer(cfg.model, cfg.trust_remote_code))
-    expected = pairs_manifest.fingerprints.get("tokenizer")
-    if fingerprint != expected:
-        raise ArtifactError(
-            f"{cfg.pairs} was tokenized with tokenizer {expected}, but reference model {cfg.model} has "
-            f"tokenizer {fingerprint}: rerun prepare with prepare.tokenizer set to the reference model's"
-        )
-    return fingerprint
-
-
 def _start_or_resume(cfg: ReferenceConfig, config: dict[str, Any], upstream: dict[str, str]) -> None:
     """Keep shards of an interrupted run with the same config and upstream; otherwise start clean."""
     fs, path = artifacts.artifact_fs(cfg.output)
@@ -215,12 +202,12 @@ def run(cfg: ReferenceConfig) -> Manifest:
     pairs_manifest = artifacts.require_complete(cfg.pairs, "pairs")
     config = cfg.model_dump(mode="json")
     upstream = {"pairs": artifacts.manifest_sha256(cfg.pairs)}
-    existing = artifacts.read_manifest(cfg.output)
-    if existing is not None and artifacts.is_complete(cfg.output, config, upstream):
+    existing = artifacts.complete_manifest(cfg.output, config, upstream)
+    if existing is not None:
         print(f"reference: {cfg.output} is complete for this config and these pairs; skipped", flush=True)
         return existing
     fingerprints = {
-        "tokenizer": _check_tokenizer(cfg, pairs_manifest),
+        "tokenizer": matching_tokenizer(cfg.model, pairs_manifest, cfg.pairs, cfg.trust_remote_code),
         "model": model_fingerprint(resolve_model_dir(cfg.model)),
     }
     _start_or_resume(cfg, config, upstream)

@@ -8,7 +8,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["engine_spec", "ensure_ray", "unwrap_user_error", "write_dataset"]
+__all__ = ["engine_spec", "ensure_ray", "matching_tokenizer", "unwrap_user_error", "write_dataset"]
 
 
 def ensure_ray() -> None:
@@ -70,3 +70,18 @@ def engine_spec(cfg: Any, model: str, enable_prefix_caching: bool) -> Any:
         trust_remote_code=cfg.trust_remote_code,
         enable_prefix_caching=enable_prefix_caching,
     )
+
+
+def matching_tokenizer(model: str, manifest: Any, artifact: str, trust_remote_code: bool = False) -> str:
+    """The fingerprint of `model`'s tokenizer, which must be the one `artifact` (its manifest) was made with."""
+    from dpo_ray.artifacts import ArtifactError
+    from dpo_ray.models import load_tokenizer, tokenizer_fingerprint
+
+    found = tokenizer_fingerprint(load_tokenizer(model, trust_remote_code))
+    expected = manifest.fingerprints.get("tokenizer")
+    if found != expected:
+        raise ArtifactError(
+            f"{artifact} was tokenized with tokenizer {expected}, but model {model} has tokenizer {found}: "
+            "use the same tokenizer in every stage (rerun prepare with prepare.tokenizer set to this model's)"
+        )
+    return found

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from dpo_ray import artifacts
 from dpo_ray.artifacts import ArtifactError, Manifest
 from pipeline.config import TrainConfig
-from pipeline.runtime import ensure_ray
+from pipeline.runtime import ensure_ray, matching_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -120,22 +120,17 @@ def run(cfg: TrainConfig) -> Manifest:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dpo_ray.models import load_tokenizer, model_fingerprint, resolve_model_dir, tokenizer_fingerprint
+    from dpo_ray.models import model_fingerprint, resolve_model_dir
     from dpo_ray.train_loop import worker_loop
 
     scored = artifacts.require_complete(cfg.scored, "scored")
     config = cfg.model_dump(mode="json")
     upstream = {"scored": artifacts.manifest_sha256(cfg.scored)}
-    existing = artifacts.read_manifest(cfg.export)
-    if existing is not None and artifacts.is_complete(cfg.export, config, upstream):
+    existing = artifacts.complete_manifest(cfg.export, config, upstream)
+    if existing is not None:
         print(f"train: {cfg.export} is complete for this config and scored artifact; skipped", flush=True)
         return existing
-    tok_fp = tokenizer_fingerprint(load_tokenizer(cfg.model, cfg.trust_remote_code))
-    if tok_fp != scored.fingerprints.get("tokenizer"):
-        raise ArtifactError(
-            f"policy {cfg.model} has tokenizer {tok_fp}, but {cfg.scored} was tokenized with "
-            f"{scored.fingerprints.get('tokenizer')}: train with the tokenizer the pairs were prepared with"
-        )
+    tok_fp = matching_tokenizer(cfg.model, scored, cfg.scored, cfg.trust_remote_code)
     starts_from_reference = model_fingerprint(resolve_model_dir(cfg.model)) == scored.fingerprints.get("model")
     _claim_run_name(cfg, config, upstream)
     ensure_ray()

@@ -127,7 +127,7 @@ def test_hf_backend_agrees_with_vllm(tiny_model_dir, small_pairs, scored_vllm, t
 def test_refuses_other_tokenizer_and_incomplete_pairs(tiny_model_dir, small_pairs, tmp_path):
     other = build_tiny_llama(tmp_path / "other", ["a different corpus entirely"] * 30, vocab_size=300)
     with pytest.raises(
-        ArtifactError, match=r"tokenized with tokenizer [0-9a-f]{64}, but reference model .* has tokenizer [0-9a-f]{64}"
+        ArtifactError, match=r"tokenized with tokenizer [0-9a-f]{64}, but model .* has tokenizer [0-9a-f]{64}"
     ):
         reference(_ref_cfg(other, small_pairs, tmp_path / "x", backend="hf"))
     incomplete = tmp_path / "incomplete"
