@@ -16,6 +16,7 @@ STAGES = {
     "reference": ("pipeline.reference", "reference"),
     "train": ("pipeline.train", "train"),
     "generate": ("pipeline.generate", "generate"),
+    "evaluate": ("pipeline.evaluate", "evaluate"),
     "run": ("pipeline.run", ""),  # the whole pipeline: takes the full config
 }
 

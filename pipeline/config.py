@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "PipelineConfig",
     "PrepareConfig",
+    "EvaluateConfig",
     "GenerateConfig",
     "ReferenceConfig",
     "TrainConfig",
@@ -45,6 +46,11 @@ _DEFAULT_PATHS = [
     ("generate", "prompts", "pairs"),
     ("generate", "generations", "generations"),
     ("generate", "output", "generated_pairs"),
+    ("evaluate", "policy", "export"),
+    ("evaluate", "prompts", "pairs"),
+    ("evaluate", "scored", "scored"),
+    ("evaluate", "train_metrics", "train"),
+    ("evaluate", "output", "eval"),
 ]
 
 
@@ -55,6 +61,7 @@ _PATH_KEYS = {
     "reference": {"paths": {"pairs", "output"}, "refs": {"model"}},
     "train": {"paths": {"scored", "output", "export", "storage_path"}, "refs": {"model"}},
     "generate": {"paths": {"prompts", "generations", "output"}, "refs": {"policy"}},
+    "evaluate": {"paths": {"prompts", "scored", "train_metrics", "output"}, "refs": {"policy", "reference"}},
 }
 
 
@@ -239,6 +246,26 @@ class GenerateConfig(VllmConfig):
     output: str = Field("", description="Output `pairs` artifact; default <run_dir>/generated_pairs.")
 
 
+class EvaluateConfig(VllmConfig):
+    policy: str = Field("", description="Policy to evaluate (HF dir); default <run_dir>/export.")
+    reference: str = Field(description="Reference model (the KL anchor and the baseline of the win rate).")
+    prompts: str = Field(
+        "", description="`pairs` artifact whose eval-split prompts are sampled; default <run_dir>/pairs."
+    )
+    scored: str = Field(
+        "", description="`scored` artifact for preference accuracy on eval pairs; default <run_dir>/scored."
+    )
+    max_prompts: int = Field(64, ge=1, description="Held-out prompts sampled.")
+    max_eval_pairs: int = Field(256, ge=0, description="Eval pairs for preference accuracy (0: skip).")
+    n: int = Field(1, ge=1, description="Samples per prompt from each model.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (1.0 for an unbiased KL estimate).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_tokens: int = Field(48, ge=1, description="Max completion tokens.")
+    reward: str = Field("lexicon", description="lexicon | model:<dir> | <module>:<function>.")
+    train_metrics: str = Field("", description="metrics.jsonl of the train stage, plotted; default <run_dir>/train.")
+    output: str = Field("", description="Directory for eval.json, samples and plots; default <run_dir>/eval.")
+
+
 class DemoConfig(StrictModel):
     assets: str = Field("", description="Where the generated data and tiny model go; default <run_dir>/assets.")
     pairs: int = Field(2000, ge=10, description="Generated review preference pairs.")
@@ -255,6 +282,7 @@ class PipelineConfig(StrictModel):
     reference: ReferenceConfig | None = Field(None, description="Reference stage settings.")
     train: TrainConfig | None = Field(None, description="Train stage settings.")
     generate: GenerateConfig | None = Field(None, description="Generate (on-policy) stage settings.")
+    evaluate: EvaluateConfig | None = Field(None, description="Evaluate stage settings.")
 
     @model_validator(mode="before")
     @classmethod

@@ -28,21 +28,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["run"]
 
 
-def _prompts(cfg: GenerateConfig, manifest: Manifest) -> list[dict[str, Any]]:
-    """Unique train prompts (by text), ordered by prompt id; only three columns are read."""
+def unique_prompts(uri: str, manifest: Manifest, split: str, limit: int | None) -> list[dict[str, Any]]:
+    """Unique prompts (by text) of one split of a `pairs` artifact, ordered by prompt id; 3 columns are read."""
     from dpo_ray.tokenization import pair_id
 
-    fs, path = artifacts.artifact_fs(cfg.prompts)
+    fs, path = artifacts.artifact_fs(uri)
     seen: dict[str, dict[str, Any]] = {}
     for shard in manifest.shards:
         with fs.open(artifacts.join(path, shard.file), "rb") as f:
             table = pq.read_table(f, columns=["prompt", "prompt_ids", "split"])
         for row in table.to_pylist():
-            if row["split"] == "train" and row["prompt"] not in seen:
+            if row["split"] == split and row["prompt"] not in seen:
                 pid = pair_id(row["prompt"], "", "")
                 seen[row["prompt"]] = {"prompt_id": pid, "prompt": row["prompt"], "prompt_ids": row["prompt_ids"]}
     prompts = sorted(seen.values(), key=lambda r: r["prompt_id"])
-    return prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
+    return prompts[:limit] if limit else prompts
 
 
 class Sample:
@@ -160,7 +160,7 @@ def run(cfg: GenerateConfig) -> Manifest:
         return existing
     tok_fp = matching_tokenizer(cfg.policy, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
     fingerprints = {"tokenizer": tok_fp, "model": model_fingerprint(resolve_model_dir(cfg.policy))}
-    prompts = _prompts(cfg, prompts_manifest)
+    prompts = unique_prompts(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
     for uri in (cfg.generations, cfg.output):
         artifacts.remove_artifact(uri)
     ensure_ray()

@@ -1,0 +1,197 @@
+"""evaluate: policy vs reference on held-out prompts → eval.json, samples and PNG plots.
+
+- Samples `n` completions per eval-split prompt from the policy and from the reference (vLLM, one Ray task
+  per model with the configured resources).
+- Reward of every sample; mean/std for each model; win rate of policy vs reference (sample i of a prompt
+  against sample i; ties count half).
+- KL(π‖πref) estimate: the mean over policy samples of log π(y|x) − log πref(y|x), with log π from the
+  sampler and log πref from scoring the same ids with the reference (unbiased at temperature 1).
+- Preference accuracy of the policy's implicit reward on eval pairs of the `scored` artifact:
+  the share of pairs with (log π − log πref)(chosen) > (log π − log πref)(rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from dpo_ray import artifacts
+from pipeline.config import EvaluateConfig
+from pipeline.generate import unique_prompts
+from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run"]
+
+
+def _sample_task(cfg: dict[str, Any], model: str, prompts: list[list[int]], score: list[list[int]] | None) -> Any:
+    """Sample from `model`; optionally also score given completions (ids after each prompt) with it."""
+    from dpo_ray.engine import make_engine, sample, score_completions
+    from dpo_ray.models import load_tokenizer
+
+    c = EvaluateConfig.model_validate(cfg)
+    llm = make_engine(engine_spec(c, model, enable_prefix_caching=False))
+    seeds = [c.seed * 7919 + i for i in range(len(prompts))]
+    samples = sample(llm, prompts, c.n, c.temperature, c.top_p, c.max_tokens, seeds)
+    tok = load_tokenizer(model, c.trust_remote_code)
+    out = [
+        [
+            {"ids": s.completion_ids, "text": tok.decode(s.completion_ids, skip_special_tokens=True), "logp": s.logp}
+            for s in group
+        ]
+        for group in samples
+    ]
+    scored = None
+    if score is not None:
+        n = len(score) // len(prompts)
+        scored = [sum(x) for x in score_completions(llm, [p for p in prompts for _ in range(n)], score)]
+    return out, scored
+
+
+def _preference_accuracy(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Implicit-reward accuracy of the policy on the scored artifact's eval pairs (HF forward, no grad)."""
+    import pyarrow.parquet as pq
+
+    from dpo_ray.batching import completion_logps
+    from dpo_ray.models import load_causal_lm, load_tokenizer
+
+    manifest = artifacts.require_complete(cfg.scored, "scored")
+    fs, path = artifacts.artifact_fs(cfg.scored)
+    rows: list[dict[str, Any]] = []
+    for shard in manifest.shards:
+        with fs.open(artifacts.join(path, shard.file), "rb") as f:
+            table = pq.read_table(f)
+        rows += [r for r in table.to_pylist() if r["split"] == "eval"][: cfg.max_eval_pairs - len(rows)]
+        if len(rows) >= cfg.max_eval_pairs:
+            break
+    if not rows:
+        return {"pairs": 0, "accuracy": None}
+    model = load_causal_lm(cfg.policy, cfg.dtype, cfg.trust_remote_code)
+    pad = load_tokenizer(cfg.policy).pad_token_id
+    prompts = [r["prompt_ids"] for r in rows] * 2
+    logps = completion_logps(model, prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad)
+    sums = np.array([sum(x) for x in logps])
+    n = len(rows)
+    margins = (sums[:n] - np.array([r["ref_chosen_logp"] for r in rows])) - (
+        sums[n:] - np.array([r["ref_rejected_logp"] for r in rows])
+    )
+    return {"pairs": n, "accuracy": float((margins > 0).mean()), "mean_margin": float(margins.mean())}
+
+
+def _plots(cfg: EvaluateConfig, policy_rewards: list[float], ref_rewards: list[float]) -> list[str]:
+    import fsspec
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fs, out = fsspec.core.url_to_fs(cfg.output)
+    metrics_path = artifacts.join(cfg.train_metrics, "metrics.jsonl")
+    mfs, mpath = fsspec.core.url_to_fs(metrics_path)
+    if mfs.exists(mpath):
+        with mfs.open(mpath, "r") as f:
+            history = [json.loads(line) for line in f if line.strip()]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+        for ax, key in zip(axes, ("loss", "rewards/accuracies", "rewards/margins"), strict=True):
+            ax.plot([h["step"] for h in history], [h[key] for h in history], label="train")
+            ev = [h for h in history if f"eval/{key}" in h]
+            if ev:
+                ax.plot([h["step"] for h in ev], [h[f"eval/{key}"] for h in ev], "o-", label="eval")
+            ax.set_title(key)
+            ax.set_xlabel("step")
+            ax.legend()
+        fig.tight_layout()
+        with fs.open(f"{out}/training_curves.png", "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+        written.append("training_curves.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(min(policy_rewards + ref_rewards), max(policy_rewards + ref_rewards) + 1e-9, 25).tolist()
+    ax.hist(ref_rewards, bins=bins, alpha=0.6, label="reference")
+    ax.hist(policy_rewards, bins=bins, alpha=0.6, label="policy")
+    ax.set_xlabel(f"reward ({cfg.reward})")
+    ax.legend()
+    fig.tight_layout()
+    with fs.open(f"{out}/rewards.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return [*written, "rewards.png"]
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate the policy against the reference; writes <output>/eval.json and returns its content."""
+    import fsspec
+    import ray
+
+    from dpo_ray.rewards import load_reward, score
+
+    prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
+    for model in (cfg.policy, cfg.reference):
+        matching_tokenizer(model, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
+    prompts = unique_prompts(cfg.prompts, prompts_manifest, "eval", cfg.max_prompts)
+    if not prompts:
+        prompts = unique_prompts(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
+        logger.warning("evaluate: %s has no eval split; using train prompts", cfg.prompts)
+    ensure_ray()
+    config = cfg.model_dump(mode="json")
+    task = ray.remote(_sample_task).options(num_gpus=cfg.num_gpus_per_actor or None, num_cpus=cfg.num_cpus_per_actor)
+    ids = [p["prompt_ids"] for p in prompts]
+    policy_samples, _ = ray.get(task.remote(config, cfg.policy, ids, None))
+    flat = [s for group in policy_samples for s in group]
+    ref_samples, ref_logps = ray.get(task.remote(config, cfg.reference, ids, [s["ids"] for s in flat]))
+    texts = [p["prompt"] for p in prompts for _ in range(cfg.n)]
+    fn = load_reward(cfg.reward)
+    pol_rewards = score(fn, cfg.reward, texts, [s["text"] for s in flat])
+    ref_rewards = score(fn, cfg.reward, texts, [s["text"] for g in ref_samples for s in g])
+    kl_terms = np.array([s["logp"] for s in flat]) - np.array(ref_logps)
+    wins = np.sign(np.array(pol_rewards) - np.array(ref_rewards))
+    result: dict[str, Any] = {
+        "prompts": len(prompts),
+        "samples_per_prompt": cfg.n,
+        "policy": {
+            "reward_mean": float(np.mean(pol_rewards)),
+            "reward_std": float(np.std(pol_rewards)),
+            "positive_fraction": float(np.mean(np.array(pol_rewards) > 0)),
+        },
+        "reference": {
+            "reward_mean": float(np.mean(ref_rewards)),
+            "reward_std": float(np.std(ref_rewards)),
+            "positive_fraction": float(np.mean(np.array(ref_rewards) > 0)),
+        },
+        "kl": float(kl_terms.mean()),
+        "kl_stderr": float(kl_terms.std(ddof=1) / np.sqrt(len(kl_terms))) if len(kl_terms) > 1 else None,
+        "win_rate": float(((wins > 0) + 0.5 * (wins == 0)).mean()),
+        "preference": _preference_accuracy(cfg) if cfg.max_eval_pairs else {"pairs": 0, "accuracy": None},
+        "reward": cfg.reward,
+        "config": config,
+    }
+    fs, out = fsspec.core.url_to_fs(cfg.output)
+    fs.makedirs(out, exist_ok=True)
+    samples = [
+        {
+            "prompt_ids": p,
+            "completion_ids": s["ids"],
+            "completion": s["text"],
+            "policy_logp": s["logp"],
+            "ref_logp": r,
+            "reward": w,
+        }
+        for p, s, r, w in zip([x for x in ids for _ in range(cfg.n)], flat, ref_logps, pol_rewards, strict=True)
+    ]
+    with fs.open(f"{out}/policy_samples.jsonl", "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    result["plots"] = _plots(cfg, pol_rewards, ref_rewards)
+    with fs.open(f"{out}/eval.json", "w") as f:
+        json.dump(result, f, indent=2)
+    print(
+        f"evaluate: reward policy {result['policy']['reward_mean']:.3f} vs reference "
+        f"{result['reference']['reward_mean']:.3f}, KL {result['kl']:.3f}, win rate {result['win_rate']:.2f}, "
+        f"preference accuracy {result['preference']['accuracy']} -> {cfg.output}/eval.json",
+        flush=True,
+    )
+    return result

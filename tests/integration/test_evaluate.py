@@ -1,0 +1,94 @@
+"""The evaluate stage: KL estimate and preference accuracy against direct HF computations, plots written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_ray.logps import token_logps
+from dpo_ray.models import build_tiny_llama, load_causal_lm
+from pipeline.config import EvaluateConfig, PrepareConfig, ReferenceConfig
+from pipeline.demo import build_assets, review_corpus
+from pipeline.evaluate import run as evaluate
+from pipeline.prepare import run as prepare
+from pipeline.reference import run as reference
+from tests.integration.helpers import read_artifact
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _logp(model, prompt_ids, completion_ids) -> float:
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    with torch.no_grad():
+        per_token = token_logps(model(input_ids=ids).logits, ids)[0, len(prompt_ids) :]
+    return float(per_token.double().sum())
+
+
+def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path):
+    assets = build_assets(tmp_path / "assets", pairs=80, seed=0)
+    ref_dir = assets / "model"
+    policy_dir = build_tiny_llama(tmp_path / "policy", review_corpus(), seed=1)  # same tokenizer, other weights
+    prepare(
+        PrepareConfig(
+            inputs=[str(assets / "pairs.jsonl")],
+            tokenizer=str(ref_dir),
+            output=str(tmp_path / "pairs"),
+            max_length=96,
+            max_prompt_length=48,
+            eval_fraction=0.3,
+        )
+    )
+    reference(
+        ReferenceConfig(
+            model=str(ref_dir), pairs=str(tmp_path / "pairs"), output=str(tmp_path / "scored"), backend="hf"
+        )
+    )
+    metrics = tmp_path / "train"
+    metrics.mkdir()
+    (metrics / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "loss": 0.7 / s, "rewards/accuracies": 0.5, "rewards/margins": 0.1 * s}) + "\n"
+            for s in range(1, 5)
+        )
+    )
+    cfg = EvaluateConfig(
+        policy=str(policy_dir),
+        reference=str(ref_dir),
+        prompts=str(tmp_path / "pairs"),
+        scored=str(tmp_path / "scored"),
+        train_metrics=str(metrics),
+        output=str(tmp_path / "eval"),
+        max_prompts=12,
+        n=2,
+        max_tokens=10,
+        max_model_len=128,
+        gpu_memory_utilization=0.1,
+    )
+    result = evaluate(cfg)
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["kl"] == pytest.approx(result["kl"])
+    assert {"training_curves.png", "rewards.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}
+    assert 0 <= result["win_rate"] <= 1 and result["prompts"] == 12
+
+    policy, ref = load_causal_lm(policy_dir), load_causal_lm(ref_dir)
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "policy_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 24
+    direct = []
+    for s in samples:
+        lp, lr = _logp(policy, s["prompt_ids"], s["completion_ids"]), _logp(ref, s["prompt_ids"], s["completion_ids"])
+        assert s["policy_logp"] == pytest.approx(lp, abs=1e-3)
+        assert s["ref_logp"] == pytest.approx(lr, abs=1e-3)
+        direct.append(lp - lr)
+    assert result["kl"] == pytest.approx(float(np.mean(direct)), abs=1e-3)
+
+    rows = [r for r in read_artifact(tmp_path / "scored").to_pylist() if r["split"] == "eval"]
+    margins = [
+        (_logp(policy, r["prompt_ids"], r["chosen_ids"]) - _logp(ref, r["prompt_ids"], r["chosen_ids"]))
+        - (_logp(policy, r["prompt_ids"], r["rejected_ids"]) - _logp(ref, r["prompt_ids"], r["rejected_ids"]))
+        for r in rows
+    ]
+    assert result["preference"]["pairs"] == len(rows) > 0
+    assert result["preference"]["accuracy"] == pytest.approx(float(np.mean(np.array(margins) > 0)))
