@@ -175,12 +175,18 @@ def read_manifest(uri: str) -> Manifest | None:
 
 
 def manifest_sha256(uri: str) -> str:
-    """sha256 of the artifact's manifest.json bytes: how downstream artifacts name their inputs."""
-    fs, path = artifact_fs(uri)
-    target = join(path, MANIFEST)
-    if not fs.exists(target):
+    """The artifact's identity, how downstream artifacts name their inputs: sha256 of its manifest's kind,
+    schema version, rows, shards (each with its content sha256), config, fingerprints and upstream.
+
+    Timestamps and run statistics are left out, so an artifact rewritten with the same content (e.g. a
+    resumed stage) keeps its identity and downstream artifacts stay valid.
+    """
+    manifest = read_manifest(uri)
+    if manifest is None:
         raise FileNotFoundError(f"{uri}: no {MANIFEST}; the artifact is incomplete (rerun the stage that writes it)")
-    return _sha256_file(fs, target)
+    data = asdict(manifest)
+    identity = {k: data[k] for k in ("kind", "schema_version", "rows", "shards", "config", "fingerprints", "upstream")}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def is_complete(uri: str, config: dict[str, Any], upstream: dict[str, str]) -> bool:

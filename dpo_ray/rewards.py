@@ -2,6 +2,7 @@
 
 A reward is named in config as one of:
 - `lexicon`: the demo's sentiment score (positive minus negative lexicon words, per word of text);
+- `length`: the completion's length in characters;
 - `model:<dir or hub id>`: a sequence-classification reward model (its first logit), batched;
 - `<module>:<function>`: any importable callable with the same signature.
 `score` checks what a scorer returns (count, finiteness) and names the scorer in every error.
@@ -15,7 +16,16 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["NEGATIVE", "POSITIVE", "RewardError", "RewardFn", "lexicon_sentiment", "load_reward", "score"]
+__all__ = [
+    "NEGATIVE",
+    "POSITIVE",
+    "RewardError",
+    "RewardFn",
+    "completion_length",
+    "lexicon_sentiment",
+    "load_reward",
+    "score",
+]
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -71,10 +81,18 @@ class RewardModel:
         return out
 
 
+def completion_length(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    """Characters in each completion (a simple, bias-revealing reward for tests and length experiments)."""
+    del prompts
+    return [float(len(c)) for c in completions]
+
+
 def load_reward(spec: str) -> RewardFn:
     """The reward function a config names (see the module docstring)."""
     if spec == "lexicon":
         return lexicon_sentiment
+    if spec == "length":
+        return completion_length
     if spec.startswith("model:"):
         return RewardModel(spec.removeprefix("model:"))
     module, sep, name = spec.partition(":")

@@ -283,6 +283,21 @@ class PipelineConfig(StrictModel):
     train: TrainConfig | None = Field(None, description="Train stage settings.")
     generate: GenerateConfig | None = Field(None, description="Generate (on-policy) stage settings.")
     evaluate: EvaluateConfig | None = Field(None, description="Evaluate stage settings.")
+    rounds: int = Field(1, ge=1, description="`run`: rounds of [prepare|generate] -> reference -> train -> evaluate.")
+    round_reference: Literal["initial", "previous"] = Field(
+        "initial", description="Reference model of rounds >= 1: the initial one, or the previous round's policy."
+    )
+    on_policy_first_round: bool = Field(
+        False, description="Round 0 trains on pairs sampled by generate.policy (else on prepare's pairs)."
+    )
+
+    @model_validator(mode="after")
+    def _loop_needs(self) -> PipelineConfig:
+        if (self.rounds > 1 or self.on_policy_first_round) and self.generate is None:
+            raise ValueError("rounds > 1 and on_policy_first_round need a 'generate:' section")
+        if self.rounds > 1 and (self.reference is None or self.train is None):
+            raise ValueError("rounds > 1 needs 'reference:' and 'train:' sections")
+        return self
 
     @model_validator(mode="before")
     @classmethod

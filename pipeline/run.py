@@ -1,6 +1,11 @@
-"""run: the stages in order (prepare → reference → train), each skipped when its artifact is complete.
+"""run: the stages in order, for `rounds` rounds, each stage skipped when its artifact is complete.
 
-With a `demo:` section, the demo's data and tiny model are generated first (once, under demo.assets).
+Round 0: prepare → [generate from generate.policy, if on_policy_first_round] → reference → train → evaluate.
+Round r >= 1 (artifacts under <run_dir>/round-<r>/): generate from round r−1's exported policy on the same
+prompts → reference (the initial model, or the previous policy with round_reference: previous) → train
+(starting from the previous policy) → evaluate (against the configured reference). A stopped run
+restarted with the same command resumes at the first incomplete stage. With a `demo:` section, the demo's
+data and tiny model are generated first (once, under demo.assets).
 """
 
 from __future__ import annotations
@@ -14,29 +19,68 @@ from pipeline.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run"]
+__all__ = ["round_stages", "run"]
+
+Stage = tuple[str, Any, Callable[[Any], Any]]
+
+
+def round_stages(cfg: PipelineConfig, r: int, previous_export: str | None) -> list[Stage]:
+    """The stage configs of round r (paths of rounds >= 1 under <run_dir>/round-<r>)."""
+    from pipeline import evaluate, generate, prepare, reference, train
+
+    stages: list[Stage] = []
+    gen, ref, trn, ev = cfg.generate, cfg.reference, cfg.train, cfg.evaluate
+    if r == 0:
+        if cfg.prepare is not None:
+            stages.append(("prepare", cfg.prepare, prepare.run))
+        if cfg.on_policy_first_round and gen is not None and ref is not None:
+            stages.append(("generate", gen, generate.run))
+            ref = ref.model_copy(update={"pairs": gen.output})
+    else:
+        assert gen is not None and ref is not None and trn is not None and previous_export is not None
+        d = f"{cfg.run_dir}/round-{r}"
+        gen = gen.model_copy(
+            update={"policy": previous_export, "generations": f"{d}/generations", "output": f"{d}/generated_pairs"}
+        )
+        stages.append(("generate", gen, generate.run))
+        ref_model = ref.model if cfg.round_reference == "initial" else previous_export
+        ref = ref.model_copy(update={"model": ref_model, "pairs": gen.output, "output": f"{d}/scored"})
+        trn = trn.model_copy(
+            update={
+                "model": previous_export,
+                "scored": ref.output,
+                "output": f"{d}/train",
+                "export": f"{d}/export",
+                "storage_path": f"{d}/checkpoints",
+            }
+        )
+        if ev is not None:
+            ev = ev.model_copy(
+                update={"policy": trn.export, "scored": ref.output, "train_metrics": trn.output, "output": f"{d}/eval"}
+            )
+    stages += [
+        (n, c, f)
+        for n, c, f in (("reference", ref, reference.run), ("train", trn, train.run), ("evaluate", ev, evaluate.run))
+        if c is not None
+    ]
+    return stages
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every configured stage in order; returns {stage: manifest}."""
-    from pipeline import prepare, reference, train
-
+    """Run every configured stage of every round in order; returns {"round-r/stage": result}."""
     if cfg.demo is not None:
         from pipeline.demo import build_assets
 
         build_assets(cfg.demo.assets, cfg.demo.pairs, cfg.demo.seed, cfg.demo.model)
-    stages: list[tuple[str, Any, Callable[[Any], Any]]] = [
-        ("prepare", cfg.prepare, prepare.run),
-        ("reference", cfg.reference, reference.run),
-        ("train", cfg.train, train.run),
-    ]
     results: dict[str, Any] = {}
     timings = []
-    for name, stage_cfg, fn in stages:
-        if stage_cfg is None:
-            continue
-        t0 = time.perf_counter()
-        results[name] = fn(stage_cfg)
-        timings.append(f"{name} {time.perf_counter() - t0:.0f}s")
+    previous_export: str | None = None
+    for r in range(cfg.rounds):
+        for name, stage_cfg, fn in round_stages(cfg, r, previous_export):
+            t0 = time.perf_counter()
+            results[f"round-{r}/{name}"] = fn(stage_cfg)
+            timings.append(f"{name}[{r}] {time.perf_counter() - t0:.0f}s")
+            if name == "train":
+                previous_export = stage_cfg.export
     print("run: done (" + ", ".join(timings) + f") -> {cfg.run_dir}", flush=True)
     return results

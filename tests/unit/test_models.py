@@ -46,6 +46,15 @@ def test_fingerprints_are_stable_and_sensitive(tiny_model_dir: Path, tmp_path: P
     (copy / "config.json").write_text(json.dumps(cfg))
     assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
 
+    # Same architecture and tokenizer, other weights (as after fine-tuning): another fingerprint.
+    from tests.conftest import CHAT_TEMPLATE, small_corpus
+
+    reseeded = build_tiny_llama(
+        tmp_path / "reseeded", small_corpus(), vocab_size=512, chat_template=CHAT_TEMPLATE, seed=5
+    )
+    assert (reseeded / "config.json").read_bytes() == (tiny_model_dir / "config.json").read_bytes()
+    assert model_fingerprint(reseeded) != model_fingerprint(tiny_model_dir)
+
     other = build_tiny_llama(tmp_path / "other", ["some other corpus text"] * 20, vocab_size=300, seed=1)
     assert model_fingerprint(other) != model_fingerprint(tiny_model_dir)
     assert tokenizer_fingerprint(load_tokenizer(other)) != tokenizer_fingerprint(load_tokenizer(tiny_model_dir))
