@@ -184,3 +184,13 @@ def test_refusals(setup, tmp_path):
         train(_cfg(setup, "y", scored=str(incomplete)))
     with pytest.raises(ArtifactError, match="fewer than train.batch_size"):
         train(_cfg(setup, "z", batch_size=4096))
+
+
+def test_fsdp2_gives_the_ddp_updates(setup, two_workers):
+    """FSDP2 (fully_shard per layer) on 2 CPU workers: the same losses as DDP for the same batches."""
+    cfg = _cfg(setup, "fsdp", num_workers=2, parallelism="fsdp")
+    train(cfg)
+    fsdp, ddp = _history(cfg), _history(two_workers)
+    for a, b in zip(fsdp, ddp, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
+    assert (Path(cfg.export) / "model.safetensors").exists()
