@@ -270,6 +270,7 @@ class DemoConfig(StrictModel):
     assets: str = Field("", description="Where the generated data and tiny model go; default <run_dir>/assets.")
     pairs: int = Field(2000, ge=10, description="Generated review preference pairs.")
     seed: int = Field(0, description="Seed of the generated data and the tiny model's initialisation.")
+    sft_steps: int = Field(0, ge=0, description="SFT steps of the tiny model on the review corpus (0: random init).")
     model: dict[str, int] = Field(
         default_factory=dict, description="build_tiny_llama overrides: hidden_size, num_layers, num_heads, ..."
     )

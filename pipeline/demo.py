@@ -57,10 +57,17 @@ def review_corpus(n: int = 2000, seed: int = 1) -> list[str]:
 
 
 def build_assets(
-    root: str | Path, pairs: int, seed: int, model: dict[str, Any] | None = None, conditional: bool = False
+    root: str | Path,
+    pairs: int,
+    seed: int,
+    model: dict[str, Any] | None = None,
+    conditional: bool = False,
+    sft_steps: int = 0,
 ) -> Path:
-    """Write <root>/pairs.jsonl and a tiny Llama at <root>/model (once; reused when present)."""
+    """Write <root>/pairs.jsonl and a tiny Llama at <root>/model, SFT-trained on the review corpus for
+    `sft_steps` steps (once; reused when present)."""
     from dpo_ray.models import build_tiny_llama
+    from dpo_ray.sft import sft_train
 
     root = Path(root)
     done = root / ".complete"
@@ -69,7 +76,10 @@ def build_assets(
     root.mkdir(parents=True, exist_ok=True)
     with (root / "pairs.jsonl").open("w") as f:
         f.writelines(json.dumps(p) + "\n" for p in review_pairs(pairs, seed, conditional))
-    build_tiny_llama(root / "model", review_corpus(), seed=seed, **(model or {}))
+    corpus = review_corpus()
+    build_tiny_llama(root / "model", corpus, seed=seed, **(model or {}))
+    if sft_steps:
+        sft_train(root / "model", corpus, sft_steps, seed=seed)
     done.touch()
     logger.info("demo assets at %s", root)
     return root

@@ -71,7 +71,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.demo is not None:
         from pipeline.demo import build_assets
 
-        build_assets(cfg.demo.assets, cfg.demo.pairs, cfg.demo.seed, cfg.demo.model)
+        build_assets(cfg.demo.assets, cfg.demo.pairs, cfg.demo.seed, cfg.demo.model, sft_steps=cfg.demo.sft_steps)
     results: dict[str, Any] = {}
     timings = []
     previous_export: str | None = None
