@@ -73,3 +73,29 @@ def test_load_reward_specs():
         load_reward("no_such_module_xyz:fn")
     with pytest.raises(RewardError, match="expected"):
         load_reward("nonsense")
+
+
+def test_reward_model_scores_batched_like_one_by_one(tiny_model_dir, tmp_path):
+    """A sequence-classification reward model: padded batches give each text's unpadded score."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from dpo_ray.models import load_tokenizer
+
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    rm.config.pad_token_id = load_tokenizer(tiny_model_dir).pad_token_id
+    rm.save_pretrained(rm_dir, safe_serialization=True)
+    load_tokenizer(tiny_model_dir).save_pretrained(rm_dir)
+    fn = load_reward(f"model:{rm_dir}")
+    prompts = ["the movie", "a film that was", "hi"]
+    completions = [" was great", " very very boring and long", " there"]
+    batched = score(fn, "rm", prompts, completions)
+    tok = load_tokenizer(rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(str(rm_dir)).eval()
+    for p, c, b in zip(prompts, completions, batched, strict=True):
+        with torch.no_grad():
+            single = float(model(**tok(p + c, return_tensors="pt")).logits[0, 0])
+        assert b == pytest.approx(single, abs=1e-4)
+    assert len(set(batched)) == 3
