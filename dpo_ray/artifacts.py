@@ -33,6 +33,7 @@ __all__ = [
     "Manifest",
     "ShardInfo",
     "artifact_fs",
+    "check_shard_schemas",
     "complete_manifest",
     "is_complete",
     "join",
@@ -226,6 +227,16 @@ def require_complete(uri: str, kind: str) -> Manifest:
             f"{uri}: schema_version {manifest.schema_version}, this dpo-ray reads {SCHEMA_VERSION}; rerun that stage"
         )
     return manifest
+
+
+def check_shard_schemas(uri: str, schema: pa.Schema) -> None:
+    """Every shard of `uri` must carry `schema`'s columns with their exact types (no tensor extension types)."""
+    from dpo_ray.schema import check_columns
+
+    fs, path = artifact_fs(uri)
+    for name in list_shards(uri):
+        with fs.open(join(path, name), "rb") as f:
+            check_columns(pq.read_schema(f), schema, f"{uri}/{name}")
 
 
 def write_table(table: pa.Table, uri: str, name: str) -> None:

@@ -213,6 +213,7 @@ def run(cfg: GenerateConfig) -> Manifest:
     if n_pairs == 0:
         raise artifacts.ArtifactError(f"generate: no pairs from {len(prompts)} prompts (ties {counts['ties']})")
     write_dataset(pairs, cfg.output, PAIRS_SCHEMA, 100_000)
+    artifacts.check_shard_schemas(cfg.output, PAIRS_SCHEMA)
     n_eval = pairs.filter(lambda r: r["split"] == "eval").count()
     stats = {
         **gen_stats,

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
-from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA, check_columns
+from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
 from pipeline.config import PrepareConfig
 from pipeline.runtime import ensure_ray, unwrap_user_error, write_dataset
 from pipeline.sources import InputError, inputs_fingerprint, read_records, resolve_inputs
@@ -247,7 +247,7 @@ def run(cfg: PrepareConfig) -> Manifest:
             "Check prepare.columns and prepare.format against your data."
         )
     write_dataset(pairs_full.select_columns(PAIRS_SCHEMA.names), cfg.output, PAIRS_SCHEMA, cfg.rows_per_shard)
-    _check_written(cfg.output)
+    artifacts.check_shard_schemas(cfg.output, PAIRS_SCHEMA)
     stats = {
         "rows_in": rows_in,
         "rows_out": rows_out,
@@ -258,13 +258,3 @@ def run(cfg: PrepareConfig) -> Manifest:
     manifest = artifacts.write_manifest(cfg.output, "pairs", config, fingerprints, upstream, stats)
     print(_summary(manifest, rows_in, cfg.output), flush=True)
     return manifest
-
-
-def _check_written(uri: str) -> None:
-    """Every shard must carry the exact pairs schema (no tensor extension types, no lost columns)."""
-    import pyarrow.parquet as pq
-
-    fs, path = artifacts.artifact_fs(uri)
-    for name in artifacts.list_shards(uri):
-        with fs.open(artifacts.join(path, name), "rb") as f:
-            check_columns(pq.read_schema(f), PAIRS_SCHEMA, f"{uri}/{name}")

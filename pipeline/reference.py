@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
-from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA, SCORED_SCHEMA, check_columns
+from dpo_ray.schema import REJECTS_SCHEMA, SCORED_SCHEMA
 from pipeline.config import ReferenceConfig
 from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
 
@@ -255,7 +255,7 @@ def _finish(
     rows_out, rows_rejected = sum(s.rows for s in scored_shards), sum(s.rows for s in reject_shards)
     if rows_out + rows_rejected != pairs_manifest.rows:
         raise RuntimeError(f"row accounting failed: {pairs_manifest.rows} pairs != {rows_out} + {rows_rejected}")
-    _check_schema(cfg.output, scored_shards[0].file)
+    artifacts.check_shard_schemas(cfg.output, SCORED_SCHEMA)  # SCORED_SCHEMA includes every pairs column
     parity: dict[str, Any] = {"skipped": "backend hf is itself the transformers forward"}
     if cfg.backend == "vllm" and cfg.parity_samples > 0 and rows_out > 0:
         sample = _parity_sample(cfg.output, cfg.parity_samples)
@@ -297,11 +297,3 @@ def _finish(
         flush=True,
     )
     return manifest
-
-
-def _check_schema(uri: str, name: str) -> None:
-    fs, path = artifacts.artifact_fs(uri)
-    with fs.open(artifacts.join(path, name), "rb") as f:
-        found = pq.read_schema(f)
-    check_columns(found, SCORED_SCHEMA, f"{uri}/{name}")
-    check_columns(found, PAIRS_SCHEMA, f"{uri}/{name}")

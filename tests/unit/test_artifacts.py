@@ -45,3 +45,13 @@ def test_completeness_and_refusals(tmp_path):
     assert artifacts.complete_manifest(uri, {"k": 1}, {"x": "y"}) is None  # another upstream
     (tmp_path / "b" / "part-00000.parquet").unlink()
     assert artifacts.complete_manifest(uri, {"k": 1}, {}) is None  # a listed shard is missing
+
+
+def test_shard_schemas_are_checked_column_by_column(tmp_path):
+    uri = str(tmp_path / "c")
+    _write(uri, [1])
+    artifacts.check_shard_schemas(uri, pa.schema([("x", pa.int32())]))
+    with pytest.raises(ValueError, match=r"part-00000.parquet: column 'x': expected int64, found int32"):
+        artifacts.check_shard_schemas(uri, pa.schema([("x", pa.int64())]))
+    with pytest.raises(ValueError, match="missing column 'y'"):
+        artifacts.check_shard_schemas(uri, pa.schema([("x", pa.int32()), ("y", pa.list_(pa.int32()))]))
