@@ -1,7 +1,8 @@
 """Reward functions for on-policy pairs: (prompts, completions) batches → one float per completion.
 
 A reward is named in config as one of:
-- `lexicon`: the demo's sentiment score (positive minus negative lexicon words, per word of text);
+- `lexicon`: the demo's sentiment score: per sentence, (positive − negative lexicon words) / 2 clipped to
+  [-1, 1]; the completion's score is the mean over its sentences;
 - `length`: the completion's length in characters;
 - `model:<dir or hub id>`: a sequence-classification reward model (its first logit), batched;
 - `<module>:<function>`: any importable callable with the same signature.
@@ -34,6 +35,7 @@ POSITIVE = frozenset(
 )
 NEGATIVE = frozenset("terrible boring awful dull clumsy painful weak bad tedious messy hated disliked".split())
 _WORD = re.compile(r"[a-z']+")
+_SENTENCE = re.compile(r"[.!?\n]+")
 
 
 class RewardError(RuntimeError):
@@ -41,13 +43,23 @@ class RewardError(RuntimeError):
 
 
 def lexicon_sentiment(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-    """(#positive − #negative lexicon words) / max(1, #words) of each completion, in [-1, 1]."""
+    """Mean over the completion's sentences of clip((#positive − #negative lexicon words) / 2, -1, 1).
+
+    Per sentence it saturates like a classifier's confidence (two net positive words score 1; piling up
+    more cannot raise it), and averaging over sentences means that rambling on (more sentences, or an
+    unfinished one) cannot raise it either. Earlier versions were reward-hacked by the demo's DPO: a
+    per-word ratio by strings of adjectives, a whole-text count by never ending the review.
+    """
     del prompts
     out = []
     for text in completions:
-        words = _WORD.findall(text.lower())
-        hits = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
-        out.append(hits / max(1, len(words)))
+        scores = []
+        for sentence in _SENTENCE.split(text.lower()):
+            words = _WORD.findall(sentence)
+            if words:
+                hits = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
+                scores.append(max(-1.0, min(1.0, hits / 2)))
+        out.append(sum(scores) / len(scores) if scores else 0.0)
     return out
 
 

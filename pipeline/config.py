@@ -177,6 +177,16 @@ class ReferenceConfig(VllmConfig):
         return 1e-4 if self.dtype == "float32" else 0.15
 
 
+class LoraConfig(StrictModel):
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names adapted."
+    )
+    save_adapter: bool = Field(False, description="Also save the adapter alone under <export>/adapter/.")
+
+
 class TrainConfig(StrictModel):
     model: str = Field(description="Initial policy: local dir, URI or hub id (usually the reference model).")
     scored: str = Field("", description="Input `scored` artifact; default <run_dir>/scored.")
@@ -196,7 +206,12 @@ class TrainConfig(StrictModel):
     schedule: Literal["constant", "cosine"] = Field("constant", description="After warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
     batch_size: int = Field(32, ge=1, description="Global batch: pairs per optimizer step, across workers.")
-    token_budget: int = Field(16_384, ge=1, description="Max padded tokens per micro-batch (accumulation).")
+    batching: Literal["padded", "packed", "prefix_shared"] = Field(
+        "padded",
+        description="padded rows; packed: padding-free rows of whole sequences; prefix_shared: padding-free, "
+        "each pair as [prompt, chosen, rejected] with the prompt computed once (dpo_ray.packing).",
+    )
+    token_budget: int = Field(16_384, ge=1, description="Max computed tokens per micro-batch (accumulation).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; default: epochs over the train split.")
     epochs: int = Field(1, ge=1, description="Passes over the train split when max_steps is not set.")
     seed: int = Field(0, description="Seed for initialisation order, dropout and RNG state.")
@@ -213,6 +228,9 @@ class TrainConfig(StrictModel):
         "auto", description="auto: bf16 autocast on GPU, float32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters only (peft); the export is merged (vLLM loads it as a plain model)."
+    )
     max_failures: int = Field(2, ge=-1, description="Worker-failure restarts from the last checkpoint (-1: no limit).")
     initial_check_tolerance: float = Field(
         1e-3, gt=0, description="Step-0 check when policy == reference: |loss - ln 2| and |margins| bound."
@@ -291,6 +309,11 @@ class PipelineConfig(StrictModel):
     on_policy_first_round: bool = Field(
         False, description="Round 0 trains on pairs sampled by generate.policy (else on prepare's pairs)."
     )
+    beta_sweep: list[float] = Field(
+        default_factory=list,
+        description="`run`: also train round 0's pairs with each of these β (under <run_dir>/beta-<β>/) and "
+        "evaluate it: the points of the reward-vs-KL plot beside the main run's.",
+    )
 
     @model_validator(mode="after")
     def _loop_needs(self) -> PipelineConfig:
@@ -298,6 +321,10 @@ class PipelineConfig(StrictModel):
             raise ValueError("rounds > 1 and on_policy_first_round need a 'generate:' section")
         if self.rounds > 1 and (self.reference is None or self.train is None):
             raise ValueError("rounds > 1 needs 'reference:' and 'train:' sections")
+        if self.beta_sweep and (self.train is None or self.evaluate is None):
+            raise ValueError("beta_sweep needs 'train:' and 'evaluate:' sections")
+        if any(b <= 0 for b in self.beta_sweep):
+            raise ValueError(f"beta_sweep: every β must be > 0, found {self.beta_sweep}")
         return self
 
     @model_validator(mode="before")

@@ -1,13 +1,16 @@
 """evaluate: policy vs reference on held-out prompts → eval.json, samples and PNG plots.
 
-- Samples `n` completions per eval-split prompt from the policy and from the reference (vLLM, one Ray task
-  per model with the configured resources).
+- Samples `n` completions per eval-split prompt from the policy and from the reference (vLLM, one Ray actor
+  per model with the configured resources; both engines start at once).
 - Reward of every sample; mean/std for each model; win rate of policy vs reference (sample i of a prompt
   against sample i; ties count half).
 - KL(π‖πref) estimate: the mean over policy samples of log π(y|x) − log πref(y|x), with log π from the
   sampler and log πref from scoring the same ids with the reference (unbiased at temperature 1).
 - Preference accuracy of the policy's implicit reward on eval pairs of the `scored` artifact:
   the share of pairs with (log π − log πref)(chosen) > (log π − log πref)(rejected).
+
+Skipped when <output>/eval.json exists for the same config and the same models, prompts and scored pairs
+(by fingerprint), so a rerun of `run` does not evaluate again.
 """
 
 from __future__ import annotations
@@ -28,28 +31,41 @@ logger = logging.getLogger(__name__)
 __all__ = ["run"]
 
 
-def _sample_task(cfg: dict[str, Any], model: str, prompts: list[list[int]], score: list[list[int]] | None) -> Any:
-    """Sample from `model`; optionally also score given completions (ids after each prompt) with it."""
-    from dpo_ray.engine import make_engine, sample, score_completions
-    from dpo_ray.models import load_tokenizer
+class _Model:
+    """Ray actor holding one vLLM engine: samples from its model and scores given completions with it."""
 
-    c = EvaluateConfig.model_validate(cfg)
-    llm = make_engine(engine_spec(c, model, enable_prefix_caching=False))
-    seeds = [c.seed * 7919 + i for i in range(len(prompts))]
-    samples = sample(llm, prompts, c.n, c.temperature, c.top_p, c.max_tokens, seeds)
-    tok = load_tokenizer(model, c.trust_remote_code)
-    out = [
-        [
-            {"ids": s.completion_ids, "text": tok.decode(s.completion_ids, skip_special_tokens=True), "logp": s.logp}
-            for s in group
+    def __init__(self, cfg: dict[str, Any], model: str) -> None:
+        from dpo_ray.engine import make_engine
+        from dpo_ray.models import load_tokenizer
+
+        self.cfg = EvaluateConfig.model_validate(cfg)
+        self.llm = make_engine(engine_spec(self.cfg, model, enable_prefix_caching=False))
+        self.tok = load_tokenizer(model, self.cfg.trust_remote_code)
+
+    def sample(self, prompts: list[list[int]]) -> list[list[dict[str, Any]]]:
+        from dpo_ray.engine import sample
+
+        c = self.cfg
+        # vLLM 0.32 gives request i's n samples seeds s_i, s_i + 1, ... (observed: with consecutive s_i, sample
+        # 1 of prompt i equalled sample 0 of prompt i + 1): space the s_i so that no two requests share one.
+        seeds = [(c.seed * 1_000_003 + i * max(c.n, 7919)) % 2**31 for i in range(len(prompts))]
+        groups = sample(self.llm, prompts, c.n, c.temperature, c.top_p, c.max_tokens, seeds)
+        return [
+            [
+                {
+                    "ids": s.completion_ids,
+                    "text": self.tok.decode(s.completion_ids, skip_special_tokens=True),
+                    "logp": s.logp,
+                }
+                for s in group
+            ]
+            for group in groups
         ]
-        for group in samples
-    ]
-    scored = None
-    if score is not None:
-        n = len(score) // len(prompts)
-        scored = [sum(x) for x in score_completions(llm, [p for p in prompts for _ in range(n)], score)]
-    return out, scored
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+        from dpo_ray.engine import score_completions
+
+        return [sum(x) for x in score_completions(self.llm, prompts, completions)]
 
 
 def _preference_accuracy(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -123,27 +139,59 @@ def _plots(cfg: EvaluateConfig, policy_rewards: list[float], ref_rewards: list[f
     return [*written, "rewards.png"]
 
 
+def _previous_result(fs: Any, path: str) -> dict[str, Any] | None:
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "r") as f:
+            loaded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate the policy against the reference; writes <output>/eval.json and returns its content."""
     import fsspec
     import ray
 
+    from dpo_ray.models import model_fingerprint, resolve_model_dir
     from dpo_ray.rewards import load_reward, score
 
     prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
     for model in (cfg.policy, cfg.reference):
         matching_tokenizer(model, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
+    config = cfg.model_dump(mode="json")
+    inputs = {
+        "policy": model_fingerprint(resolve_model_dir(cfg.policy)),
+        "reference": model_fingerprint(resolve_model_dir(cfg.reference)),
+        "prompts": artifacts.manifest_sha256(cfg.prompts),
+        "scored": artifacts.manifest_sha256(cfg.scored) if cfg.max_eval_pairs else None,
+    }
+    fs, out = fsspec.core.url_to_fs(cfg.output)
+    previous = _previous_result(fs, f"{out}/eval.json")
+    if previous is not None and previous.get("config") == config and previous.get("inputs") == inputs:
+        print(f"evaluate: {cfg.output}/eval.json is complete for this config and these models; skipped", flush=True)
+        return previous
     prompts = unique_prompts(cfg.prompts, prompts_manifest, "eval", cfg.max_prompts)
     if not prompts:
         prompts = unique_prompts(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
         logger.warning("evaluate: %s has no eval split; using train prompts", cfg.prompts)
     ensure_ray()
-    config = cfg.model_dump(mode="json")
-    task = ray.remote(_sample_task).options(num_gpus=cfg.num_gpus_per_actor or None, num_cpus=cfg.num_cpus_per_actor)
+    # Both engines start at once (one actor each, with the configured resources).
+    actor = ray.remote(_Model).options(
+        num_gpus=cfg.num_gpus_per_actor or None,
+        num_cpus=cfg.num_cpus_per_actor,
+        accelerator_type=cfg.accelerator_type,
+    )
+    policy_model: Any = actor.remote(config, cfg.policy)
+    ref_model: Any = actor.remote(config, cfg.reference)
     ids = [p["prompt_ids"] for p in prompts]
-    policy_samples, _ = ray.get(task.remote(config, cfg.policy, ids, None))
+    policy_samples, ref_samples = ray.get([policy_model.sample.remote(ids), ref_model.sample.remote(ids)])
+    ray.kill(policy_model)
     flat = [s for group in policy_samples for s in group]
-    ref_samples, ref_logps = ray.get(task.remote(config, cfg.reference, ids, [s["ids"] for s in flat]))
+    ref_logps = ray.get(ref_model.score.remote([p for p in ids for _ in range(cfg.n)], [s["ids"] for s in flat]))
+    ray.kill(ref_model)
     texts = [p["prompt"] for p in prompts for _ in range(cfg.n)]
     fn = load_reward(cfg.reward)
     pol_rewards = score(fn, cfg.reward, texts, [s["text"] for s in flat])
@@ -169,8 +217,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "preference": _preference_accuracy(cfg) if cfg.max_eval_pairs else {"pairs": 0, "accuracy": None},
         "reward": cfg.reward,
         "config": config,
+        "inputs": inputs,
     }
-    fs, out = fsspec.core.url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
     samples = [
         {
@@ -186,8 +234,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     with fs.open(f"{out}/policy_samples.jsonl", "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
     result["plots"] = _plots(cfg, pol_rewards, ref_rewards)
-    with fs.open(f"{out}/eval.json", "w") as f:
+    with fs.open(f"{out}/eval.json.tmp", "w") as f:  # eval.json appears complete or not at all
         json.dump(result, f, indent=2)
+    fs.mv(f"{out}/eval.json.tmp", f"{out}/eval.json")
     print(
         f"evaluate: reward policy {result['policy']['reward_mean']:.3f} vs reference "
         f"{result['reference']['reward_mean']:.3f}, KL {result['kl']:.3f}, win rate {result['win_rate']:.2f}, "

@@ -1,4 +1,6 @@
-"""`python -m pipeline run` on a reduced demo config: prepare → reference (vLLM) → train, then a no-op rerun."""
+"""`python -m pipeline run` on a reduced version of the demo (the sentiment experiment in miniature):
+SFT'd tiny πref → on-policy samples → lexicon reward → best-vs-worst pairs → reference (vLLM) → DPO →
+evaluate. The policy's reward must rise clearly above πref's; a rerun is a no-op."""
 
 from __future__ import annotations
 
@@ -15,28 +17,42 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 DEMO = Path(__file__).resolve().parents[2] / "pipeline" / "configs" / "demo.yaml"
 
 
-def test_demo_pipeline_runs_end_to_end_and_reruns_as_noop(tmp_path, capsys):
+def reduced_demo(tmp_path: Path) -> tuple[Path, Path]:
     cfg = yaml.safe_load(DEMO.read_text())
     run_dir = tmp_path / "demo"
-    cfg["run_dir"] = str(run_dir)
-    cfg["demo"].update(assets=str(run_dir / "assets"), pairs=160)
-    cfg["prepare"].update(inputs=[str(run_dir / "assets" / "pairs.jsonl")], tokenizer=str(run_dir / "assets" / "model"))
-    cfg["reference"]["model"] = str(run_dir / "assets" / "model")
-    cfg["train"].update(model=str(run_dir / "assets" / "model"), max_steps=3, batch_size=8, eval_every=3)
+    model = str(run_dir / "assets" / "model")
+    cfg.update(run_dir=str(run_dir), rounds=1, beta_sweep=[])
+    cfg["demo"].update(assets=str(run_dir / "assets"), pairs=400)
+    cfg["prepare"].update(inputs=[str(run_dir / "assets" / "pairs.jsonl")], tokenizer=model)
+    cfg["generate"].update(policy=model, max_prompts=160)
+    cfg["reference"]["model"] = model
+    cfg["train"].update(model=model, batch_size=16, eval_every=5)
+    cfg["evaluate"].update(reference=model, max_prompts=40, n=2)
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    return path, run_dir
 
+
+def test_reduced_demo_improves_the_reward_and_reruns_as_noop(tmp_path, capsys):
+    path, run_dir = reduced_demo(tmp_path)
     assert main(["run", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    for stage, kind in (("pairs", "pairs"), ("scored", "scored"), ("export", "model")):
-        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
-        assert manifest["kind"] == kind
+    for stage, kind in (("pairs", "pairs"), ("generated_pairs", "pairs"), ("scored", "scored"), ("export", "model")):
+        assert json.loads((run_dir / stage / "manifest.json").read_text())["kind"] == kind
     scored = json.loads((run_dir / "scored" / "manifest.json").read_text())
     assert scored["stats"]["parity"]["token_max_abs"] <= 1e-4
     history = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [1, 2, 3] and abs(history[0]["loss"] - 0.693147) < 1e-3
-    assert "run: done" in out
+    assert history[0]["step"] == 1 and abs(history[0]["loss"] - 0.693147) < 1e-3  # πθ == πref at step 1
+
+    ev = json.loads((run_dir / "eval" / "eval.json").read_text())
+    policy, ref = ev["policy"], ev["reference"]
+    assert policy["reward_mean"] > ref["reward_mean"] + 0.2, ev
+    assert policy["positive_fraction"] > ref["positive_fraction"] + 0.2, ev
+    assert ev["kl"] > 0 and ev["win_rate"] > 0.5
+    summary = (run_dir / "summary.md").read_text()
+    assert "| πref |" in summary and "| round 0 | 0.1 | 0 |" in summary
+    assert (run_dir / "reward_vs_kl.png").stat().st_size > 0 and "run: done" in out
 
     assert main(["run", "--config", str(path)]) == 0
     again = capsys.readouterr().out
-    assert again.count("skipped") == 3, again
+    assert again.count("skipped") == 5, again  # prepare, generate, reference, train, evaluate

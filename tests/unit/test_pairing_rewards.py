@@ -38,8 +38,16 @@ def test_margin_and_all_pairs_with_caps():
 
 
 def test_lexicon_sentiment_by_hand():
-    got = lexicon_sentiment(["p"] * 3, ["The movie was great and fun.", "It was boring", "The plot"])
-    assert got == pytest.approx([2 / 6, -1 / 3, 0.0])
+    texts = [
+        "The movie was great and fun.",
+        "It was boring",
+        "The plot",
+        "great great superb fun",
+        "Bad, BAD, dull.",
+        "The plot was great and fun. The cast was fun. The end",  # 1, 0.5, 0 → mean 0.5
+        "...",
+    ]
+    assert lexicon_sentiment(["p"] * 7, texts) == pytest.approx([1.0, -0.5, 0.0, 1.0, -1.0, 0.5, 0.0])
 
 
 def _nan(prompts, completions):
