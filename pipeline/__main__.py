@@ -1,4 +1,8 @@
-"""CLI: `python -m pipeline <stage> --config X.yaml [key=value ...]` (also installed as `dpo-ray`)."""
+"""CLI: `python -m pipeline <stage> --config X.yaml [key=value ...]` (also installed as `dpo-ray`).
+
+Stages: prepare, reference, train, generate, evaluate; `run` runs them all (every round); `status` prints
+what is complete under the run directory.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ STAGES = {
     "generate": ("pipeline.generate", "generate"),
     "evaluate": ("pipeline.evaluate", "evaluate"),
     "run": ("pipeline.run", ""),  # the whole pipeline: takes the full config
+    "status": ("pipeline.status", ""),  # what is complete under run_dir (reads artifacts, runs nothing)
 }
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.

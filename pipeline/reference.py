@@ -259,7 +259,9 @@ def _finish(
     parity: dict[str, Any] = {"skipped": "backend hf is itself the transformers forward"}
     if cfg.backend == "vllm" and cfg.parity_samples > 0 and rows_out > 0:
         sample = _parity_sample(cfg.output, cfg.parity_samples)
-        task = ray.remote(parity_check).options(num_gpus=cfg.num_gpus_per_actor or None, num_cpus=1)
+        task = ray.remote(parity_check).options(
+            num_gpus=cfg.num_gpus_per_actor or None, num_cpus=1, accelerator_type=cfg.accelerator_type
+        )
         measured: dict[str, Any] = ray.get(task.remote(config, sample))
         parity = {**measured, "tolerance": cfg.tolerance}
         print(

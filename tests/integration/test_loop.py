@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.run import run
+from pipeline.status import collect as status_rows
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -56,9 +57,24 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
     assert gen["stats"]["lineage"]["policy"] == str(d / "export") and gen["rows"] > 0
     capsys.readouterr()
 
+    # status: every output complete, lineage resolved to the artifacts and models of this run.
+    from pipeline.__main__ import main
+
+    assert main(["status", "--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "7/7 stage outputs complete" in printed, printed
+    rows = {r["label"]: r for r in status_rows(load_config(path))}
+    assert rows["round-0/reference"]["lineage"]["pairs"] == "round-0/prepare"
+    assert rows["round-0/train"]["lineage"] == {"scored": "round-0/reference"}
+    assert rows["round-1/generations"]["lineage"]["model"] == "round-0/train"  # sampled by round 0's policy
+    assert rows["round-1/reference"]["lineage"]["pairs"] == "round-1/generate"
+    assert rows["round-1/train"]["rows"] == 0 and rows["round-1/train"]["kind"] == "model"
+
     # Stop "between stages" of round 1: its scored artifact lost its manifest and the train stage never ran.
     (d / "round-1" / "scored" / "manifest.json").unlink()
     shutil.rmtree(d / "round-1" / "export")
+    states = {r["label"]: r["state"] for r in status_rows(load_config(path))}
+    assert (states["round-1/reference"], states["round-1/train"]) == ("incomplete", "absent")
     run(load_config(path))
     out = capsys.readouterr().out
     assert out.count("skipped") == 4  # prepare, reference and train of round 0; generate of round 1

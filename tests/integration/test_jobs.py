@@ -1,0 +1,136 @@
+"""A real job submission: `ray start --head` on 127.0.0.1 with token authentication, the reduced demo
+submitted through the Jobs API
+with clusters/runtime_env.yaml and the checkout as working_dir; a job stopped midway (`stop_job`) and
+resubmitted completes, and a further submission of the same run is a no-op (every stage skipped)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def ray_head(tmp_path, monkeypatch):
+    """A Ray head bound to 127.0.0.1 (GCS and dashboard/job server on free loopback ports) with token
+    authentication (a fresh token in a 0600 file; this process gets it too), stopped after."""
+    gcs, dash = free_port(), free_port()
+    token = tmp_path / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [
+        RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    try:
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, f"ray start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}"
+        yield f"http://127.0.0.1:{dash}", gcs, dash
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP listener on `port` (from /proc/net/tcp; IPv4)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, p = local.split(":")
+        if state == "0A" and int(p, 16) == port:  # 0A: LISTEN
+            found.add(".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def wait(client, job_id: str, timeout: float = 600) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status.value)
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} still {client.get_job_status(job_id)} after {timeout}s")
+
+
+def test_submit_stop_resubmit_and_noop(ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    address, gcs_port, dash_port = ray_head
+    assert listening_addresses(dash_port) == {"127.0.0.1"}  # the job server is not reachable from outside
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:  # and needs the token
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+    d = tmp_path / "run"
+    cfg = {
+        "run_dir": str(d),
+        "demo": {"assets": str(d / "assets"), "pairs": 120},
+        "prepare": {
+            "inputs": [str(d / "assets" / "pairs.jsonl")],
+            "tokenizer": str(d / "assets" / "model"),
+            "max_length": 96,
+            "max_prompt_length": 48,
+            "eval_fraction": 0.1,
+        },
+        "reference": {"model": str(d / "assets" / "model"), "backend": "hf", "parity_samples": 0},
+        "train": {"model": str(d / "assets" / "model"), "num_workers": 1, "batch_size": 8, "max_steps": 6, "lr": 1e-3},
+    }
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps(cfg))
+    runtime_env = yaml.safe_load((ROOT / "clusters" / "runtime_env.yaml").read_text()) | {"working_dir": str(ROOT)}
+    client = JobSubmissionClient(address)
+    entrypoint = f"{sys.executable} -m pipeline run --config {config}"
+
+    # 1. Submit, and stop the job once prepare has finished (a stage boundary) but before train is done.
+    first = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    deadline = time.monotonic() + 300
+    while not (d / "pairs" / "manifest.json").exists():
+        assert time.monotonic() < deadline and str(client.get_job_status(first).value) in ("PENDING", "RUNNING"), (
+            client.get_job_logs(first)[-3000:]
+        )
+        time.sleep(0.5)
+    client.stop_job(first)
+    assert wait(client, first) == "STOPPED"
+    assert not (d / "export" / "manifest.json").exists()
+
+    # 2. Resubmit: it completes, reusing the finished prepare.
+    second = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    assert wait(client, second) == "SUCCEEDED", client.get_job_logs(second)[-3000:]
+    logs = client.get_job_logs(second)
+    assert "prepare: " in logs and "is complete for this config and these inputs; skipped" in logs
+    for artifact in ("pairs", "scored", "export"):
+        assert (d / artifact / "manifest.json").exists(), artifact
+    export = json.loads((d / "export" / "manifest.json").read_text())
+    assert export["stats"]["steps"] == 6
+
+    # 3. The same submission again: a no-op, every stage skipped, nothing rewritten.
+    before = {p: p.stat().st_mtime_ns for p in d.glob("*/manifest.json")}
+    third = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    assert wait(client, third) == "SUCCEEDED", client.get_job_logs(third)[-3000:]
+    assert client.get_job_logs(third).count("skipped") == 3
+    assert {p: p.stat().st_mtime_ns for p in d.glob("*/manifest.json")} == before
