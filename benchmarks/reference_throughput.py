@@ -11,8 +11,6 @@ and dpo_ray.batching.completion_logps), one after the other in this process. Pri
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import platform
 import tempfile
 import time
@@ -20,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hh_llama import build_hh_llama, hh_records
 
 from dpo_ray.batching import completion_logps
 from dpo_ray.engine import EngineSpec, make_engine, score_completions
-from dpo_ray.models import build_tiny_llama, load_causal_lm, load_tokenizer
+from dpo_ray.models import load_causal_lm, load_tokenizer
 from dpo_ray.tokenization import PairTokenizer, RowRejected, record_to_pair
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test-1500.jsonl.gz"
@@ -39,20 +38,9 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=8192, help="HF backend: padded tokens per forward")
     args = ap.parse_args()
 
-    records = [json.loads(line) for line in gzip.open(HH, "rt")]
-    corpus = [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    records = hh_records()
     work = Path(tempfile.mkdtemp(prefix="refbench-"))
-    model_dir = build_tiny_llama(
-        work / "model",
-        corpus,
-        vocab_size=8000,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.hidden // 64,
-        head_dim=64,
-        intermediate_size=int(args.hidden * 2.75),
-        max_position_embeddings=2048,
-    )
+    model_dir = build_hh_llama(work / "model", records, args.hidden, args.layers)
     tok = load_tokenizer(model_dir)
     pt = PairTokenizer(tok, args.max_length, args.max_length * 3 // 4)
     prompts, completions = [], []

@@ -4,8 +4,11 @@ A pair is (prompt_ids, chosen_ids, rejected_ids); a sequence is prompt_ids + com
 completion positions count (ARCHITECTURE.md, "Tokenization"). Every batching mode must give the same
 per-sequence log-probs as unbatched single-sequence forwards; tests hold each mode to that.
 
-Modes:
+Modes (`BATCHING`):
 - padded: all chosen sequences, then all rejected ones, right-padded to the longest, one forward.
+- packed, prefix_shared: padding-free single rows (dpo_ray.packing).
+The micro-batch planner (`plan_micro_batches`) groups a worker's pairs under a token budget for any mode
+and reports what share of the computed tokens is padding.
 
 torch only (the model is any callable returning an object with `.logits`, e.g. a transformers LM).
 """
@@ -22,13 +25,17 @@ from torch import Tensor
 from dpo_ray.logps import DEFAULT_CHUNK_TOKENS, sequence_logps, token_logps
 
 __all__ = [
+    "BATCHING",
+    "MicroBatchPlan",
     "PaddedBatch",
     "collate_sequences",
     "completion_logps",
     "PairLogps",
     "PairTokens",
     "collate_padded",
+    "computed_tokens",
     "padded_token_count",
+    "plan",
     "plan_micro_batches",
     "policy_logps",
 ]
@@ -57,6 +64,9 @@ class PairTokens:
     def num_tokens(self) -> int:
         """Real (unpadded) tokens of both sequences."""
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+BATCHING = ("padded", "packed", "prefix_shared")
 
 
 @dataclass(frozen=True)
@@ -161,28 +171,84 @@ def padded_token_count(pairs: Sequence[PairTokens]) -> int:
     return 2 * len(pairs) * max(p.max_len for p in pairs) if pairs else 0
 
 
-def plan_micro_batches(pairs: Sequence[PairTokens], token_budget: int) -> list[list[int]]:
-    """Group pair indices into micro-batches whose padded token count stays within `token_budget`.
+def computed_tokens(pairs: Sequence[PairTokens], mode: str = "padded") -> int:
+    """Tokens one forward of these pairs computes in `mode` (padded: padding included; packed: 2P + C + R
+    per pair; prefix_shared: P + C + R per pair)."""
+    if mode == "padded":
+        return padded_token_count(pairs)
+    if mode == "packed":
+        return sum(p.num_tokens for p in pairs)
+    if mode == "prefix_shared":
+        return sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    raise ValueError(f"batching mode: unknown {mode!r}; expected one of {', '.join(BATCHING)}")
 
-    Pairs are never split. Pairs are taken longest first, so each group's padding is small; a pair
-    that alone exceeds the budget gets a micro-batch of its own. Returns lists of indices into `pairs`.
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """Micro-batches (lists of pair indices) and what they cost.
+
+    computed: tokens the forwards compute; real: non-padding tokens among them; padding_fraction =
+    1 − real / computed (0 for the padding-free modes); fill: computed / (micro-batches × budget).
+    """
+
+    groups: list[list[int]]
+    computed: int
+    real: int
+    budget: int
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.real / self.computed if self.computed else 0.0
+
+    @property
+    def fill(self) -> float:
+        return self.computed / (len(self.groups) * self.budget) if self.groups else 0.0
+
+
+def plan(pairs: Sequence[PairTokens], token_budget: int, mode: str = "padded") -> MicroBatchPlan:
+    """Group pair indices into micro-batches whose computed tokens (in `mode`) stay within `token_budget`.
+
+    padded: longest first, so each group's padding is small. packed / prefix_shared: first-fit decreasing
+    bin packing of each pair's token count, so few, full micro-batches. Pairs are never split; a pair
+    that alone exceeds the budget gets a micro-batch of its own.
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, found {token_budget}")
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i].max_len, reverse=True)
-    groups: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in order:
-        new_width = max(width, pairs[i].max_len)
-        if current and 2 * (len(current) + 1) * new_width > token_budget:
+    if mode == "padded":
+        order = sorted(range(len(pairs)), key=lambda i: pairs[i].max_len, reverse=True)
+        groups: list[list[int]] = []
+        current: list[int] = []
+        width = 0
+        for i in order:
+            new_width = max(width, pairs[i].max_len)
+            if current and 2 * (len(current) + 1) * new_width > token_budget:
+                groups.append(current)
+                current, new_width = [], pairs[i].max_len
+            current.append(i)
+            width = new_width
+        if current:
             groups.append(current)
-            current, new_width = [], pairs[i].max_len
-        current.append(i)
-        width = new_width
-    if current:
-        groups.append(current)
-    return groups
+    else:
+        cost = [computed_tokens([p], mode) for p in pairs]
+        groups = []
+        loads: list[int] = []
+        for i in sorted(range(len(pairs)), key=lambda i: cost[i], reverse=True):
+            slot = next((g for g, load in enumerate(loads) if load + cost[i] <= token_budget), None)
+            if slot is None:
+                groups.append([i])
+                loads.append(cost[i])
+            else:
+                groups[slot].append(i)
+                loads[slot] += cost[i]
+        groups = [sorted(g) for g in groups]
+    computed = sum(computed_tokens([pairs[i] for i in g], mode) for g in groups)
+    real = sum(computed_tokens([pairs[i] for i in g], "packed" if mode == "padded" else mode) for g in groups)
+    return MicroBatchPlan(groups, computed, real, token_budget)
+
+
+def plan_micro_batches(pairs: Sequence[PairTokens], token_budget: int, mode: str = "padded") -> list[list[int]]:
+    """The groups of `plan` (lists of indices into `pairs`)."""
+    return plan(pairs, token_budget, mode).groups
 
 
 def policy_logps(model: Any, batch: PaddedBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PairLogps:

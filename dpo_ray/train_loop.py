@@ -28,11 +28,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dpo_ray.batching import PairTokens, collate_padded, plan_micro_batches, policy_logps
 from dpo_ray.logps import DEFAULT_CHUNK_TOKENS
+from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
 from dpo_ray.losses import preference_loss
 from dpo_ray.metrics import GRAD_NORM, LR, PAIR_METRICS, metric_means, pair_metric_sums, throughput
+from dpo_ray.packing import (
+    SDPA_BACKENDS,
+    collate_packed,
+    collate_prefix_shared,
+    enable_segment_attention,
+    segment_logps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,8 @@ class TrainSettings:
     autocast_dtype: torch.dtype | None = None
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     pad_token_id: int = 0
+    batching: str = "padded"  # padded | packed | prefix_shared (dpo_ray.batching.BATCHING)
+    cudnn_attention: bool = False  # allow cuDNN SDPA too (slower here: see dpo_ray.packing.SDPA_BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -100,10 +111,14 @@ def _device(model: Any) -> torch.device:
 def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[Tensor, Tensor]:
     """Summed loss of the batch's pairs (graph attached) and its metric sums."""
     device = _device(model)
-    padded = collate_padded(batch.pairs, s.pad_token_id).to(device)
     autocast = torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else contextlib.nullcontext()
-    with autocast:
-        lp = policy_logps(model, padded, s.chunk_tokens)
+    backends = [*SDPA_BACKENDS, SDPBackend.CUDNN_ATTENTION] if s.cudnn_attention else SDPA_BACKENDS
+    with autocast, sdpa_kernel(backends):
+        if s.batching == "padded":
+            lp = policy_logps(model, collate_padded(batch.pairs, s.pad_token_id).to(device), s.chunk_tokens)
+        else:
+            collate = collate_packed if s.batching == "packed" else collate_prefix_shared
+            lp = segment_logps(model, collate(batch.pairs).to(device), s.chunk_tokens)
     out = preference_loss(
         s.loss,
         lp.chosen,
@@ -146,11 +161,15 @@ def train_step(
         raise ValueError("train_step: this worker got no pairs; global batch_size must be >= num_workers")
     model.train()
     t0 = time.perf_counter()
-    groups = plan_micro_batches(batch.pairs, settings.token_budget)
+    groups = _aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), _device(model))
     scale = world_size / global_batch_size
     sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
     for k, index in enumerate(groups):
         with _sync(model, enabled=k == len(groups) - 1):
+            if index is None:  # keeps this rank's collectives in step with ranks that have more micro-batches
+                loss_sum, _ = _micro_batch_loss(model, _placeholder(settings), settings)
+                (loss_sum * 0.0).backward()
+                continue
             loss_sum, metric_sums = _micro_batch_loss(model, batch.select(index), settings)
             (loss_sum * scale).backward()
         sums += metric_sums.cpu()
@@ -173,10 +192,38 @@ def eval_sums(model: Any, batch: StepBatch, settings: TrainSettings) -> Tensor:
     """Metric sums (not yet all-reduced) of a batch without gradients."""
     model.eval()
     sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
+    groups = _aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), _device(model))
     with torch.no_grad():
-        for index in plan_micro_batches(batch.pairs, settings.token_budget):
-            sums += _micro_batch_loss(model, batch.select(index), settings)[1].cpu()
+        for index in groups:
+            if index is None:
+                _micro_batch_loss(model, _placeholder(settings), settings)
+            else:
+                sums += _micro_batch_loss(model, batch.select(index), settings)[1].cpu()
     return sums
+
+
+def _aligned(groups: list[list[int]], device: torch.device) -> list[list[int] | None]:
+    """`groups` padded with None up to the largest micro-batch count of any rank.
+
+    Every rank must run the same number of forwards: FSDP all-gathers parameters in each one, and a rank
+    that stopped early would leave the others waiting forever (a rank's share of an eval batch can be
+    empty, and token budgets split different pairs differently).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(groups)
+    n = torch.tensor([len(groups)], dtype=torch.int64, device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return [*groups, *([None] * (int(n.item()) - len(groups)))]
+
+
+def _placeholder(settings: TrainSettings) -> StepBatch:
+    """A one-token pair whose loss is multiplied by 0 or discarded: a forward (and backward) that only
+    takes part in the collectives."""
+    t = settings.pad_token_id
+    zero = torch.zeros(1, dtype=torch.float64)
+    return StepBatch([PairTokens([t], [t], [t])], zero, zero)
 
 
 def make_optimizer(model: Any, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -269,6 +316,7 @@ class LoopConfig:
     initial_tolerance: float
     fault_injection: str | None = None
     trust_remote_code: bool = False
+    lora: LoraSettings | None = None
 
 
 class _State:
@@ -288,12 +336,17 @@ def _wrap(model: Any, parallelism: str, world_size: int, use_gpu: bool) -> Any:
     if parallelism == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT (LoRA) or plain
+        for layer in base.model.layers:
             fully_shard(layer)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if use_gpu else None)
+    # No buffer broadcast in every forward: a Llama's only buffers (rotary frequencies) are computed
+    # identically on every rank.
+    return DistributedDataParallel(
+        model, device_ids=[torch.cuda.current_device()] if use_gpu else None, broadcast_buffers=False
+    )
 
 
 def _save_checkpoint(model: Any, optimizer: Any, scheduler: Any, state: _State, rank: int) -> str:
@@ -373,8 +426,9 @@ def _evaluate(model: Any, it: Any, cfg: LoopConfig, rank: int, world: int) -> di
     for columns in it.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
         n = len(columns["prompt_ids"])
         mine = {k: v[rank::world] for k, v in columns.items()} if n >= world else (columns if rank == 0 else None)
-        if mine is not None and len(mine["prompt_ids"]):
-            sums += eval_sums(model, StepBatch.from_columns(mine), cfg.settings)
+        # Every rank calls eval_sums for every batch, with its pairs or none (see _aligned).
+        empty = StepBatch([], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
+        sums += eval_sums(model, StepBatch.from_columns(mine) if mine is not None else empty, cfg.settings)
     return metric_means(_all_reduce(sums.to(_device(model))).cpu(), prefix="eval/")
 
 
@@ -390,7 +444,13 @@ def _export(model: Any, cfg: LoopConfig, rank: int) -> None:
         return
     base = model.module if hasattr(model, "module") else model
     local = temp_dir()
-    base.save_pretrained(local, state_dict=full, safe_serialization=True)
+    if cfg.lora is not None:
+        peft_model = peft_model_from_state(cfg.model, cfg.lora, full, cfg.trust_remote_code)
+        if cfg.lora.save_adapter:
+            peft_model.save_pretrained(os.path.join(local, "adapter"))
+        peft_model.merge_and_unload().save_pretrained(local, safe_serialization=True)
+    else:
+        base.save_pretrained(local, state_dict=full, safe_serialization=True)
     load_tokenizer(cfg.model, cfg.trust_remote_code).save_pretrained(local)
     fs, path = fsspec.core.url_to_fs(cfg.export)
     if fs.exists(path):
@@ -412,8 +472,12 @@ def worker_loop(config: dict[str, Any]) -> None:
     use_gpu = torch.cuda.is_available()
     seed_everything(cfg.seed)
     model = load_causal_lm(cfg.model, "float32", cfg.trust_remote_code)
+    if cfg.settings.batching != "padded":
+        enable_segment_attention(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
     if use_gpu:
         model = model.cuda()
     model = _wrap(model, cfg.parallelism, world, use_gpu)

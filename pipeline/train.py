@@ -72,8 +72,11 @@ def _expected_initial_loss(cfg: TrainConfig) -> float | None:
 def _loop_config(cfg: TrainConfig, total_steps: int, starts_from_reference: bool, has_eval: bool) -> Any:
     import torch
 
+    from dpo_ray.lora import LoraSettings
     from dpo_ray.models import load_tokenizer
     from dpo_ray.train_loop import LoopConfig, TrainSettings
+
+    lora_targets = tuple(cfg.lora.target_modules) if cfg.lora is not None else ()
 
     bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and cfg.use_gpu)
     settings = TrainSettings(
@@ -83,6 +86,7 @@ def _loop_config(cfg: TrainConfig, total_steps: int, starts_from_reference: bool
         sft_weight=cfg.sft_weight,
         average_logps=cfg.average_logps,
         token_budget=cfg.token_budget,
+        batching=cfg.batching,
         max_grad_norm=cfg.max_grad_norm,
         autocast_dtype=torch.bfloat16 if bf16 else None,
         pad_token_id=int(load_tokenizer(cfg.model, cfg.trust_remote_code).pad_token_id),
@@ -110,6 +114,7 @@ def _loop_config(cfg: TrainConfig, total_steps: int, starts_from_reference: bool
         initial_tolerance=cfg.initial_check_tolerance,
         fault_injection=cfg.fault_injection,
         trust_remote_code=cfg.trust_remote_code,
+        lora=None if cfg.lora is None else LoraSettings(**(cfg.lora.model_dump() | {"target_modules": lora_targets})),
     )
 
 

@@ -59,6 +59,16 @@ def _cfg(setup, name: str, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def single_sequence_logps(model, prompts, completions) -> list[np.ndarray]:
+    """Per-token completion log-probs from one unpadded forward per sequence (float64)."""
+    out = []
+    for p, c in zip(prompts, completions, strict=True):
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            out.append(token_logps(model(input_ids=ids).logits, ids)[0, len(p) :].double().numpy())
+    return out
+
+
 def _history(cfg: TrainConfig) -> list[dict]:
     return [json.loads(line) for line in Path(cfg.output, "metrics.jsonl").read_text().splitlines()]
 
@@ -126,12 +136,7 @@ def test_export_loads_in_transformers_and_vllm_and_matches_the_last_checkpoint(s
     completions = [r["chosen_ids"] for r in rows]
 
     def hf(model):
-        out = []
-        for p, c in zip(prompts, completions, strict=True):
-            ids = torch.tensor([p + c])
-            with torch.no_grad():
-                out.append(token_logps(model(input_ids=ids).logits, ids)[0, len(p) :].double().numpy())
-        return out
+        return single_sequence_logps(model, prompts, completions)
 
     from_export, from_checkpoint, from_reference = hf(trained), hf(policy), hf(reference_model)
     for a, b, r in zip(from_export, from_checkpoint, from_reference, strict=True):
@@ -187,10 +192,61 @@ def test_refusals(setup, tmp_path):
 
 
 def test_fsdp2_gives_the_ddp_updates(setup, two_workers):
-    """FSDP2 (fully_shard per layer) on 2 CPU workers: the same losses as DDP for the same batches."""
-    cfg = _cfg(setup, "fsdp", num_workers=2, parallelism="fsdp")
+    """FSDP2 (fully_shard per layer) on 2 CPU workers: the same losses as DDP for the same batches.
+
+    A 300-token budget gives the two ranks different micro-batch counts (and the eval split's last batch
+    may leave a rank without pairs): FSDP all-gathers in every forward, so this hangs unless the ranks'
+    forward counts are aligned (train_loop._aligned)."""
+    cfg = _cfg(setup, "fsdp", num_workers=2, parallelism="fsdp", token_budget=300, eval_every=5)
     train(cfg)
     fsdp, ddp = _history(cfg), _history(two_workers)
     for a, b in zip(fsdp, ddp, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
     assert (Path(cfg.export) / "model.safetensors").exists()
+
+
+def test_lora_with_prefix_sharing_exports_a_merged_model_vllm_loads(setup, two_workers):
+    """LoRA (peft) on 2 workers with prefix_shared batching: step 1 is the reference (ln 2), only the
+    adapters train, the export is the merged model (transformers == the PEFT model from the checkpoint,
+    vLLM within 1e-4) and the adapter is saved beside it."""
+    from peft import PeftModel
+
+    from dpo_ray.engine import EngineSpec, make_engine, score_completions
+
+    cfg = _cfg(
+        setup,
+        "lora",
+        num_workers=2,
+        batching="prefix_shared",
+        lr=2e-2,
+        lora={"r": 8, "alpha": 16, "save_adapter": True},
+    )
+    train(cfg)
+    hist = _history(cfg)
+    assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(hist[-1]["loss"] - math.log(2)) > 1e-3  # the adapters moved the policy
+    export = Path(cfg.export)
+    merged = load_causal_lm(export)
+    adapted = PeftModel.from_pretrained(load_causal_lm(setup["model"]), str(export / "adapter")).eval()
+    base = load_causal_lm(setup["model"])
+    rows = read_artifact(setup["scored"]).slice(0, 8).to_pylist()
+    prompts, completions = [r["prompt_ids"] for r in rows], [r["rejected_ids"] for r in rows]
+
+    def hf(model):
+        return single_sequence_logps(model, prompts, completions)
+
+    from_merged, from_adapter, from_base = hf(merged), hf(adapted), hf(base)
+    for m, a, b in zip(from_merged, from_adapter, from_base, strict=True):
+        np.testing.assert_allclose(m, a, atol=1e-5)
+        assert np.abs(m - b).max() > 1e-3  # the adapters changed the model
+    # Only attention projections were adapted: the merged MLP weights are the base's.
+    base_sd, merged_sd = base.state_dict(), merged.state_dict()
+    assert torch.equal(base_sd["model.layers.0.mlp.up_proj.weight"], merged_sd["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        base_sd["model.layers.0.self_attn.q_proj.weight"], merged_sd["model.layers.0.self_attn.q_proj.weight"]
+    )
+    llm = make_engine(EngineSpec(model=str(export), max_model_len=128, gpu_memory_utilization=0.1))
+    from_vllm = score_completions(llm, prompts, completions)
+    for m, v in zip(from_merged, from_vllm, strict=True):
+        np.testing.assert_allclose(m, np.asarray(v), atol=1e-4)
+    del llm

@@ -1,0 +1,282 @@
+"""Padding-free batching: `packed` and `prefix_shared` layouts, one row per micro-batch, exact attention.
+
+packed: every pair's two sequences, [prompt, chosen] and [prompt, rejected], laid end to end in one row;
+    position ids restart at 0 for each sequence and each token attends (causally) only within its own
+    sequence. No padding token exists, so none is computed.
+prefix_shared: each pair as [prompt, chosen, rejected] in one segment, the prompt computed once. Chosen
+    tokens attend to the prompt and to chosen (causally); rejected tokens attend to the prompt and to
+    rejected (causally), never to chosen, and their positions restart at the prompt length. The first
+    rejected token's log-prob is read from the last prompt position's logits.
+
+Attention: a transformers attention function ("dpo_segments", registered by `enable_segment_attention`)
+that runs one scaled-dot-product attention per block: a causal block over one sequence (packed, or
+prompt + chosen), or the rejected block whose keys are the prompt's plus its own (causal within). Work is
+proportional to Σ block² instead of row², and no mask over the whole row is materialised. Without the
+`dpo_blocks` argument the function is transformers' SDPA attention, so padded batches and generation
+work unchanged on the same model.
+
+Logits: only at the positions that predict a completion token (`logits_to_keep` with indices), so the
+LM head is not applied to prompt positions. Log-probs are float32 and chunked as in dpo_ray.logps.
+
+torch only at import; transformers is imported when segment attention is enabled.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+from dpo_ray.batching import PairLogps, PairTokens
+from dpo_ray.logps import DEFAULT_CHUNK_TOKENS
+
+__all__ = [
+    "ATTENTION_NAME",
+    "SDPA_BACKENDS",
+    "Block",
+    "SegmentBatch",
+    "collate_packed",
+    "collate_prefix_shared",
+    "enable_segment_attention",
+    "segment_attention",
+    "segment_logps",
+    "segment_token_logps",
+]
+
+ATTENTION_NAME = "dpo_segments"
+
+# SDPA kernels used in training (every mode): not cuDNN attention, which builds a plan per distinct shape.
+# Every micro-batch (padded) and every block (packed, prefix_shared) has its own length; on an H100 with
+# torch 2.11 cuDNN made the padded train step 3.8x slower (benchmarks/gpu_train_step.py). Flash (causal,
+# GQA native) and memory-efficient attention (masks) take any length without planning.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Queries [start, end) attend causally to keys [start, end) and, when set, to all of prefix [ps, pe)."""
+
+    start: int
+    end: int
+    prefix: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class SegmentBatch:
+    """One row: input_ids/position_ids (1, L); blocks tiling [0, L) in order; for every completion token,
+    its position (targets), the position whose logits predict it (sources) and its sequence (seq: b for
+    pair b's chosen, B + b for its rejected)."""
+
+    input_ids: Tensor
+    position_ids: Tensor
+    blocks: tuple[Block, ...]
+    targets: Tensor
+    sources: Tensor
+    seq: Tensor
+    num_pairs: int
+
+    def to(self, device: torch.device | str) -> SegmentBatch:
+        return SegmentBatch(
+            self.input_ids.to(device),
+            self.position_ids.to(device),
+            self.blocks,
+            self.targets.to(device),
+            self.sources.to(device),
+            self.seq.to(device),
+            self.num_pairs,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+class _Layout:
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.pos: list[int] = []
+        self.blocks: list[Block] = []
+        self.targets: list[int] = []
+        self.sources: list[int] = []
+        self.seq: list[int] = []
+
+    def completion(self, start: int, n: int, seq: int, first_source: int) -> None:
+        """Completion tokens at [start, start + n); the first is predicted from first_source, the rest from t − 1."""
+        self.targets += range(start, start + n)
+        self.sources += [first_source, *range(start, start + n - 1)]
+        self.seq += [seq] * n
+
+    def batch(self, num_pairs: int) -> SegmentBatch:
+        def row(x: list[int]) -> Tensor:
+            return torch.tensor([x], dtype=torch.int64)
+
+        return SegmentBatch(
+            row(self.ids),
+            row(self.pos),
+            tuple(self.blocks),
+            torch.tensor(self.targets, dtype=torch.int64),
+            torch.tensor(self.sources, dtype=torch.int64),
+            torch.tensor(self.seq, dtype=torch.int64),
+            num_pairs,
+        )
+
+
+def collate_packed(pairs: Sequence[PairTokens]) -> SegmentBatch:
+    """All chosen sequences, then all rejected ones, end to end in one row (see the module docstring)."""
+    if not pairs:
+        raise ValueError("collate_packed: no pairs")
+    out = _Layout()
+    b = len(pairs)
+    for side in (0, 1):
+        for i, p in enumerate(pairs):
+            completion = p.chosen_ids if side == 0 else p.rejected_ids
+            start, n_prompt = len(out.ids), len(p.prompt_ids)
+            out.ids += [*p.prompt_ids, *completion]
+            out.pos += range(n_prompt + len(completion))
+            out.blocks.append(Block(start, len(out.ids)))
+            first = start + n_prompt
+            out.completion(first, len(completion), side * b + i, first - 1)
+    return out.batch(b)
+
+
+def collate_prefix_shared(pairs: Sequence[PairTokens]) -> SegmentBatch:
+    """Each pair as [prompt, chosen, rejected], end to end in one row (see the module docstring)."""
+    if not pairs:
+        raise ValueError("collate_prefix_shared: no pairs")
+    out = _Layout()
+    b = len(pairs)
+    for i, p in enumerate(pairs):
+        start, n_p, n_c, n_r = len(out.ids), len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        out.ids += [*p.prompt_ids, *p.chosen_ids, *p.rejected_ids]
+        out.pos += [*range(n_p + n_c), *range(n_p, n_p + n_r)]
+        out.blocks.append(Block(start, start + n_p + n_c))
+        out.blocks.append(Block(start + n_p + n_c, start + n_p + n_c + n_r, prefix=(start, start + n_p)))
+        out.completion(start + n_p, n_c, i, start + n_p - 1)
+        out.completion(start + n_p + n_c, n_r, b + i, start + n_p - 1)  # rejected's first token: from the prompt
+    return out.batch(b)
+
+
+def segment_attention(
+    module: Any,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention function: per-block SDPA when `dpo_blocks` is given, else plain SDPA.
+
+    query (1, H, L, D), key/value (1, H_kv, L, D); returns (1, L, H, D) like transformers' SDPA function.
+    """
+    blocks: tuple[Block, ...] | None = kwargs.get("dpo_blocks")
+    if blocks is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )  # type: ignore[no-any-return]
+    groups = query.shape[1] // key.shape[1]
+    p = dropout if module.training else 0.0
+    sizes, index = _pieces(blocks, query.shape[2])
+    # One split per tensor (its backward is one concatenation), not a slice per block (whose backward
+    # writes each block's gradient into a zero tensor of the full row: on an H100 that dominated).
+    qs, ks, vs = query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2)
+
+    def take(pieces: tuple[Tensor, ...], start: int, end: int) -> Tensor:
+        run = pieces[index[start] : index[end]]
+        return run[0] if len(run) == 1 else torch.cat(run, dim=2)
+
+    outs = []
+    with sdpa_kernel(SDPA_BACKENDS):
+        for blk in blocks:
+            q, k, v = take(qs, blk.start, blk.end), take(ks, blk.start, blk.end), take(vs, blk.start, blk.end)
+            if blk.prefix is None:
+                o = F.scaled_dot_product_attention(
+                    q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=groups > 1
+                )
+            else:
+                ps, pe = blk.prefix
+                k = torch.cat([take(ks, ps, pe), k], dim=2)
+                v = torch.cat([take(vs, ps, pe), v], dim=2)
+                if groups > 1:
+                    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+                n = blk.end - blk.start
+                mask = torch.ones((n, pe - ps + n), dtype=torch.bool, device=q.device)
+                mask[:, pe - ps :] = torch.ones((n, n), dtype=torch.bool, device=q.device).tril()
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling)
+            outs.append(o)
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=16)
+def _pieces(blocks: tuple[Block, ...], length: int) -> tuple[list[int], dict[int, int]]:
+    """The row cut at every block and prefix boundary: piece sizes, and boundary → piece index."""
+    cuts = {0, length}
+    for b in blocks:
+        cuts |= {b.start, b.end, *(b.prefix or ())}
+    bounds = sorted(cuts)
+    return [e - s for s, e in zip(bounds, bounds[1:], strict=False)], {x: i for i, x in enumerate(bounds)}
+
+
+def enable_segment_attention(model: Any) -> Any:
+    """Register the "dpo_segments" attention (and SDPA's mask function under that name) and switch `model`
+    to it; padded inputs keep working (they take the SDPA path). Returns the model."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, segment_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model
+
+
+def _gathered_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    logits32 = logits.float()
+    return torch.gather(logits32, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits32, dim=-1)
+
+
+def segment_token_logps(model: Any, batch: SegmentBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
+    """One forward of `model` (segment attention enabled) over a packed / prefix-shared row → the float32
+    log-prob of every completion token, (N,) in the order of batch.targets."""
+    # A 4D placeholder mask: transformers passes a 4D mask through untouched instead of building an
+    # L x L one from the restarting position ids; segment_attention ignores it when blocks are given.
+    placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch.input_ids.device)
+    logits = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=placeholder,
+        logits_to_keep=batch.sources,
+        use_cache=False,
+        dpo_blocks=batch.blocks,
+    ).logits[0]
+    labels = batch.input_ids[0, batch.targets]
+    use_checkpoint = torch.is_grad_enabled() and logits.requires_grad
+    pieces = []
+    for s in range(0, logits.shape[0], max(1, chunk_tokens)):
+        chunk, lab = logits[s : s + chunk_tokens], labels[s : s + chunk_tokens]
+        pieces.append(
+            checkpoint(_gathered_logps, chunk, lab, use_reentrant=False)
+            if use_checkpoint
+            else _gathered_logps(chunk, lab)
+        )
+    return torch.cat(pieces)
+
+
+def segment_logps(model: Any, batch: SegmentBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PairLogps:
+    """Summed completion log-probs of chosen and rejected from one forward over a packed / prefix-shared
+    row, as policy_logps gives for a padded batch."""
+    per_token = segment_token_logps(model, batch, chunk_tokens)
+    n = 2 * batch.num_pairs
+    sums = torch.zeros(n, dtype=torch.float32, device=per_token.device).index_add(0, batch.seq, per_token)
+    counts = torch.bincount(batch.seq, minlength=n)
+    b = batch.num_pairs
+    return PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])

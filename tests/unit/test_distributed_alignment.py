@@ -1,0 +1,96 @@
+"""Two gloo processes with FSDP2 and unequal work: rank 0 has 3 micro-batches, rank 1 one (and no eval
+pairs at all). FSDP all-gathers parameters in every forward, so without aligned micro-batch counts the
+ranks deadlock; with them, the update equals a single process's update on all 4 pairs."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+
+PAIRS = [
+    ([1, 5, 6], [7, 8, 2], [9, 2]),
+    ([1, 4], [6, 2], [5, 5, 5, 2]),
+    ([1, 9, 9, 9], [3, 2], [4, 2]),
+    ([1], [8, 2], [2]),
+]
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _batch(pairs):
+    from dpo_ray.batching import PairTokens
+    from dpo_ray.train_loop import StepBatch
+
+    ref = torch.tensor([-10.0 - i for i in range(len(pairs))], dtype=torch.float64)
+    return StepBatch([PairTokens(*p) for p in pairs], ref, ref + 1.0)
+
+
+def _settings(budget: int):
+    from dpo_ray.train_loop import TrainSettings
+
+    return TrainSettings(token_budget=budget, batching="packed", max_grad_norm=None)
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from dpo_ray.packing import enable_segment_attention
+    from dpo_ray.train_loop import StepBatch, eval_sums, make_optimizer, make_scheduler, train_step
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = enable_segment_attention(_model())
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = make_optimizer(model, "adamw", 1e-2, 0.0)
+    sched = make_scheduler(opt, 0, 1, "constant")
+    mine = PAIRS[:3] if rank == 0 else PAIRS[3:]
+    metrics = train_step(model, opt, sched, _batch(mine), _settings(1 if rank == 0 else 1000), 4, world_size=2)
+    empty = StepBatch([], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
+    sums = eval_sums(model, _batch(PAIRS) if rank == 0 else empty, _settings(1))
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
+    if rank == 0:
+        weight = full["model.layers.0.self_attn.q_proj.weight"]
+        result = {"loss": metrics["loss"], "eval_pairs": float(sums[-1]), "q": weight.flatten()[:20].tolist()}
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.barrier()  # both ranks done with every collective before gloo is torn down
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_uneven_micro_batches_under_fsdp_do_not_hang_and_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from dpo_ray.packing import enable_segment_attention
+    from dpo_ray.train_loop import make_optimizer, make_scheduler, train_step
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.json"
+    mp.spawn(_rank, args=(port, str(out)), nprocs=2, join=True)
+    got = json.loads(out.read_text())
+
+    model = enable_segment_attention(_model())
+    opt = make_optimizer(model, "adamw", 1e-2, 0.0)
+    sched = make_scheduler(opt, 0, 1, "constant")
+    single = train_step(model, opt, sched, _batch(PAIRS), _settings(1000), 4)
+    assert got["loss"] == pytest.approx(single["loss"], abs=1e-6)
+    expected = model.model.layers[0].self_attn.q_proj.weight.detach().flatten()[:20]
+    assert torch.allclose(torch.tensor(got["q"]), expected, atol=1e-6)
+    assert got["eval_pairs"] == 4  # rank 1 had none and still took part in every forward
