@@ -10,10 +10,12 @@ one after another by this script, so each peak RSS is its own):
 - TRL DPOTrainer (a) default: a reference model forward in every step;
 - TRL DPOTrainer (b) precompute_ref_log_probs=True: its precompute pass is timed separately.
 
-Also measured in the same run: the machine's float32 matmul peak (torch.mm), to report model-FLOPs
-utilisation: 6 · N · T / step time, N = parameters without the input embedding, T = real (unpadded)
-tokens of both sequences of every pair (the same numerator for every configuration). The first steps'
-losses of every configuration are compared with TRL's (same data, same init): they must agree to 1e-3.
+Also measured in the same run: the machine's float32 matmul peak (torch.mm). Two rates against it:
+MFU, the model FLOPs of the work done, 6 · N · T_real / step time (N = parameters without the input
+embedding, T_real = real tokens of both sequences of every pair: the same numerator for every
+configuration, so it can pass 100% when a mode skips work, e.g. the prompt's second pass); and the
+FLOPs each configuration's steps actually compute (computed_flops) over its step time. The first steps' losses
+of every configuration are compared with TRL's (same data, same init): they must agree to 1e-3.
 
     .venv/bin/python benchmarks/train_vs_trl.py            # prints a Markdown table
 """
@@ -160,6 +162,34 @@ def run_trl(precompute: bool, work: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def computed_flops(name: str, pairs: list[dict], batch: int, n_body: int, d: int, vocab: int, layers: int) -> float:
+    """FLOPs a configuration's steps actually compute: 3 x forward (forward + backward), forward =
+    2·N_body·tokens computed + 2·d·V·LM-head positions + 4·d·layers·causal attention score entries, laid
+    out as each configuration lays out its batch (padded rows: 2B x longest, padding included; packed /
+    prefix_shared and TRL's fused LM head: LM head only where a completion token is predicted; TRL (a)
+    adds a forward-only reference pass)."""
+    total = 0.0
+    for lo in range(0, len(pairs), batch):
+        ps = [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs[lo : lo + batch]]
+        if name in ("padded", "trl_default", "trl_precompute"):
+            t = max(a + max(b, c) for a, b, c in ps)
+            tokens = lm = 2 * len(ps) * t
+            scores = 2 * len(ps) * t * (t + 1) // 2  # causal, padding included
+            if name != "padded":  # TRL's fused LM head projects only positions with a completion label
+                lm = sum(b + c for _, b, c in ps)
+        else:
+            lm = sum(b + c for _, b, c in ps)
+            if name == "packed":
+                tokens = sum(2 * a + b + c for a, b, c in ps)
+                scores = sum((a + b) * (a + b + 1) // 2 + (a + c) * (a + c + 1) // 2 for a, b, c in ps)
+            else:
+                tokens = sum(a + b + c for a, b, c in ps)
+                scores = sum((a + b) * (a + b + 1) // 2 + c * a + c * (c + 1) // 2 for a, b, c in ps)
+        forward = 2 * n_body * tokens + 2 * d * vocab * lm + 4 * d * layers * scores
+        total += 3 * forward + (forward if name == "trl_default" else 0)
+    return total
+
+
 def worker(name: str, work: Path, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     if name.startswith("trl"):
@@ -208,6 +238,7 @@ def main() -> None:
 
     model = load_causal_lm(work / "model")
     n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
     del model
     timed = pairs[args.warmup * args.batch :]
     real_tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in timed)
@@ -228,6 +259,7 @@ def main() -> None:
         results[name] = json.loads(line[len("RESULT ") :])
         print(f"{name}: done", file=sys.stderr, flush=True)
 
+    (work / "results.json").write_text(json.dumps(results))
     base = results.get("trl_precompute", results.get("trl_default"))
     print(
         f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -237,25 +269,28 @@ def main() -> None:
         f"{real_tokens} real tokens), float32; matmul peak {peak / 1e9:.1f} GFLOP/s\n"
     )
     print(
-        "| configuration | pairs/s | tokens/s | model FLOP/s (% of matmul peak) | peak RSS MiB "
-        "| vs TRL (a) | vs TRL (b) |"
+        "| configuration | pairs/s | tokens/s | MFU: 6·N·T_real/s (% of peak) | computed FLOP/s (% of peak) "
+        "| peak RSS MiB | vs TRL (a) | vs TRL (b) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     speed = {}
     for name, r in results.items():
         seconds = sum(r["step_times"][args.warmup :])
         speed[name] = len(timed) / seconds
     for name, r in results.items():
         seconds = sum(r["step_times"][args.warmup :])
-        flops = 6 * n_params * real_tokens / seconds
+        flops = computed_flops(name, timed, args.batch, n_params - head, args.hidden, head // args.hidden, args.layers)
+        flops /= seconds
         vs_a = f"{speed[name] / speed['trl_default']:.2f}x" if "trl_default" in speed else ""
         vs_b = f"{speed[name] / speed['trl_precompute']:.2f}x" if "trl_precompute" in speed else ""
         label = {"trl_default": "TRL (a) default", "trl_precompute": "TRL (b) precompute_ref_log_probs"}.get(
             name, f"dpo-ray {name}"
         )
+        useful = 6 * n_params * real_tokens / seconds
         print(
-            f"| {label} | {speed[name]:.2f} | {real_tokens / seconds:.0f} | {flops / 1e9:.1f} G "
-            f"({100 * flops / peak:.0f}%) | {r['peak_rss_mib']:.0f} | {vs_a} | {vs_b} |"
+            f"| {label} | {speed[name]:.2f} | {real_tokens / seconds:.0f} | {useful / 1e9:.0f} G "
+            f"({100 * useful / peak:.0f}%) | {flops / 1e9:.0f} G ({100 * flops / peak:.0f}%) "
+            f"| {r['peak_rss_mib']:.0f} | {vs_a} | {vs_b} |"
         )
     if "trl_precompute" in results:
         pre = results["trl_precompute"]["precompute_seconds"]

@@ -206,10 +206,11 @@ class TrainConfig(StrictModel):
     schedule: Literal["constant", "cosine"] = Field("constant", description="After warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
     batch_size: int = Field(32, ge=1, description="Global batch: pairs per optimizer step, across workers.")
-    batching: Literal["padded", "packed", "prefix_shared"] = Field(
-        "packed",
-        description="packed (default, the fastest measured): padding-free rows of whole sequences; padded rows; "
-        "prefix_shared: padding-free, each pair as [prompt, chosen, rejected], prompt computed once.",
+    batching: Literal["auto", "padded", "packed", "prefix_shared"] = Field(
+        "auto",
+        description="packed: padding-free rows of whole sequences; prefix_shared: padding-free, each pair as "
+        "[prompt, chosen, rejected] with the prompt computed once; padded rows; auto: the fastest measured on "
+        "the device (packed on GPU, prefix_shared on CPU).",
     )
     token_budget: int = Field(16_384, ge=1, description="Max computed tokens per micro-batch (accumulation).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; default: epochs over the train split.")

@@ -235,3 +235,11 @@ def test_lora_trains_only_adapters_and_merges_exactly(tiny_model_dir):
     assert torch.allclose(trained.rejected, from_merged.rejected, atol=1e-4)
     with pytest.raises(ValueError, match="match no module"):
         apply_lora(load_causal_lm(tiny_model_dir), LoraSettings(target_modules=("nope_proj",)))
+
+
+def test_auto_batching_picks_the_measured_fastest_mode_per_device():
+    from dpo_ray.train_loop import TrainSettings, resolve_batching
+
+    assert resolve_batching(TrainSettings(batching="auto"), use_gpu=True).batching == "packed"
+    assert resolve_batching(TrainSettings(batching="auto"), use_gpu=False).batching == "prefix_shared"
+    assert resolve_batching(TrainSettings(batching="padded"), use_gpu=True).batching == "padded"
