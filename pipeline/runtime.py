@@ -18,9 +18,10 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    # Local mode: no dashboard (nothing listens beyond what Ray needs, all on this machine).
+    # Local mode: a new embedded Ray ("local": never a cluster that happens to run on this machine, which
+    # ray.init() would otherwise join), without a dashboard (no job server listening at all).
     kwargs: dict[str, Any] = {"include_dashboard": False} if not address else {}
-    ray.init(address=address, logging_level=logging.WARNING, **kwargs)
+    ray.init(address=address or "local", logging_level=logging.WARNING, **kwargs)
     logger.info("ray: %s", ray.cluster_resources())
 
 

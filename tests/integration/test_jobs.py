@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,25 +31,43 @@ def free_port() -> int:
 @pytest.fixture
 def ray_head(tmp_path, monkeypatch):
     """A Ray head bound to 127.0.0.1 (GCS and dashboard/job server on free loopback ports) with token
-    authentication (a fresh token in a 0600 file; this process gets it too), stopped after."""
+    authentication, stopped after. The token is Ray's default one (~/.ray/auth_token, generated when
+    missing): Ray caches the token per process, and this test process may already hold that one."""
     gcs, dash = free_port(), free_port()
-    token = tmp_path / "ray_auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Every fixed default port gets a free one: the session's own local Ray already holds e.g. 52365
+    # (the dashboard agent), and a head whose agent cannot bind accepts no jobs.
     cmd = [
-        RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+        RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
     ]  # fmt: skip
+    # --block: this process owns the cluster and stopping it stops exactly that cluster (`ray stop` would
+    # also kill the test session's own local Ray).
+    log = (tmp_path / "ray-head.log").open("w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, f"ray start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}"
+        deadline = time.monotonic() + 180
+        while not listening_addresses(dash):
+            assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Ray head did not open its dashboard port in 180 s"
+            time.sleep(0.5)
         yield f"http://127.0.0.1:{dash}", gcs, dash
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        log.close()
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -61,6 +79,18 @@ def listening_addresses(port: int) -> set[str]:
         if state == "0A" and int(p, 16) == port:  # 0A: LISTEN
             found.add(".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0)))
     return found
+
+
+def submit(client, **kwargs) -> str:
+    """submit_job, retried while the head's job agent is still starting ("No available agent")."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return str(client.submit_job(**kwargs))
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def wait(client, job_id: str, timeout: float = 600) -> str:
@@ -107,7 +137,7 @@ def test_submit_stop_resubmit_and_noop(ray_head, tmp_path):
     entrypoint = f"{sys.executable} -m pipeline run --config {config}"
 
     # 1. Submit, and stop the job once prepare has finished (a stage boundary) but before train is done.
-    first = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    first = submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
     deadline = time.monotonic() + 300
     while not (d / "pairs" / "manifest.json").exists():
         assert time.monotonic() < deadline and str(client.get_job_status(first).value) in ("PENDING", "RUNNING"), (
@@ -119,7 +149,7 @@ def test_submit_stop_resubmit_and_noop(ray_head, tmp_path):
     assert not (d / "export" / "manifest.json").exists()
 
     # 2. Resubmit: it completes, reusing the finished prepare.
-    second = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    second = submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
     assert wait(client, second) == "SUCCEEDED", client.get_job_logs(second)[-3000:]
     logs = client.get_job_logs(second)
     assert "prepare: " in logs and "is complete for this config and these inputs; skipped" in logs
@@ -130,7 +160,7 @@ def test_submit_stop_resubmit_and_noop(ray_head, tmp_path):
 
     # 3. The same submission again: a no-op, every stage skipped, nothing rewritten.
     before = {p: p.stat().st_mtime_ns for p in d.glob("*/manifest.json")}
-    third = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    third = submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
     assert wait(client, third) == "SUCCEEDED", client.get_job_logs(third)[-3000:]
     assert client.get_job_logs(third).count("skipped") == 3
     assert {p: p.stat().st_mtime_ns for p in d.glob("*/manifest.json")} == before
