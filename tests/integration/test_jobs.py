@@ -81,6 +81,36 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+_CLIENTS: dict = {}
+
+
+def _client_call(address: str, method: str, *args, **kwargs):
+    """Runs in the helper process: one JobSubmissionClient method call; statuses as plain strings."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = _CLIENTS.setdefault(address, JobSubmissionClient(address))
+    result = getattr(client, method)(*args, **kwargs)
+    return str(result.value) if hasattr(result, "value") else result
+
+
+class JobClient:
+    """JobSubmissionClient in a fresh (spawned) helper process. Ray caches its auth token per process,
+    and this test process may already hold the token of the session's own local Ray, or none."""
+
+    def __init__(self, address: str) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.address = address
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+    def __getattr__(self, method: str):
+        return lambda *a, **k: self.pool.submit(_client_call, self.address, method, *a, **k).result()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
 def submit(client, **kwargs) -> str:
     """submit_job, retried while the head's job agent is still starting ("No available agent")."""
     deadline = time.monotonic() + 120
@@ -94,21 +124,25 @@ def submit(client, **kwargs) -> str:
 
 
 def wait(client, job_id: str, timeout: float = 600) -> str:
-    from ray.job_submission import JobStatus
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = client.get_job_status(job_id)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return str(status.value)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return str(status)
         time.sleep(1)
     raise TimeoutError(f"job {job_id} still {client.get_job_status(job_id)} after {timeout}s")
 
 
-def test_submit_stop_resubmit_and_noop(ray_head, tmp_path):
-    from ray.job_submission import JobSubmissionClient
+@pytest.fixture
+def job_client(ray_head):
+    client = JobClient(ray_head[0])
+    yield client
+    client.close()
 
+
+def test_submit_stop_resubmit_and_noop(ray_head, job_client, tmp_path):
     address, gcs_port, dash_port = ray_head
+    client = job_client
     assert listening_addresses(dash_port) == {"127.0.0.1"}  # the job server is not reachable from outside
     import urllib.error
     import urllib.request
@@ -133,14 +167,13 @@ def test_submit_stop_resubmit_and_noop(ray_head, tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text(json.dumps(cfg))
     runtime_env = yaml.safe_load((ROOT / "clusters" / "runtime_env.yaml").read_text()) | {"working_dir": str(ROOT)}
-    client = JobSubmissionClient(address)
     entrypoint = f"{sys.executable} -m pipeline run --config {config}"
 
     # 1. Submit, and stop the job once prepare has finished (a stage boundary) but before train is done.
     first = submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
     deadline = time.monotonic() + 300
     while not (d / "pairs" / "manifest.json").exists():
-        assert time.monotonic() < deadline and str(client.get_job_status(first).value) in ("PENDING", "RUNNING"), (
+        assert time.monotonic() < deadline and client.get_job_status(first) in ("PENDING", "RUNNING"), (
             client.get_job_logs(first)[-3000:]
         )
         time.sleep(0.5)
