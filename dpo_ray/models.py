@@ -23,6 +23,8 @@ __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
     "build_tiny_llama",
+    "disable_dropout",
+    "exact_attention",
     "load_causal_lm",
     "load_tokenizer",
     "model_fingerprint",
@@ -79,18 +81,45 @@ def load_tokenizer(ref: str | os.PathLike[str], trust_remote_code: bool = False)
     return tok
 
 
-def load_causal_lm(ref: str | os.PathLike[str], dtype: str = "float32", trust_remote_code: bool = False) -> Any:
-    """A transformers causal LM (safetensors weights only) in `dtype`, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def exact_attention(config: Any) -> str:
+    """The transformers attention implementation that computes this model's attention exactly: SDPA, or
+    eager where SDPA drops a feature of the model (attention-logit softcapping: Gemma-2; measured 0.23 nats
+    of difference on a tiny Gemma-2)."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "eager"
+    return "sdpa"
 
+
+def load_causal_lm(ref: str | os.PathLike[str], dtype: str = "float32", trust_remote_code: bool = False) -> Any:
+    """A transformers causal LM (safetensors weights only) in `dtype`, in eval mode, with an attention
+    implementation that is exact for it (`exact_attention`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = str(resolve_model_dir(ref))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        str(resolve_model_dir(ref)),
+        path,
         dtype=getattr(torch, dtype),
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
+        attn_implementation=exact_attention(config),
     )
     return model.eval()
+
+
+def disable_dropout(model: Any) -> Any:
+    """Dropout off everywhere (as TRL's DPOTrainer does by default): the DPO loss compares the policy's
+    log-probs with the reference's, which were computed without dropout, so with dropout on, step 0 would
+    not even start at policy == reference (GPT-2's configs default to 0.1). Returns the model."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -42,6 +42,8 @@ __all__ = [
     "SDPA_BACKENDS",
     "Block",
     "SegmentBatch",
+    "UnsupportedAttention",
+    "unsupported_features",
     "collate_packed",
     "collate_prefix_shared",
     "enable_segment_attention",
@@ -163,6 +165,35 @@ def collate_prefix_shared(pairs: Sequence[PairTokens]) -> SegmentBatch:
     return out.batch(b)
 
 
+class UnsupportedAttention(ValueError):
+    """The model's attention uses a feature the padding-free modes cannot compute exactly."""
+
+
+# Attention keyword arguments that carry no attention semantics (bookkeeping passed through by decoder
+# layers; seen: Llama-3, Qwen2/3, Mistral, Gemma-2/3, Phi-3, GPT-2). Anything else that is not handled below
+# (attention sinks, chunked attention, ...) makes the padding-free modes refuse the model.
+_INERT_KWARGS = frozenset({"position_ids", "cache_position", "output_attentions", "use_cache", "past_key_values"})
+
+# Config features that change attention in ways the per-block layout cannot reproduce.
+_UNSUPPORTED_CONFIG = {
+    "use_bidirectional_attention": "bidirectional attention",
+    "attention_chunk_size": "chunked local attention",
+    "alibi": "ALiBi position biases",
+    "use_alibi": "ALiBi position biases",
+}
+
+
+def unsupported_features(config: Any) -> list[str]:
+    """Why the padding-free modes cannot be exact for a model with this config ([] when they can).
+
+    Sliding windows (per layer type) and attention-logit softcapping are supported; this lists the known
+    features that are not. Unknown attention arguments are refused when the model first runs
+    (UnsupportedAttention), and the train stage compares each mode with unbatched forwards before any step.
+    """
+    found = [f"{what} ({key})" for key, what in _UNSUPPORTED_CONFIG.items() if getattr(config, key, None)]
+    return sorted(set(found))
+
+
 def segment_attention(
     module: Any,
     query: Tensor,
@@ -173,19 +204,41 @@ def segment_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """transformers attention function: per-block SDPA when `dpo_blocks` is given, else plain SDPA.
+    """transformers attention function: per-block attention when `dpo_blocks` is given, else the whole row.
 
     query (1, H, L, D), key/value (1, H_kv, L, D); returns (1, L, H, D) like transformers' SDPA function.
+    Honours the layer's `sliding_window` (a key at distance >= window from the query, in positions, is
+    masked, as transformers' sliding_window_overlay) and `softcap` (scores → softcap·tanh(scores/softcap)
+    before the mask, as Gemma-2's eager attention). Any other attention argument is refused.
     """
-    blocks: tuple[Block, ...] | None = kwargs.get("dpo_blocks")
-    if blocks is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )  # type: ignore[no-any-return]
-    groups = query.shape[1] // key.shape[1]
+    blocks: tuple[Block, ...] | None = kwargs.pop("dpo_blocks", None)
+    window: int | None = kwargs.pop("sliding_window", None)
+    softcap: float | None = kwargs.pop("softcap", None)
+    if kwargs.pop("is_causal", None) is False:
+        raise UnsupportedAttention(f"{type(module).__name__} asks for non-causal attention; use train.batching: padded")
+    unknown = sorted(k for k, v in kwargs.items() if k not in _INERT_KWARGS and v is not None)
+    if unknown:
+        raise UnsupportedAttention(
+            f"{type(module).__name__} passes attention argument(s) {unknown} that the padding-free batching "
+            "modes do not implement; use train.batching: padded"
+        )
     p = dropout if module.training else 0.0
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if blocks is None:
+        if softcap is None:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(  # type: ignore[no-any-return]
+                module, query, key, value, attention_mask, scaling=scaling, dropout=p, **kwargs
+            )
+        n = query.shape[2]
+        if attention_mask is None:
+            mask = _band(n, 0, window, query.device)
+        else:
+            mask = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
+        return _dense(query, key, value, mask, scaling, softcap, p).transpose(1, 2).contiguous(), None
+    groups = query.shape[1] // key.shape[1]
     sizes, index = _pieces(blocks, query.shape[2])
     # One split per tensor (its backward is one concatenation), not a slice per block (whose backward
     # writes each block's gradient into a zero tensor of the full row: on an H100 that dominated).
@@ -199,22 +252,57 @@ def segment_attention(
     with sdpa_kernel(SDPA_BACKENDS):
         for blk in blocks:
             q, k, v = take(qs, blk.start, blk.end), take(ks, blk.start, blk.end), take(vs, blk.start, blk.end)
-            if blk.prefix is None:
-                o = F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=groups > 1
-                )
-            else:
+            n, n_prefix = blk.end - blk.start, 0
+            if blk.prefix is not None:
                 ps, pe = blk.prefix
+                n_prefix = pe - ps
                 k = torch.cat([take(ks, ps, pe), k], dim=2)
                 v = torch.cat([take(vs, ps, pe), v], dim=2)
+            if softcap is not None:
+                outs.append(_dense(q, k, v, _band(n, n_prefix, window, q.device), scaling, softcap, p))
+            elif n_prefix == 0 and (window is None or n <= window):
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=groups > 1
+                    )
+                )
+            else:
                 if groups > 1:
                     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-                n = blk.end - blk.start
-                mask = torch.ones((n, pe - ps + n), dtype=torch.bool, device=q.device)
-                mask[:, pe - ps :] = torch.ones((n, n), dtype=torch.bool, device=q.device).tril()
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling)
-            outs.append(o)
+                mask = _band(n, n_prefix, window, q.device)
+                outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=256)
+def _band(n: int, n_prefix: int, window: int | None, device: torch.device) -> Tensor:
+    """(n, n_prefix + n) bool mask of n queries at positions n_prefix + i over keys at positions 0..n_prefix+n−1:
+    causal (key position <= query position) and, with a window, key position > query position − window.
+
+    A block's queries and keys are one sequence's positions: the prefix (a pair's prompt) at 0..n_prefix−1,
+    then the block's own tokens; the chosen tokens that sit between them in the row are not keys at all.
+    """
+    q = torch.arange(n_prefix, n_prefix + n, device=device).unsqueeze(1)
+    k = torch.arange(n_prefix + n, device=device).unsqueeze(0)
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling: float, softcap: float | None, p: float) -> Tensor:
+    """Attention computed as transformers' eager attention does (softcapping applied before the mask, softmax
+    in float32), for features SDPA lacks. q (1, H, n, D), k/v (1, H_kv, m, D), mask broadcastable to (n, m)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, p=p, training=p > 0)
+    return torch.matmul(weights, v)
 
 
 @functools.lru_cache(maxsize=16)

@@ -51,3 +51,13 @@ def tiny_model(tiny_model_dir: Path):
     from dpo_ray.models import load_causal_lm
 
     return load_causal_lm(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny model per family of dpo_ray.families (window 8 where the family has one)."""
+    from dpo_ray.families import FAMILIES, build_tiny_model
+
+    root = tmp_path_factory.mktemp("families")
+    corpus = small_corpus()
+    return {name: build_tiny_model(name, root / name, corpus, window=8, seed=0) for name in FAMILIES}

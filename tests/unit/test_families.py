@@ -1,0 +1,193 @@
+"""Model-family conformance: for every family of dpo_ray.families and every batching mode, per-token
+completion log-probs and their gradients equal a plain unbatched forward of each sequence with the
+model's eager attention (1e-5, float32), for sequences shorter and longer than the sliding window.
+
+The independent computation is transformers' own eager attention, one sequence at a time, no padding.
+Guards show the data exercise the features: dropping the window or the softcap changes the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from dpo_ray.batching import BATCHING, PairTokens, collate_padded
+from dpo_ray.families import FAMILIES
+from dpo_ray.logps import token_logps
+from dpo_ray.models import exact_attention, load_causal_lm
+from dpo_ray.packing import collate_packed, collate_prefix_shared, enable_segment_attention, segment_token_logps
+
+WINDOW = 8
+
+
+def _pairs(vocab: int, long: bool, seed: int) -> list[PairTokens]:
+    """Short: every sequence within the window. Long: prompts and completions past it."""
+    rng = random.Random(seed)
+    lo, hi = (1, 3) if not long else (9, 22)
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+    return [PairTokens(ids(rng.randint(lo, hi)), ids(rng.randint(1, hi)), ids(rng.randint(1, hi))) for _ in range(4)]
+
+
+def _perturbed(model_dir) -> torch.nn.Module:
+    """The family's model with larger weights than its init, so attention patterns (and softcapping) matter."""
+    model = load_causal_lm(model_dir)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.15)
+    return model
+
+
+def _unbatched(model: torch.nn.Module, pairs: list[PairTokens]) -> list[torch.Tensor]:
+    """Per-token completion log-probs of chosen sequences, then rejected ones, one forward per sequence."""
+    out = []
+    for side in (0, 1):
+        for p in pairs:
+            completion = p.chosen_ids if side == 0 else p.rejected_ids
+            ids = torch.tensor([[*p.prompt_ids, *completion]])
+            lp = token_logps(model(input_ids=ids, use_cache=False).logits, ids)[0]
+            out.append(lp[len(p.prompt_ids) :])
+    return out
+
+
+def _batched(model: torch.nn.Module, pairs: list[PairTokens], mode: str, pad: int) -> list[torch.Tensor]:
+    if mode == "padded":
+        batch = collate_padded(pairs, pad)
+        lp = token_logps(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.input_ids)
+        return [lp[row][batch.completion_mask[row]] for row in range(2 * len(pairs))]
+    batch = (collate_packed if mode == "packed" else collate_prefix_shared)(pairs)
+    per_token = segment_token_logps(model, batch)
+    return [per_token[batch.seq == s] for s in range(2 * len(pairs))]
+
+
+@pytest.fixture(scope="module")
+def prepared(family_dirs):
+    """family → (eager reference model, {mode: model as training runs it})."""
+    out = {}
+    for name, path in family_dirs.items():
+        base = _perturbed(path)
+        eager = copy.deepcopy(base)
+        eager.set_attn_implementation("eager")
+        segments = enable_segment_attention(copy.deepcopy(base))
+        out[name] = (eager, {"padded": base, "packed": segments, "prefix_shared": segments})
+    return out
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["within-window", "past-window"])
+@pytest.mark.parametrize("mode", BATCHING)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_log_probs_equal_unbatched_eager(prepared, family: str, mode: str, long: bool) -> None:
+    eager, models = prepared[family]
+    pairs = _pairs(eager.config.vocab_size, long, seed=7 + long)
+    with torch.no_grad():
+        want = _unbatched(eager, pairs)
+        got = _batched(models[mode], pairs, mode, pad=0)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", BATCHING)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gradients_equal_unbatched_eager(prepared, family: str, mode: str) -> None:
+    eager, models = prepared[family]
+    model = models[mode]
+    pairs = _pairs(eager.config.vocab_size, long=True, seed=11)
+    weights = torch.linspace(0.5, 1.5, 2 * len(pairs))
+
+    def grads(m: torch.nn.Module, per_seq: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        m.zero_grad(set_to_none=True)
+        sum(w * s.sum() for w, s in zip(weights, per_seq, strict=True)).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    want = grads(eager, _unbatched(eager, pairs))
+    got = grads(model, _batched(model, pairs, mode, pad=0))
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-4, msg=f"{family}/{mode}: {name}")
+
+
+def _register_dropping(*names: str) -> str:
+    """An attention function that forwards to segment attention without the given arguments (the old bug)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    from dpo_ray.packing import segment_attention
+
+    def dropping(*args, **kwargs):
+        for n in names:
+            kwargs.pop(n, None)
+        return segment_attention(*args, **kwargs)
+
+    key = "dpo_test_drop_" + "_".join(names)
+    AttentionInterface.register(key, dropping)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(key, sdpa_mask)
+    return key
+
+
+@pytest.mark.parametrize("family", [f for f, spec in FAMILIES.items() if spec.windowed or spec.softcap])
+def test_the_features_matter(prepared, family: str) -> None:
+    """Guard: ignoring the window (or the softcap) gives wrong log-probs on these inputs, so the tests above
+    would fail if the modes ignored them (the per-block attention of an earlier version did)."""
+    eager, models = prepared[family]
+    pairs = _pairs(eager.config.vocab_size, long=True, seed=7)
+    spec = FAMILIES[family]
+    model = copy.deepcopy(models["packed"])
+    model.set_attn_implementation(_register_dropping("sliding_window", "softcap"))
+    with torch.no_grad():
+        want = torch.cat(_unbatched(eager, pairs))
+        wrong = torch.cat(_batched(model, pairs, "packed", pad=0))
+    assert (wrong - want).abs().max() > 1e-3
+    if spec.softcap:  # transformers' own SDPA path drops the softcap too: the padded mode must not use it
+        assert exact_attention(eager.config) == "eager"
+        sdpa = copy.deepcopy(models["padded"])
+        sdpa.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            dropped = torch.cat(_batched(sdpa, pairs, "padded", pad=0))
+        assert (dropped - want).abs().max() > 1e-3
+
+
+def test_every_family_builds_with_its_conventions(family_dirs) -> None:
+    from dpo_ray.models import load_tokenizer
+
+    for name, spec in FAMILIES.items():
+        tok = load_tokenizer(family_dirs[name])
+        encoded = tok("hello there").input_ids
+        assert (encoded[0] == tok.bos_token_id) == (spec.bos is not None and spec.add_bos), name
+        assert tok.eos_token == spec.eos
+        assert (tok.chat_template is not None) == (spec.chat_template is not None)
+        layer_types = getattr(load_causal_lm(family_dirs[name]).config, "layer_types", None) or []
+        if spec.windowed and layer_types:
+            assert "sliding_attention" in layer_types
+        if name.startswith("gemma"):  # alternating local and global layers
+            assert "full_attention" in layer_types
+
+
+def test_unknown_attention_arguments_are_refused(prepared) -> None:
+    """An attention argument the padding-free modes do not implement (e.g. attention sinks) is an error."""
+    from dpo_ray.packing import Block, UnsupportedAttention, segment_attention
+
+    module = prepared["llama3"][1]["packed"].model.layers[0].self_attn
+    q = torch.randn(1, 2, 4, 32)
+    k = v = torch.randn(1, 1, 4, 32)
+    blocks = (Block(0, 4),)
+    with pytest.raises(UnsupportedAttention, match="s_aux"):
+        segment_attention(module, q, k, v, None, dpo_blocks=blocks, s_aux=torch.zeros(2))
+    with pytest.raises(UnsupportedAttention, match="non-causal"):
+        segment_attention(module, q, k, v, None, dpo_blocks=blocks, is_causal=False)
+    out, _ = segment_attention(module, q, k, v, None, dpo_blocks=blocks, position_ids=None, use_cache=False)
+    assert out.shape == (1, 4, 2, 32)
+
+
+def test_unsupported_config_features_are_named() -> None:
+    from types import SimpleNamespace
+
+    from dpo_ray.packing import unsupported_features
+
+    assert unsupported_features(SimpleNamespace(sliding_window=8, attn_logit_softcapping=50.0)) == []
+    assert unsupported_features(SimpleNamespace(use_bidirectional_attention=True)) == [
+        "bidirectional attention (use_bidirectional_attention)"
+    ]
