@@ -6,17 +6,18 @@ given corpus with the family's special tokens, BOS/EOS/PAD convention, pre-token
 (the real model's template text, shortened only where it handles tools or system prompts). The saved
 directory loads in transformers and vLLM like the real model's.
 
-| family  | architecture | pre-tokenizer | BOS added | EOS | PAD | chat end of turn | attention |
-|---|---|---|---|---|---|---|---|
-| llama3  | Llama   | byte-level | `<|begin_of_text|>` | `<|end_of_text|>` | none | `<|eot_id|>` | full |
-| qwen2   | Qwen2   | byte-level | none | `<|endoftext|>` | = EOS | `<|im_end|>` | full |
-| qwen2_swa | Qwen2 (`use_sliding_window`) | byte-level | none | `<|endoftext|>` | = EOS | `<|im_end|>` | sliding layers |
-| qwen3   | Qwen3   | byte-level | none | `<|endoftext|>` | = EOS | `<|im_end|>` | full, q/k norm |
-| mistral | Mistral | Metaspace (prefix ▁) | `<s>` | `</s>` | none | `</s>` | sliding window |
-| gemma2  | Gemma-2 | SentencePiece-style (no prefix) | `<bos>` | `<eos>` | `<pad>` | `<end_of_turn>` | alternating sliding/global, attention + final logit softcapping |
-| gemma3  | Gemma-3 text | SentencePiece-style | `<bos>` | `<eos>` | `<pad>` | `<end_of_turn>` | 1 global per `sliding_window_pattern` layers |
-| phi3    | Phi-3   | Metaspace (prefix ▁) | `<s>` | `<|endoftext|>` | = EOS | `<|end|>` | sliding window |
-| gpt2    | GPT-2   | byte-level | none (BOS = EOS, not added) | `<|endoftext|>` (= BOS = UNK) | none | (no chat template) | full, learned positions |
+- llama3: Llama, byte-level BPE, adds BOS `<|begin_of_text|>`, EOS `<|end_of_text|>`, no PAD, turns end
+  with `<|eot_id|>`.
+- qwen2 / qwen3: Qwen2 / Qwen3 (q/k norm), byte-level, no BOS, PAD == EOS `<|endoftext|>`, ChatML turns
+  ending `<|im_end|>`; qwen2_swa: Qwen2 with `use_sliding_window` (sliding layers from max_window_layers).
+- mistral: Mistral, Metaspace (a ▁ in front of the text), adds `<s>`, EOS `</s>` (also the end of turn),
+  no PAD, `[INST]` template, sliding window on every layer.
+- gemma2: Gemma-2, SentencePiece-style (spaces → ▁, no prefix), adds `<bos>`, EOS `<eos>`, PAD `<pad>`,
+  turns end `<end_of_turn>`; alternating sliding/global layers, attention- and final-logit softcapping.
+- gemma3: Gemma-3 text, as gemma2 without softcapping, two sliding layers per global one.
+- phi3: Phi-3, Metaspace, adds `<s>`, PAD == EOS `<|endoftext|>`, turns end `<|end|>`, sliding window.
+- gpt2: GPT-2, byte-level, BOS == EOS == UNK `<|endoftext|>` never added, no PAD, no chat template,
+  learned absolute positions.
 
 head_dim is 32 (vLLM's CPU attention needs >= 32).
 """
@@ -39,8 +40,9 @@ _LLAMA3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 _CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 _MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
