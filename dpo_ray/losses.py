@@ -23,6 +23,8 @@ from torch import Tensor
 
 __all__ = [
     "LOSSES",
+    "InitialLoss",
+    "initial_loss",
     "LossOutput",
     "hinge_loss",
     "ipo_loss",
@@ -66,7 +68,7 @@ def robust_loss(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
 def ipo_loss(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
     """IPO (Azar et al. 2023, eq. 17): regress the log-ratio difference onto 1/(2β).
 
-    h: (B,). Returns (B,) (h − 1/(2β))². `label_smoothing` is unused (validated by the caller).
+    h: (B,). Returns (B,) (h − 1/(2β))². `label_smoothing` does not apply (pipeline.config rejects it).
     The IPO paper sums token log-probs; TRL averages them per token: choose with `average_logps`.
     """
     del label_smoothing
@@ -90,6 +92,28 @@ LOSSES: dict[str, LossFn] = {
     "ipo": ipo_loss,
     "hinge": hinge_loss,
 }
+
+
+@dataclass(frozen=True)
+class InitialLoss:
+    """A loss variant at policy == reference (h = 0): its value and |dL/dm|, the slope with respect to the
+    reward margin m = β·h (the `rewards/margins` metric). Near h = 0 a mean margin m moves the mean loss by
+    about slope·m, so a check of the loss at step 0 tolerates slope × (the margin tolerance)."""
+
+    value: float
+    slope: float
+
+
+def initial_loss(name: str, beta: float, label_smoothing: float = 0.0) -> InitialLoss:
+    """The value and margin slope of LOSSES[name] at h = 0, from the loss function itself (float64 autograd).
+
+    sigmoid: ln 2 and (1 − 2ε)/2; robust: ln 2 and 1/(2(1 − 2ε)); ipo: 1/(4β²) and 1/β²; hinge: 1 and 1.
+    """
+    _validate(name, {"h": torch.zeros(1)}, beta, label_smoothing, 0.0)
+    h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    value = LOSSES[name](h, beta, label_smoothing)
+    (grad,) = torch.autograd.grad(value.sum(), h)
+    return InitialLoss(float(value.item()), abs(float(grad.item())) / beta)
 
 
 def _validate(

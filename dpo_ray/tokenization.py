@@ -1,9 +1,19 @@
 """The one tokenization rule (ARCHITECTURE.md, "Tokenization") and raw records → tokenized pairs.
 
-A sequence is prompt_ids + completion_ids. prompt_ids carries BOS exactly once when the tokenizer adds
-one; completion_ids end with EOS exactly once. For chat data the prompt is the chat template applied to
-the prompt messages with the generation prompt, and the rendered prompt must be a token prefix of the
-rendered conversation. Truncation is explicit and reported per pair.
+A sequence is prompt_ids + completion_ids, tokenized the way the model sees it when it generates:
+- prompt_ids: the prompt tokenized alone, BOS exactly once when the tokenizer uses one. For chat data the
+  prompt is the chat template of the prompt messages with the generation prompt.
+- completion_ids: the tokens of the whole text (prompt + completion; for chat, the rendered conversation)
+  after that prefix, ending with the stop token exactly once: EOS for text; for chat the template's end of
+  turn (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, Mistral's `</s>`: what generation stops
+  on), found by rendering a probe conversation, with whatever the template puts after it (ChatML's "\n",
+  Phi-3's trailing EOS) cut off.
+- Boundary merges: where the tokenizer merges the prompt's last tokens with the completion's first (a
+  prompt ending in a space, a Metaspace "▁"), the tokenized prompt is not a prefix of the tokenized whole.
+  Then, as TRL 1.16 does, prompt_ids are the common prefix of the two (the prompt's diverging end moves
+  into the completion) and the pair is counted (`TokenizedPair.boundary_merge`, prepare's
+  `stats.boundary_merges`).
+Truncation is explicit and reported per pair.
 
 A record that cannot become a pair raises RowRejected with a stable reason code (REASONS).
 """
@@ -21,6 +31,8 @@ __all__ = [
     "PairTokenizer",
     "RowRejected",
     "TokenizedPair",
+    "common_prefix_length",
+    "end_of_turn_id",
     "pair_id",
     "record_to_pair",
     "split_of",
@@ -43,6 +55,7 @@ REASONS: dict[str, str] = {
     "no_chat_template": "chat messages, but the tokenizer has no chat template",
     "chat_prefix_mismatch": "the rendered prompt is not a token prefix of the rendered conversation",
     "text_too_long": "a text field exceeds max_text_chars characters",
+    "no_prompt_tokens": "the prompt's only tokens merge with the completion's, so no prompt token is left",
     "too_long": "over max_length / max_prompt_length under truncation: drop",
     "duplicate": "an exact duplicate (same pair_id) of a pair kept earlier",
 }
@@ -67,6 +80,7 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     truncated: dict[str, bool] = field(default_factory=dict)
+    boundary_merge: bool = False
 
 
 def pair_id(prompt: str, chosen: str, rejected: str) -> str:
@@ -106,6 +120,36 @@ def _check_messages(value: Any, column: str, max_chars: int) -> list[dict[str, s
     return out
 
 
+_PROBE = "dpo_ray_probe_text"
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token a chat template ends an assistant turn with (what generation stops on), or None without a
+    template. Found by rendering a user/assistant probe: the first special token after the assistant's text;
+    EOS when the template puts none there."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    tail = text[text.rindex(_PROBE) + len(_PROBE) :]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
+    }
+    for token in tokenizer(tail, add_special_tokens=False).input_ids:
+        if token in special:
+            return int(token)
+    return int(tokenizer.eos_token_id)
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class PairTokenizer:
     """Applies the tokenization and truncation rules with one tokenizer."""
 
@@ -128,6 +172,7 @@ class PairTokenizer:
         self.bos = int(bos) if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.truncation, self.max_text_chars = truncation, max_text_chars
+        self.end_of_turn = end_of_turn_id(tokenizer)
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False).input_ids)
@@ -139,32 +184,53 @@ class PairTokenizer:
             ids = [self.bos, *ids]
         return ids
 
-    def completion_ids(self, text: str) -> list[int]:
-        """Completion tokens ending with EOS exactly once."""
-        ids = self._ids(text)
-        while ids and ids[-1] == self.eos:
-            ids.pop()
-        return [*ids, self.eos]
+    def _ended(self, ids: list[int], stop: int, chat: bool) -> list[int]:
+        """Completion tokens ending with `stop` exactly once. Chat: cut after the last `stop` (dropping what the
+        template renders after the turn). Text, or a chat turn without it: trailing EOS/stop tokens dropped,
+        then `stop` appended."""
+        if chat and stop in ids:
+            ids = ids[: len(ids) - ids[::-1].index(stop)]
+            while len(ids) >= 2 and ids[-2] == stop:
+                ids = ids[:-1]
+            return ids
+        while ids and ids[-1] in (self.eos, stop):
+            ids = ids[:-1]
+        return [*ids, stop]
 
-    def render_chat(self, prompt_msgs: list[dict[str, str]], completion_msgs: list[dict[str, str]]) -> tuple:
-        """(prompt_text, completion_text, prompt_ids, completion_ids) of a conversation, checked for prefix."""
-        if not getattr(self.tok, "chat_template", None):
+    def split(
+        self, prompt_ids: list[int], wholes: list[list[int]], stop: int, chat: bool
+    ) -> tuple[list[int], list[list[int]], bool]:
+        """The one rule on token ids: prompt alone and prompt + each completion → (prompt_ids, completion_ids
+        per completion, boundary_merge). See the module docstring."""
+        n = min(common_prefix_length(prompt_ids, w) for w in wholes)
+        if n == 0:
+            raise RowRejected("no_prompt_tokens", "the prompt's first token merges with the completion")
+        completions = [self._ended(list(w[n:]), stop, chat) for w in wholes]
+        return list(prompt_ids[:n]), completions, n < len(prompt_ids)
+
+    def text_ids(self, prompt: str, completions: list[str]) -> tuple[list[int], list[list[int]], bool]:
+        """Text data: prompt_ids, completion_ids of each completion (ending with EOS once), boundary_merge."""
+        wholes = [self.prompt_ids(prompt + c) for c in completions]
+        return self.split(self.prompt_ids(prompt), wholes, self.eos, chat=False)
+
+    def render_chat(
+        self, prompt_msgs: list[dict[str, str]], completions: list[list[dict[str, str]]]
+    ) -> tuple[str, list[str], list[int], list[list[int]], bool]:
+        """Chat data: (prompt_text, completion texts, prompt_ids, completion_ids each, boundary_merge)."""
+        if not getattr(self.tok, "chat_template", None) or self.end_of_turn is None:
             raise RowRejected("no_chat_template", "the record holds messages but the tokenizer has no chat template")
         prompt_text = self.tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-        full_text = self.tok.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
-        if not full_text.startswith(prompt_text):
-            raise RowRejected("chat_prefix_mismatch", "rendered prompt is not a text prefix of the conversation")
-        prompt_ids = self.prompt_ids(prompt_text)
-        full_ids = self.prompt_ids(full_text)
-        if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
-            raise RowRejected(
-                "chat_prefix_mismatch",
-                f"rendered prompt ({len(prompt_ids)} tokens) is not a token prefix of the conversation",
-            )
-        completion = full_ids[len(prompt_ids) :]
-        while completion and completion[-1] == self.eos:
-            completion.pop()
-        return prompt_text, full_text[len(prompt_text) :], prompt_ids, [*completion, self.eos]
+        texts = []
+        for msgs in completions:
+            full_text = self.tok.apply_chat_template(prompt_msgs + msgs, tokenize=False)
+            if not full_text.startswith(prompt_text):
+                raise RowRejected("chat_prefix_mismatch", "rendered prompt is not a text prefix of the conversation")
+            texts.append(full_text[len(prompt_text) :])
+        wholes = [self.prompt_ids(prompt_text + t) for t in texts]
+        prompt_ids, completion_ids, merged = self.split(
+            self.prompt_ids(prompt_text), wholes, self.end_of_turn, chat=True
+        )
+        return prompt_text, texts, prompt_ids, completion_ids, merged
 
     def _truncate(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> tuple:
         truncated = {"prompt": False, "chosen": False, "rejected": False}
@@ -200,6 +266,7 @@ class PairTokenizer:
         chosen: str,
         rejected: str,
         ids: tuple[list[int], list[int], list[int]] | None = None,
+        boundary_merge: bool = False,
     ) -> TokenizedPair:
         """Checks and tokenizes (or takes the given `ids` of) a text pair, then truncates."""
         if not prompt.strip():
@@ -210,9 +277,10 @@ class PairTokenizer:
         if chosen == rejected:
             raise RowRejected("identical_completions", "chosen and rejected are the same text")
         if ids is None:
-            ids = (self.prompt_ids(prompt), self.completion_ids(chosen), self.completion_ids(rejected))
+            prompt_ids, (chosen_ids, rejected_ids), boundary_merge = self.text_ids(prompt, [chosen, rejected])
+            ids = (prompt_ids, chosen_ids, rejected_ids)
         p, c, r, truncated = self._truncate(*ids)
-        return TokenizedPair(prompt, chosen, rejected, p, c, r, truncated)
+        return TokenizedPair(prompt, chosen, rejected, p, c, r, truncated, boundary_merge)
 
 
 def _implicit_prompt(chosen: str, rejected: str, marker: str) -> str:
@@ -278,6 +346,7 @@ def record_to_pair(
             raise RowRejected("empty_completion", f"{name} has no content")
     if not "".join(m["content"] for m in prompt_msgs).strip():
         raise RowRejected("empty_prompt", "the prompt messages have no content")
-    prompt_text, chosen_text, p_ids, c_ids = pt.render_chat(prompt_msgs, chosen_msgs)
-    _, rejected_text, _, r_ids = pt.render_chat(prompt_msgs, rejected_msgs)
-    return pt.pair(prompt_text, chosen_text, rejected_text, ids=(p_ids, c_ids, r_ids))
+    prompt_text, (chosen_text, rejected_text), p_ids, (c_ids, r_ids), merged = pt.render_chat(
+        prompt_msgs, [chosen_msgs, rejected_msgs]
+    )
+    return pt.pair(prompt_text, chosen_text, rejected_text, ids=(p_ids, c_ids, r_ids), boundary_merge=merged)

@@ -22,7 +22,6 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dpo_ray.batching import PairTokens, collate_padded, plan_micro_batches, policy_logps
+from dpo_ray.batching import PairLogps, PairTokens, collate_padded, plan_micro_batches, policy_logps
 from dpo_ray.logps import DEFAULT_CHUNK_TOKENS
 from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
 from dpo_ray.losses import preference_loss
@@ -125,17 +124,22 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[Tensor, Tensor]:
-    """Summed loss of the batch's pairs (graph attached) and its metric sums."""
+def _micro_batch_logps(model: Any, batch: StepBatch, s: TrainSettings) -> PairLogps:
+    """Summed completion log-probs of the batch's pairs, in the configured batching mode."""
     device = _device(model)
     autocast = torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else contextlib.nullcontext()
     backends = [*SDPA_BACKENDS, SDPBackend.CUDNN_ATTENTION] if s.cudnn_attention else SDPA_BACKENDS
     with autocast, sdpa_kernel(backends):
         if s.batching == "padded":
-            lp = policy_logps(model, collate_padded(batch.pairs, s.pad_token_id).to(device), s.chunk_tokens)
-        else:
-            collate = collate_packed if s.batching == "packed" else collate_prefix_shared
-            lp = segment_logps(model, collate(batch.pairs).to(device), s.chunk_tokens)
+            return policy_logps(model, collate_padded(batch.pairs, s.pad_token_id).to(device), s.chunk_tokens)
+        collate = collate_packed if s.batching == "packed" else collate_prefix_shared
+        return segment_logps(model, collate(batch.pairs).to(device), s.chunk_tokens)
+
+
+def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[Tensor, Tensor]:
+    """Summed loss of the batch's pairs (graph attached) and its metric sums."""
+    device = _device(model)
+    lp = _micro_batch_logps(model, batch, s)
     out = preference_loss(
         s.loss,
         lp.chosen,
@@ -283,13 +287,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def global_batches(it: Any, batch_size: int, skip: int = 0) -> Iterator[dict[str, Any]]:
-    """Global batches of exactly batch_size pairs from a Ray DataIterator, skipping the first `skip`."""
-    for i, batch in enumerate(it.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True)):
-        if i >= skip:
-            yield batch
-
-
 def save_json(path: str, data: Any) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -301,10 +298,24 @@ def temp_dir() -> str:
     return tempfile.mkdtemp(prefix="dpo-ray-")
 
 
-def worker_slice(columns: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
-    """This rank's contiguous share of a global batch (pairs are never split; ranks get equal counts)."""
-    per = len(columns["prompt_ids"]) // world_size
-    return {k: v[rank * per : (rank + 1) * per] for k, v in columns.items()}
+def worker_slice(columns: dict[str, Any], rows: np.ndarray, rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's contiguous share of the global batch `rows` (pairs are never split; equal counts)."""
+    per = len(rows) // world_size
+    mine = rows[rank * per : (rank + 1) * per]
+    return {k: v[mine] for k, v in columns.items()}
+
+
+ERROR_FILE = "error.json"
+
+
+def write_error(output: str, message: str) -> None:
+    """Record why the run stopped on purpose (read by pipeline.train, which reports it as a user error)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{ERROR_FILE}", "w") as f:
+        json.dump({"error": message}, f)
 
 
 @dataclass(frozen=True)
@@ -328,7 +339,9 @@ class LoopConfig:
     gradient_checkpointing: bool
     output: str
     export: str
-    expected_initial_loss: float | None
+    scored_files: tuple[str, ...]
+    initial_loss: float | None  # expected step-0 loss when the policy starts from the reference (None: unknown)
+    initial_slope: float  # |d loss / d margin| at h = 0 (dpo_ray.losses.initial_loss)
     check_initial_margin: bool
     initial_tolerance: float
     fault_injection: str | None = None
@@ -408,18 +421,67 @@ def _write_metrics(output: str, history: list[dict[str, Any]]) -> None:
         f.write("".join(json.dumps(h) + "\n" for h in history))
 
 
-def _check_initial(metrics: dict[str, float], expected_loss: float | None, tolerance: float) -> None:
-    """Policy == reference at step 0: margins must be 0 and (sigmoid family, no NLL term) the loss ln 2."""
+def _check_initial(metrics: dict[str, float], cfg: LoopConfig) -> str | None:
+    """Policy == reference at step 0: margins must be 0 and the loss its value at h = 0, each within the
+    tolerance (the loss's scaled by its slope, so IPO with a small β or a bf16 run is not stopped).
+    Returns what failed, or None."""
+    tol = cfg.initial_tolerance
     loss, margin = metrics["loss"], metrics["rewards/margins"]
-    bad_loss = expected_loss is not None and abs(loss - expected_loss) > tolerance
-    if bad_loss or abs(margin) > tolerance:
-        want = f"loss {expected_loss:.6f} and " if expected_loss is not None else ""
-        raise RuntimeError(
-            f"step 0 sanity check failed: the policy starts from the reference weights, so {want}margins 0 are "
-            f"expected (±{tolerance:g}); found loss {loss:.6f}, margins {margin:.6f}. The reference log-probs do "
-            "not match this model's: check tokenization and the scored artifact's model, or (bf16) raise "
-            "train.initial_check_tolerance."
-        )
+    loss_tol = tol + cfg.initial_slope * tol
+    bad_loss = cfg.initial_loss is not None and abs(loss - cfg.initial_loss) > loss_tol
+    if not bad_loss and abs(margin) <= tol:
+        return None
+    want = f"loss {cfg.initial_loss:.6f} (±{loss_tol:g}) and " if cfg.initial_loss is not None else ""
+    return (
+        f"step 0 check failed: the policy starts from the reference weights, so {want}margins 0 (±{tol:g}) are "
+        f"expected; found loss {loss:.6f}, margins {margin:.6f}. The stored reference log-probs do not match this "
+        "model's forward. Likely causes: the scored artifact was made with another model or tokenizer "
+        "(reference.model vs train.model), the reference backend computes the model differently (e.g. vLLM "
+        "without the model's sliding window or softcapping: see the reference stage's parity numbers), or, "
+        "in bf16, a tolerance too tight (train.initial_check_tolerance)."
+    )
+
+
+def batching_mismatch(
+    model: Any, pairs: list[PairTokens], settings: TrainSettings, tolerance: float = 1e-3
+) -> str | None:
+    """The train forward in `settings.batching` against unbatched forwards with eager attention, on `pairs`.
+
+    Run before training, in float32 without autocast: any model feature the batching mode gets wrong (a
+    sliding window it ignores, a softcap, an attention variant nobody listed) shows up as a difference.
+    Returns a message naming the largest difference (nats per sequence), or None when within `tolerance`.
+    """
+    from dpo_ray.logps import token_logps
+
+    implementation = model.config._attn_implementation
+    s = dataclasses.replace(settings, autocast_dtype=None)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            zero = torch.zeros(len(pairs), dtype=torch.float64)
+            batched = _micro_batch_logps(model, StepBatch(pairs, zero, zero), s)
+            model.set_attn_implementation("eager")
+            want = []
+            for side in (0, 1):
+                for p in pairs:
+                    completion = p.chosen_ids if side == 0 else p.rejected_ids
+                    ids = torch.tensor([[*p.prompt_ids, *completion]], device=device)
+                    lp = token_logps(model(input_ids=ids, use_cache=False).logits, ids)[0, len(p.prompt_ids) :]
+                    want.append(float(lp.sum()))
+    finally:
+        model.set_attn_implementation(implementation)
+        model.train(was_training)
+    got = torch.cat([batched.chosen, batched.rejected]).double().cpu()
+    worst = float((got - torch.tensor(want, dtype=torch.float64)).abs().max())
+    if worst <= tolerance:
+        return None
+    return (
+        f"batching {settings.batching!r} is not exact for this model ({model.config.model_type}): completion "
+        f"log-probs differ from unbatched eager forwards by up to {worst:.4g} nats (tolerance {tolerance:g}) on "
+        f"{len(pairs)} of the longest train pairs. Use train.batching: padded (or auto)."
+    )
 
 
 def _maybe_fail(spec: str | None, step: int, rank: int, output: str) -> None:
@@ -438,15 +500,25 @@ def _maybe_fail(spec: str | None, step: int, rank: int, output: str) -> None:
         os._exit(1)
 
 
-def _evaluate(model: Any, it: Any, cfg: LoopConfig, rank: int, world: int) -> dict[str, float]:
+def _evaluate(model: Any, columns: dict[str, Any], cfg: LoopConfig, rank: int, world: int) -> dict[str, float]:
     sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
-    for columns in it.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-        n = len(columns["prompt_ids"])
-        mine = {k: v[rank::world] for k, v in columns.items()} if n >= world else (columns if rank == 0 else None)
+    n_rows = len(columns["prompt_ids"])
+    for start in range(0, n_rows, cfg.batch_size):
+        rows = np.arange(start, min(start + cfg.batch_size, n_rows))
+        mine = rows[rank::world] if len(rows) >= world else (rows if rank == 0 else rows[:0])
         # Every rank calls eval_sums for every batch, with its pairs or none (see _aligned).
-        empty = StepBatch([], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
-        sums += eval_sums(model, StepBatch.from_columns(mine) if mine is not None else empty, cfg.settings)
+        sums += eval_sums(model, StepBatch.from_columns({k: v[mine] for k, v in columns.items()}), cfg.settings)
     return metric_means(_all_reduce(sums.to(_device(model))).cpu(), prefix="eval/")
+
+
+def _check_pairs(columns: dict[str, Any], k: int = 3) -> list[PairTokens]:
+    """The k pairs with the longest sequences (past any sliding window the data reaches), by base order."""
+    longest = [
+        max(len(c), len(r)) + len(p)
+        for p, c, r in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], strict=True)
+    ]
+    picked = sorted(np.argsort(-np.asarray(longest), kind="stable")[:k])
+    return StepBatch.from_columns({key: v[picked] for key, v in columns.items()}).pairs
 
 
 def _export(model: Any, cfg: LoopConfig, rank: int) -> None:
@@ -476,28 +548,38 @@ def _export(model: Any, cfg: LoopConfig, rank: int) -> None:
 
 
 def worker_loop(config: dict[str, Any]) -> None:
-    """Ray Train per-worker function: config = {"loop": LoopConfig}."""
-    import ray.data
+    """Ray Train per-worker function: config = {"loop": LoopConfig}.
+
+    A check that fails (the batching mode against unbatched forwards before training, or step 0) makes
+    every rank return early with the reason in <output>/error.json: a retry would fail the same way.
+    """
     import ray.train
 
-    from dpo_ray.models import load_causal_lm
+    from dpo_ray.models import disable_dropout, load_causal_lm
+    from dpo_ray.order import epoch_batches, read_split
 
     cfg: LoopConfig = config["loop"]
-    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0's step lines are the progress
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = torch.cuda.is_available()
     cfg = dataclasses.replace(cfg, settings=resolve_batching(cfg.settings, use_gpu))
     seed_everything(cfg.seed)
-    model = load_causal_lm(cfg.model, "float32", cfg.trust_remote_code)
+    train_rows = read_split(cfg.scored_files, "train")
+    eval_rows = read_split(cfg.scored_files, "eval") if cfg.eval_every else None
+    model = disable_dropout(load_causal_lm(cfg.model, "float32", cfg.trust_remote_code))
     if cfg.settings.batching != "padded":
         enable_segment_attention(model)
+    if use_gpu:
+        model = model.cuda()
+    problem = batching_mismatch(model, _check_pairs(train_rows), cfg.settings)
+    if problem is not None:
+        if rank == 0:
+            write_error(cfg.output, problem)
+        return
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
-    if use_gpu:
-        model = model.cuda()
     model = _wrap(model, cfg.parallelism, world, use_gpu)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.total_steps, cfg.schedule)
@@ -509,24 +591,27 @@ def worker_loop(config: dict[str, Any]) -> None:
         state.resumed_from = state.step
         if rank == 0:
             logger.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
-    train_it = ray.train.get_dataset_shard("train")
-    eval_it = ray.train.get_dataset_shard("eval")
     started = time.perf_counter()
     while state.step < cfg.total_steps:
-        for columns in global_batches(train_it, cfg.batch_size, skip=state.batch_in_epoch):
-            batch = StepBatch.from_columns(worker_slice(columns, rank, world))
+        batches = epoch_batches(len(train_rows["pair_id"]), cfg.batch_size, cfg.seed, state.epoch)
+        for rows in batches[state.batch_in_epoch :]:
+            batch = StepBatch.from_columns(worker_slice(train_rows, rows, rank, world))
             metrics = train_step(model, optimizer, scheduler, batch, cfg.settings, cfg.batch_size, world)
             state.step += 1
             state.batch_in_epoch += 1
             if state.step == 1 and cfg.check_initial_margin and checkpoint is None:
-                _check_initial(metrics, cfg.expected_initial_loss, cfg.initial_tolerance)
+                problem = _check_initial(metrics, cfg)
+                if problem is not None:
+                    if rank == 0:
+                        write_error(cfg.output, problem)
+                    return
             _maybe_fail(cfg.fault_injection, state.step, rank, cfg.output)
             metrics.update(step=state.step, epoch=state.epoch)
             if state.resumed_from is not None:
                 metrics["resumed_from_step"] = state.resumed_from
             last = state.step >= cfg.total_steps
-            if cfg.eval_every and (state.step % cfg.eval_every == 0 or last):
-                metrics.update(_evaluate(model, eval_it, cfg, rank, world))
+            if cfg.eval_every and eval_rows is not None and (state.step % cfg.eval_every == 0 or last):
+                metrics.update(_evaluate(model, eval_rows, cfg, rank, world))
             if state.step % cfg.log_every == 0 or last or "eval/loss" in metrics:
                 state.history.append(metrics)
                 if rank == 0:

@@ -26,7 +26,15 @@ STAGES = {
 }
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
-_USER_ERRORS = ("ConfigError", "InputError", "PrepareError", "ArtifactError", "ParityError", "RewardError")
+_USER_ERRORS = (
+    "ConfigError",
+    "InputError",
+    "PrepareError",
+    "ArtifactError",
+    "ParityError",
+    "RewardError",
+    "TrainCheckError",
+)
 
 
 def _stage_config(cfg: PipelineConfig, section: str) -> Any:

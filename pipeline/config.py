@@ -243,6 +243,8 @@ class TrainConfig(StrictModel):
     def _divisible(self) -> TrainConfig:
         if self.batch_size % max(1, self.num_workers):
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise ValueError(f"label_smoothing applies to the sigmoid and robust losses only, not {self.loss!r}")
         return self
 
 

@@ -39,7 +39,7 @@ UNIFIED_SCHEMA = pa.schema(
         ("detail", pa.string()),
         ("record", pa.string()),
     ]
-    + [(name, pa.bool_()) for name in _TRUNC]
+    + [(name, pa.bool_()) for name in (*_TRUNC, "boundary_merge")]
 )
 
 
@@ -82,6 +82,7 @@ class Tokenize:
                     trunc_prompt=p.truncated["prompt"],
                     trunc_chosen=p.truncated["chosen"],
                     trunc_rejected=p.truncated["rejected"],
+                    boundary_merge=p.boundary_merge,
                 )
                 return out
             except RowRejected as e:
@@ -139,7 +140,7 @@ def _pair_stats(pairs_full: Any) -> dict[str, Any]:
                 "chosen": pc.list_value_length(t["chosen_ids"]),
                 "rejected": pc.list_value_length(t["rejected_ids"]),
                 "eval": pc.equal(t["split"], "eval"),
-                **{name: t[name] for name in _TRUNC},
+                **{name: t[name] for name in (*_TRUNC, "boundary_merge")},
             }
         )
 
@@ -154,6 +155,8 @@ def _pair_stats(pairs_full: Any) -> dict[str, Any]:
     return {
         "tokens": {k: _percentiles(cols.get(k, empty)) for k in ("prompt", "chosen", "rejected")},
         "truncated": {k.removeprefix("trunc_"): int(cols.get(k, empty).sum()) for k in _TRUNC},
+        # Pairs whose prompt merged with the completion at the boundary (dpo_ray.tokenization's fallback rule).
+        "boundary_merges": int(cols.get("boundary_merge", empty).sum()),
         "splits": {"train": n - n_eval, "eval": n_eval},
     }
 
@@ -173,7 +176,8 @@ def _summary(manifest: Manifest, rows_in: int, output: str) -> str:
         f"(train {s['splits']['train']}, eval {s['splits']['eval']}), {s['rows_rejected']} rejected",
         f"  output: {output}",
         "  tokens p50/p95/max: " + ", ".join(f"{k} {v['p50']}/{v['p95']}/{v['max']}" for k, v in tok.items()),
-        "  truncated: " + ", ".join(f"{k} {v}" for k, v in s["truncated"].items()),
+        "  truncated: " + ", ".join(f"{k} {v}" for k, v in s["truncated"].items())
+        + f"; boundary merges {s.get('boundary_merges', 0)}",
     ]
     if s["rejects"]:
         lines.append(

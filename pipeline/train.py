@@ -11,31 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from dpo_ray import artifacts
 from dpo_ray.artifacts import ArtifactError, Manifest
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 from pipeline.runtime import ensure_ray, matching_tokenizer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["run"]
 
-_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp", "split"]
 _RUN_FILE = "dpo_ray_run.json"
-
-
-def _split(name: str) -> Any:
-    def fn(t: pa.Table) -> pa.Table:
-        return t.filter(pc.equal(t["split"], name)).drop_columns(["split"])
-
-    return fn
 
 
 def _storage(cfg: TrainConfig) -> str:
@@ -62,21 +50,22 @@ def _claim_run_name(cfg: TrainConfig, config: dict[str, Any], upstream: dict[str
         json.dump(state, f)
 
 
-def _expected_initial_loss(cfg: TrainConfig) -> float | None:
-    # At h = 0: sigmoid, cDPO and rDPO all give ln 2; IPO gives 1/(4β²), hinge 1; an NLL term adds to it.
-    if cfg.sft_weight > 0:
-        return None
-    return {"sigmoid": math.log(2), "robust": math.log(2), "ipo": 1 / (4 * cfg.beta**2), "hinge": 1.0}[cfg.loss]
+class TrainCheckError(RuntimeError):
+    """A check before or at the first step refused the run (a user error: the message says why)."""
 
 
-def _loop_config(cfg: TrainConfig, total_steps: int, starts_from_reference: bool, has_eval: bool) -> Any:
+def _loop_config(
+    cfg: TrainConfig, total_steps: int, starts_from_reference: bool, has_eval: bool, files: list[str]
+) -> Any:
     import torch
 
     from dpo_ray.lora import LoraSettings
+    from dpo_ray.losses import initial_loss
     from dpo_ray.models import load_tokenizer
     from dpo_ray.train_loop import LoopConfig, TrainSettings
 
     lora_targets = tuple(cfg.lora.target_modules) if cfg.lora is not None else ()
+    initial = initial_loss(cfg.loss, cfg.beta, cfg.label_smoothing)
 
     bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and cfg.use_gpu)
     settings = TrainSettings(
@@ -109,7 +98,10 @@ def _loop_config(cfg: TrainConfig, total_steps: int, starts_from_reference: bool
         gradient_checkpointing=cfg.gradient_checkpointing,
         output=cfg.output,
         export=cfg.export,
-        expected_initial_loss=_expected_initial_loss(cfg),
+        scored_files=tuple(files),
+        # With an NLL term the step-0 loss depends on the model's log-probs: only the margins are checked.
+        initial_loss=None if cfg.sft_weight > 0 else initial.value,
+        initial_slope=initial.slope,
         check_initial_margin=starts_from_reference,
         initial_tolerance=cfg.initial_check_tolerance,
         fault_injection=cfg.fault_injection,
@@ -118,14 +110,57 @@ def _loop_config(cfg: TrainConfig, total_steps: int, starts_from_reference: bool
     )
 
 
+def _batching(cfg: TrainConfig) -> str:
+    """The configured batching mode, refused before any work when the model has a feature that the padding-free
+    modes cannot compute exactly; `auto` then means padded (on a GPU packed, on a CPU prefix_shared otherwise)."""
+    from transformers import AutoConfig
+
+    from dpo_ray.models import resolve_model_dir
+    from dpo_ray.packing import unsupported_features
+
+    config = AutoConfig.from_pretrained(str(resolve_model_dir(cfg.model)), trust_remote_code=cfg.trust_remote_code)
+    features = unsupported_features(config)
+    if not features:
+        return cfg.batching
+    if cfg.batching == "auto":
+        return "padded"
+    if cfg.batching != "padded":
+        raise ConfigError(
+            f"train.batching {cfg.batching!r} cannot apply {config.model_type} {', '.join(features)}; "
+            "use 'padded' or 'auto'"
+        )
+    return "padded"
+
+
+def _clear_error(output: str) -> None:
+    import fsspec
+
+    from dpo_ray.train_loop import ERROR_FILE
+
+    fs, path = fsspec.core.url_to_fs(output)
+    if fs.exists(f"{path}/{ERROR_FILE}"):
+        fs.rm(f"{path}/{ERROR_FILE}")
+
+
+def _raise_recorded_error(output: str) -> None:
+    """The workers stopped on a failed check: report it as a user error (exit 2, no traceback)."""
+    import fsspec
+
+    from dpo_ray.train_loop import ERROR_FILE
+
+    fs, path = fsspec.core.url_to_fs(output)
+    if fs.exists(f"{path}/{ERROR_FILE}"):
+        with fs.open(f"{path}/{ERROR_FILE}", "r") as f:
+            raise TrainCheckError(f"train stopped: {json.load(f)['error']}")
+
+
 def run(cfg: TrainConfig) -> Manifest:
     """Train; skipped when the export is complete for this config and scored artifact."""
-    import ray
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dpo_ray.models import model_fingerprint, resolve_model_dir
+    from dpo_ray.order import split_counts
     from dpo_ray.train_loop import worker_loop
 
     scored = artifacts.require_complete(cfg.scored, "scored")
@@ -138,22 +173,24 @@ def run(cfg: TrainConfig) -> Manifest:
     tok_fp = matching_tokenizer(cfg.model, scored, cfg.scored, cfg.trust_remote_code)
     starts_from_reference = model_fingerprint(resolve_model_dir(cfg.model)) == scored.fingerprints.get("model")
     _claim_run_name(cfg, config, upstream)
-    ensure_ray()
     files = [artifacts.join(cfg.scored, s.file) for s in scored.shards]
-    ds = ray.data.read_parquet(files, columns=_COLUMNS)
-    train_ds = ds.map_batches(_split("train"), batch_format="pyarrow").materialize()
-    eval_ds = ds.map_batches(_split("eval"), batch_format="pyarrow").materialize()
-    n_train, n_eval = train_ds.count(), eval_ds.count()
+    counts = split_counts(files)
+    n_train, n_eval = counts.get("train", 0), counts.get("eval", 0)
     steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch == 0:
         raise ArtifactError(f"{cfg.scored} has {n_train} train pairs, fewer than train.batch_size {cfg.batch_size}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    batching = _batching(cfg)
     print(
         f"train: {n_train} train / {n_eval} eval pairs, {total_steps} steps of {cfg.batch_size} pairs on "
-        f"{max(1, cfg.num_workers)} worker(s); policy {'==' if starts_from_reference else '!='} reference",
+        f"{max(1, cfg.num_workers)} worker(s), batching {batching}; "
+        f"policy {'==' if starts_from_reference else '!='} reference",
         flush=True,
     )
-    loop = _loop_config(cfg, total_steps, starts_from_reference, n_eval > 0)
+    ensure_ray()
+    loop = _loop_config(cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference,
+                        n_eval > 0, files)
+    _clear_error(cfg.output)
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"loop": loop},
@@ -171,11 +208,9 @@ def run(cfg: TrainConfig) -> Manifest:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             logging_config=LoggingConfig(log_level="WARNING"),  # per-report lines; our rank-0 log is the progress
         ),
-        datasets={"train": train_ds, "eval": eval_ds},
-        # Not split: each worker reads the same ordered stream and keeps its slice of every global batch.
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
+    _raise_recorded_error(cfg.output)
     export_dir = resolve_model_dir(cfg.export)
     fingerprints = {"model": model_fingerprint(export_dir), "tokenizer": tok_fp}
     stats = {

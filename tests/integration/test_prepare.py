@@ -237,3 +237,28 @@ def test_rerun_is_noop_and_killed_run_reruns_to_same_artifact(tiny_model_dir, tm
     # A changed input invalidates the artifact.
     path.write_text("\n".join(json.dumps(r) for r in _explicit("resume", 301)))
     assert run(_cfg(tiny_model_dir, [path], out, eval_fraction=0.2)).rows == 301
+
+
+def test_boundary_merges_are_counted_in_the_manifest(tiny_model_dir, tmp_path):
+    """Prompts ending in a space merge with the completion's first token (byte-level BPE: " I"): those pairs
+    are kept, follow the common-prefix rule, and are counted in stats.boundary_merges."""
+    from dpo_ray.models import load_tokenizer
+
+    rows = [
+        {
+            "prompt": f"Human: tell me about film {i} \n\nAssistant: "
+            if i % 3 == 0
+            else f"Human: film {i}?\n\nAssistant:",
+            "chosen": " I think it was great." if i % 3 else "I think it was great.",
+            "rejected": f" No. {i}",
+        }
+        for i in range(30)
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    m = run(_cfg(tiny_model_dir, [path], tmp_path / "out"))
+    assert m.rows == 30 and m.stats["boundary_merges"] == 10
+    tok = load_tokenizer(tiny_model_dir)
+    for r in read_artifact(tmp_path / "out").to_pylist():
+        whole = tok(r["prompt"] + r["chosen"]).input_ids
+        assert [*r["prompt_ids"], *r["chosen_ids"][:-1]] == whole

@@ -27,8 +27,10 @@ def _pairs(vocab: int, long: bool, seed: int) -> list[PairTokens]:
     """Short: every sequence within the window. Long: prompts and completions past it."""
     rng = random.Random(seed)
     lo, hi = (1, 3) if not long else (9, 22)
+
     def ids(n: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(n)]
+
     return [PairTokens(ids(rng.randint(lo, hi)), ids(rng.randint(1, hi)), ids(rng.randint(1, hi))) for _ in range(4)]
 
 
@@ -191,3 +193,39 @@ def test_unsupported_config_features_are_named() -> None:
     assert unsupported_features(SimpleNamespace(use_bidirectional_attention=True)) == [
         "bidirectional attention (use_bidirectional_attention)"
     ]
+
+
+@pytest.mark.parametrize("mode", ["packed", "prefix_shared"])
+def test_the_pre_training_check_catches_a_mode_that_ignores_the_window(prepared, mode: str) -> None:
+    """train_loop.batching_mismatch compares the train forward with unbatched eager forwards before any step:
+    silent for the real attention, a named refusal for one that drops the sliding window (the old bug)."""
+    from dpo_ray.train_loop import TrainSettings, batching_mismatch
+
+    eager, models = prepared["mistral"]
+    pairs = _pairs(eager.config.vocab_size, long=True, seed=3)
+    settings = TrainSettings(batching=mode)
+    assert batching_mismatch(models[mode], pairs, settings) is None
+    broken = copy.deepcopy(models[mode])
+    broken.set_attn_implementation(_register_dropping("sliding_window"))
+    message = batching_mismatch(broken, pairs, settings)
+    assert message is not None and f"batching {mode!r} is not exact" in message and "padded" in message
+    assert broken.config._attn_implementation.startswith("dpo_test_drop")  # restored after the eager pass
+
+
+def test_train_refuses_a_known_unsupported_feature_before_any_work(family_dirs, tmp_path) -> None:
+    """A config feature the padding-free modes cannot reproduce: an explicit mode is refused naming it,
+    auto falls back to padded."""
+    import json
+    import shutil
+
+    from pipeline.config import ConfigError, TrainConfig
+    from pipeline.train import _batching
+
+    model = tmp_path / "gemma3-bidirectional"
+    shutil.copytree(family_dirs["gemma3"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "use_bidirectional_attention": True}))
+    with pytest.raises(ConfigError, match="batching 'packed' cannot apply gemma3_text bidirectional attention"):
+        _batching(TrainConfig(model=str(model), batching="packed"))
+    assert _batching(TrainConfig(model=str(model), batching="auto")) == "padded"
+    assert _batching(TrainConfig(model=str(family_dirs["gemma2"]), batching="auto")) == "auto"

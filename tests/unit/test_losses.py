@@ -125,3 +125,22 @@ def test_mismatched_shapes_and_unknown_variant():
         preference_loss("sigmoid", t[0].reshape(4, 4), *[x.reshape(4, 4) for x in t[1:]], beta=0.1)
     with pytest.raises(ValueError, match="unknown variant"):
         preference_loss("kto", *t, beta=0.1)
+
+
+def test_initial_loss_and_slope_match_hand_derivations():
+    """At h = 0: sigmoid ln 2, slope (1 − 2ε)/2 per unit of margin β·h; robust ln 2, 1/(2(1 − 2ε));
+    IPO 1/(4β²), 1/β²; hinge 1, 1."""
+    from dpo_ray.losses import initial_loss
+
+    beta, eps = 0.2, 0.1
+    cases = {
+        ("sigmoid", 0.0): (math.log(2), 0.5),
+        ("sigmoid", eps): (math.log(2), (1 - 2 * eps) / 2),
+        ("robust", eps): (math.log(2), 1 / (2 * (1 - 2 * eps))),
+        ("ipo", 0.0): (1 / (4 * beta**2), 1 / beta**2),
+        ("hinge", 0.0): (1.0, 1.0),
+    }
+    for (name, ls), (value, slope) in cases.items():
+        got = initial_loss(name, beta, ls)
+        assert math.isclose(got.value, value, rel_tol=1e-12), name
+        assert math.isclose(got.slope, slope, rel_tol=1e-12), name

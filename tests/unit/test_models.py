@@ -81,3 +81,14 @@ def test_resolve_copies_uri_to_cache(tiny_model_dir: Path, tmp_path: Path):
         fs.pipe(f"/model/{f.name}", f.read_bytes())
     cached = resolve_model_dir("memory://model", cache_dir=tmp_path / "cache")
     assert model_fingerprint(cached) == model_fingerprint(tiny_model_dir)
+
+
+def test_a_chat_template_change_changes_the_tokenizer_fingerprint(family_dirs):
+    """A re-templated tokenizer is a different tokenizer for every stage."""
+    from dpo_ray.models import load_tokenizer, tokenizer_fingerprint
+
+    tok = load_tokenizer(family_dirs["qwen2"])
+    before = tokenizer_fingerprint(tok)
+    tok.chat_template = tok.chat_template.replace("<|im_end|>", "<|im_end|><|im_end|>", 1)
+    assert tokenizer_fingerprint(tok) != before
+    assert tokenizer_fingerprint(load_tokenizer(family_dirs["qwen2"])) == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from dpo_ray.models import load_tokenizer
@@ -170,3 +172,103 @@ def test_pair_id_and_split_are_deterministic():
     frac = sum(split_of(i, 0.1) == "eval" for i in ids) / len(ids)
     assert 0.08 < frac < 0.12
     assert all(split_of(i, 0.0) == "train" for i in ids)
+
+
+# ---- the rule across model families (dpo_ray.families) --------------------------------------------------------
+
+_FAMILY_TEXT_ROWS = [
+    ("Human: what is a good movie?\n\nAssistant:", " I liked the plot a lot.", " The story was boring."),
+    ("Human: say something nice \n\nAssistant: ", "I think you are great.", "No."),  # prompt ends in a space
+    ("The film was", " great", " terrible fun and not quite good"),
+]
+
+
+def _family_tokenizer(family_dirs, name: str):
+    from dpo_ray.models import load_tokenizer
+    from dpo_ray.tokenization import PairTokenizer
+
+    tok = load_tokenizer(family_dirs[name])
+    return tok, PairTokenizer(tok, max_length=4096, max_prompt_length=2048)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"])
+def test_chat_completions_end_with_the_templates_end_of_turn_exactly_once(family_dirs, family):
+    """400 conversations: every completion ends with the family's end-of-turn token once and nothing after it
+    (ChatML's "\\n" and Phi-3's trailing EOS are cut), BOS appears once where the family uses one, and prompt +
+    completion is the rendered conversation's tokens up to that end of turn."""
+    from dpo_ray.families import FAMILIES
+    from dpo_ray.tokenization import record_to_pair
+
+    spec = FAMILIES[family]
+    tok, pt = _family_tokenizer(family_dirs, family)
+    stop = tok.convert_tokens_to_ids(spec.end_of_turn)
+    assert pt.end_of_turn == stop
+    rng = random.Random(0)
+    words = "the movie was great boring fun I like it not really story actor music".split()
+    ok = 0
+    for i in range(400):
+
+        def say(n: int) -> str:
+            return " ".join(rng.choice(words) for _ in range(n))
+
+        prompt = [{"role": "user", "content": say(rng.randint(1, 12))}]
+        record = {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": say(rng.randint(1, 12))}],
+            "rejected": [{"role": "assistant", "content": say(rng.randint(1, 12)) + f" {i}"}],
+        }
+        p = record_to_pair(record, pt, {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"})
+        for completion, msgs in ((p.chosen_ids, record["chosen"]), (p.rejected_ids, record["rejected"])):
+            ok += completion[-1] == stop and completion.count(stop) == 1
+            full = tok.apply_chat_template(prompt + msgs, tokenize=False)
+            whole = tok(full, add_special_tokens=False).input_ids
+            if spec.bos is not None and whole[:1] != [tok.bos_token_id]:
+                whole = [tok.bos_token_id, *whole]
+            assert [*p.prompt_ids, *completion] == whole[: len(p.prompt_ids) + len(completion)]
+        if spec.bos is not None:
+            assert p.prompt_ids[0] == tok.bos_token_id and p.prompt_ids.count(tok.bos_token_id) == 1
+    assert ok == 800
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "mistral", "gemma2", "phi3", "gpt2"])
+def test_text_pairs_are_the_whole_texts_tokens_after_the_prompt(family_dirs, family):
+    """Text data: prompt + completion (without the final EOS) is the tokenization of the whole text, so a
+    Metaspace tokenizer adds no "▁" the completion text lacks; a prompt ending in a space merges with the
+    completion and is counted as a boundary merge (its lone space token moves into the completion)."""
+    tok, pt = _family_tokenizer(family_dirs, family)
+    merges = 0
+    for prompt, chosen, rejected in _FAMILY_TEXT_ROWS:
+        p = pt.pair(prompt, chosen, rejected)
+        for text, completion in ((chosen, p.chosen_ids), (rejected, p.rejected_ids)):
+            assert completion[-1] == tok.eos_token_id and completion.count(tok.eos_token_id) == 1
+            whole = pt.prompt_ids(prompt + text)
+            assert [*p.prompt_ids, *completion[:-1]] == whole
+        assert p.prompt_ids == pt.prompt_ids(prompt)[: len(p.prompt_ids)]
+        merges += p.boundary_merge
+    assert merges >= 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral", "llama3"])
+def test_text_pairs_match_trl(family_dirs, family, tmp_path):
+    """The same rows through TRL 1.16's DPOTrainer preprocessing give the same prompt/chosen/rejected ids."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_ray.models import load_causal_lm
+
+    tok, pt = _family_tokenizer(family_dirs, family)
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in _FAMILY_TEXT_ROWS]
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], max_length=None, use_cpu=True)
+    trainer = DPOTrainer(
+        model=load_causal_lm(family_dirs[family]),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+    )
+    for row, trl_row in zip(rows, trainer.train_dataset, strict=True):
+        ours = pt.pair(row["prompt"], row["chosen"], row["rejected"])
+        assert (ours.prompt_ids, ours.chosen_ids, ours.rejected_ids) == (
+            trl_row["prompt_ids"],
+            trl_row["chosen_ids"],
+            trl_row["rejected_ids"],
+        ), row

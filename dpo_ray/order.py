@@ -1,0 +1,72 @@
+"""The training order: a function of the artifact and the seed only.
+
+Ray Data does not keep block order by default, so a many-shard artifact read twice came back in two
+orders (two runs of one config differed from step 1, and a restarted job resumed its position in the
+epoch against another order). Here every worker reads the split itself, sorts it by `pair_id` (the
+content hash: the base order does not depend on shards, units or how they were written), and takes
+epoch e's order from a permutation seeded by (seed, e): identical on every rank, different every epoch
+(so `drop_last` drops different pairs), and restored exactly on resume from (epoch, batch in epoch).
+
+pyarrow and numpy only (no torch, Ray or transformers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+__all__ = ["TRAIN_COLUMNS", "epoch_batches", "read_split", "split_counts"]
+
+TRAIN_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
+
+
+def _read(uri: str, columns: list[str]) -> pa.Table:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def split_counts(files: Sequence[str]) -> dict[str, int]:
+    """Rows per split over the shards (reads only the `split` column)."""
+    counts: dict[str, int] = {}
+    for uri in files:
+        for name, n in zip(
+            *np.unique(_read(uri, ["split"])["split"].to_numpy(zero_copy_only=False), return_counts=True), strict=True
+        ):
+            counts[str(name)] = counts.get(str(name), 0) + int(n)
+    return counts
+
+
+def read_split(files: Sequence[str], split: str, columns: Sequence[str] = TRAIN_COLUMNS) -> dict[str, Any]:
+    """The rows of `split` from all shards, sorted by pair_id, as {column: numpy array} (list columns as
+    object arrays of lists)."""
+    wanted = list(dict.fromkeys(["pair_id", *columns]))
+    tables = [
+        t.filter(pc.equal(t["split"], split)).drop_columns(["split"])
+        for t in (_read(uri, [*wanted, "split"]) for uri in files)
+    ]
+    table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in wanted})
+    table = table.sort_by("pair_id")
+    out: dict[str, Any] = {}
+    for c in columns:
+        col = table[c]
+        out[c] = np.array(col.to_pylist() + [None], dtype=object)[:-1] if pa.types.is_list(col.type) else col.to_numpy()
+    return out
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """Row indices of epoch `epoch`'s global batches, (n // batch_size, batch_size): a permutation of
+    range(n) seeded by (seed, epoch), cut into full batches (the last n % batch_size rows of that
+    permutation are dropped, a different set each epoch)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+    perm = np.random.default_rng([seed % 2**32, epoch]).permutation(n)
+    steps = n // batch_size
+    return perm[: steps * batch_size].reshape(steps, batch_size)

@@ -1,0 +1,55 @@
+"""The training order (dpo_ray.order): a function of the artifact's content and the seed only."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpo_ray.order import epoch_batches, read_split, split_counts
+
+
+def _shards(tmp_path, n: int = 50, per_shard: int = 7) -> list[str]:
+    rng = random.Random(0)
+    rows = [
+        {
+            "pair_id": f"{rng.getrandbits(64):016x}",
+            "split": "eval" if i % 5 == 0 else "train",
+            "prompt_ids": [1, i],
+            "chosen_ids": [i, 2],
+            "rejected_ids": [i, i, 2],
+            "ref_chosen_logp": -float(i),
+            "ref_rejected_logp": -2.0 * i,
+        }
+        for i in range(n)
+    ]
+    files = []
+    for k in range(0, n, per_shard):
+        path = tmp_path / f"part-{k:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows[k : k + per_shard]), path)
+        files.append(str(path))
+    return files
+
+
+def test_read_split_is_sorted_by_pair_id_whatever_the_shard_order(tmp_path):
+    files = _shards(tmp_path)
+    a = read_split(files, "train")
+    b = read_split(list(reversed(files)), "train")
+    assert list(a["pair_id"]) == sorted(a["pair_id"]) == list(b["pair_id"])
+    assert len(a["pair_id"]) == 40 and split_counts(files) == {"train": 40, "eval": 10}
+    i = list(a["pair_id"]).index(a["pair_id"][3])
+    assert a["chosen_ids"][i] == b["chosen_ids"][i] and a["ref_chosen_logp"][i] == b["ref_chosen_logp"][i]
+    assert all(len(x) == 2 for x in a["prompt_ids"])
+
+
+def test_epoch_batches_are_seeded_per_epoch_and_drop_a_different_remainder():
+    e0, again, e1 = epoch_batches(103, 10, 5, 0), epoch_batches(103, 10, 5, 0), epoch_batches(103, 10, 5, 1)
+    assert e0.shape == (10, 10)
+    np.testing.assert_array_equal(e0, again)
+    assert not np.array_equal(e0, e1)
+    assert len(set(e0.ravel())) == 100  # each row at most once an epoch
+    dropped0, dropped1 = set(range(103)) - set(e0.ravel()), set(range(103)) - set(e1.ravel())
+    assert dropped0 != dropped1
+    assert not np.array_equal(epoch_batches(103, 10, 6, 0), e0)
