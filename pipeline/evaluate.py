@@ -68,8 +68,14 @@ class _Model:
         return [sum(x) for x in score_completions(self.llm, prompts, completions)]
 
 
-def _preference_accuracy(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Implicit-reward accuracy of the policy on the scored artifact's eval pairs (HF forward, no grad)."""
+def _preference_accuracy(config: dict[str, Any]) -> dict[str, Any]:
+    """Implicit-reward accuracy of the policy on the scored artifact's eval pairs (HF forward, no grad).
+
+    Runs as a Ray task with the stage's resources (see run): never a model forward in the driver, which on a
+    cluster is the CPU-only head node."""
+    import torch
+
+    cfg = EvaluateConfig.model_validate(config)
     import pyarrow.parquet as pq
 
     from dpo_ray.batching import completion_logps
@@ -87,7 +93,9 @@ def _preference_accuracy(cfg: EvaluateConfig) -> dict[str, Any]:
     if not rows:
         return {"pairs": 0, "accuracy": None}
     model = load_causal_lm(cfg.policy, cfg.dtype, cfg.trust_remote_code)
-    pad = load_tokenizer(cfg.policy).pad_token_id
+    if torch.cuda.is_available():
+        model.cuda()
+    pad = load_tokenizer(cfg.policy, cfg.trust_remote_code).pad_token_id
     prompts = [r["prompt_ids"] for r in rows] * 2
     logps = completion_logps(model, prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad)
     sums = np.array([sum(x) for x in logps])
@@ -192,6 +200,14 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     flat = [s for group in policy_samples for s in group]
     ref_logps = ray.get(ref_model.score.remote([p for p in ids for _ in range(cfg.n)], [s["ids"] for s in flat]))
     ray.kill(ref_model)
+    preference: dict[str, Any] = {"pairs": 0, "accuracy": None}
+    if cfg.max_eval_pairs:
+        task = ray.remote(_preference_accuracy).options(
+            num_gpus=cfg.num_gpus_per_actor or None,
+            num_cpus=cfg.num_cpus_per_actor,
+            accelerator_type=cfg.accelerator_type,
+        )
+        preference = ray.get(task.remote(config))
     texts = [p["prompt"] for p in prompts for _ in range(cfg.n)]
     fn = load_reward(cfg.reward)
     pol_rewards = score(fn, cfg.reward, texts, [s["text"] for s in flat])
@@ -214,7 +230,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "kl": float(kl_terms.mean()),
         "kl_stderr": float(kl_terms.std(ddof=1) / np.sqrt(len(kl_terms))) if len(kl_terms) > 1 else None,
         "win_rate": float(((wins > 0) + 0.5 * (wins == 0)).mean()),
-        "preference": _preference_accuracy(cfg) if cfg.max_eval_pairs else {"pairs": 0, "accuracy": None},
+        "preference": preference,
         "reward": cfg.reward,
         "config": config,
         "inputs": inputs,

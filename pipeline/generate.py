@@ -28,6 +28,22 @@ logger = logging.getLogger(__name__)
 __all__ = ["run"]
 
 
+def generation_stops(model: str) -> set[int]:
+    """The token ids in the model's generation_config.json `eos_token_id` (instruct models list the end of
+    turn there beside EOS), or none."""
+    import json
+    import os
+
+    from dpo_ray.models import resolve_model_dir
+
+    path = os.path.join(resolve_model_dir(model), "generation_config.json")
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
 def unique_prompts(uri: str, manifest: Manifest, split: str, limit: int | None) -> list[dict[str, Any]]:
     """Unique prompts (by text) of one split of a `pairs` artifact, ordered by prompt id; 3 columns are read."""
     from dpo_ray.tokenization import pair_id
@@ -55,6 +71,12 @@ class Sample:
         self.cfg = GenerateConfig.model_validate(cfg)
         self.llm = make_engine(engine_spec(self.cfg, self.cfg.policy, enable_prefix_caching=True))
         self.tok = load_tokenizer(self.cfg.policy, self.cfg.trust_remote_code)
+        # What a finished sample ends with: the chat template's end of turn where the tokenizer has a template
+        # (the prompts were rendered with it), else EOS; any of the model's stop tokens counts as an ending.
+        from dpo_ray.tokenization import end_of_turn_id
+
+        self.stop = end_of_turn_id(self.tok) or self.tok.eos_token_id
+        self.stops = {self.stop, self.tok.eos_token_id, *generation_stops(self.cfg.policy)}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from dpo_ray.engine import sample
@@ -64,12 +86,11 @@ class Sample:
         c = self.cfg
         results = sample(self.llm, [r["prompt_ids"] for r in rows], c.n, c.temperature, c.top_p, c.max_tokens, seeds)
         out = []
-        eos = self.tok.eos_token_id
         for r, samples in zip(rows, results, strict=True):
             for i, s in enumerate(samples):
                 ids = list(s.completion_ids)
-                if s.finish_reason == "stop" and (not ids or ids[-1] != eos):
-                    ids.append(eos)  # the one rule: a completion that ended ends with EOS
+                if s.finish_reason == "stop" and (not ids or ids[-1] not in self.stops):
+                    ids.append(self.stop)  # the one rule: a completion that ended ends with its stop token
                 text = self.tok.decode(ids, skip_special_tokens=True)
                 out.append(
                     {

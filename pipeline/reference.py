@@ -67,7 +67,7 @@ class ScoreUnits:
             from dpo_ray.models import load_causal_lm, load_tokenizer
 
             self.model = load_causal_lm(self.cfg.model, self.cfg.dtype, self.cfg.trust_remote_code)
-            self.pad = load_tokenizer(self.cfg.model).pad_token_id
+            self.pad = load_tokenizer(self.cfg.model, self.cfg.trust_remote_code).pad_token_id
             if _cuda():
                 self.model.cuda()
 
@@ -146,7 +146,7 @@ def parity_check(cfg: dict[str, Any], sample: list[dict[str, Any]]) -> dict[str,
     model = load_causal_lm(c.model, c.dtype, c.trust_remote_code)
     if _cuda():
         model.cuda()
-    pad = load_tokenizer(c.model).pad_token_id
+    pad = load_tokenizer(c.model, c.trust_remote_code).pad_token_id
     prompts = [r["prompt_ids"] for r in sample] * 2
     completions = [r["chosen_ids"] for r in sample] + [r["rejected_ids"] for r in sample]
     stored = [r["ref_chosen_logps"] for r in sample] + [r["ref_rejected_logps"] for r in sample]

@@ -103,7 +103,7 @@ def _loop_config(
         initial_loss=None if cfg.sft_weight > 0 else initial.value,
         initial_slope=initial.slope,
         check_initial_margin=starts_from_reference,
-        initial_tolerance=cfg.initial_check_tolerance,
+        initial_tolerance=cfg.initial_check_tolerance or (5e-2 if bf16 else 1e-3),
         fault_injection=cfg.fault_injection,
         trust_remote_code=cfg.trust_remote_code,
         lora=None if cfg.lora is None else LoraSettings(**(cfg.lora.model_dump() | {"target_modules": lora_targets})),

@@ -229,3 +229,13 @@ def test_train_refuses_a_known_unsupported_feature_before_any_work(family_dirs, 
         _batching(TrainConfig(model=str(model), batching="packed"))
     assert _batching(TrainConfig(model=str(model), batching="auto")) == "padded"
     assert _batching(TrainConfig(model=str(family_dirs["gemma2"]), batching="auto")) == "auto"
+
+
+def test_fsdp_finds_every_familys_decoder_layers(prepared) -> None:
+    from dpo_ray.train_loop import decoder_layers
+
+    for name, (eager, _) in prepared.items():
+        layers = decoder_layers(eager)
+        n = getattr(eager.config, "num_hidden_layers", None) or eager.config.n_layer
+        assert len(layers) == n, name
+        assert len({type(m).__name__ for m in layers}) == 1
