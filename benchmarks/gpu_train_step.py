@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpo_ray.batching import PairTokens, plan  # noqa: E402
 from dpo_ray.packing import enable_segment_attention  # noqa: E402
-from dpo_ray.train_loop import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step  # noqa: E402
+from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step  # noqa: E402
 
 LENGTHS = Path(__file__).resolve().parent / "hh_lengths.json"
 MODES = ["padded", "packed", "prefix_shared"]

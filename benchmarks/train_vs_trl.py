@@ -76,7 +76,7 @@ def run_ours(mode: str, work: Path, args: argparse.Namespace) -> dict:
     from dpo_ray.batching import PairTokens
     from dpo_ray.models import load_causal_lm, load_tokenizer
     from dpo_ray.packing import enable_segment_attention
-    from dpo_ray.train_loop import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
 
     pairs = json.loads((work / "pairs.json").read_text())
     ref_c, ref_r = reference_logps(work / "model", pairs)

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo_ray import __version__
+from dpo_ray.errors import UserError
 from dpo_ray.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """An input artifact is missing, incomplete, of the wrong kind, or incompatible; the message says which."""
 
 

@@ -123,6 +123,7 @@ FAMILIES: dict[str, Family] = {
             config={
                 "num_key_value_heads": 1,
                 "query_pre_attn_scalar": 32,
+                "tie_word_embeddings": True,  # as every Gemma (vLLM's Gemma-2 has no separate lm_head)
                 "attn_logit_softcapping": 50.0,
                 "final_logit_softcapping": 30.0,
                 "layer_types": ["sliding_attention", "full_attention"],
@@ -136,6 +137,7 @@ FAMILIES: dict[str, Family] = {
             config={
                 "num_key_value_heads": 1,
                 "query_pre_attn_scalar": 32,
+                "tie_word_embeddings": True,
                 "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
                 "num_hidden_layers": 3,
             },

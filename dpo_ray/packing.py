@@ -35,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from dpo_ray.batching import PairLogps, PairTokens
+from dpo_ray.errors import UserError
 from dpo_ray.logps import DEFAULT_CHUNK_TOKENS
 
 __all__ = [
@@ -165,7 +166,7 @@ def collate_prefix_shared(pairs: Sequence[PairTokens]) -> SegmentBatch:
     return out.batch(b)
 
 
-class UnsupportedAttention(ValueError):
+class UnsupportedAttention(UserError, ValueError):
     """The model's attention uses a feature the padding-free modes cannot compute exactly."""
 
 

@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dpo_ray.errors import UserError
+
 __all__ = [
     "NEGATIVE",
     "POSITIVE",
@@ -38,7 +40,7 @@ _WORD = re.compile(r"[a-z']+")
 _SENTENCE = re.compile(r"[.!?\n]+")
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """A reward function failed or returned something unusable; the message names it."""
 
 

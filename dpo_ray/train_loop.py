@@ -1,23 +1,16 @@
-"""The DPO training step and the Ray Train per-worker loop.
+"""The Ray Train per-worker loop: data order, pre-training checks, checkpoints, resume, metrics, export.
 
-`train_step` runs without Ray (tests, benchmarks on one GPU): a global batch of pairs, split across
-workers and then into token-budget micro-batches with gradient accumulation. Each worker's loss is
-    (world_size / global_batch_size) · Σ_{its pairs} loss_i
-so that after DDP/FSDP average the gradients across workers, every update is the gradient of the mean
-loss over the global batch, however the pairs were split across workers and micro-batches.
-
-`worker_loop` is the function Ray Train runs on each worker: it restores from the latest checkpoint,
-feeds each worker its slice of every global batch from the `scored` dataset, checks step 0, logs,
-evaluates, checkpoints and finally exports an HF model directory.
+`worker_loop` is the function Ray Train runs on each worker: it reads the `scored` artifact in the order
+of dpo_ray.order, checks the batching mode against unbatched forwards, restores from the latest
+checkpoint, feeds each worker its slice of every global batch to dpo_ray.step.train_step, checks step 0,
+logs, evaluates, checkpoints and finally exports an HF model directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import tempfile
@@ -27,249 +20,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dpo_ray.batching import PairLogps, PairTokens, collate_padded, plan_micro_batches, policy_logps
-from dpo_ray.logps import DEFAULT_CHUNK_TOKENS
+from dpo_ray.batching import PairTokens
 from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
-from dpo_ray.losses import preference_loss
-from dpo_ray.metrics import GRAD_NORM, LR, PAIR_METRICS, metric_means, pair_metric_sums, throughput
-from dpo_ray.packing import (
-    SDPA_BACKENDS,
-    collate_packed,
-    collate_prefix_shared,
-    enable_segment_attention,
-    segment_logps,
+from dpo_ray.metrics import PAIR_METRICS, metric_means
+from dpo_ray.packing import enable_segment_attention
+from dpo_ray.step import (
+    StepBatch,
+    TrainSettings,
+    all_reduce_sum,
+    batching_mismatch,
+    eval_sums,
+    make_optimizer,
+    make_scheduler,
+    model_device,
+    resolve_batching,
+    train_step,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "StepBatch",
-    "TrainSettings",
-    "eval_sums",
-    "make_optimizer",
-    "make_scheduler",
-    "resolve_batching",
-    "train_step",
-]
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What one optimizer step needs to know (a subset of pipeline.config.TrainConfig)."""
-
-    loss: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-    average_logps: bool = False
-    token_budget: int = 16_384
-    max_grad_norm: float | None = 1.0
-    autocast_dtype: torch.dtype | None = None
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-    pad_token_id: int = 0
-    batching: str = "padded"  # padded | packed | prefix_shared (dpo_ray.batching.BATCHING); auto: resolve_batching
-    cudnn_attention: bool = False  # allow cuDNN SDPA too (slower here: see dpo_ray.packing.SDPA_BACKENDS)
-
-
-@dataclass(frozen=True)
-class StepBatch:
-    """This worker's pairs of one global batch, with their reference log-prob sums (B,) float64."""
-
-    pairs: list[PairTokens]
-    ref_chosen: Tensor
-    ref_rejected: Tensor
-
-    @classmethod
-    def from_columns(cls, batch: dict[str, Any]) -> StepBatch:
-        """From a columnar batch with prompt_ids, chosen_ids, rejected_ids, ref_chosen_logp, ref_rejected_logp."""
-        pairs = [
-            PairTokens(list(map(int, p)), list(map(int, c)), list(map(int, r)))
-            for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True)
-        ]
-        return cls(
-            pairs,
-            torch.tensor(np.asarray(batch["ref_chosen_logp"], dtype=np.float64)),
-            torch.tensor(np.asarray(batch["ref_rejected_logp"], dtype=np.float64)),
-        )
-
-    def select(self, index: list[int]) -> StepBatch:
-        return StepBatch([self.pairs[i] for i in index], self.ref_chosen[index], self.ref_rejected[index])
-
-    @property
-    def tokens(self) -> int:
-        return sum(p.num_tokens for p in self.pairs)
-
-
-def resolve_batching(settings: TrainSettings, use_gpu: bool) -> TrainSettings:
-    """`batching: auto` → the mode measured fastest on this kind of device: packed on GPU (1.26x padded on
-    an H100), prefix_shared on CPU (2.7x TRL; benchmarks/, README)."""
-    if settings.batching != "auto":
-        return settings
-    return dataclasses.replace(settings, batching="packed" if use_gpu else "prefix_shared")
-
-
-def _sync(model: Any, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """Gradient sync on or off for this backward (DDP no_sync / FSDP2 requires_gradient_sync)."""
-    if hasattr(model, "no_sync"):
-        return contextlib.nullcontext() if enabled else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
-    return contextlib.nullcontext()
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _micro_batch_logps(model: Any, batch: StepBatch, s: TrainSettings) -> PairLogps:
-    """Summed completion log-probs of the batch's pairs, in the configured batching mode."""
-    device = _device(model)
-    autocast = torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else contextlib.nullcontext()
-    backends = [*SDPA_BACKENDS, SDPBackend.CUDNN_ATTENTION] if s.cudnn_attention else SDPA_BACKENDS
-    with autocast, sdpa_kernel(backends):
-        if s.batching == "padded":
-            return policy_logps(model, collate_padded(batch.pairs, s.pad_token_id).to(device), s.chunk_tokens)
-        collate = collate_packed if s.batching == "packed" else collate_prefix_shared
-        return segment_logps(model, collate(batch.pairs).to(device), s.chunk_tokens)
-
-
-def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[Tensor, Tensor]:
-    """Summed loss of the batch's pairs (graph attached) and its metric sums."""
-    device = _device(model)
-    lp = _micro_batch_logps(model, batch, s)
-    out = preference_loss(
-        s.loss,
-        lp.chosen,
-        lp.rejected,
-        batch.ref_chosen.to(device),
-        batch.ref_rejected.to(device),
-        lp.chosen_lengths,
-        lp.rejected_lengths,
-        beta=s.beta,
-        label_smoothing=s.label_smoothing,
-        sft_weight=s.sft_weight,
-        average_logps=s.average_logps,
-    )
-    return out.losses.sum(), pair_metric_sums(out, lp.chosen, lp.rejected)
-
-
-def _all_reduce(t: Tensor) -> Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def train_step(
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    batch: StepBatch,
-    settings: TrainSettings,
-    global_batch_size: int,
-    world_size: int = 1,
-) -> dict[str, float]:
-    """One optimizer step on this worker's pairs of a global batch; metrics are global (all-reduced).
-
-    batch: this worker's share (>= 1 pair) of a global batch of `global_batch_size` pairs.
-    Returns the metrics of dpo_ray.metrics for the whole global batch, plus grad_norm and lr.
-    """
-    if not batch.pairs:
-        raise ValueError("train_step: this worker got no pairs; global batch_size must be >= num_workers")
-    model.train()
-    t0 = time.perf_counter()
-    groups = _aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), _device(model))
-    scale = world_size / global_batch_size
-    sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
-    for k, index in enumerate(groups):
-        with _sync(model, enabled=k == len(groups) - 1):
-            if index is None:  # keeps this rank's collectives in step with ranks that have more micro-batches
-                loss_sum, _ = _micro_batch_loss(model, _placeholder(settings), settings)
-                (loss_sum * 0.0).backward()
-                continue
-            loss_sum, metric_sums = _micro_batch_loss(model, batch.select(index), settings)
-            (loss_sum * scale).backward()
-        sums += metric_sums.cpu()
-    max_norm = settings.max_grad_norm if settings.max_grad_norm else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    tokens = torch.tensor([float(batch.tokens)], dtype=torch.float64)
-    reduced = _all_reduce(torch.cat([sums, tokens]).to(_device(model))).cpu()
-    seconds = time.perf_counter() - t0
-    metrics = metric_means(reduced[:-1])
-    metrics.update({GRAD_NORM: float(grad_norm), LR: lr})
-    metrics.update(throughput(int(reduced[-1]), int(reduced[-2]), seconds))
-    return metrics
-
-
-def eval_sums(model: Any, batch: StepBatch, settings: TrainSettings) -> Tensor:
-    """Metric sums (not yet all-reduced) of a batch without gradients."""
-    model.eval()
-    sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
-    groups = _aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), _device(model))
-    with torch.no_grad():
-        for index in groups:
-            if index is None:
-                _micro_batch_loss(model, _placeholder(settings), settings)
-            else:
-                sums += _micro_batch_loss(model, batch.select(index), settings)[1].cpu()
-    return sums
-
-
-def _aligned(groups: list[list[int]], device: torch.device) -> list[list[int] | None]:
-    """`groups` padded with None up to the largest micro-batch count of any rank.
-
-    Every rank must run the same number of forwards: FSDP all-gathers parameters in each one, and a rank
-    that stopped early would leave the others waiting forever (a rank's share of an eval batch can be
-    empty, and token budgets split different pairs differently).
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(groups)
-    n = torch.tensor([len(groups)], dtype=torch.int64, device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return [*groups, *([None] * (int(n.item()) - len(groups)))]
-
-
-def _placeholder(settings: TrainSettings) -> StepBatch:
-    """A one-token pair whose loss is multiplied by 0 or discarded: a forward (and backward) that only
-    takes part in the collectives."""
-    t = settings.pad_token_id
-    zero = torch.zeros(1, dtype=torch.float64)
-    return StepBatch([PairTokens([t], [t], [t])], zero, zero)
-
-
-def make_optimizer(model: Any, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, or RMSprop as in the DPO paper's reference code."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer: unknown {name!r}; expected adamw or rmsprop")
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str) -> Any:
-    """Linear warmup from 0, then constant or cosine decay to 0 at total_steps."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "cosine":
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
+__all__ = ["ERROR_FILE", "LoopConfig", "decoder_layers", "worker_loop", "write_error"]
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -455,48 +226,6 @@ def _check_initial(metrics: dict[str, float], cfg: LoopConfig) -> str | None:
     )
 
 
-def batching_mismatch(
-    model: Any, pairs: list[PairTokens], settings: TrainSettings, tolerance: float = 1e-3
-) -> str | None:
-    """The train forward in `settings.batching` against unbatched forwards with eager attention, on `pairs`.
-
-    Run before training, in float32 without autocast: any model feature the batching mode gets wrong (a
-    sliding window it ignores, a softcap, an attention variant nobody listed) shows up as a difference.
-    Returns a message naming the largest difference (nats per sequence), or None when within `tolerance`.
-    """
-    from dpo_ray.logps import token_logps
-
-    implementation = model.config._attn_implementation
-    s = dataclasses.replace(settings, autocast_dtype=None)
-    device = _device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            zero = torch.zeros(len(pairs), dtype=torch.float64)
-            batched = _micro_batch_logps(model, StepBatch(pairs, zero, zero), s)
-            model.set_attn_implementation("eager")
-            want = []
-            for side in (0, 1):
-                for p in pairs:
-                    completion = p.chosen_ids if side == 0 else p.rejected_ids
-                    ids = torch.tensor([[*p.prompt_ids, *completion]], device=device)
-                    lp = token_logps(model(input_ids=ids, use_cache=False).logits, ids)[0, len(p.prompt_ids) :]
-                    want.append(float(lp.sum()))
-    finally:
-        model.set_attn_implementation(implementation)
-        model.train(was_training)
-    got = torch.cat([batched.chosen, batched.rejected]).double().cpu()
-    worst = float((got - torch.tensor(want, dtype=torch.float64)).abs().max())
-    if worst <= tolerance:
-        return None
-    return (
-        f"batching {settings.batching!r} is not exact for this model ({model.config.model_type}): completion "
-        f"log-probs differ from unbatched eager forwards by up to {worst:.4g} nats (tolerance {tolerance:g}) on "
-        f"{len(pairs)} of the longest train pairs. Use train.batching: padded (or auto)."
-    )
-
-
 def _maybe_fail(spec: str | None, step: int, rank: int, output: str) -> None:
     """Testing hook: 'STEP:RANK' makes RANK exit abruptly once when it reaches STEP."""
     if not spec:
@@ -521,7 +250,7 @@ def _evaluate(model: Any, columns: dict[str, Any], cfg: LoopConfig, rank: int, w
         mine = rows[rank::world] if len(rows) >= world else (rows if rank == 0 else rows[:0])
         # Every rank calls eval_sums for every batch, with its pairs or none (see _aligned).
         sums += eval_sums(model, StepBatch.from_columns({k: v[mine] for k, v in columns.items()}), cfg.settings)
-    return metric_means(_all_reduce(sums.to(_device(model))).cpu(), prefix="eval/")
+    return metric_means(all_reduce_sum(sums.to(model_device(model))).cpu(), prefix="eval/")
 
 
 def _check_pairs(columns: dict[str, Any], k: int = 3) -> list[PairTokens]:

@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Any
 
+from dpo_ray.errors import UserError
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
 # stage name → (module holding `run(cfg)`, config section)
@@ -25,16 +26,6 @@ STAGES = {
     "status": ("pipeline.status", ""),  # what is complete under run_dir (reads artifacts, runs nothing)
 }
 
-# Errors a user can act on: printed as one message, exit status 2, no traceback.
-_USER_ERRORS = (
-    "ConfigError",
-    "InputError",
-    "PrepareError",
-    "ArtifactError",
-    "ParityError",
-    "RewardError",
-    "TrainCheckError",
-)
 
 
 def _stage_config(cfg: PipelineConfig, section: str) -> Any:
@@ -57,11 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         module_name, section = STAGES[args.stage]
         stage_cfg = _stage_config(cfg, section) if section else cfg
         importlib.import_module(module_name).run(stage_cfg)
-    except Exception as e:
-        if type(e).__name__ in _USER_ERRORS:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except UserError as e:  # one message, exit status 2, no traceback (dpo_ray.errors)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

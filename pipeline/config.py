@@ -16,6 +16,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dpo_ray.errors import UserError
+
 __all__ = [
     "ColumnMap",
     "ConfigError",
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix; the message names the key."""
 
 

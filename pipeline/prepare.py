@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
+from dpo_ray.errors import UserError
 from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
 from pipeline.config import PrepareConfig
 from pipeline.runtime import ensure_ray, unwrap_user_error, write_dataset
@@ -43,7 +44,7 @@ UNIFIED_SCHEMA = pa.schema(
 )
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """The stage cannot produce a usable artifact (e.g. every row was rejected)."""
 
 

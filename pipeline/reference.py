@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
+from dpo_ray.errors import UserError
 from dpo_ray.schema import REJECTS_SCHEMA, SCORED_SCHEMA
 from pipeline.config import ReferenceConfig
 from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
@@ -34,7 +35,7 @@ __all__ = ["ParityError", "run"]
 _PROGRESS = "_progress.json"
 
 
-class ParityError(RuntimeError):
+class ParityError(UserError, RuntimeError):
     """vLLM's reference log-probs disagree with a transformers forward beyond the tolerance."""
 
 

@@ -25,6 +25,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpo_ray.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["RECORDS_SCHEMA", "InputError", "InputFile", "inputs_fingerprint", "read_records", "resolve_inputs"]
@@ -51,7 +53,7 @@ _EXTENSIONS = {
 }
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input that cannot be read at all; the message names the file and where."""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from dpo_ray import artifacts
 from dpo_ray.artifacts import ArtifactError, Manifest
+from dpo_ray.errors import UserError
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.runtime import ensure_ray, matching_tokenizer
 
@@ -50,7 +51,7 @@ def _claim_run_name(cfg: TrainConfig, config: dict[str, Any], upstream: dict[str
         json.dump(state, f)
 
 
-class TrainCheckError(RuntimeError):
+class TrainCheckError(UserError, RuntimeError):
     """A check before or at the first step refused the run (a user error: the message says why)."""
 
 
@@ -62,7 +63,8 @@ def _loop_config(
     from dpo_ray.lora import LoraSettings
     from dpo_ray.losses import initial_loss
     from dpo_ray.models import load_tokenizer
-    from dpo_ray.train_loop import LoopConfig, TrainSettings
+    from dpo_ray.step import TrainSettings
+    from dpo_ray.train_loop import LoopConfig
 
     lora_targets = tuple(cfg.lora.target_modules) if cfg.lora is not None else ()
     initial = initial_loss(cfg.loss, cfg.beta, cfg.label_smoothing)
@@ -171,6 +173,7 @@ def run(cfg: TrainConfig) -> Manifest:
         print(f"train: {cfg.export} is complete for this config and scored artifact; skipped", flush=True)
         return existing
     tok_fp = matching_tokenizer(cfg.model, scored, cfg.scored, cfg.trust_remote_code)
+    batching = _batching(cfg)
     starts_from_reference = model_fingerprint(resolve_model_dir(cfg.model)) == scored.fingerprints.get("model")
     _claim_run_name(cfg, config, upstream)
     files = [artifacts.join(cfg.scored, s.file) for s in scored.shards]
@@ -180,7 +183,6 @@ def run(cfg: TrainConfig) -> Manifest:
     if steps_per_epoch == 0:
         raise ArtifactError(f"{cfg.scored} has {n_train} train pairs, fewer than train.batch_size {cfg.batch_size}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    batching = _batching(cfg)
     print(
         f"train: {n_train} train / {n_eval} eval pairs, {total_steps} steps of {cfg.batch_size} pairs on "
         f"{max(1, cfg.num_workers)} worker(s), batching {batching}; "
@@ -188,8 +190,9 @@ def run(cfg: TrainConfig) -> Manifest:
         flush=True,
     )
     ensure_ray()
-    loop = _loop_config(cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference,
-                        n_eval > 0, files)
+    loop = _loop_config(
+        cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, files
+    )
     _clear_error(cfg.output)
     trainer = TorchTrainer(
         worker_loop,

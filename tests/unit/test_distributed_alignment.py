@@ -31,14 +31,14 @@ def _model():
 
 def _batch(pairs):
     from dpo_ray.batching import PairTokens
-    from dpo_ray.train_loop import StepBatch
+    from dpo_ray.step import StepBatch
 
     ref = torch.tensor([-10.0 - i for i in range(len(pairs))], dtype=torch.float64)
     return StepBatch([PairTokens(*p) for p in pairs], ref, ref + 1.0)
 
 
 def _settings(budget: int):
-    from dpo_ray.train_loop import TrainSettings
+    from dpo_ray.step import TrainSettings
 
     return TrainSettings(token_budget=budget, batching="packed", max_grad_norm=None)
 
@@ -49,7 +49,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from dpo_ray.packing import enable_segment_attention
-    from dpo_ray.train_loop import StepBatch, eval_sums, make_optimizer, make_scheduler, train_step
+    from dpo_ray.step import StepBatch, eval_sums, make_optimizer, make_scheduler, train_step
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = enable_segment_attention(_model())
@@ -77,7 +77,7 @@ def test_uneven_micro_batches_under_fsdp_do_not_hang_and_match_one_process(tmp_p
     import torch.multiprocessing as mp
 
     from dpo_ray.packing import enable_segment_attention
-    from dpo_ray.train_loop import make_optimizer, make_scheduler, train_step
+    from dpo_ray.step import make_optimizer, make_scheduler, train_step
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -199,7 +199,7 @@ def test_unsupported_config_features_are_named() -> None:
 def test_the_pre_training_check_catches_a_mode_that_ignores_the_window(prepared, mode: str) -> None:
     """train_loop.batching_mismatch compares the train forward with unbatched eager forwards before any step:
     silent for the real attention, a named refusal for one that drops the sliding window (the old bug)."""
-    from dpo_ray.train_loop import TrainSettings, batching_mismatch
+    from dpo_ray.step import TrainSettings, batching_mismatch
 
     eager, models = prepared["mistral"]
     pairs = _pairs(eager.config.vocab_size, long=True, seed=3)

@@ -180,7 +180,7 @@ def test_train_steps_agree_across_modes_and_micro_batchings(gqa_model):
     micro-batches with accumulation) gives the same losses and the same updated weights."""
     import copy
 
-    from dpo_ray.train_loop import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
 
     pairs = random_pairs(12, gqa_model.config.vocab_size, seed=4)
     gen = torch.Generator().manual_seed(0)
@@ -207,7 +207,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(tiny_model_dir):
 
     from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
     from dpo_ray.models import load_causal_lm
-    from dpo_ray.train_loop import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
 
     settings = LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
     base = load_causal_lm(tiny_model_dir)
@@ -238,7 +238,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(tiny_model_dir):
 
 
 def test_auto_batching_picks_the_measured_fastest_mode_per_device():
-    from dpo_ray.train_loop import TrainSettings, resolve_batching
+    from dpo_ray.step import TrainSettings, resolve_batching
 
     assert resolve_batching(TrainSettings(batching="auto"), use_gpu=True).batching == "packed"
     assert resolve_batching(TrainSettings(batching="auto"), use_gpu=False).batching == "prefix_shared"
