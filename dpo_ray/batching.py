@@ -34,6 +34,7 @@ __all__ = [
     "PairTokens",
     "collate_padded",
     "computed_tokens",
+    "longest_first",
     "padded_token_count",
     "plan",
     "plan_micro_batches",
@@ -146,13 +147,9 @@ def completion_logps(
     Sequences are grouped longest-first into forwards of at most ~token_budget padded tokens.
     out[i][j] = log p(completion_i[j] | prompt_i, completion_i[:j]).
     """
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]), reverse=True)
     out: list[list[float]] = [[] for _ in prompts]
-    start = 0
-    while start < len(order):
-        width = len(prompts[order[start]]) + len(completions[order[start]])
-        stop = min(len(order), start + max(1, token_budget // width))
-        idx = order[start:stop]
+    widths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+    for idx in longest_first(widths, token_budget):
         ids, attn, mask = collate_sequences([prompts[i] for i in idx], [completions[i] for i in idx], pad_token_id)
         device = next(model.parameters()).device
         ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
@@ -162,8 +159,26 @@ def completion_logps(
         for row, i in enumerate(idx):
             p = len(prompts[i])
             out[i] = per_token[row, p : p + len(completions[i])].tolist()
-        start = stop
     return out
+
+
+def longest_first(widths: Sequence[int], token_budget: int, rows_per_item: int = 1) -> list[list[int]]:
+    """The one padded planner: indices grouped longest first, each group's padded size (rows × its widest
+    item's width) within token_budget; an item wider than the budget gets a group of its own.
+    rows_per_item: padded rows per item (2 for a pair: its chosen and its rejected sequence)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i in sorted(range(len(widths)), key=lambda i: widths[i], reverse=True):
+        new_width = max(width, widths[i])
+        if current and rows_per_item * (len(current) + 1) * new_width > token_budget:
+            groups.append(current)
+            current, new_width = [], widths[i]
+        current.append(i)
+        width = new_width
+    if current:
+        groups.append(current)
+    return groups
 
 
 def padded_token_count(pairs: Sequence[PairTokens]) -> int:
@@ -215,19 +230,7 @@ def plan(pairs: Sequence[PairTokens], token_budget: int, mode: str = "padded") -
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, found {token_budget}")
     if mode == "padded":
-        order = sorted(range(len(pairs)), key=lambda i: pairs[i].max_len, reverse=True)
-        groups: list[list[int]] = []
-        current: list[int] = []
-        width = 0
-        for i in order:
-            new_width = max(width, pairs[i].max_len)
-            if current and 2 * (len(current) + 1) * new_width > token_budget:
-                groups.append(current)
-                current, new_width = [], pairs[i].max_len
-            current.append(i)
-            width = new_width
-        if current:
-            groups.append(current)
+        groups = longest_first([p.max_len for p in pairs], token_budget, rows_per_item=2)
     else:
         cost = [computed_tokens([p], mode) for p in pairs]
         groups = []

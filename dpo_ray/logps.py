@@ -15,13 +15,14 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "sequence_logps", "token_logps"]
+__all__ = ["DEFAULT_CHUNK_TOKENS", "gathered_logps", "sequence_logps", "token_logps"]
 
 DEFAULT_CHUNK_TOKENS = 4096
 
 
-def _chunk_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[label] as gather − logsumexp, in float32. logits (B, C, V), labels (B, C)."""
+def gathered_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[label] as gather − logsumexp, in float32: the one kernel every log-prob in the
+    project goes through. logits (..., V), labels (...) → (...)."""
     logits32 = logits.float()
     picked = torch.gather(logits32, -1, labels.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits32, dim=-1)
@@ -67,9 +68,9 @@ def token_logps(
         end = min(start + step, seq_len - 1)
         chunk, labels = logits[:, start:end], input_ids[:, start + 1 : end + 1]
         if use_checkpoint:
-            piece = checkpoint(_chunk_logps, chunk, labels, use_reentrant=False)
+            piece = checkpoint(gathered_logps, chunk, labels, use_reentrant=False)
         else:
-            piece = _chunk_logps(chunk, labels)
+            piece = gathered_logps(chunk, labels)
         pieces.append(piece)
     out = torch.cat([out[:, :1], *pieces], dim=1)
     if mask is not None:

@@ -16,7 +16,7 @@ proportional to Σ block² instead of row², and no mask over the whole row is m
 work unchanged on the same model.
 
 Logits: only at the positions that predict a completion token (`logits_to_keep` with indices), so the
-LM head is not applied to prompt positions. Log-probs are float32 and chunked as in dpo_ray.logps.
+LM head is not applied to prompt positions. Log-probs are float32, chunked, through dpo_ray.logps' kernel.
 
 torch only at import; transformers is imported when segment attention is enabled.
 """
@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dpo_ray.batching import PairLogps, PairTokens
 from dpo_ray.errors import UserError
-from dpo_ray.logps import DEFAULT_CHUNK_TOKENS
+from dpo_ray.logps import DEFAULT_CHUNK_TOKENS, gathered_logps
 
 __all__ = [
     "ATTENTION_NAME",
@@ -328,11 +328,6 @@ def enable_segment_attention(model: Any) -> Any:
     return model
 
 
-def _gathered_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    logits32 = logits.float()
-    return torch.gather(logits32, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits32, dim=-1)
-
-
 def segment_token_logps(model: Any, batch: SegmentBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
     """One forward of `model` (segment attention enabled) over a packed / prefix-shared row → the float32
     log-prob of every completion token, (N,) in the order of batch.targets."""
@@ -353,9 +348,9 @@ def segment_token_logps(model: Any, batch: SegmentBatch, chunk_tokens: int = DEF
     for s in range(0, logits.shape[0], max(1, chunk_tokens)):
         chunk, lab = logits[s : s + chunk_tokens], labels[s : s + chunk_tokens]
         pieces.append(
-            checkpoint(_gathered_logps, chunk, lab, use_reentrant=False)
+            checkpoint(gathered_logps, chunk, lab, use_reentrant=False)
             if use_checkpoint
-            else _gathered_logps(chunk, lab)
+            else gathered_logps(chunk, lab)
         )
     return torch.cat(pieces)
 

@@ -41,7 +41,7 @@ __all__ = [
 Truncation = Literal["keep_start", "keep_end", "drop"]
 Format = Literal["auto", "explicit", "implicit", "conversational"]
 
-# Stable reject reason codes, with what each means (README's table is generated from the same words).
+# Stable reject reason codes, with what each means (the README lists every code; a test checks it).
 REASONS: dict[str, str] = {
     "invalid_json": "the line is not valid JSON",
     "not_an_object": "the record is not a JSON object / mapping",

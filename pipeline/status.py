@@ -22,24 +22,14 @@ __all__ = ["collect", "run"]
 
 
 def _outputs(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
-    """(label, stage, artifact URI) of every stage `run` would execute, in order."""
-    from pipeline.run import round_stages, sweep_stages
+    """(label, stage, artifact URI) of every output of every planned stage, in order."""
+    from pipeline.plan import plan
 
     found: list[tuple[str, str, str]] = []
-    previous_export: str | None = None
-    for r in range(cfg.rounds):
-        for name, c, _ in round_stages(cfg, r, previous_export):
-            if name == "generate":
-                found.append((f"round-{r}/generations", name, c.generations))
-            uri = {"prepare": "output", "generate": "output", "reference": "output", "train": "export"}.get(name)
-            found.append((f"round-{r}/{name}", name, getattr(c, uri) if uri else c.output))
-            if name == "train":
-                previous_export = c.export
-    for beta in dict.fromkeys(cfg.beta_sweep):
-        if cfg.train is not None and beta == cfg.train.beta:
-            continue
-        for name, c, _ in sweep_stages(cfg, beta):
-            found.append((f"beta-{beta:g}/{name}", name, c.export if name == "train" else c.output))
+    for p in plan(cfg):
+        if p.stage == "generate":
+            found.append((p.label.replace("/generate", "/generations"), p.stage, p.outputs[0]))
+        found.append((p.label, p.stage, p.output))
     return found
 
 

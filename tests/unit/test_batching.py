@@ -89,3 +89,15 @@ def test_bad_pairs_and_budget():
         plan_micro_batches([], 0)
     with pytest.raises(ValueError, match="no pairs"):
         collate_padded([], 0)
+
+
+def test_longest_first_keeps_each_padded_group_within_the_budget():
+    from dpo_ray.batching import longest_first
+
+    widths = [5, 40, 12, 12, 3, 100, 7]
+    groups = longest_first(widths, token_budget=48, rows_per_item=2)
+    assert sorted(i for g in groups for i in g) == list(range(len(widths)))
+    for g in groups:
+        assert len(g) == 1 or 2 * len(g) * max(widths[i] for i in g) <= 48
+        assert [widths[i] for i in g] == sorted((widths[i] for i in g), reverse=True)
+    assert groups[0] == [5]  # wider than the budget: alone

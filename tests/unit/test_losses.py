@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -48,7 +49,8 @@ def _random_inputs(seed: int, batch: int = 16):
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize(("eps", "sft"), [(0.0, 0.0), (0.1, 0.0), (0.3, 0.5)])
 def test_variants_match_float64_reference(name, average, eps, sft):
-    pc, pr, rc, rr, lc, lr = _random_inputs(hash((name, average, eps)) % 1000)
+    seed = zlib.crc32(repr((name, average, eps)).encode()) % 1000  # the same every run (hash() is salted)
+    pc, pr, rc, rr, lc, lr = _random_inputs(seed)
     beta = 0.1 if name != "ipo" else 0.5
     expected = _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average)
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]

@@ -272,3 +272,10 @@ def test_text_pairs_match_trl(family_dirs, family, tmp_path):
             trl_row["chosen_ids"],
             trl_row["rejected_ids"],
         ), row
+
+
+def test_the_readme_lists_every_reject_reason():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert [r for r in REASONS if f"`{r}`" not in readme] == []

@@ -1,0 +1,112 @@
+"""plan(cfg): the ordered stages of a run, every round and β-sweep point — the one place that knows them.
+
+Round 0: prepare → [generate from generate.policy, if on_policy_first_round] → reference → train → evaluate.
+Round r >= 1 (artifacts under <run_dir>/round-<r>/): generate from round r−1's exported policy on the same
+prompts → reference (the initial model, or the previous policy with round_reference: previous) → train
+(starting from the previous policy) → evaluate (against the configured reference).
+beta_sweep: after the rounds, round 0's scored pairs are trained again with each listed β other than
+train.beta (under <run_dir>/beta-<β>/) and evaluated.
+
+`run` executes the plan, `status` reads each planned stage's outputs, the summary reads the evaluate
+stages'. Pure: builds configs, imports no stage module, starts nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import PipelineConfig
+
+__all__ = ["PlannedStage", "plan"]
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage of a run: label ("round-1/train", "beta-0.5/evaluate"), stage name, its resolved config,
+    the artifact URIs it writes (generate: the generations, then the pairs), and the policy group it belongs
+    to in the summary ("round 1", "β=0.5") with that group's β and round."""
+
+    label: str
+    stage: str
+    config: Any
+    outputs: tuple[str, ...]
+    group: str
+    beta: float | None
+    round: int
+
+    @property
+    def output(self) -> str:
+        """The artifact the stage's completion is judged by (train: the export)."""
+        return self.outputs[-1]
+
+
+def _outputs(stage: str, c: Any) -> tuple[str, ...]:
+    if stage == "generate":
+        return (c.generations, c.output)
+    return (c.export,) if stage == "train" else (c.output,)
+
+
+def _round(cfg: PipelineConfig, r: int, previous_export: str | None) -> list[tuple[str, Any]]:
+    gen, ref, trn, ev = cfg.generate, cfg.reference, cfg.train, cfg.evaluate
+    stages: list[tuple[str, Any]] = []
+    if r == 0:
+        if cfg.prepare is not None:
+            stages.append(("prepare", cfg.prepare))
+        if cfg.on_policy_first_round and gen is not None and ref is not None:
+            stages.append(("generate", gen))
+            ref = ref.model_copy(update={"pairs": gen.output})
+    else:
+        assert gen is not None and ref is not None and trn is not None and previous_export is not None
+        d = f"{cfg.run_dir}/round-{r}"
+        gen = gen.model_copy(
+            update={"policy": previous_export, "generations": f"{d}/generations", "output": f"{d}/generated_pairs"}
+        )
+        stages.append(("generate", gen))
+        ref_model = ref.model if cfg.round_reference == "initial" else previous_export
+        ref = ref.model_copy(update={"model": ref_model, "pairs": gen.output, "output": f"{d}/scored"})
+        trn = trn.model_copy(
+            update={
+                "model": previous_export,
+                "scored": ref.output,
+                "output": f"{d}/train",
+                "export": f"{d}/export",
+                "storage_path": f"{d}/checkpoints",
+            }
+        )
+        if ev is not None:
+            ev = ev.model_copy(
+                update={"policy": trn.export, "scored": ref.output, "train_metrics": trn.output, "output": f"{d}/eval"}
+            )
+    return stages + [(n, c) for n, c in (("reference", ref), ("train", trn), ("evaluate", ev)) if c is not None]
+
+
+def _sweep(cfg: PipelineConfig, beta: float) -> list[tuple[str, Any]]:
+    assert cfg.train is not None and cfg.evaluate is not None
+    d = f"{cfg.run_dir}/beta-{beta:g}"
+    trn = cfg.train.model_copy(
+        update={"beta": beta, "output": f"{d}/train", "export": f"{d}/export", "storage_path": f"{d}/checkpoints"}
+    )
+    ev = cfg.evaluate.model_copy(
+        update={"policy": trn.export, "scored": trn.scored, "train_metrics": trn.output, "output": f"{d}/eval"}
+    )
+    return [("train", trn), ("evaluate", ev)]
+
+
+def plan(cfg: PipelineConfig) -> list[PlannedStage]:
+    """Every stage `run` executes for this config, in order (see the module docstring)."""
+    out: list[PlannedStage] = []
+    beta = cfg.train.beta if cfg.train is not None else None
+    previous_export: str | None = None
+    for r in range(cfg.rounds):
+        for name, c in _round(cfg, r, previous_export):
+            out.append(PlannedStage(f"round-{r}/{name}", name, c, _outputs(name, c), f"round {r}", beta, r))
+            if name == "train":
+                previous_export = c.export
+    if cfg.train is not None and cfg.evaluate is not None:
+        for b in dict.fromkeys(cfg.beta_sweep):
+            if b == cfg.train.beta:
+                continue  # the main run is that point
+            for name, c in _sweep(cfg, b):
+                out.append(PlannedStage(f"beta-{b:g}/{name}", name, c, _outputs(name, c), f"β={b:g}", b, 0))
+    return out
