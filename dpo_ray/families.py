@@ -238,10 +238,14 @@ def build_tiny_model(
     num_layers: int = 2,
     window: int = 8,
     seed: int = 0,
+    perturb_std: float = 0.0,
 ) -> Path:
     """Build `family`'s tiny model (random weights, seeded) and tokenizer; save both to `out_dir`.
 
     window: the sliding window of the families that have one (the real ones use 512-4096).
+    perturb_std: add N(0, perturb_std²) noise to every weight after the init. At the default init (std 0.02)
+    attention logits stay far below Gemma-2's softcap of 50, so a scorer that dropped the softcap would
+    agree with one that applies it; 0.15 makes the softcap change log-probs by tenths of a nat.
     Returns `out_dir`, which transformers and vLLM load like a downloaded model.
     """
     import torch
@@ -256,6 +260,10 @@ def build_tiny_model(
     config = _config(spec, tok, hidden_size, spec.config.get("num_hidden_layers", num_layers), window)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if perturb_std:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * perturb_std)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     # Instruct models list the end-of-turn token beside EOS: generation (vLLM, transformers) stops on either.

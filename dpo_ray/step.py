@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,15 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dpo_ray.batching import PairLogps, PairTokens, collate_padded, plan_micro_batches, policy_logps
+from dpo_ray.batching import (
+    BATCHING,
+    PairLogps,
+    PairTokens,
+    collate_padded,
+    computed_tokens,
+    plan_micro_batches,
+    policy_logps,
+)
 from dpo_ray.logps import DEFAULT_CHUNK_TOKENS
 from dpo_ray.losses import preference_loss
 from dpo_ray.metrics import GRAD_NORM, LR, PAIR_METRICS, metric_means, pair_metric_sums, throughput
@@ -37,6 +47,8 @@ from dpo_ray.packing import (
 )
 
 __all__ = [
+    "MODES",
+    "BatchingMode",
     "StepBatch",
     "TrainSettings",
     "all_reduce_sum",
@@ -117,16 +129,49 @@ def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass(frozen=True)
+class BatchingMode:
+    """How one batching mode lays out and computes a micro-batch (dpo_ray.batching's module docstring).
+
+    collate: (pairs, pad_token_id) → a batch with `.to(device)`; logps: (model, batch, chunk_tokens) →
+    PairLogps; cost: pairs → tokens one forward computes (the micro-batch planner's budget unit);
+    segment_attention: the model needs dpo_ray.packing's attention function switched on.
+    """
+
+    collate: Callable[[Sequence[PairTokens], int], Any]
+    logps: Callable[[Any, Any, int], PairLogps]
+    cost: Callable[[Sequence[PairTokens]], int]
+    segment_attention: bool
+
+
+MODES: dict[str, BatchingMode] = {
+    "padded": BatchingMode(
+        collate_padded, policy_logps, functools.partial(computed_tokens, mode="padded"), segment_attention=False
+    ),
+    "packed": BatchingMode(
+        lambda pairs, pad: collate_packed(pairs),
+        segment_logps,
+        functools.partial(computed_tokens, mode="packed"),
+        segment_attention=True,
+    ),
+    "prefix_shared": BatchingMode(
+        lambda pairs, pad: collate_prefix_shared(pairs),
+        segment_logps,
+        functools.partial(computed_tokens, mode="prefix_shared"),
+        segment_attention=True,
+    ),
+}
+assert tuple(MODES) == BATCHING
+
+
 def _micro_batch_logps(model: Any, batch: StepBatch, s: TrainSettings) -> PairLogps:
     """Summed completion log-probs of the batch's pairs, in the configured batching mode."""
     device = model_device(model)
+    mode = MODES[s.batching]
     autocast = torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else contextlib.nullcontext()
     backends = [*SDPA_BACKENDS, SDPBackend.CUDNN_ATTENTION] if s.cudnn_attention else SDPA_BACKENDS
     with autocast, sdpa_kernel(backends):
-        if s.batching == "padded":
-            return policy_logps(model, collate_padded(batch.pairs, s.pad_token_id).to(device), s.chunk_tokens)
-        collate = collate_packed if s.batching == "packed" else collate_prefix_shared
-        return segment_logps(model, collate(batch.pairs).to(device), s.chunk_tokens)
+        return mode.logps(model, mode.collate(batch.pairs, s.pad_token_id).to(device), s.chunk_tokens)
 
 
 def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
 from dpo_ray.metrics import PAIR_METRICS, metric_means
 from dpo_ray.packing import enable_segment_attention
 from dpo_ray.step import (
+    MODES,
     StepBatch,
     TrainSettings,
     all_reduce_sum,
@@ -309,7 +310,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     train_rows = read_split(cfg.scored_files, "train")
     eval_rows = read_split(cfg.scored_files, "eval") if cfg.eval_every else None
     model = disable_dropout(load_causal_lm(cfg.model, "float32", cfg.trust_remote_code))
-    if cfg.settings.batching != "padded":
+    if MODES[cfg.settings.batching].segment_attention:
         enable_segment_attention(model)
     if use_gpu:
         model = model.cuda()
