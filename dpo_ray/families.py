@@ -87,6 +87,15 @@ class Family:
     add_bos: bool = True  # the tokenizer puts BOS in front of every encoded text (when it has one)
 
 
+# What Gemma-2 and Gemma-3 share: tokenizer conventions, GQA, the query scaling, tied embeddings (as every
+# Gemma; vLLM's Gemma-2 has no separate lm_head).
+_GEMMA_TOKENS: dict[str, Any] = {
+    "pre_tokenizer": "sentencepiece", "bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>",
+    "extra_special": ("<start_of_turn>", "<end_of_turn>"), "end_of_turn": "<end_of_turn>",
+    "chat_template": _GEMMA_TEMPLATE,
+}
+_GEMMA_CONFIG: dict[str, Any] = {"num_key_value_heads": 1, "query_pre_attn_scalar": 32, "tie_word_embeddings": True}
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -117,13 +126,9 @@ FAMILIES: dict[str, Family] = {
             end_of_turn="</s>", chat_template=_MISTRAL_TEMPLATE, config={"num_key_value_heads": 1}, windowed=True,
         ),
         Family(
-            "gemma2", "Gemma2Config", "sentencepiece", "<bos>", "<eos>", "<pad>", unk="<unk>",
-            extra_special=("<start_of_turn>", "<end_of_turn>"), end_of_turn="<end_of_turn>",
-            chat_template=_GEMMA_TEMPLATE,
+            "gemma2", "Gemma2Config", **_GEMMA_TOKENS,
             config={
-                "num_key_value_heads": 1,
-                "query_pre_attn_scalar": 32,
-                "tie_word_embeddings": True,  # as every Gemma (vLLM's Gemma-2 has no separate lm_head)
+                **_GEMMA_CONFIG,
                 "attn_logit_softcapping": 50.0,
                 "final_logit_softcapping": 30.0,
                 "layer_types": ["sliding_attention", "full_attention"],
@@ -131,13 +136,9 @@ FAMILIES: dict[str, Family] = {
             windowed=True, softcap=True,
         ),
         Family(
-            "gemma3", "Gemma3TextConfig", "sentencepiece", "<bos>", "<eos>", "<pad>", unk="<unk>",
-            extra_special=("<start_of_turn>", "<end_of_turn>"), end_of_turn="<end_of_turn>",
-            chat_template=_GEMMA_TEMPLATE,
+            "gemma3", "Gemma3TextConfig", **_GEMMA_TOKENS,
             config={
-                "num_key_value_heads": 1,
-                "query_pre_attn_scalar": 32,
-                "tie_word_embeddings": True,
+                **_GEMMA_CONFIG,
                 "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
                 "num_hidden_layers": 3,
             },

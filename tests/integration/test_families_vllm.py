@@ -100,7 +100,7 @@ def _gate_sees_a_dropped_softcap(m, scored: Path) -> None:
     sample = _parity_sample(str(scored), 8)
     with mock.patch("dpo_ray.models.exact_attention", return_value="sdpa"):
         dropped = parity_check(m.config, sample)
-    assert dropped["token_max_abs"] > 100 * 1e-4, dropped
+    assert dropped["token_max_abs"] > 10 * 1e-4, dropped  # the gate fails past 1e-4
 
 
 def _read(path: Path) -> list[dict]:
