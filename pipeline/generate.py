@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from dpo_ray.schema import GENERATIONS_SCHEMA, PAIRS_SCHEMA
+from pipeline import stage
 from pipeline.config import GenerateConfig
 from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, unwrap_user_error, write_dataset
 
@@ -173,17 +174,14 @@ def run(cfg: GenerateConfig) -> Manifest:
     from dpo_ray.rewards import RewardError
 
     prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
-    config = cfg.model_dump(mode="json")
     upstream = {"prompts": artifacts.manifest_sha256(cfg.prompts)}
-    existing = artifacts.complete_manifest(cfg.output, config, upstream)
-    if existing is not None:
-        print(f"generate: {cfg.output} is complete for this config and these prompts; skipped", flush=True)
-        return existing
+    build = stage.begin("pairs", cfg, upstream, cfg.output, also_clear=(cfg.generations,))
+    if isinstance(build, Manifest):
+        return build
+    config = build.config
     tok_fp = matching_tokenizer(cfg.policy, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
     fingerprints = {"tokenizer": tok_fp, "model": model_fingerprint(resolve_model_dir(cfg.policy))}
     prompts = unique_prompts(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
-    for uri in (cfg.generations, cfg.output):
-        artifacts.remove_artifact(uri)
     ensure_ray()
     t0 = time.perf_counter()
     vllm_resources: dict[str, Any] = {
@@ -246,7 +244,7 @@ def run(cfg: GenerateConfig) -> Manifest:
         "seconds": time.perf_counter() - t0,
     }
     stats["lineage"] = {"policy": cfg.policy, "generations": artifacts.manifest_sha256(cfg.generations)}
-    manifest = artifacts.write_manifest(cfg.output, "pairs", config, fingerprints, upstream, stats)
+    manifest = stage.finish(build, fingerprints, stats)
     print(
         f"generate: {len(prompts)} prompts x {cfg.n} samples, reward mean {gen_stats['reward_mean']:.3f}; "
         f"{n_pairs} pairs ({counts['ties']} ties dropped) -> {cfg.output}",

@@ -21,6 +21,7 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from dpo_ray.errors import UserError
 from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
+from pipeline import stage
 from pipeline.config import PrepareConfig
 from pipeline.runtime import ensure_ray, unwrap_user_error, write_dataset
 from pipeline.sources import InputError, inputs_fingerprint, read_records, resolve_inputs
@@ -192,17 +193,14 @@ def run(cfg: PrepareConfig) -> Manifest:
     from dpo_ray.models import load_tokenizer, tokenizer_fingerprint
 
     files = resolve_inputs(cfg.inputs, cfg.input_type)
-    config = cfg.model_dump(mode="json")
-    upstream = {"inputs": inputs_fingerprint(files)}
-    existing = artifacts.complete_manifest(cfg.output, config, upstream)
-    if existing is not None:
-        print(f"prepare: {cfg.output} is complete for this config and these inputs; skipped", flush=True)
-        return existing
+    build = stage.begin("pairs", cfg, {"inputs": inputs_fingerprint(files)}, cfg.output)
+    if isinstance(build, Manifest):
+        return build
+    config, upstream = build.config, build.upstream
     tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     if cfg.format == "conversational" and not getattr(tokenizer, "chat_template", None):
         raise PrepareError(f"prepare.format is conversational but tokenizer {cfg.tokenizer} has no chat template")
     fingerprints = {"tokenizer": tokenizer_fingerprint(tokenizer)}
-    artifacts.remove_artifact(cfg.output)  # an incomplete or outdated artifact is rewritten whole
     from ray.data import ActorPoolStrategy
 
     ensure_ray()
@@ -237,8 +235,6 @@ def run(cfg: PrepareConfig) -> Manifest:
     rejects = rejects_parts[0].union(*rejects_parts[1:]) if len(rejects_parts) > 1 else rejects_parts[0]
     rejects = rejects.materialize()
     rows_out, rows_rejected = pairs_full.count(), rejects.count()
-    if rows_in != rows_out + rows_rejected:
-        raise PrepareError(f"row accounting failed: {rows_in} in != {rows_out} pairs + {rows_rejected} rejects")
 
     rejects_uri = artifacts.join(cfg.output, "rejects")
     reject_counts = _reject_counts(rejects)
@@ -253,13 +249,7 @@ def run(cfg: PrepareConfig) -> Manifest:
         )
     write_dataset(pairs_full.select_columns(PAIRS_SCHEMA.names), cfg.output, PAIRS_SCHEMA, cfg.rows_per_shard)
     artifacts.check_shard_schemas(cfg.output, PAIRS_SCHEMA)
-    stats = {
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "rows_rejected": rows_rejected,
-        "rejects": reject_counts,
-        **_pair_stats(pairs_full),
-    }
-    manifest = artifacts.write_manifest(cfg.output, "pairs", config, fingerprints, upstream, stats)
+    stats = {"rejects": reject_counts, **_pair_stats(pairs_full)}
+    manifest = stage.finish(build, fingerprints, stats, accounting=(rows_in, rows_out, rows_rejected))
     print(_summary(manifest, rows_in, cfg.output), flush=True)
     return manifest

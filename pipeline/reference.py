@@ -25,6 +25,7 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from dpo_ray.errors import UserError
 from dpo_ray.schema import REJECTS_SCHEMA, SCORED_SCHEMA
+from pipeline import stage
 from pipeline.config import ReferenceConfig
 from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
 
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ParityError", "run"]
 
-_PROGRESS = "_progress.json"
 
 
 class ParityError(UserError, RuntimeError):
@@ -176,23 +176,6 @@ def _parity_sample(output: str, k: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _start_or_resume(cfg: ReferenceConfig, config: dict[str, Any], upstream: dict[str, str]) -> None:
-    """Keep shards of an interrupted run with the same config and upstream; otherwise start clean."""
-    fs, path = artifacts.artifact_fs(cfg.output)
-    progress = artifacts.join(path, _PROGRESS)
-    state = {"config": config, "upstream": upstream}
-    if fs.exists(progress):
-        with fs.open(progress, "r") as f:
-            if json.load(f) == json.loads(json.dumps(state)):
-                for tmp in fs.glob(artifacts.join(path, "**", ".tmp-*")):
-                    fs.rm(tmp)
-                return
-    artifacts.remove_artifact(cfg.output)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(progress, "w") as f:
-        json.dump(state, f)
-
-
 def run(cfg: ReferenceConfig) -> Manifest:
     """Run the reference stage; resumes an interrupted run, skips a complete one."""
     import ray
@@ -201,17 +184,14 @@ def run(cfg: ReferenceConfig) -> Manifest:
     from dpo_ray.models import model_fingerprint, resolve_model_dir
 
     pairs_manifest = artifacts.require_complete(cfg.pairs, "pairs")
-    config = cfg.model_dump(mode="json")
-    upstream = {"pairs": artifacts.manifest_sha256(cfg.pairs)}
-    existing = artifacts.complete_manifest(cfg.output, config, upstream)
-    if existing is not None:
-        print(f"reference: {cfg.output} is complete for this config and these pairs; skipped", flush=True)
-        return existing
+    build = stage.begin("scored", cfg, {"pairs": artifacts.manifest_sha256(cfg.pairs)}, cfg.output, resumable=True)
+    if isinstance(build, Manifest):
+        return build
+    config = build.config
     fingerprints = {
         "tokenizer": matching_tokenizer(cfg.model, pairs_manifest, cfg.pairs, cfg.trust_remote_code),
         "model": model_fingerprint(resolve_model_dir(cfg.model)),
     }
-    _start_or_resume(cfg, config, upstream)
     units = _units(cfg.pairs, pairs_manifest, cfg.rows_per_unit)
     done = set(artifacts.list_shards(cfg.output))
     pending = [u for u in units if u["name"] not in done]
@@ -231,13 +211,12 @@ def run(cfg: ReferenceConfig) -> Manifest:
         )
         summaries = ds.take_all()
     seconds = time.perf_counter() - t0
-    return _finish(cfg, config, upstream, fingerprints, pairs_manifest, units, summaries, seconds)
+    return _finish(cfg, build, fingerprints, pairs_manifest, units, summaries, seconds)
 
 
 def _finish(
     cfg: ReferenceConfig,
-    config: dict[str, Any],
-    upstream: dict[str, str],
+    build: stage.Build,
     fingerprints: dict[str, str],
     pairs_manifest: Manifest,
     units: list[dict[str, Any]],
@@ -254,8 +233,7 @@ def _finish(
     scored_shards = [s for s in artifacts.shard_infos(cfg.output) if s.file in set(names)]
     reject_shards = [s for s in artifacts.shard_infos(rejects_uri) if s.file in set(names)]
     rows_out, rows_rejected = sum(s.rows for s in scored_shards), sum(s.rows for s in reject_shards)
-    if rows_out + rows_rejected != pairs_manifest.rows:
-        raise RuntimeError(f"row accounting failed: {pairs_manifest.rows} pairs != {rows_out} + {rows_rejected}")
+    config = build.config
     artifacts.check_shard_schemas(cfg.output, SCORED_SCHEMA)  # SCORED_SCHEMA includes every pairs column
     parity: dict[str, Any] = {"skipped": "backend hf is itself the transformers forward"}
     if cfg.backend == "vllm" and cfg.parity_samples > 0 and rows_out > 0:
@@ -279,9 +257,6 @@ def _finish(
             )
     tokens = sum(s["tokens"] for s in summaries)
     stats = {
-        "rows_in": pairs_manifest.rows,
-        "rows_out": rows_out,
-        "rows_rejected": rows_rejected,
         "rejects": {"too_long": rows_rejected} if rows_rejected else {},
         "parity": parity,
         "units": len(units),
@@ -290,10 +265,9 @@ def _finish(
         "tokens_per_sec_this_run": tokens / seconds if summaries and seconds > 0 else None,
         "backend": cfg.backend,
     }
-    artifacts.write_manifest(rejects_uri, "rejects", config, fingerprints, upstream, {}, shards=reject_shards)
-    manifest = artifacts.write_manifest(
-        cfg.output, "scored", config, fingerprints, upstream, stats, shards=scored_shards
-    )
+    artifacts.write_manifest(rejects_uri, "rejects", config, fingerprints, build.upstream, {}, shards=reject_shards)
+    accounting = (pairs_manifest.rows, rows_out, rows_rejected)
+    manifest = stage.finish(build, fingerprints, stats, accounting=accounting, shards=scored_shards)
     print(
         f"reference: {pairs_manifest.rows} pairs -> {rows_out} scored, {rows_rejected} rejected (too_long); "
         f"{len(summaries)}/{len(units)} units scored this run, {tokens} tokens in {seconds:.1f}s -> {cfg.output}",

@@ -17,6 +17,7 @@ from typing import Any
 from dpo_ray import artifacts
 from dpo_ray.artifacts import ArtifactError, Manifest
 from dpo_ray.errors import UserError
+from pipeline import stage
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.runtime import ensure_ray, matching_tokenizer
 
@@ -166,12 +167,11 @@ def run(cfg: TrainConfig) -> Manifest:
     from dpo_ray.train_loop import worker_loop
 
     scored = artifacts.require_complete(cfg.scored, "scored")
-    config = cfg.model_dump(mode="json")
-    upstream = {"scored": artifacts.manifest_sha256(cfg.scored)}
-    existing = artifacts.complete_manifest(cfg.export, config, upstream)
-    if existing is not None:
-        print(f"train: {cfg.export} is complete for this config and scored artifact; skipped", flush=True)
-        return existing
+    # The export is rewritten whole by rank 0 at the end; checkpoints resume by run name (_claim_run_name).
+    build = stage.begin("model", cfg, {"scored": artifacts.manifest_sha256(cfg.scored)}, cfg.export)
+    if isinstance(build, Manifest):
+        return build
+    config, upstream = build.config, build.upstream
     tok_fp = matching_tokenizer(cfg.model, scored, cfg.scored, cfg.trust_remote_code)
     batching = _batching(cfg)
     starts_from_reference = model_fingerprint(resolve_model_dir(cfg.model)) == scored.fingerprints.get("model")
@@ -225,6 +225,6 @@ def run(cfg: TrainConfig) -> Manifest:
         "policy_started_from_reference": starts_from_reference,
     }
     lineage = {**upstream, "scored_path": cfg.scored}
-    manifest = artifacts.write_manifest(cfg.export, "model", config, fingerprints, upstream, {**stats, **lineage}, [])
+    manifest = stage.finish(build, fingerprints, {**stats, **lineage}, shards=[])
     print(f"train: exported {cfg.export} (final loss {(result.metrics or {}).get('loss')})", flush=True)
     return manifest
