@@ -9,8 +9,9 @@
 - Preference accuracy of the policy's implicit reward on eval pairs of the `scored` artifact:
   the share of pairs with (log π − log πref)(chosen) > (log π − log πref)(rejected).
 
-Skipped when <output>/eval.json exists for the same config and the same models, prompts and scored pairs
-(by fingerprint), so a rerun of `run` does not evaluate again.
+Writes an `eval` artifact: its manifest's stats are the evaluation (eval.json, samples and plots beside it).
+Skipped, like every stage (pipeline.stage), when that artifact is complete for the same config and the same
+models, prompts and scored pairs (by fingerprint), so a rerun of `run` does not evaluate again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from dpo_ray import artifacts
+from dpo_ray.artifacts import Manifest
+from pipeline import stage
 from pipeline.config import EvaluateConfig
 from pipeline.generate import unique_prompts
 from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
@@ -147,19 +150,9 @@ def _plots(cfg: EvaluateConfig, policy_rewards: list[float], ref_rewards: list[f
     return [*written, "rewards.png"]
 
 
-def _previous_result(fs: Any, path: str) -> dict[str, Any] | None:
-    if not fs.exists(path):
-        return None
-    try:
-        with fs.open(path, "r") as f:
-            loaded = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
-
-
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate the policy against the reference; writes <output>/eval.json and returns its content."""
+    """Evaluate the policy against the reference: an `eval` artifact (manifest stats = the evaluation; eval.json,
+    samples and plots beside it). Returns the evaluation."""
     import fsspec
     import ray
 
@@ -169,18 +162,18 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
     for model in (cfg.policy, cfg.reference):
         matching_tokenizer(model, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
-    config = cfg.model_dump(mode="json")
-    inputs = {
+    inputs: dict[str, str | None] = {
         "policy": model_fingerprint(resolve_model_dir(cfg.policy)),
         "reference": model_fingerprint(resolve_model_dir(cfg.reference)),
         "prompts": artifacts.manifest_sha256(cfg.prompts),
         "scored": artifacts.manifest_sha256(cfg.scored) if cfg.max_eval_pairs else None,
     }
+    # The models' fingerprints are part of the identity: a retrained policy at the same path is evaluated anew.
+    build = stage.begin("eval", cfg, {k: v for k, v in inputs.items() if v is not None}, cfg.output)
+    if isinstance(build, Manifest):
+        return build.stats
+    config = build.config
     fs, out = fsspec.core.url_to_fs(cfg.output)
-    previous = _previous_result(fs, f"{out}/eval.json")
-    if previous is not None and previous.get("config") == config and previous.get("inputs") == inputs:
-        print(f"evaluate: {cfg.output}/eval.json is complete for this config and these models; skipped", flush=True)
-        return previous
     prompts = unique_prompts(cfg.prompts, prompts_manifest, "eval", cfg.max_prompts)
     if not prompts:
         prompts = unique_prompts(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
@@ -250,9 +243,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     with fs.open(f"{out}/policy_samples.jsonl", "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
     result["plots"] = _plots(cfg, pol_rewards, ref_rewards)
-    with fs.open(f"{out}/eval.json.tmp", "w") as f:  # eval.json appears complete or not at all
+    with fs.open(f"{out}/eval.json", "w") as f:  # for people; the manifest (written last) is the record
         json.dump(result, f, indent=2)
-    fs.mv(f"{out}/eval.json.tmp", f"{out}/eval.json")
+    models = {"policy": build.upstream["policy"], "reference": build.upstream["reference"]}
+    stage.finish(build, models, result, shards=[])
     print(
         f"evaluate: reward policy {result['policy']['reward_mean']:.3f} vs reference "
         f"{result['reference']['reward_mean']:.3f}, KL {result['kl']:.3f}, win rate {result['win_rate']:.2f}, "

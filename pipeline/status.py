@@ -2,14 +2,13 @@
 
 `dpo-ray status --config X.yaml` walks the stages `run` would execute for that config (every round and
 β-sweep point) and reads each one's output: a `manifest.json` (complete, with rows, shards, fingerprints
-and upstream identities) or, for evaluate, `eval.json`. Lineage: each upstream identity and model
+and upstream identities; for evaluate, the evaluation's headline numbers). Lineage: each upstream identity and model
 fingerprint is matched to the artifact of this run that has it, so the printout says which artifact
 (and which trained policy) each one was made from. Nothing is computed or started; Ray is not needed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -31,22 +30,6 @@ def _outputs(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
             found.append((p.label.replace("/generate", "/generations"), p.stage, p.outputs[0]))
         found.append((p.label, p.stage, p.output))
     return found
-
-
-def _eval_state(uri: str) -> dict[str, Any]:
-    fs, path = artifacts.artifact_fs(uri)
-    target = artifacts.join(path, "eval.json")
-    if not fs.exists(target):
-        return {"state": "absent" if not fs.exists(path) else "incomplete"}
-    with fs.open(target, "r") as f:
-        ev = json.load(f)
-    return {
-        "state": "complete",
-        "kind": "eval",
-        "summary": f"reward {ev['policy']['reward_mean']:+.3f} (πref {ev['reference']['reward_mean']:+.3f}), "
-        f"KL {ev['kl']:.2f}, win rate {ev['win_rate']:.2f}",
-        "inputs": ev.get("inputs", {}),
-    }
 
 
 def _initial_models(cfg: PipelineConfig) -> dict[str, str]:
@@ -73,39 +56,43 @@ def collect(cfg: PipelineConfig) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for label, stage, uri in _outputs(cfg):
         row: dict[str, Any] = {"label": label, "stage": stage, "uri": uri}
-        if stage == "evaluate":
-            row |= _eval_state(uri)
+        manifest = artifacts.read_manifest(uri)
+        fs, path = artifacts.artifact_fs(uri)
+        if manifest is None:
+            row["state"] = "incomplete" if fs.exists(path) else "absent"
         else:
-            manifest = artifacts.read_manifest(uri)
-            fs, path = artifacts.artifact_fs(uri)
-            if manifest is None:
-                row["state"] = "incomplete" if fs.exists(path) else "absent"
-            else:
-                row |= {
-                    "state": "complete",
-                    "kind": manifest.kind,
-                    "rows": manifest.rows,
-                    "shards": len(manifest.shards),
-                    "fingerprints": manifest.fingerprints,
-                    "upstream": manifest.upstream,
-                    "identity": artifacts.manifest_sha256(uri),
-                    "created_at": manifest.created_at,
-                }
+            row |= {
+                "state": "complete",
+                "kind": manifest.kind,
+                "rows": manifest.rows,
+                "shards": len(manifest.shards),
+                "fingerprints": manifest.fingerprints,
+                "upstream": manifest.upstream,
+                "identity": artifacts.manifest_sha256(uri),
+                "created_at": manifest.created_at,
+            }
+            if manifest.kind == "eval":
+                ev = manifest.stats
+                row["summary"] = (
+                    f"reward {ev['policy']['reward_mean']:+.3f} (πref {ev['reference']['reward_mean']:+.3f}), "
+                    f"KL {ev['kl']:.2f}, win rate {ev['win_rate']:.2f}"
+                )
         rows.append(row)
     # Lineage: which artifact of this run has each upstream identity / which export has each model fingerprint.
     by_identity = {r["identity"]: r["label"] for r in rows if "identity" in r}
     by_model = _initial_models(cfg) | {r["fingerprints"]["model"]: r["label"] for r in rows if r.get("kind") == "model"}
     for r in rows:
-        lineage = {
-            k: by_identity.get(v, f"{v[:12]} ({'the input files' if k == 'inputs' else 'not from this run'})")
-            for k, v in r.get("upstream", {}).items()
-        }
+        lineage = {}
+        for k, v in r.get("upstream", {}).items():
+            if k in ("policy", "reference"):  # an eval artifact's models, by fingerprint
+                lineage[k] = by_model.get(v, f"{v[:12]} (a model from outside this run)")
+            else:
+                lineage[k] = by_identity.get(
+                    v, f"{v[:12]} ({'the input files' if k == 'inputs' else 'not from this run'})"
+                )
         model = r.get("fingerprints", {}).get("model")
         if model and r.get("kind") != "model":
             lineage["model"] = by_model.get(model, f"{model[:12]} (a model from outside this run)")
-        for k, v in r.get("inputs", {}).items():
-            if k in ("policy", "reference") and v:
-                lineage[k] = by_model.get(v, f"{v[:12]} (a model from outside this run)")
         if lineage:
             r["lineage"] = lineage
     return rows

@@ -1,6 +1,6 @@
 """The run's summary: one row per evaluated policy (round, β) → summary.json, summary.md, reward_vs_kl.png.
 
-Reads the eval.json files the evaluate stage wrote; prints the table. The plot is the DPO paper's Figure-2
+Reads the `eval` artifacts the evaluate stage wrote; prints the table. The plot is the DPO paper's Figure-2
 analogue: each policy's mean reward against its KL(π‖πref) estimate, the reference at KL 0.
 """
 
@@ -10,6 +10,8 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Any
+
+from dpo_ray import artifacts
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +29,9 @@ class EvalPoint:
 
 
 def _read(uri: str) -> dict[str, Any] | None:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(f"{uri}/eval.json")
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        result: dict[str, Any] = json.load(f)
-    return result
+    """The evaluation recorded by a complete `eval` artifact, or None."""
+    manifest = artifacts.read_manifest(uri)
+    return manifest.stats if manifest is not None and manifest.kind == "eval" else None
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -66,7 +63,7 @@ def summarize(points: list[EvalPoint], run_dir: str) -> dict[str, Any]:
     for p in points:
         ev = _read(p.eval_dir)
         if ev is None:
-            logger.warning("summary: %s/eval.json is missing; %s left out", p.eval_dir, p.label)
+            logger.warning("summary: %s is not a complete eval artifact; %s left out", p.eval_dir, p.label)
             continue
         if reference is None:
             reference = {

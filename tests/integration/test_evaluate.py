@@ -72,6 +72,13 @@ def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path):
     assert saved["kl"] == pytest.approx(result["kl"])
     assert {"training_curves.png", "rewards.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}
     assert 0 <= result["win_rate"] <= 1 and result["prompts"] == 12
+    # An `eval` artifact like every stage's: the manifest records the evaluation; a rerun is skipped.
+    from dpo_ray.artifacts import read_manifest
+
+    manifest = read_manifest(str(tmp_path / "eval"))
+    assert manifest is not None and manifest.kind == "eval" and manifest.stats["kl"] == pytest.approx(result["kl"])
+    assert set(manifest.upstream) == {"policy", "reference", "prompts", "scored"}
+    assert evaluate(cfg) == manifest.stats
 
     policy, ref = load_causal_lm(policy_dir), load_causal_lm(ref_dir)
     samples = [json.loads(line) for line in (tmp_path / "eval" / "policy_samples.jsonl").read_text().splitlines()]
