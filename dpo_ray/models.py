@@ -28,6 +28,7 @@ __all__ = [
     "load_causal_lm",
     "load_tokenizer",
     "model_fingerprint",
+    "ref_kind",
     "resolve_model_dir",
     "tokenizer_fingerprint",
     "train_bpe_tokenizer",
@@ -42,6 +43,17 @@ def _default_cache_dir() -> Path:
     return Path(os.environ.get("DPO_RAY_CACHE", Path.home() / ".cache" / "dpo_ray")) / "models"
 
 
+def ref_kind(ref: str) -> str:
+    """The one rule for what a model/tokenizer/input reference is: "uri" (scheme://, file:// aside),
+    "local" (exists, starts with ".", "/" or "~", or has two or more slashes: not a hub org/name), or "hub"."""
+    if "://" in ref and not ref.startswith("file://"):
+        return "uri"
+    path = ref.removeprefix("file://")
+    if os.path.exists(os.path.expanduser(path)) or path.startswith((".", "/", "~")) or path.count("/") >= 2:
+        return "local"
+    return "hub"
+
+
 def resolve_model_dir(ref: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """A local directory holding the model or tokenizer `ref` names (see the module docstring)."""
     ref = str(ref)
@@ -49,7 +61,8 @@ def resolve_model_dir(ref: str | os.PathLike[str], cache_dir: str | os.PathLike[
     if local.is_dir():
         return local
     cache = Path(cache_dir) if cache_dir else _default_cache_dir()
-    if "://" in ref:
+    kind = ref_kind(ref)
+    if kind == "uri":
         import fsspec
 
         target = cache / hashlib.sha256(ref.encode()).hexdigest()[:16]
@@ -64,7 +77,7 @@ def resolve_model_dir(ref: str | os.PathLike[str], cache_dir: str | os.PathLike[
                 fs.get(remote, str(dest))
             (target / ".complete").touch()
         return target
-    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+    if kind == "local":
         raise FileNotFoundError(f"model {ref!r}: no such directory")
     from huggingface_hub import snapshot_download
 

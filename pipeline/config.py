@@ -75,10 +75,10 @@ def _absolute(path: str) -> str:
 
 
 def _absolute_ref(ref: str) -> str:
-    """Like _absolute for what is a local path: it exists, starts with . or ~, or has 2+ slashes (not org/name)."""
-    if "://" in ref or not (os.path.exists(ref) or ref.startswith((".", "~")) or ref.count("/") >= 2):
-        return ref
-    return _absolute(ref)
+    """Like _absolute for a reference that is a local path (dpo_ray.models.ref_kind); URIs and hub ids unchanged."""
+    from dpo_ray.models import ref_kind
+
+    return _absolute(ref) if ref_kind(ref) == "local" and not ref.startswith("file://") else ref
 
 
 class StrictModel(BaseModel):

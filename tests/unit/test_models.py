@@ -92,3 +92,24 @@ def test_a_chat_template_change_changes_the_tokenizer_fingerprint(family_dirs):
     tok.chat_template = tok.chat_template.replace("<|im_end|>", "<|im_end|><|im_end|>", 1)
     assert tokenizer_fingerprint(tok) != before
     assert tokenizer_fingerprint(load_tokenizer(family_dirs["qwen2"])) == before
+
+
+def test_one_rule_for_local_paths_uris_and_hub_ids(tmp_path):
+    from dpo_ray.models import ref_kind
+    from pipeline.config import _absolute_ref
+
+    cases = {
+        "meta-llama/Llama-3.1-8B-Instruct": "hub",
+        "gpt2": "hub",
+        "s3://bucket/model": "uri",
+        "gs://b/m": "uri",
+        "./model": "local",
+        "/abs/model": "local",
+        "~/model": "local",
+        "runs/demo/assets/model": "local",
+        str(tmp_path): "local",
+        f"file://{tmp_path}": "local",
+    }
+    assert {ref: ref_kind(ref) for ref in cases} == cases
+    assert _absolute_ref("gpt2") == "gpt2" and _absolute_ref("s3://b/m") == "s3://b/m"
+    assert _absolute_ref("./model").startswith("/")
