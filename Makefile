@@ -34,7 +34,7 @@ demo: install
 test: lint typecheck
 	$(PY) -m pytest -q -ra --durations=15 -m "not families" tests
 
-# The vLLM reference parity gate on every model family (one engine start each, ~8 minutes); CI runs it after `test`.
+# The vLLM reference parity gate on every model family (one engine start each, ~14 minutes); CI runs it after `test`.
 test-families: install
 	$(PY) -m pytest -q -ra -m families tests/integration/test_families_vllm.py
 
