@@ -57,7 +57,12 @@ def read_split(files: Sequence[str], split: str, columns: Sequence[str] = TRAIN_
     out: dict[str, Any] = {}
     for c in columns:
         col = table[c]
-        out[c] = np.array(col.to_pylist() + [None], dtype=object)[:-1] if pa.types.is_list(col.type) else col.to_numpy()
+        if pa.types.is_list(col.type):
+            # A 1-D object array of lists: np.array(lists) would make a 2-D array when the lengths agree.
+            out[c] = np.empty(table.num_rows, dtype=object)
+            out[c][:] = col.to_pylist()
+        else:
+            out[c] = col.to_numpy()
     return out
 
 

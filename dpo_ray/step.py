@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from dpo_ray.batching import (
     PairLogps,
     PairTokens,
     collate_padded,
-    computed_tokens,
+    completion_logps,
     plan_micro_batches,
     policy_logps,
 )
@@ -134,31 +133,20 @@ class BatchingMode:
     """How one batching mode lays out and computes a micro-batch (dpo_ray.batching's module docstring).
 
     collate: (pairs, pad_token_id) → a batch with `.to(device)`; logps: (model, batch, chunk_tokens) →
-    PairLogps; cost: pairs → tokens one forward computes (the micro-batch planner's budget unit);
-    segment_attention: the model needs dpo_ray.packing's attention function switched on.
+    PairLogps; segment_attention: the model needs dpo_ray.packing's attention function switched on. Each
+    mode's cost (tokens a forward computes, the planner's budget unit) is dpo_ray.batching.computed_tokens.
     """
 
     collate: Callable[[Sequence[PairTokens], int], Any]
     logps: Callable[[Any, Any, int], PairLogps]
-    cost: Callable[[Sequence[PairTokens]], int]
     segment_attention: bool
 
 
 MODES: dict[str, BatchingMode] = {
-    "padded": BatchingMode(
-        collate_padded, policy_logps, functools.partial(computed_tokens, mode="padded"), segment_attention=False
-    ),
-    "packed": BatchingMode(
-        lambda pairs, pad: collate_packed(pairs),
-        segment_logps,
-        functools.partial(computed_tokens, mode="packed"),
-        segment_attention=True,
-    ),
+    "padded": BatchingMode(collate_padded, policy_logps, segment_attention=False),
+    "packed": BatchingMode(lambda pairs, pad: collate_packed(pairs), segment_logps, segment_attention=True),
     "prefix_shared": BatchingMode(
-        lambda pairs, pad: collate_prefix_shared(pairs),
-        segment_logps,
-        functools.partial(computed_tokens, mode="prefix_shared"),
-        segment_attention=True,
+        lambda pairs, pad: collate_prefix_shared(pairs), segment_logps, segment_attention=True
     ),
 }
 assert tuple(MODES) == BATCHING
@@ -318,11 +306,8 @@ def batching_mismatch(
     sliding window it ignores, a softcap, an attention variant nobody listed) shows up as a difference.
     Returns a message naming the largest difference (nats per sequence), or None when within `tolerance`.
     """
-    from dpo_ray.logps import token_logps
-
     implementation = model.config._attn_implementation
     s = dataclasses.replace(settings, autocast_dtype=None)
-    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -332,17 +317,19 @@ def batching_mismatch(
                 batched = _micro_batch_logps(model, StepBatch(pairs, zero, zero), s)
             except UnsupportedAttention as e:
                 return f"batching {settings.batching!r}: {e}"
-            model.set_attn_implementation("eager")
-            want = []
-            for side in (0, 1):
-                for p in pairs:
-                    completion = p.chosen_ids if side == 0 else p.rejected_ids
-                    ids = torch.tensor([[*p.prompt_ids, *completion]], device=device)
-                    lp = token_logps(model(input_ids=ids, use_cache=False).logits, ids)[0, len(p.prompt_ids) :]
-                    want.append(float(lp.sum()))
+        model.set_attn_implementation("eager")
+        # token_budget 1: every sequence is a forward of its own (no padding, no neighbours).
+        unbatched = completion_logps(
+            model,
+            [p.prompt_ids for p in pairs] * 2,
+            [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+            settings.pad_token_id,
+            token_budget=1,
+        )
     finally:
         model.set_attn_implementation(implementation)
         model.train(was_training)
+    want = [sum(lp) for lp in unbatched]
     got = torch.cat([batched.chosen, batched.rejected]).double().cpu()
     worst = float((got - torch.tensor(want, dtype=torch.float64)).abs().max())
     if worst <= tolerance:

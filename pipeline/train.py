@@ -135,25 +135,27 @@ def _batching(cfg: TrainConfig) -> str:
     return "padded"
 
 
-def _clear_error(output: str) -> None:
+def _error_file(output: str) -> tuple[Any, str]:
+    """(filesystem, path) of the file where the workers record why they stopped the run on purpose."""
     import fsspec
 
     from dpo_ray.train_loop import ERROR_FILE
 
     fs, path = fsspec.core.url_to_fs(output)
-    if fs.exists(f"{path}/{ERROR_FILE}"):
-        fs.rm(f"{path}/{ERROR_FILE}")
+    return fs, f"{path}/{ERROR_FILE}"
+
+
+def _clear_error(output: str) -> None:
+    fs, path = _error_file(output)
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def _raise_recorded_error(output: str) -> None:
     """The workers stopped on a failed check: report it as a user error (exit 2, no traceback)."""
-    import fsspec
-
-    from dpo_ray.train_loop import ERROR_FILE
-
-    fs, path = fsspec.core.url_to_fs(output)
-    if fs.exists(f"{path}/{ERROR_FILE}"):
-        with fs.open(f"{path}/{ERROR_FILE}", "r") as f:
+    fs, path = _error_file(output)
+    if fs.exists(path):
+        with fs.open(path, "r") as f:
             raise TrainCheckError(f"train stopped: {json.load(f)['error']}")
 
 
