@@ -27,7 +27,6 @@ STAGES = {
 }
 
 
-
 def _stage_config(cfg: PipelineConfig, section: str) -> Any:
     stage_cfg = getattr(cfg, section)
     if stage_cfg is None:

@@ -268,6 +268,7 @@ class GenerateConfig(VllmConfig):
     margin: float = Field(0.0, ge=0, description="margin strategy: minimum reward gap.")
     max_pairs_per_prompt: int = Field(1, ge=1, description="margin/all_pairs: at most this many pairs per prompt.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of new pairs in the eval split.")
+    prompts_per_unit: int = Field(64, ge=1, description="Prompts per unit of work; a unit is the resume granularity.")
     generations: str = Field("", description="Output `generations` artifact; default <run_dir>/generations.")
     output: str = Field("", description="Output `pairs` artifact; default <run_dir>/generated_pairs.")
 

@@ -24,10 +24,9 @@ import numpy as np
 
 from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
-from pipeline import stage
+from pipeline import console, stage
 from pipeline.config import EvaluateConfig
-from pipeline.generate import unique_prompts
-from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
+from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, unique_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -153,104 +152,127 @@ def _plots(cfg: EvaluateConfig, policy_rewards: list[float], ref_rewards: list[f
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate the policy against the reference: an `eval` artifact (manifest stats = the evaluation; eval.json,
     samples and plots beside it). Returns the evaluation."""
-    import fsspec
-    import ray
-
-    from dpo_ray.models import model_fingerprint, resolve_model_dir
     from dpo_ray.rewards import load_reward, score
 
     prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
-    for model in (cfg.policy, cfg.reference):
-        matching_tokenizer(model, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
-    inputs: dict[str, str | None] = {
-        "policy": model_fingerprint(resolve_model_dir(cfg.policy)),
-        "reference": model_fingerprint(resolve_model_dir(cfg.reference)),
-        "prompts": artifacts.manifest_sha256(cfg.prompts),
-        "scored": artifacts.manifest_sha256(cfg.scored) if cfg.max_eval_pairs else None,
-    }
+    inputs = _inputs(cfg, prompts_manifest)
     # The models' fingerprints are part of the identity: a retrained policy at the same path is evaluated anew.
     build = stage.begin("eval", cfg, {k: v for k, v in inputs.items() if v is not None}, cfg.output)
     if isinstance(build, Manifest):
         return build.stats
-    config = build.config
-    fs, out = fsspec.core.url_to_fs(cfg.output)
     prompts = unique_prompts(cfg.prompts, prompts_manifest, "eval", cfg.max_prompts)
     if not prompts:
         prompts = unique_prompts(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
         logger.warning("evaluate: %s has no eval split; using train prompts", cfg.prompts)
     ensure_ray()
-    # Both engines start at once (one actor each, with the configured resources).
-    actor = ray.remote(_Model).options(
-        num_gpus=cfg.num_gpus_per_actor or None,
-        num_cpus=cfg.num_cpus_per_actor,
-        accelerator_type=cfg.accelerator_type,
-    )
-    policy_model: Any = actor.remote(config, cfg.policy)
-    ref_model: Any = actor.remote(config, cfg.reference)
     ids = [p["prompt_ids"] for p in prompts]
-    policy_samples, ref_samples = ray.get([policy_model.sample.remote(ids), ref_model.sample.remote(ids)])
-    ray.kill(policy_model)
+    policy_samples, ref_samples, ref_logps = _sample_both(cfg, build.config, ids)
     flat = [s for group in policy_samples for s in group]
-    ref_logps = ray.get(ref_model.score.remote([p for p in ids for _ in range(cfg.n)], [s["ids"] for s in flat]))
-    ray.kill(ref_model)
-    preference: dict[str, Any] = {"pairs": 0, "accuracy": None}
-    if cfg.max_eval_pairs:
-        task = ray.remote(_preference_accuracy).options(
-            num_gpus=cfg.num_gpus_per_actor or None,
-            num_cpus=cfg.num_cpus_per_actor,
-            accelerator_type=cfg.accelerator_type,
-        )
-        preference = ray.get(task.remote(config))
     texts = [p["prompt"] for p in prompts for _ in range(cfg.n)]
     fn = load_reward(cfg.reward)
     pol_rewards = score(fn, cfg.reward, texts, [s["text"] for s in flat])
     ref_rewards = score(fn, cfg.reward, texts, [s["text"] for g in ref_samples for s in g])
-    kl_terms = np.array([s["logp"] for s in flat]) - np.array(ref_logps)
-    wins = np.sign(np.array(pol_rewards) - np.array(ref_rewards))
-    result: dict[str, Any] = {
-        "prompts": len(prompts),
-        "samples_per_prompt": cfg.n,
-        "policy": {
-            "reward_mean": float(np.mean(pol_rewards)),
-            "reward_std": float(np.std(pol_rewards)),
-            "positive_fraction": float(np.mean(np.array(pol_rewards) > 0)),
-        },
-        "reference": {
-            "reward_mean": float(np.mean(ref_rewards)),
-            "reward_std": float(np.std(ref_rewards)),
-            "positive_fraction": float(np.mean(np.array(ref_rewards) > 0)),
-        },
-        "kl": float(kl_terms.mean()),
-        "kl_stderr": float(kl_terms.std(ddof=1) / np.sqrt(len(kl_terms))) if len(kl_terms) > 1 else None,
-        "win_rate": float(((wins > 0) + 0.5 * (wins == 0)).mean()),
-        "preference": preference,
-        "reward": cfg.reward,
-        "config": config,
-        "inputs": inputs,
-    }
-    fs.makedirs(out, exist_ok=True)
+    result = _evaluation(cfg, len(prompts), flat, ref_logps, pol_rewards, ref_rewards)
+    result |= {"preference": _preference(cfg, build.config), "config": build.config, "inputs": inputs}
     samples = [
-        {
-            "prompt_ids": p,
-            "completion_ids": s["ids"],
-            "completion": s["text"],
-            "policy_logp": s["logp"],
-            "ref_logp": r,
-            "reward": w,
-        }
+        {"prompt_ids": p, "completion_ids": s["ids"], "completion": s["text"], "policy_logp": s["logp"]}
+        | {"ref_logp": r, "reward": w}
         for p, s, r, w in zip([x for x in ids for _ in range(cfg.n)], flat, ref_logps, pol_rewards, strict=True)
     ]
+    fs, out = artifacts.artifact_fs(cfg.output)
+    fs.makedirs(out, exist_ok=True)
     with fs.open(f"{out}/policy_samples.jsonl", "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
     result["plots"] = _plots(cfg, pol_rewards, ref_rewards)
     with fs.open(f"{out}/eval.json", "w") as f:  # for people; the manifest (written last) is the record
         json.dump(result, f, indent=2)
-    models = {"policy": build.upstream["policy"], "reference": build.upstream["reference"]}
-    stage.finish(build, models, result, shards=[])
-    print(
+    stage.finish(
+        build, {"policy": build.upstream["policy"], "reference": build.upstream["reference"]}, result, shards=[]
+    )
+    console.result(
         f"evaluate: reward policy {result['policy']['reward_mean']:.3f} vs reference "
         f"{result['reference']['reward_mean']:.3f}, KL {result['kl']:.3f}, win rate {result['win_rate']:.2f}, "
-        f"preference accuracy {result['preference']['accuracy']} -> {cfg.output}/eval.json",
-        flush=True,
+        f"preference accuracy {result['preference']['accuracy']} -> {cfg.output}/eval.json"
     )
     return result
+
+
+def _inputs(cfg: EvaluateConfig, prompts_manifest: Manifest) -> dict[str, str | None]:
+    """The evaluation's identity: both models' fingerprints, the prompts and the scored pairs (manifest hashes)."""
+    from dpo_ray.models import model_fingerprint, resolve_model_dir
+
+    for model in (cfg.policy, cfg.reference):
+        matching_tokenizer(model, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
+    return {
+        "policy": model_fingerprint(resolve_model_dir(cfg.policy)),
+        "reference": model_fingerprint(resolve_model_dir(cfg.reference)),
+        "prompts": artifacts.manifest_sha256(cfg.prompts),
+        "scored": artifacts.manifest_sha256(cfg.scored) if cfg.max_eval_pairs else None,
+    }
+
+
+def _resources(cfg: EvaluateConfig) -> dict[str, Any]:
+    return {
+        "num_gpus": cfg.num_gpus_per_actor or None,
+        "num_cpus": cfg.num_cpus_per_actor,
+        "accelerator_type": cfg.accelerator_type,
+    }
+
+
+def _sample_both(
+    cfg: EvaluateConfig, config: dict[str, Any], ids: list[list[int]]
+) -> tuple[list[Any], list[Any], list[float]]:
+    """Policy and reference samples (both engines start at once, one actor each), and the reference's log-probs
+    of the policy's samples."""
+    import ray
+
+    actor = ray.remote(_Model).options(**_resources(cfg))
+    policy_model: Any = actor.remote(config, cfg.policy)
+    ref_model: Any = actor.remote(config, cfg.reference)
+    policy_samples, ref_samples = ray.get([policy_model.sample.remote(ids), ref_model.sample.remote(ids)])
+    ray.kill(policy_model)
+    flat = [s for group in policy_samples for s in group]
+    ref_logps = ray.get(ref_model.score.remote([p for p in ids for _ in range(cfg.n)], [s["ids"] for s in flat]))
+    ray.kill(ref_model)
+    return policy_samples, ref_samples, ref_logps
+
+
+def _preference(cfg: EvaluateConfig, config: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    if not cfg.max_eval_pairs:
+        return {"pairs": 0, "accuracy": None}
+    task = ray.remote(_preference_accuracy).options(**_resources(cfg))
+    found: dict[str, Any] = ray.get(task.remote(config))
+    return found
+
+
+def _evaluation(
+    cfg: EvaluateConfig,
+    n_prompts: int,
+    flat: list[dict[str, Any]],
+    ref_logps: list[float],
+    pol_rewards: list[float],
+    ref_rewards: list[float],
+) -> dict[str, Any]:
+    """Rewards of both models, the KL estimate and the win rate (see the module docstring)."""
+    kl_terms = np.array([s["logp"] for s in flat]) - np.array(ref_logps)
+    wins = np.sign(np.array(pol_rewards) - np.array(ref_rewards))
+
+    def rewards(values: list[float]) -> dict[str, float]:
+        return {
+            "reward_mean": float(np.mean(values)),
+            "reward_std": float(np.std(values)),
+            "positive_fraction": float(np.mean(np.array(values) > 0)),
+        }
+
+    return {
+        "prompts": n_prompts,
+        "samples_per_prompt": cfg.n,
+        "policy": rewards(pol_rewards),
+        "reference": rewards(ref_rewards),
+        "kl": float(kl_terms.mean()),
+        "kl_stderr": float(kl_terms.std(ddof=1) / np.sqrt(len(kl_terms))) if len(kl_terms) > 1 else None,
+        "win_rate": float(((wins > 0) + 0.5 * (wins == 0)).mean()),
+        "reward": cfg.reward,
+    }

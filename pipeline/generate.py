@@ -8,6 +8,7 @@ samples the same completions. Rewards are checked (count, NaN) and nothing is pa
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -20,9 +21,9 @@ import pyarrow.parquet as pq
 from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from dpo_ray.schema import GENERATIONS_SCHEMA, PAIRS_SCHEMA
-from pipeline import stage
+from pipeline import console, stage
 from pipeline.config import GenerateConfig
-from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, unwrap_user_error, write_dataset
+from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, run_units, unique_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ __all__ = ["run"]
 def generation_stops(model: str) -> set[int]:
     """The token ids in the model's generation_config.json `eos_token_id` (instruct models list the end of
     turn there beside EOS), or none."""
-    import json
     import os
 
     from dpo_ray.models import resolve_model_dir
@@ -45,49 +45,34 @@ def generation_stops(model: str) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
-def unique_prompts(uri: str, manifest: Manifest, split: str, limit: int | None) -> list[dict[str, Any]]:
-    """Unique prompts (by text) of one split of a `pairs` artifact, ordered by prompt id; 3 columns are read."""
-    from dpo_ray.tokenization import pair_id
-
-    fs, path = artifacts.artifact_fs(uri)
-    seen: dict[str, dict[str, Any]] = {}
-    for shard in manifest.shards:
-        with fs.open(artifacts.join(path, shard.file), "rb") as f:
-            table = pq.read_table(f, columns=["prompt", "prompt_ids", "split"])
-        for row in table.to_pylist():
-            if row["split"] == split and row["prompt"] not in seen:
-                pid = pair_id(row["prompt"], "", "")
-                seen[row["prompt"]] = {"prompt_id": pid, "prompt": row["prompt"], "prompt_ids": row["prompt_ids"]}
-    prompts = sorted(seen.values(), key=lambda r: r["prompt_id"])
-    return prompts[:limit] if limit else prompts
-
-
-class Sample:
-    """Ray Data actor: prompts → n sampled completions each (one vLLM engine per actor)."""
+class GenerateUnits:
+    """Ray Data actor: one vLLM engine and the reward, loaded once; each unit of prompts is sampled, scored
+    and paired, and its shards written: generations, the unit's counts, then its pairs (last: "done")."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         from dpo_ray.engine import make_engine
         from dpo_ray.models import load_tokenizer
+        from dpo_ray.rewards import load_reward
+        from dpo_ray.tokenization import end_of_turn_id
 
         self.cfg = GenerateConfig.model_validate(cfg)
         self.llm = make_engine(engine_spec(self.cfg, self.cfg.policy, enable_prefix_caching=True))
         self.tok = load_tokenizer(self.cfg.policy, self.cfg.trust_remote_code)
         # What a finished sample ends with: the chat template's end of turn where the tokenizer has a template
         # (the prompts were rendered with it), else EOS; any of the model's stop tokens counts as an ending.
-        from dpo_ray.tokenization import end_of_turn_id
-
         self.stop = end_of_turn_id(self.tok) or self.tok.eos_token_id
         self.stops = {self.stop, self.tok.eos_token_id, *generation_stops(self.cfg.policy)}
+        self.reward = load_reward(self.cfg.reward)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def sample(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """n samples per prompt, each request seeded by (config seed, prompt id): independent of the units."""
         from dpo_ray.engine import sample
 
-        rows = batch.to_pylist()
-        seeds = [(self.cfg.seed * 1_000_003 + int(r["prompt_id"][:8], 16)) % 2**31 for r in rows]
         c = self.cfg
-        results = sample(self.llm, [r["prompt_ids"] for r in rows], c.n, c.temperature, c.top_p, c.max_tokens, seeds)
+        seeds = [(c.seed * 1_000_003 + int(r["prompt_id"][:8], 16)) % 2**31 for r in prompts]
+        results = sample(self.llm, [r["prompt_ids"] for r in prompts], c.n, c.temperature, c.top_p, c.max_tokens, seeds)
         out = []
-        for r, samples in zip(rows, results, strict=True):
+        for r, samples in zip(prompts, results, strict=True):
             for i, s in enumerate(samples):
                 ids = list(s.completion_ids)
                 if s.finish_reason == "stop" and (not ids or ids[-1] not in self.stops):
@@ -104,40 +89,62 @@ class Sample:
                         "finish_reason": s.finish_reason,
                     }
                 )
-        return pa.Table.from_pylist(out, schema=GENERATIONS_SCHEMA)
+        return out
 
-
-class Reward:
-    """Ray Data actor: fills the `reward` column with the configured reward function (loaded once)."""
-
-    def __init__(self, spec: str) -> None:
-        from dpo_ray.rewards import load_reward
-
-        self.spec, self.fn = spec, load_reward(spec)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def unit(self, name: str, prompts: list[dict[str, Any]]) -> dict[str, Any]:
         from dpo_ray.rewards import score
 
-        values = score(self.fn, self.spec, batch["prompt"].to_pylist(), batch["completion"].to_pylist())
-        return batch.set_column(batch.schema.get_field_index("reward"), "reward", pa.array(values, pa.float64()))
+        t0 = time.perf_counter()
+        gens = self.sample(prompts)
+        rewards = score(self.reward, self.cfg.reward, [g["prompt"] for g in gens], [g["completion"] for g in gens])
+        for g, value in zip(gens, rewards, strict=True):
+            g["reward"] = value
+        pairs, counts = _pair(self.cfg, gens)
+        artifacts.write_table(pa.Table.from_pylist(gens, schema=GENERATIONS_SCHEMA), self.cfg.generations, name)
+        counts |= {"prompts": len(prompts), "samples": len(gens), "pairs": len(pairs)}
+        fs, path = artifacts.artifact_fs(_counts_uri(self.cfg.output, name))
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "w") as f:
+            json.dump(counts, f)
+        artifacts.write_table(pa.Table.from_pylist(pairs, schema=PAIRS_SCHEMA), self.cfg.output, name)  # "done"
+        seconds = time.perf_counter() - t0
+        logger.info("generate: %s: %d prompts, %d pairs in %.1fs", name, len(prompts), len(pairs), seconds)
+        return {"name": name, **counts}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        results = [self.unit(str(n), json.loads(str(p))) for n, p in zip(batch["name"], batch["prompts"], strict=True)]
+        return {"name": [r["name"] for r in results], "pairs": [r["pairs"] for r in results]}
 
 
-def _pair_group(cfg: dict[str, Any]) -> Any:
-    c = GenerateConfig.model_validate(cfg)
+def _column(uri: str, names: list[str], column: str) -> list[np.ndarray]:
+    fs, path = artifacts.artifact_fs(uri)
+    out = []
+    for name in names:
+        with fs.open(artifacts.join(path, name), "rb") as f:
+            out.append(pq.read_table(f, columns=[column])[column].to_numpy(zero_copy_only=False))
+    return out
 
-    def fn(group: pa.Table) -> pa.Table:
-        from dpo_ray.pairing import pair_samples
-        from dpo_ray.tokenization import pair_id, split_of
 
-        rows = sorted(group.to_pylist(), key=lambda r: r["sample_index"])
-        result = pair_samples(
-            [r["completion_ids"] for r in rows],
-            [r["reward"] for r in rows],
-            c.strategy,
-            c.margin,
-            c.max_pairs_per_prompt,
-        )
-        out = []
+def _counts_uri(output: str, name: str) -> str:
+    return artifacts.join(output, "units", name.replace(".parquet", ".json"))
+
+
+def _pair(c: GenerateConfig, gens: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Pairs from each prompt's samples (pairing strategy of the config), with the ties and identical
+    completions dropped, counted."""
+    from dpo_ray.pairing import pair_samples
+    from dpo_ray.tokenization import pair_id, split_of
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for g in gens:
+        groups.setdefault(g["prompt_id"], []).append(g)
+    out, counts = [], {"ties": 0, "identical": 0}
+    for rows in groups.values():
+        rows.sort(key=lambda r: r["sample_index"])
+        ids, rewards = [r["completion_ids"] for r in rows], [r["reward"] for r in rows]
+        result = pair_samples(ids, rewards, c.strategy, c.margin, c.max_pairs_per_prompt)
+        counts["ties"] += result.ties
+        counts["identical"] += result.identical
         for hi, lo in result.pairs:
             chosen, rejected = rows[hi], rows[lo]
             pid = pair_id(chosen["prompt"], chosen["completion"], rejected["completion"])
@@ -152,102 +159,89 @@ def _pair_group(cfg: dict[str, Any]) -> Any:
                     "chosen": chosen["completion"],
                     "rejected": rejected["completion"],
                     "source": f"generate:{c.policy}",
-                    "ties": 0,
-                    "identical": 0,
                 }
             )
-        if not out:  # keep the counts of a prompt that produced no pair in one marker row
-            out.append({k: None for k in PAIRS_SCHEMA.names} | {"ties": 0, "identical": 0})
-        out[0]["ties"], out[0]["identical"] = result.ties, result.identical
-        schema = pa.schema(list(PAIRS_SCHEMA) + [("ties", pa.int64()), ("identical", pa.int64())])
-        return pa.Table.from_pylist(out, schema=schema)
-
-    return fn
+    return out, counts
 
 
 def run(cfg: GenerateConfig) -> Manifest:
-    """Sample, score, pair; skipped when both outputs are complete for this config and these prompts."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
+    """Sample, score, pair, unit by unit; resumes an interrupted run (only the missing units are generated),
+    skips a complete one."""
     from dpo_ray.models import model_fingerprint, resolve_model_dir
-    from dpo_ray.rewards import RewardError
 
     prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
     upstream = {"prompts": artifacts.manifest_sha256(cfg.prompts)}
-    build = stage.begin("pairs", cfg, upstream, cfg.output, also_clear=(cfg.generations,))
+    build = stage.begin("pairs", cfg, upstream, cfg.output, resumable=True, also_clear=(cfg.generations,))
     if isinstance(build, Manifest):
         return build
-    config = build.config
     tok_fp = matching_tokenizer(cfg.policy, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
     fingerprints = {"tokenizer": tok_fp, "model": model_fingerprint(resolve_model_dir(cfg.policy))}
     prompts = unique_prompts(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
-    ensure_ray()
+    size = cfg.prompts_per_unit
+    units = [
+        {"name": f"part-{i // size:05d}.parquet", "prompts": json.dumps(prompts[i : i + size])}
+        for i in range(0, len(prompts), size)
+    ]
+    done = set(artifacts.list_shards(cfg.output))
+    pending = [u for u in units if u["name"] not in done]
+    logger.info("generate: %d units of <= %d prompts, %d to generate", len(units), cfg.prompts_per_unit, len(pending))
     t0 = time.perf_counter()
-    vllm_resources: dict[str, Any] = {
-        "num_gpus": cfg.num_gpus_per_actor or None,
-        "num_cpus": cfg.num_cpus_per_actor,
-        "accelerator_type": cfg.accelerator_type,
-    }
-    try:
-        generations = (
-            ray.data.from_items(prompts)
-            .map_batches(
-                Sample,
-                fn_constructor_args=(config,),
-                batch_format="pyarrow",
-                batch_size=256,
-                compute=ActorPoolStrategy(size=cfg.num_actors),
-                **vllm_resources,
-            )
-            .map_batches(
-                Reward,
-                fn_constructor_args=(cfg.reward,),
-                batch_format="pyarrow",
-                batch_size=256,
-                compute=ActorPoolStrategy(size=1),
-            )
-            .materialize()
-        )
-    except Exception as e:
-        found = unwrap_user_error(e, (RewardError,))
-        if found is not None:
-            raise RewardError(str(found)) from None
-        raise
-    write_dataset(generations, cfg.generations, GENERATIONS_SCHEMA, 100_000)
-    rewards = np.concatenate([b["reward"] for b in generations.select_columns(["reward"]).iter_batches()])
+    if pending:
+        ensure_ray()
+        run_units(GenerateUnits, pending, build.config, cfg, errors=_reward_errors())
+    names = [u["name"] for u in units]
+    return _finish(cfg, build, fingerprints, names, len(pending), time.perf_counter() - t0)
+
+
+def _reward_errors() -> tuple[type[BaseException], ...]:
+    from dpo_ray.rewards import RewardError
+
+    return (RewardError,)
+
+
+def _finish(
+    cfg: GenerateConfig, build: stage.Build, fingerprints: dict[str, str], names: list[str], ran: int, seconds: float
+) -> Manifest:
+    """Every unit has its shards: the generations manifest, then the pairs manifest (from the units' counts)."""
+    missing = sorted(set(names) - set(artifacts.list_shards(cfg.output)))
+    if missing:
+        raise RuntimeError(f"generate: units {missing[:5]} produced no shard; rerun to resume")
+    counts: dict[str, int] = {}
+    for name in names:
+        fs, path = artifacts.artifact_fs(_counts_uri(cfg.output, name))
+        with fs.open(path, "r") as f:
+            counts = {k: counts.get(k, 0) + v for k, v in json.load(f).items()}
+    if counts["pairs"] == 0:
+        raise artifacts.ArtifactError(f"generate: no pairs from {counts['prompts']} prompts (ties {counts['ties']})")
+    rewards = np.concatenate(_column(cfg.generations, names, "reward"))
     gen_stats = {
-        "prompts": len(prompts),
+        "prompts": counts["prompts"],
         "samples": int(rewards.size),
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
     }
-    artifacts.write_manifest(cfg.generations, "generations", config, fingerprints, upstream, gen_stats)
-    paired = generations.groupby("prompt_id").map_groups(_pair_group(config), batch_format="pyarrow").materialize()
-    counts = {"ties": 0, "identical": 0}
-    for b in paired.select_columns(["ties", "identical"]).iter_batches(batch_format="numpy"):
-        counts = {k: counts[k] + int(b[k].sum()) for k in counts}
-    pairs = paired.filter(lambda r: r["pair_id"] is not None).select_columns(PAIRS_SCHEMA.names).materialize()
-    n_pairs = pairs.count()
-    if n_pairs == 0:
-        raise artifacts.ArtifactError(f"generate: no pairs from {len(prompts)} prompts (ties {counts['ties']})")
-    write_dataset(pairs, cfg.output, PAIRS_SCHEMA, 100_000)
+    gen_shards = [s for s in artifacts.shard_infos(cfg.generations) if s.file in set(names)]
+    artifacts.write_manifest(
+        cfg.generations, "generations", build.config, fingerprints, build.upstream, gen_stats, shards=gen_shards
+    )
     artifacts.check_shard_schemas(cfg.output, PAIRS_SCHEMA)
-    n_eval = pairs.filter(lambda r: r["split"] == "eval").count()
+    shards = [s for s in artifacts.shard_infos(cfg.output) if s.file in set(names)]
+    n_eval = int(sum((split == "eval").sum() for split in _column(cfg.output, names, "split")))
     stats = {
         **gen_stats,
-        "rows_out": n_pairs,
-        "splits": {"train": n_pairs - n_eval, "eval": n_eval},
+        "splits": {"train": counts["pairs"] - n_eval, "eval": n_eval},
         "ties_dropped": counts["ties"],
         "identical_dropped": counts["identical"],
         "strategy": cfg.strategy,
-        "seconds": time.perf_counter() - t0,
+        "units": len(names),
+        "units_generated_this_run": ran,
+        "seconds": seconds,
+        "lineage": {"policy": cfg.policy, "generations": artifacts.manifest_sha256(cfg.generations)},
     }
-    stats["lineage"] = {"policy": cfg.policy, "generations": artifacts.manifest_sha256(cfg.generations)}
-    manifest = stage.finish(build, fingerprints, stats)
-    print(
-        f"generate: {len(prompts)} prompts x {cfg.n} samples, reward mean {gen_stats['reward_mean']:.3f}; "
-        f"{n_pairs} pairs ({counts['ties']} ties dropped) -> {cfg.output}",
-        flush=True,
+    manifest = stage.finish(build, fingerprints, stats, shards=shards)
+    console.result(
+        f"generate: {counts['prompts']} prompts x {cfg.n} samples, reward mean {gen_stats['reward_mean']:.3f}; "
+        f"{counts['pairs']} pairs ({counts['ties']} ties dropped); {ran}/{len(names)} units generated this run "
+        f"-> {cfg.output}"
     )
     return manifest

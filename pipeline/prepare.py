@@ -21,7 +21,7 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from dpo_ray.errors import UserError
 from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
-from pipeline import stage
+from pipeline import console, stage
 from pipeline.config import PrepareConfig
 from pipeline.runtime import ensure_ray, unwrap_user_error, write_dataset
 from pipeline.sources import InputError, inputs_fingerprint, read_records, resolve_inputs
@@ -178,7 +178,8 @@ def _summary(manifest: Manifest, rows_in: int, output: str) -> str:
         f"(train {s['splits']['train']}, eval {s['splits']['eval']}), {s['rows_rejected']} rejected",
         f"  output: {output}",
         "  tokens p50/p95/max: " + ", ".join(f"{k} {v['p50']}/{v['p95']}/{v['max']}" for k, v in tok.items()),
-        "  truncated: " + ", ".join(f"{k} {v}" for k, v in s["truncated"].items())
+        "  truncated: "
+        + ", ".join(f"{k} {v}" for k, v in s["truncated"].items())
         + f"; boundary merges {s.get('boundary_merges', 0)}",
     ]
     if s["rejects"]:
@@ -196,18 +197,43 @@ def run(cfg: PrepareConfig) -> Manifest:
     build = stage.begin("pairs", cfg, {"inputs": inputs_fingerprint(files)}, cfg.output)
     if isinstance(build, Manifest):
         return build
-    config, upstream = build.config, build.upstream
     tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     if cfg.format == "conversational" and not getattr(tokenizer, "chat_template", None):
         raise PrepareError(f"prepare.format is conversational but tokenizer {cfg.tokenizer} has no chat template")
     fingerprints = {"tokenizer": tokenizer_fingerprint(tokenizer)}
+    ensure_ray()
+    unified = _tokenized(cfg, files, build.config)
+    rows_in = unified.count()
+    pairs_full, rejects = _deduplicated(cfg, unified, rows_in)
+    rows_out, rows_rejected = pairs_full.count(), rejects.count()
+    rejects_uri = artifacts.join(cfg.output, "rejects")
+    reject_counts = _reject_counts(rejects)
+    if rows_rejected:
+        write_dataset(rejects, rejects_uri, REJECTS_SCHEMA, cfg.rows_per_shard)
+    artifacts.write_manifest(
+        rejects_uri, "rejects", build.config, fingerprints, build.upstream, {"reasons": reject_counts}
+    )
+    if rows_out == 0:
+        top = ", ".join(f"{k} {v}" for k, v in sorted(reject_counts.items(), key=lambda kv: -kv[1])[:5])
+        raise PrepareError(
+            f"prepare: all {rows_in} rows were rejected ({top}); see {rejects_uri}. "
+            "Check prepare.columns and prepare.format against your data."
+        )
+    write_dataset(pairs_full.select_columns(PAIRS_SCHEMA.names), cfg.output, PAIRS_SCHEMA, cfg.rows_per_shard)
+    artifacts.check_shard_schemas(cfg.output, PAIRS_SCHEMA)
+    stats = {"rejects": reject_counts, **_pair_stats(pairs_full)}
+    manifest = stage.finish(build, fingerprints, stats, accounting=(rows_in, rows_out, rows_rejected))
+    console.result(_summary(manifest, rows_in, cfg.output))
+    return manifest
+
+
+def _tokenized(cfg: PrepareConfig, files: list[Any], config: dict[str, Any]) -> Any:
+    """Every input row through the Tokenize actors: one unified row each (a pair, or a reject with its reason)."""
     from ray.data import ActorPoolStrategy
 
-    ensure_ray()
-    required = (cfg.columns.chosen, cfg.columns.rejected)
     try:
-        records = read_records(files, required, cfg.hf_split)
-        unified = records.map_batches(
+        records = read_records(files, (cfg.columns.chosen, cfg.columns.rejected), cfg.hf_split)
+        return records.map_batches(
             Tokenize,
             fn_constructor_args=(config,),
             batch_format="pyarrow",
@@ -219,7 +245,10 @@ def run(cfg: PrepareConfig) -> Manifest:
         if user_error is not None:
             raise InputError(str(user_error)) from None
         raise
-    rows_in = unified.count()
+
+
+def _deduplicated(cfg: PrepareConfig, unified: Any, rows_in: int) -> tuple[Any, Any]:
+    """(pairs, rejects), materialized: duplicates by pair_id (when dedup is on) become rejects."""
     pairs_all = unified.map_batches(_select("pair", UNIFIED_SCHEMA.names), batch_format="pyarrow")
     rejects_parts = [unified.map_batches(_select("reject", REJECTS_SCHEMA.names), batch_format="pyarrow")]
     if cfg.dedup:
@@ -231,25 +260,5 @@ def run(cfg: PrepareConfig) -> Manifest:
         rejects_parts.append(deduped.map_batches(_select("reject", REJECTS_SCHEMA.names), batch_format="pyarrow"))
     else:
         pairs_full = pairs_all
-    pairs_full = pairs_full.materialize()
     rejects = rejects_parts[0].union(*rejects_parts[1:]) if len(rejects_parts) > 1 else rejects_parts[0]
-    rejects = rejects.materialize()
-    rows_out, rows_rejected = pairs_full.count(), rejects.count()
-
-    rejects_uri = artifacts.join(cfg.output, "rejects")
-    reject_counts = _reject_counts(rejects)
-    if rows_rejected:
-        write_dataset(rejects, rejects_uri, REJECTS_SCHEMA, cfg.rows_per_shard)
-    artifacts.write_manifest(rejects_uri, "rejects", config, fingerprints, upstream, {"reasons": reject_counts})
-    if rows_out == 0:
-        top = ", ".join(f"{k} {v}" for k, v in sorted(reject_counts.items(), key=lambda kv: -kv[1])[:5])
-        raise PrepareError(
-            f"prepare: all {rows_in} rows were rejected ({top}); see {rejects_uri}. "
-            "Check prepare.columns and prepare.format against your data."
-        )
-    write_dataset(pairs_full.select_columns(PAIRS_SCHEMA.names), cfg.output, PAIRS_SCHEMA, cfg.rows_per_shard)
-    artifacts.check_shard_schemas(cfg.output, PAIRS_SCHEMA)
-    stats = {"rejects": reject_counts, **_pair_stats(pairs_full)}
-    manifest = stage.finish(build, fingerprints, stats, accounting=(rows_in, rows_out, rows_rejected))
-    print(_summary(manifest, rows_in, cfg.output), flush=True)
-    return manifest
+    return pairs_full.materialize(), rejects.materialize()

@@ -25,14 +25,13 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from dpo_ray.errors import UserError
 from dpo_ray.schema import REJECTS_SCHEMA, SCORED_SCHEMA
-from pipeline import stage
+from pipeline import console, stage
 from pipeline.config import ReferenceConfig
-from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
+from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, run_units
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ParityError", "run"]
-
 
 
 class ParityError(UserError, RuntimeError):
@@ -178,16 +177,12 @@ def _parity_sample(output: str, k: int) -> list[dict[str, Any]]:
 
 def run(cfg: ReferenceConfig) -> Manifest:
     """Run the reference stage; resumes an interrupted run, skips a complete one."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
     from dpo_ray.models import model_fingerprint, resolve_model_dir
 
     pairs_manifest = artifacts.require_complete(cfg.pairs, "pairs")
     build = stage.begin("scored", cfg, {"pairs": artifacts.manifest_sha256(cfg.pairs)}, cfg.output, resumable=True)
     if isinstance(build, Manifest):
         return build
-    config = build.config
     fingerprints = {
         "tokenizer": matching_tokenizer(cfg.model, pairs_manifest, cfg.pairs, cfg.trust_remote_code),
         "model": model_fingerprint(resolve_model_dir(cfg.model)),
@@ -195,21 +190,12 @@ def run(cfg: ReferenceConfig) -> Manifest:
     units = _units(cfg.pairs, pairs_manifest, cfg.rows_per_unit)
     done = set(artifacts.list_shards(cfg.output))
     pending = [u for u in units if u["name"] not in done]
-    print(f"reference: {len(units)} units of <= {cfg.rows_per_unit} pairs, {len(pending)} to score", flush=True)
+    logger.info("reference: %d units of <= %d pairs, %d to score", len(units), cfg.rows_per_unit, len(pending))
     t0 = time.perf_counter()
     summaries: list[dict[str, Any]] = []
     if pending:
         ensure_ray()
-        ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
-            ScoreUnits,
-            fn_constructor_args=(config,),
-            batch_size=1,
-            compute=ActorPoolStrategy(size=cfg.num_actors),
-            num_gpus=cfg.num_gpus_per_actor or None,
-            num_cpus=cfg.num_cpus_per_actor,
-            accelerator_type=cfg.accelerator_type,
-        )
-        summaries = ds.take_all()
+        summaries = run_units(ScoreUnits, pending, build.config, cfg)
     seconds = time.perf_counter() - t0
     return _finish(cfg, build, fingerprints, pairs_manifest, units, summaries, seconds)
 
@@ -243,10 +229,12 @@ def _finish(
         )
         measured: dict[str, Any] = ray.get(task.remote(config, sample))
         parity = {**measured, "tolerance": cfg.tolerance}
-        print(
-            f"reference: parity vs transformers on {parity['pairs']} pairs: per-token max "
-            f"{parity['token_max_abs']:.2e} (tolerance {cfg.tolerance:.0e}), mean {parity['token_mean_abs']:.2e}",
-            flush=True,
+        logger.info(
+            "reference: parity vs transformers on %d pairs: per-token max %.2e (tolerance %.0e), mean %.2e",
+            parity["pairs"],
+            parity["token_max_abs"],
+            cfg.tolerance,
+            parity["token_mean_abs"],
         )
         if parity["token_max_abs"] > cfg.tolerance:
             raise ParityError(
@@ -268,9 +256,8 @@ def _finish(
     artifacts.write_manifest(rejects_uri, "rejects", config, fingerprints, build.upstream, {}, shards=reject_shards)
     accounting = (pairs_manifest.rows, rows_out, rows_rejected)
     manifest = stage.finish(build, fingerprints, stats, accounting=accounting, shards=scored_shards)
-    print(
+    console.result(
         f"reference: {pairs_manifest.rows} pairs -> {rows_out} scored, {rows_rejected} rejected (too_long); "
-        f"{len(summaries)}/{len(units)} units scored this run, {tokens} tokens in {seconds:.1f}s -> {cfg.output}",
-        flush=True,
+        f"{len(summaries)}/{len(units)} units scored this run, {tokens} tokens in {seconds:.1f}s -> {cfg.output}"
     )
     return manifest

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from pipeline import console
 from pipeline.config import PipelineConfig
 from pipeline.plan import plan
 from pipeline.summary import EvalPoint, summarize
@@ -42,5 +43,5 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     ]
     if points:
         results["summary"] = summarize(points, cfg.run_dir)
-    print("run: done (" + ", ".join(timings) + f") -> {cfg.run_dir}", flush=True)
+    console.result("run: done (" + ", ".join(timings) + f") -> {cfg.run_dir}")
     return results

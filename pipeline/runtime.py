@@ -8,7 +8,15 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["engine_spec", "ensure_ray", "matching_tokenizer", "unwrap_user_error", "write_dataset"]
+__all__ = [
+    "engine_spec",
+    "ensure_ray",
+    "matching_tokenizer",
+    "run_units",
+    "unique_prompts",
+    "unwrap_user_error",
+    "write_dataset",
+]
 
 
 def ensure_ray() -> None:
@@ -86,3 +94,54 @@ def matching_tokenizer(model: str, manifest: Any, artifact: str, trust_remote_co
             "use the same tokenizer in every stage (rerun prepare with prepare.tokenizer set to this model's)"
         )
     return found
+
+
+def unique_prompts(uri: str, manifest: Any, split: str, limit: int | None) -> list[dict[str, Any]]:
+    """Unique prompts (by text) of one split of a `pairs` artifact, ordered by prompt id; 3 columns are read."""
+    import pyarrow.parquet as pq
+
+    from dpo_ray import artifacts
+    from dpo_ray.tokenization import pair_id
+
+    fs, path = artifacts.artifact_fs(uri)
+    seen: dict[str, dict[str, Any]] = {}
+    for shard in manifest.shards:
+        with fs.open(artifacts.join(path, shard.file), "rb") as f:
+            table = pq.read_table(f, columns=["prompt", "prompt_ids", "split"])
+        for row in table.to_pylist():
+            if row["split"] == split and row["prompt"] not in seen:
+                pid = pair_id(row["prompt"], "", "")
+                seen[row["prompt"]] = {"prompt_id": pid, "prompt": row["prompt"], "prompt_ids": row["prompt_ids"]}
+    prompts = sorted(seen.values(), key=lambda r: r["prompt_id"])
+    return prompts[:limit] if limit else prompts
+
+
+def run_units(
+    actor: type,
+    units: list[dict[str, Any]],
+    config: dict[str, Any],
+    cfg: Any,
+    errors: tuple[type[BaseException], ...] = (),
+) -> list[dict[str, Any]]:
+    """Units of work (one row each) through a Ray Data pool of `cfg.num_actors` actors of class `actor` (built
+    with the stage's resolved config, with the stage's resources); each actor writes its units' shards itself.
+    Returns the actors' per-unit summaries. A user error of `errors` raised in an actor is re-raised as itself."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        actor,
+        fn_constructor_args=(config,),
+        batch_size=1,
+        compute=ActorPoolStrategy(size=cfg.num_actors),
+        num_gpus=cfg.num_gpus_per_actor or None,
+        num_cpus=cfg.num_cpus_per_actor,
+        accelerator_type=cfg.accelerator_type,
+    )
+    try:
+        return list(ds.take_all())
+    except Exception as e:
+        found = unwrap_user_error(e, errors)
+        if found is not None:
+            raise type(found)(str(found)) from None
+        raise

@@ -20,8 +20,9 @@ from pydantic import BaseModel
 
 from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest, ShardInfo
+from pipeline import console
 
-__all__ = ["Build", "begin", "finish"]
+__all__ = ["Build", "begin", "claim", "finish", "stamp", "stamped"]
 
 _PROGRESS = "_progress.json"
 
@@ -49,38 +50,61 @@ def begin(
 ) -> Manifest | Build:
     """The complete manifest of `output` (skip), or a Build to compute (see the module docstring).
 
-    also_clear: further outputs of the stage (e.g. generate's generations) rewritten with it."""
+    also_clear: further outputs of the stage (e.g. generate's generations), rewritten with it and kept with it
+    on a resume."""
     config = cfg.model_dump(mode="json")
     stage = type(cfg).__name__.removesuffix("Config").lower()
     existing = artifacts.complete_manifest(output, config, upstream)
     if existing is not None:
-        print(f"{stage}: {output} is complete for this config and these inputs; skipped", flush=True)
+        console.result(f"{stage}: {output} is complete for this config and these inputs; skipped")
         return existing
+    if resumable and _same_identity(output, config, upstream, also_clear):
+        return Build(kind, output, config, upstream, resumed=True)
     for uri in also_clear:
         artifacts.remove_artifact(uri)
-    if resumable and _same_identity(output, config, upstream):
-        return Build(kind, output, config, upstream, resumed=True)
     artifacts.remove_artifact(output)  # an incomplete or outdated artifact is rewritten whole
     if resumable:
-        fs, path = artifacts.artifact_fs(output)
-        fs.makedirs(path, exist_ok=True)
-        with fs.open(artifacts.join(path, _PROGRESS), "w") as f:
-            json.dump({"config": config, "upstream": upstream}, f)
+        stamp(output, config, upstream)
     return Build(kind, output, config, upstream, resumed=False)
 
 
-def _same_identity(output: str, config: dict[str, Any], upstream: dict[str, str]) -> bool:
-    """An interrupted run of the same config and upstream left this output: keep its shards (temporary
-    files of unfinished shards are removed)."""
-    fs, path = artifacts.artifact_fs(output)
+def stamp(directory: str, config: dict[str, Any], upstream: dict[str, str]) -> None:
+    """Record in `directory` which config and upstream its partial contents belong to."""
+    fs, path = artifacts.artifact_fs(directory)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(artifacts.join(path, _PROGRESS), "w") as f:
+        json.dump({"config": config, "upstream": upstream}, f)
+
+
+def stamped(directory: str, config: dict[str, Any], upstream: dict[str, str]) -> bool | None:
+    """Whether `directory`'s stamp is this config and upstream; None when it has no stamp."""
+    fs, path = artifacts.artifact_fs(directory)
     progress = artifacts.join(path, _PROGRESS)
     if not fs.exists(progress):
-        return False
+        return None
     with fs.open(progress, "r") as f:
-        if json.load(f) != json.loads(json.dumps({"config": config, "upstream": upstream})):
-            return False
-    for tmp in fs.glob(artifacts.join(path, "**", ".tmp-*")):
-        fs.rm(tmp)
+        return bool(json.load(f) == json.loads(json.dumps({"config": config, "upstream": upstream})))
+
+
+def claim(directory: str, config: dict[str, Any], upstream: dict[str, str], what: str, fix: str) -> None:
+    """`directory` (e.g. a training run's checkpoints) holds the work of one config and upstream: stamp it, or
+    refuse with ArtifactError when another run's stamp is there."""
+    found = stamped(directory, config, upstream)
+    if found is False:
+        raise artifacts.ArtifactError(f"{directory} holds {what} of a run with another config or inputs; {fix}")
+    if found is None:
+        stamp(directory, config, upstream)
+
+
+def _same_identity(output: str, config: dict[str, Any], upstream: dict[str, str], also: tuple[str, ...]) -> bool:
+    """An interrupted run of the same config and upstream left this output: keep its shards (temporary
+    files of unfinished shards are removed)."""
+    if not stamped(output, config, upstream):
+        return False
+    for uri in (output, *also):
+        ofs, opath = artifacts.artifact_fs(uri)
+        for tmp in ofs.glob(artifacts.join(opath, "**", ".tmp-*")):
+            ofs.rm(tmp)
     return True
 
 

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from dpo_ray import artifacts
+from pipeline import console
 from pipeline.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def run(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """Print the status of every stage of this config's run; returns collect()'s rows."""
     rows = collect(cfg)
     done = sum(r["state"] == "complete" for r in rows)
-    print(f"status of {cfg.run_dir}: {done}/{len(rows)} stage outputs complete", flush=True)
+    console.result(f"status of {cfg.run_dir}: {done}/{len(rows)} stage outputs complete")
     width = max(len(r["label"]) for r in rows) if rows else 0
     for r in rows:
         line = f"  {r['label']:<{width}}  {r['state']:<10}"
@@ -112,7 +113,7 @@ def run(cfg: PipelineConfig) -> list[dict[str, Any]]:
             fps = ", ".join(f"{k} {v[:12]}" for k, v in sorted(r["fingerprints"].items()))
             line += f"  {r['kind']:<11} {r['rows']:>8} rows {r['shards']:>3} shards  [{fps}]"
         line += f"  {r['uri']}"
-        print(line)
+        console.result(line)
         if r.get("lineage"):
-            print(" " * (width + 4) + "from: " + ", ".join(f"{k} <- {v}" for k, v in r["lineage"].items()))
+            console.result(" " * (width + 4) + "from: " + ", ".join(f"{k} <- {v}" for k, v in r["lineage"].items()))
     return rows

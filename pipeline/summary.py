@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpo_ray import artifacts
+from pipeline import console
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def summarize(points: list[EvalPoint], run_dir: str) -> dict[str, Any]:
     with fs.open(f"{out}/summary.md", "w") as f:
         f.write(md)
     _plot(rows, fs, f"{out}/reward_vs_kl.png")
-    print("summary (" + f"{run_dir}/summary.md, reward_vs_kl.png):\n" + md, flush=True)
+    console.result("summary (" + f"{run_dir}/summary.md, reward_vs_kl.png):\n" + md)
     return {"rows": rows, "table": md}
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from dpo_ray import artifacts
 from dpo_ray.artifacts import ArtifactError, Manifest
 from dpo_ray.errors import UserError
-from pipeline import stage
+from pipeline import console, stage
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.runtime import ensure_ray, matching_tokenizer
 
@@ -25,31 +25,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["run"]
 
-_RUN_FILE = "dpo_ray_run.json"
-
 
 def _storage(cfg: TrainConfig) -> str:
     return cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
-
-
-def _claim_run_name(cfg: TrainConfig, config: dict[str, Any], upstream: dict[str, str]) -> None:
-    """A run name holds one training run: refuse to resume checkpoints made with another config or data."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(_storage(cfg))
-    path = f"{root}/{cfg.run_name}/{_RUN_FILE}"
-    state = json.loads(json.dumps({"config": config, "upstream": upstream}))
-    if fs.exists(path):
-        with fs.open(path, "r") as f:
-            if json.load(f) != state:
-                raise ArtifactError(
-                    f"run name {cfg.run_name!r} under {cfg.storage_path} holds checkpoints of a run with another "
-                    "config or scored artifact; choose another train.run_name or delete that directory"
-                )
-        return
-    fs.makedirs(f"{root}/{cfg.run_name}", exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(state, f)
 
 
 class TrainCheckError(UserError, RuntimeError):
@@ -161,23 +139,19 @@ def _raise_recorded_error(output: str) -> None:
 
 def run(cfg: TrainConfig) -> Manifest:
     """Train; skipped when the export is complete for this config and scored artifact."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from dpo_ray.models import model_fingerprint, resolve_model_dir
     from dpo_ray.order import split_counts
-    from dpo_ray.train_loop import worker_loop
 
     scored = artifacts.require_complete(cfg.scored, "scored")
-    # The export is rewritten whole by rank 0 at the end; checkpoints resume by run name (_claim_run_name).
+    # The export is rewritten whole by rank 0 at the end; checkpoints resume by run name (stage.claim).
     build = stage.begin("model", cfg, {"scored": artifacts.manifest_sha256(cfg.scored)}, cfg.export)
     if isinstance(build, Manifest):
         return build
-    config, upstream = build.config, build.upstream
     tok_fp = matching_tokenizer(cfg.model, scored, cfg.scored, cfg.trust_remote_code)
     batching = _batching(cfg)
     starts_from_reference = model_fingerprint(resolve_model_dir(cfg.model)) == scored.fingerprints.get("model")
-    _claim_run_name(cfg, config, upstream)
+    fix = "choose another train.run_name or delete that directory"
+    stage.claim(artifacts.join(_storage(cfg), cfg.run_name), build.config, build.upstream, "checkpoints", fix)
     files = [artifacts.join(cfg.scored, s.file) for s in scored.shards]
     counts = split_counts(files)
     n_train, n_eval = counts.get("train", 0), counts.get("eval", 0)
@@ -185,18 +159,41 @@ def run(cfg: TrainConfig) -> Manifest:
     if steps_per_epoch == 0:
         raise ArtifactError(f"{cfg.scored} has {n_train} train pairs, fewer than train.batch_size {cfg.batch_size}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    print(
-        f"train: {n_train} train / {n_eval} eval pairs, {total_steps} steps of {cfg.batch_size} pairs on "
-        f"{max(1, cfg.num_workers)} worker(s), batching {batching}; "
-        f"policy {'==' if starts_from_reference else '!='} reference",
-        flush=True,
-    )
+    logger.info(
+        "train: %d train / %d eval pairs, %d steps of %d pairs on %d worker(s), batching %s; policy %s reference",
+        n_train, n_eval, total_steps, cfg.batch_size, max(1, cfg.num_workers), batching,
+        "==" if starts_from_reference else "!=",
+    )  # fmt: skip
     ensure_ray()
     loop = _loop_config(
         cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, files
     )
     _clear_error(cfg.output)
-    trainer = TorchTrainer(
+    result = _trainer(cfg, loop).fit()
+    _raise_recorded_error(cfg.output)
+    stats = {
+        "steps": total_steps,
+        "train_pairs": n_train,
+        "eval_pairs": n_eval,
+        "final_metrics": result.metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "policy_started_from_reference": starts_from_reference,
+    }
+    lineage = {**build.upstream, "scored_path": cfg.scored}
+    fingerprints = {"model": model_fingerprint(resolve_model_dir(cfg.export)), "tokenizer": tok_fp}
+    manifest = stage.finish(build, fingerprints, {**stats, **lineage}, shards=[])
+    console.result(f"train: exported {cfg.export} (final loss {(result.metrics or {}).get('loss')})")
+    return manifest
+
+
+def _trainer(cfg: TrainConfig, loop: Any) -> Any:
+    """Ray Train's TorchTrainer for the worker loop: workers, resources, checkpoints by run name, retries."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dpo_ray.train_loop import worker_loop
+
+    return TorchTrainer(
         worker_loop,
         train_loop_config={"loop": loop},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -214,19 +211,3 @@ def run(cfg: TrainConfig) -> Manifest:
             logging_config=LoggingConfig(log_level="WARNING"),  # per-report lines; our rank-0 log is the progress
         ),
     )
-    result = trainer.fit()
-    _raise_recorded_error(cfg.output)
-    export_dir = resolve_model_dir(cfg.export)
-    fingerprints = {"model": model_fingerprint(export_dir), "tokenizer": tok_fp}
-    stats = {
-        "steps": total_steps,
-        "train_pairs": n_train,
-        "eval_pairs": n_eval,
-        "final_metrics": result.metrics,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "policy_started_from_reference": starts_from_reference,
-    }
-    lineage = {**upstream, "scored_path": cfg.scored}
-    manifest = stage.finish(build, fingerprints, {**stats, **lineage}, shards=[])
-    print(f"train: exported {cfg.export} (final loss {(result.metrics or {}).get('loss')})", flush=True)
-    return manifest

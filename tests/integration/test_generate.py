@@ -47,8 +47,9 @@ def test_generate_pairs_reproducibly_and_feeds_the_reference_stage(tmp_path):
             eval_fraction=0.0,
         )
     )
-    a_cfg = _gen(tmp_path, model, "a")
+    a_cfg = _gen(tmp_path, model, "a", prompts_per_unit=5)  # 5 units
     m = generate(a_cfg)
+    assert m.stats["units"] == m.stats["units_generated_this_run"] == 5
     gens = read_artifact(a_cfg.generations).to_pylist()
     assert len(gens) == 24 * 4
     # Rewards are the lexicon score of each completion's text (recomputed here).
@@ -64,13 +65,23 @@ def test_generate_pairs_reproducibly_and_feeds_the_reference_stage(tmp_path):
     assert m.rows == len(pairs) == 24 - m.stats["ties_dropped"] - m.stats["identical_dropped"]
     for p in pairs:
         assert by_prompt[p["prompt"]][p["chosen"]] > by_prompt[p["prompt"]][p["rejected"]]
-    # Per-prompt seeds: a second run samples exactly the same completions.
-    b_cfg = _gen(tmp_path, model, "b")
-    generate(b_cfg)
+    # Units are the resume granularity: a run interrupted after three units generates only the other two, and
+    # the artifacts equal the uninterrupted run's. Per-prompt seeds: the regenerated units (sampled in other
+    # engine batches) hold exactly the same completions.
+    before = {p["pair_id"] for p in pairs}
+    for uri in (a_cfg.output, a_cfg.generations):
+        (Path(uri) / "manifest.json").unlink()
+        for name in ("part-00001.parquet", "part-00004.parquet"):
+            (Path(uri) / name).unlink(missing_ok=uri == a_cfg.generations)
+    resumed = generate(a_cfg)
+    assert resumed.stats["units_generated_this_run"] == 2
+    assert {p["pair_id"] for p in read_artifact(a_cfg.output).to_pylist()} == before
     key = ("prompt_id", "sample_index")
-    a = sorted(((g[key[0]], g[key[1]]), g["completion_ids"]) for g in gens)
-    b = sorted(((g[key[0]], g[key[1]]), g["completion_ids"]) for g in read_artifact(b_cfg.generations).to_pylist())
-    assert a == b
+    again = sorted(((g[key[0]], g[key[1]]), g["completion_ids"]) for g in read_artifact(a_cfg.generations).to_pylist())
+    assert again == sorted(((g[key[0]], g[key[1]]), g["completion_ids"]) for g in gens)
+    assert {k: resumed.stats[k] for k in ("ties_dropped", "samples", "reward_mean")} == {
+        k: m.stats[k] for k in ("ties_dropped", "samples", "reward_mean")
+    }
     # The generated pairs are an ordinary `pairs` artifact: the reference stage takes them unchanged.
     scored = reference(
         ReferenceConfig(
