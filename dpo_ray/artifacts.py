@@ -41,8 +41,10 @@ __all__ = [
     "list_shards",
     "manifest_sha256",
     "read_manifest",
+    "read_shard",
     "remove_artifact",
     "shard_infos",
+    "verify_shards",
     "write_manifest",
 ]
 
@@ -58,6 +60,7 @@ class ShardInfo:
     file: str
     rows: int
     sha256: str
+    size: int  # bytes
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,18 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        shards = [ShardInfo(**s) for s in data.get("shards", [])]
+        """A manifest from its JSON; TypeError/KeyError when it does not match this schema."""
+        shards = [ShardInfo(**s) for s in data["shards"]]
         return cls(**{**data, "shards": shards})
 
 
 def artifact_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and path of an artifact URI or local directory."""
+    """The fsspec filesystem and path of an artifact URI or local directory.
+
+    Listings are never served from fsspec's cache: on object stores other processes (the actors, other
+    nodes) write the shards, and a cached listing would hide them."""
     fs, path = fsspec.core.url_to_fs(str(uri))
+    fs.invalidate_cache()
     return fs, path
 
 
@@ -100,24 +108,68 @@ def list_shards(uri: str, pattern: str = "part-*.parquet") -> list[str]:
     return sorted(Path(p).name for p in fs.glob(join(path, pattern)))
 
 
-def _sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    h = hashlib.sha256()
+def _sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, int]:
+    """(sha256, size in bytes) of a file, streamed."""
+    h, size = hashlib.sha256(), 0
     with fs.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def _parquet(data: bytes, where: str, columns: list[str] | None = None) -> pa.Table:
+    """A shard's table with every page checksum verified; ArtifactError naming the shard when it is damaged."""
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as e:
+        raise ArtifactError(f"{where}: not a readable Parquet shard ({e}); {_FIX}") from None
+
+
+_FIX = "the artifact is damaged: rerun the stage that produced it"
 
 
 def shard_infos(uri: str, pattern: str = "part-*.parquet") -> list[ShardInfo]:
-    """Name, row count (from Parquet metadata) and sha256 of every shard."""
+    """Name, row count, sha256 and size of every shard, each read whole with its page checksums verified (a
+    shard kept from an interrupted run, or a partial upload, is checked before a manifest vouches for it)."""
     fs, path = artifact_fs(uri)
     infos = []
     for name in list_shards(uri, pattern):
         full = join(path, name)
-        with fs.open(full, "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        infos.append(ShardInfo(name, rows, _sha256_file(fs, full)))
+        data = fs.cat_file(full)
+        rows = _parquet(data, f"{uri}/{name}").num_rows
+        infos.append(ShardInfo(name, rows, hashlib.sha256(data).hexdigest(), len(data)))
     return infos
+
+
+def verify_shards(uri: str, manifest: Manifest) -> None:
+    """Every shard the manifest lists is there with its recorded size and sha256 (a streamed read of each);
+    ArtifactError naming the shard, the expected and the found value otherwise."""
+    fs, path = artifact_fs(uri)
+    for shard in manifest.shards:
+        full = join(path, shard.file)
+        if not fs.exists(full):
+            raise ArtifactError(f"{uri}/{shard.file}: listed in the manifest but missing; {_FIX}")
+        size = fs.size(full)
+        if size != shard.size:
+            raise ArtifactError(f"{uri}/{shard.file}: size expected {shard.size} bytes, found {size}; {_FIX}")
+        sha, _ = _sha256_file(fs, full)
+        if sha != shard.sha256:
+            raise ArtifactError(f"{uri}/{shard.file}: sha256 expected {shard.sha256}, found {sha}; {_FIX}")
+
+
+def read_shard(uri: str, shard: ShardInfo, columns: list[str] | None = None) -> pa.Table:
+    """One shard of a complete artifact, verified as it is read: size and sha256 against the manifest, then
+    every Parquet page checksum."""
+    fs, path = artifact_fs(uri)
+    data = fs.cat_file(join(path, shard.file))
+    where = f"{uri}/{shard.file}"
+    if len(data) != shard.size:
+        raise ArtifactError(f"{where}: size expected {shard.size} bytes, found {len(data)}; {_FIX}")
+    sha = hashlib.sha256(data).hexdigest()
+    if sha != shard.sha256:
+        raise ArtifactError(f"{where}: sha256 expected {shard.sha256}, found {sha}; {_FIX}")
+    return _parquet(data, where, columns)
 
 
 def _git_sha() -> str | None:
@@ -167,13 +219,18 @@ def write_manifest(
 
 
 def read_manifest(uri: str) -> Manifest | None:
-    """The artifact's manifest, or None when it has none (incomplete or absent)."""
+    """The artifact's manifest, or None when it has none (incomplete or absent); ArtifactError naming the file
+    when it does not parse or does not match the manifest schema."""
     fs, path = artifact_fs(uri)
     target = join(path, MANIFEST)
     if not fs.exists(target):
         return None
     with fs.open(target, "r") as f:
-        return Manifest.from_dict(json.load(f))
+        text = f.read()
+    try:
+        return Manifest.from_dict(json.loads(text))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ArtifactError(f"{uri}/{MANIFEST}: not a valid manifest ({type(e).__name__}: {e}); {_FIX}") from None
 
 
 def manifest_sha256(uri: str) -> str:
@@ -192,8 +249,13 @@ def manifest_sha256(uri: str) -> str:
 
 
 def is_complete(uri: str, config: dict[str, Any], upstream: dict[str, str]) -> bool:
-    """True when the artifact has a manifest with this config and upstream, and all its shards exist."""
-    manifest = read_manifest(uri)
+    """True when the artifact has a manifest with this config and upstream, and all its shards exist (a damaged
+    manifest of a stage's own output means incomplete: the stage rewrites it)."""
+    try:
+        manifest = read_manifest(uri)
+    except ArtifactError as e:
+        logger.warning("%s", e)
+        return False
     if manifest is None or manifest.schema_version != SCHEMA_VERSION:
         return False
     if manifest.config != json.loads(json.dumps(config)) or manifest.upstream != upstream:
@@ -227,6 +289,7 @@ def require_complete(uri: str, kind: str) -> Manifest:
         raise ArtifactError(
             f"{uri}: schema_version {manifest.schema_version}, this dpo-ray reads {SCHEMA_VERSION}; rerun that stage"
         )
+    verify_shards(uri, manifest)
     return manifest
 
 
@@ -246,5 +309,5 @@ def write_table(table: pa.Table, uri: str, name: str) -> None:
     fs.makedirs(path, exist_ok=True)
     tmp = join(path, f".tmp-{name}")
     with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, write_page_checksum=True)
     fs.mv(tmp, join(path, name))

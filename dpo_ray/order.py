@@ -7,7 +7,8 @@ content hash: the base order does not depend on shards, units or how they were w
 epoch e's order from a permutation seeded by (seed, e): identical on every rank, different every epoch
 (so `drop_last` drops different pairs), and restored exactly on resume from (epoch, batch in epoch).
 
-pyarrow and numpy only (no torch, Ray or transformers).
+pyarrow and numpy only (no torch, Ray or transformers). Shards are read through dpo_ray.artifacts.read_shard:
+size, sha256 and page checksums verified against the manifest on every read.
 """
 
 from __future__ import annotations
@@ -18,39 +19,33 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from dpo_ray.artifacts import ShardInfo, read_shard
 
 __all__ = ["TRAIN_COLUMNS", "epoch_batches", "read_split", "split_counts"]
 
 TRAIN_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
 
 
-def _read(uri: str, columns: list[str]) -> pa.Table:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
-
-
-def split_counts(files: Sequence[str]) -> dict[str, int]:
-    """Rows per split over the shards (reads only the `split` column)."""
+def split_counts(artifact: str, shards: Sequence[ShardInfo]) -> dict[str, int]:
+    """Rows per split over the artifact's shards (decodes only the `split` column)."""
     counts: dict[str, int] = {}
-    for uri in files:
-        for name, n in zip(
-            *np.unique(_read(uri, ["split"])["split"].to_numpy(zero_copy_only=False), return_counts=True), strict=True
-        ):
+    for shard in shards:
+        split = read_shard(artifact, shard, ["split"])["split"].to_numpy(zero_copy_only=False)
+        for name, n in zip(*np.unique(split, return_counts=True), strict=True):
             counts[str(name)] = counts.get(str(name), 0) + int(n)
     return counts
 
 
-def read_split(files: Sequence[str], split: str, columns: Sequence[str] = TRAIN_COLUMNS) -> dict[str, Any]:
-    """The rows of `split` from all shards, sorted by pair_id, as {column: numpy array} (list columns as
-    object arrays of lists)."""
+def read_split(
+    artifact: str, shards: Sequence[ShardInfo], split: str, columns: Sequence[str] = TRAIN_COLUMNS
+) -> dict[str, Any]:
+    """The rows of `split` from all the artifact's shards, sorted by pair_id, as {column: numpy array} (list
+    columns as object arrays of lists)."""
     wanted = list(dict.fromkeys(["pair_id", *columns]))
     tables = [
         t.filter(pc.equal(t["split"], split)).drop_columns(["split"])
-        for t in (_read(uri, [*wanted, "split"]) for uri in files)
+        for t in (read_shard(artifact, shard, [*wanted, "split"]) for shard in shards)
     ]
     table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in wanted})
     table = table.sort_by("pair_id")

@@ -60,6 +60,7 @@ __all__ = [
     "train_step",
 ]
 
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What one optimizer step needs to know (a subset of pipeline.config.TrainConfig)."""

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpo_ray.artifacts import ShardInfo
 from dpo_ray.batching import PairTokens
 from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
 from dpo_ray.metrics import PAIR_METRICS, metric_means
@@ -42,6 +43,7 @@ from dpo_ray.step import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["ERROR_FILE", "LoopConfig", "decoder_layers", "worker_loop", "write_error"]
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -111,7 +113,8 @@ class LoopConfig:
     gradient_checkpointing: bool
     output: str
     export: str
-    scored_files: tuple[str, ...]
+    scored: str
+    scored_shards: tuple[ShardInfo, ...]
     initial_loss: float | None  # expected step-0 loss when the policy starts from the reference (None: unknown)
     initial_slope: float  # |d loss / d margin| at h = 0 (dpo_ray.losses.initial_loss)
     check_initial_margin: bool
@@ -307,8 +310,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     use_gpu = torch.cuda.is_available()
     cfg = dataclasses.replace(cfg, settings=resolve_batching(cfg.settings, use_gpu))
     seed_everything(cfg.seed)
-    train_rows = read_split(cfg.scored_files, "train")
-    eval_rows = read_split(cfg.scored_files, "eval") if cfg.eval_every else None
+    train_rows = read_split(cfg.scored, cfg.scored_shards, "train")
+    eval_rows = read_split(cfg.scored, cfg.scored_shards, "eval") if cfg.eval_every else None
     model = disable_dropout(load_causal_lm(cfg.model, "float32", cfg.trust_remote_code))
     if MODES[cfg.settings.batching].segment_attention:
         enable_segment_attention(model)

@@ -78,17 +78,13 @@ def _preference_accuracy(config: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     cfg = EvaluateConfig.model_validate(config)
-    import pyarrow.parquet as pq
-
     from dpo_ray.batching import completion_logps
     from dpo_ray.models import load_causal_lm, load_tokenizer
 
     manifest = artifacts.require_complete(cfg.scored, "scored")
-    fs, path = artifacts.artifact_fs(cfg.scored)
     rows: list[dict[str, Any]] = []
     for shard in manifest.shards:
-        with fs.open(artifacts.join(path, shard.file), "rb") as f:
-            table = pq.read_table(f)
+        table = artifacts.read_shard(cfg.scored, shard)
         rows += [r for r in table.to_pylist() if r["split"] == "eval"][: cfg.max_eval_pairs - len(rows)]
         if len(rows) >= cfg.max_eval_pairs:
             break
@@ -201,6 +197,8 @@ def _inputs(cfg: EvaluateConfig, prompts_manifest: Manifest) -> dict[str, str | 
     """The evaluation's identity: both models' fingerprints, the prompts and the scored pairs (manifest hashes)."""
     from dpo_ray.models import model_fingerprint, resolve_model_dir
 
+    if cfg.max_eval_pairs:
+        artifacts.require_complete(cfg.scored, "scored")  # verified before any work (shard sizes and hashes)
     for model in (cfg.policy, cfg.reference):
         matching_tokenizer(model, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
     return {

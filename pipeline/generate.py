@@ -121,7 +121,8 @@ def _column(uri: str, names: list[str], column: str) -> list[np.ndarray]:
     out = []
     for name in names:
         with fs.open(artifacts.join(path, name), "rb") as f:
-            out.append(pq.read_table(f, columns=[column])[column].to_numpy(zero_copy_only=False))
+            table = pq.read_table(f, columns=[column], page_checksum_verification=True)
+        out.append(table[column].to_numpy(zero_copy_only=False))
     return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo_ray import artifacts
-from dpo_ray.artifacts import Manifest
+from dpo_ray.artifacts import Manifest, ShardInfo
 from dpo_ray.errors import UserError
 from dpo_ray.schema import REJECTS_SCHEMA, SCORED_SCHEMA
 from pipeline import console, stage
@@ -38,13 +39,13 @@ class ParityError(UserError, RuntimeError):
     """vLLM's reference log-probs disagree with a transformers forward beyond the tolerance."""
 
 
-def _units(pairs_uri: str, manifest: Manifest, rows_per_unit: int) -> list[dict[str, Any]]:
+def _units(manifest: Manifest, rows_per_unit: int) -> list[dict[str, Any]]:
     units = []
     for index, shard in enumerate(manifest.shards):
         for start in range(0, shard.rows, rows_per_unit):
             units.append(
                 {
-                    "shard": artifacts.join(pairs_uri, shard.file),
+                    "shard": json.dumps(asdict(shard)),
                     "start": start,
                     "stop": min(shard.rows, start + rows_per_unit),
                     "name": f"part-{index:05d}-{start:09d}.parquet",
@@ -71,11 +72,10 @@ class ScoreUnits:
             if _cuda():
                 self.model.cuda()
 
-    def _shard(self, uri: str) -> pa.Table:
-        if self.cache is None or self.cache[0] != uri:
-            fs, path = artifacts.artifact_fs(uri)
-            with fs.open(path, "rb") as f:
-                self.cache = (uri, pq.read_table(f))
+    def _shard(self, shard: str) -> pa.Table:
+        """The input shard (a ShardInfo as JSON), read and verified once per actor while its units run."""
+        if self.cache is None or self.cache[0] != shard:
+            self.cache = (shard, artifacts.read_shard(self.cfg.pairs, ShardInfo(**json.loads(shard))))
         return self.cache[1]
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
@@ -171,7 +171,7 @@ def _parity_sample(output: str, k: int) -> list[dict[str, Any]]:
         if len(rows) >= k:
             break
         with fs.open(artifacts.join(path, name), "rb") as f:
-            rows += pq.read_table(f).slice(0, k - len(rows)).to_pylist()
+            rows += pq.read_table(f, page_checksum_verification=True).slice(0, k - len(rows)).to_pylist()
     return rows
 
 
@@ -187,7 +187,7 @@ def run(cfg: ReferenceConfig) -> Manifest:
         "tokenizer": matching_tokenizer(cfg.model, pairs_manifest, cfg.pairs, cfg.trust_remote_code),
         "model": model_fingerprint(resolve_model_dir(cfg.model)),
     }
-    units = _units(cfg.pairs, pairs_manifest, cfg.rows_per_unit)
+    units = _units(pairs_manifest, cfg.rows_per_unit)
     done = set(artifacts.list_shards(cfg.output))
     pending = [u for u in units if u["name"] not in done]
     logger.info("reference: %d units of <= %d pairs, %d to score", len(units), cfg.rows_per_unit, len(pending))

@@ -59,7 +59,7 @@ def write_dataset(ds: Any, uri: str, schema: Any, rows_per_shard: int) -> None:
     shards = max(1, -(-ds.count() // rows_per_shard))
     ds = ds.repartition(shards, shuffle=False)
     ds.map_batches(lambda t: t.cast(schema), batch_format="pyarrow", batch_size=None).write_parquet(
-        uri, filename_provider=PartNames(), max_rows_per_file=rows_per_shard
+        uri, filename_provider=PartNames(), max_rows_per_file=rows_per_shard, write_page_checksum=True
     )
 
 
@@ -98,17 +98,12 @@ def matching_tokenizer(model: str, manifest: Any, artifact: str, trust_remote_co
 
 def unique_prompts(uri: str, manifest: Any, split: str, limit: int | None) -> list[dict[str, Any]]:
     """Unique prompts (by text) of one split of a `pairs` artifact, ordered by prompt id; 3 columns are read."""
-    import pyarrow.parquet as pq
-
     from dpo_ray import artifacts
     from dpo_ray.tokenization import pair_id
 
-    fs, path = artifacts.artifact_fs(uri)
     seen: dict[str, dict[str, Any]] = {}
     for shard in manifest.shards:
-        with fs.open(artifacts.join(path, shard.file), "rb") as f:
-            table = pq.read_table(f, columns=["prompt", "prompt_ids", "split"])
-        for row in table.to_pylist():
+        for row in artifacts.read_shard(uri, shard, ["prompt", "prompt_ids", "split"]).to_pylist():
             if row["split"] == split and row["prompt"] not in seen:
                 pid = pair_id(row["prompt"], "", "")
                 seen[row["prompt"]] = {"prompt_id": pid, "prompt": row["prompt"], "prompt_ids": row["prompt_ids"]}

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from dpo_ray import artifacts
-from dpo_ray.artifacts import ArtifactError, Manifest
+from dpo_ray.artifacts import ArtifactError, Manifest, ShardInfo
 from dpo_ray.errors import UserError
 from pipeline import console, stage
 from pipeline.config import ConfigError, TrainConfig
@@ -35,7 +35,7 @@ class TrainCheckError(UserError, RuntimeError):
 
 
 def _loop_config(
-    cfg: TrainConfig, total_steps: int, starts_from_reference: bool, has_eval: bool, files: list[str]
+    cfg: TrainConfig, total_steps: int, starts_from_reference: bool, has_eval: bool, shards: list[ShardInfo]
 ) -> Any:
     import torch
 
@@ -79,7 +79,8 @@ def _loop_config(
         gradient_checkpointing=cfg.gradient_checkpointing,
         output=cfg.output,
         export=cfg.export,
-        scored_files=tuple(files),
+        scored=cfg.scored,
+        scored_shards=tuple(shards),
         # With an NLL term the step-0 loss depends on the model's log-probs: only the margins are checked.
         initial_loss=None if cfg.sft_weight > 0 else initial.value,
         initial_slope=initial.slope,
@@ -152,8 +153,7 @@ def run(cfg: TrainConfig) -> Manifest:
     starts_from_reference = model_fingerprint(resolve_model_dir(cfg.model)) == scored.fingerprints.get("model")
     fix = "choose another train.run_name or delete that directory"
     stage.claim(artifacts.join(_storage(cfg), cfg.run_name), build.config, build.upstream, "checkpoints", fix)
-    files = [artifacts.join(cfg.scored, s.file) for s in scored.shards]
-    counts = split_counts(files)
+    counts = split_counts(cfg.scored, scored.shards)
     n_train, n_eval = counts.get("train", 0), counts.get("eval", 0)
     steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch == 0:
@@ -166,7 +166,7 @@ def run(cfg: TrainConfig) -> Manifest:
     )  # fmt: skip
     ensure_ray()
     loop = _loop_config(
-        cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, files
+        cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, scored.shards
     )
     _clear_error(cfg.output)
     result = _trainer(cfg, loop).fit()

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.cluster
+
 ROOT = Path(__file__).resolve().parents[2]
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 

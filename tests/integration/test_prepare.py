@@ -204,6 +204,7 @@ def test_all_rows_rejected_is_an_error_pointing_at_rejects(tiny_model_dir, tmp_p
     assert m.rows == 1 and m.stats["rejects"] == {"duplicate": 2}
 
 
+@pytest.mark.cluster
 def test_rerun_is_noop_and_killed_run_reruns_to_same_artifact(tiny_model_dir, tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in _explicit("resume", 300)))

@@ -137,6 +137,7 @@ def test_refuses_other_tokenizer_and_incomplete_pairs(tiny_model_dir, small_pair
 
 
 @pytest.mark.skipif(not HH_SAMPLE.exists(), reason=f"HH-RLHF sample not present at {HH_SAMPLE}")
+@pytest.mark.cluster
 def test_hh_scored_with_vllm_resumes_after_the_driver_is_killed(tiny_model_dir, tmp_path):
     """`python -m pipeline reference` on the HH pairs, SIGKILLed after its first unit, then rerun."""
     cfg = {

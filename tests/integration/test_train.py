@@ -149,6 +149,7 @@ def test_export_loads_in_transformers_and_vllm_and_matches_the_last_checkpoint(s
     del llm
 
 
+@pytest.mark.cluster
 def test_worker_failure_resumes_from_last_checkpoint(setup):
     cfg = _cfg(setup, "fault", num_workers=2, checkpoint_every=2, fault_injection="3:1", max_failures=1)
     train(cfg)
@@ -159,6 +160,7 @@ def test_worker_failure_resumes_from_last_checkpoint(setup):
     assert (Path(cfg.export) / "model.safetensors").exists()
 
 
+@pytest.mark.cluster
 def test_restarted_job_with_same_run_name_continues(setup):
     cfg = _cfg(setup, "restart", num_workers=1, checkpoint_every=2, fault_injection="3:0", max_failures=0)
     with pytest.raises(Exception, match="(?i)fail|error"):
@@ -286,6 +288,7 @@ def _weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     return load_file(str(Path(cfg.export) / "model.safetensors"))
 
 
+@pytest.mark.cluster
 def test_order_depends_on_the_artifact_and_seed_only(setup, sharded):
     """Two runs on a many-shard artifact, and a run killed mid-epoch then resumed by a new job, give the same
     weights; the run crosses an epoch boundary (64-pair batches: 4 steps an epoch), so the per-epoch order

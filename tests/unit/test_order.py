@@ -6,12 +6,13 @@ import random
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from dpo_ray import artifacts
+from dpo_ray.artifacts import ShardInfo
 from dpo_ray.order import epoch_batches, read_split, split_counts
 
 
-def _shards(tmp_path, n: int = 50, per_shard: int = 7) -> list[str]:
+def _shards(tmp_path, n: int = 50, per_shard: int = 7) -> list[ShardInfo]:
     rng = random.Random(0)
     rows = [
         {
@@ -25,20 +26,17 @@ def _shards(tmp_path, n: int = 50, per_shard: int = 7) -> list[str]:
         }
         for i in range(n)
     ]
-    files = []
     for k in range(0, n, per_shard):
-        path = tmp_path / f"part-{k:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows[k : k + per_shard]), path)
-        files.append(str(path))
-    return files
+        artifacts.write_table(pa.Table.from_pylist(rows[k : k + per_shard]), str(tmp_path), f"part-{k:05d}.parquet")
+    return artifacts.shard_infos(str(tmp_path))
 
 
 def test_read_split_is_sorted_by_pair_id_whatever_the_shard_order(tmp_path):
-    files = _shards(tmp_path)
-    a = read_split(files, "train")
-    b = read_split(list(reversed(files)), "train")
+    shards, uri = _shards(tmp_path), str(tmp_path)
+    a = read_split(uri, shards, "train")
+    b = read_split(uri, list(reversed(shards)), "train")
     assert list(a["pair_id"]) == sorted(a["pair_id"]) == list(b["pair_id"])
-    assert len(a["pair_id"]) == 40 and split_counts(files) == {"train": 40, "eval": 10}
+    assert len(a["pair_id"]) == 40 and split_counts(uri, shards) == {"train": 40, "eval": 10}
     i = list(a["pair_id"]).index(a["pair_id"][3])
     assert a["chosen_ids"][i] == b["chosen_ids"][i] and a["ref_chosen_logp"][i] == b["ref_chosen_logp"][i]
     assert all(len(x) == 2 for x in a["prompt_ids"])

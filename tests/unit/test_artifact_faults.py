@@ -1,0 +1,146 @@
+"""Artifacts after a fault: a damaged shard or manifest is refused before any work, naming the file.
+
+Each case damages one artifact the way storage does (bytes zeroed in the middle of a shard, a shard cut
+short, a shard replaced by another shard of the same artifact, a truncated manifest, a manifest of another
+kind) and checks that every stage consuming that kind refuses it through the CLI: exit status 2, one line
+naming the file and the fix, no traceback. A shard whose manifest was rewritten to vouch for the damaged
+bytes is still refused by its Parquet page checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from dpo_ray import artifacts
+from dpo_ray.artifacts import ArtifactError
+from dpo_ray.schema import PAIRS_SCHEMA, SCORED_SCHEMA
+from pipeline.__main__ import main
+
+
+def _rows(n: int, start: int, scored: bool) -> list[dict]:
+    rows = []
+    for i in range(start, start + n):
+        row = {
+            "pair_id": f"{i:016x}",
+            "split": "eval" if i % 4 == 0 else "train",
+            "prompt_ids": list(range(1, 30)),
+            "chosen_ids": [i % 50 + 1] * 20,
+            "rejected_ids": [i % 40 + 2] * 25,
+            "prompt": f"prompt {i} " * 10,
+            "chosen": f"chosen {i} " * 10,
+            "rejected": f"rejected {i} " * 10,
+            "source": "test",
+        }
+        if scored:
+            row |= {
+                "ref_chosen_logps": [-0.5] * 20,
+                "ref_rejected_logps": [-0.7] * 25,
+                "ref_chosen_logp": -10.0,
+                "ref_rejected_logp": -17.5,
+            }
+        rows.append(row)
+    return rows
+
+
+def _artifact(root: Path, kind: str) -> str:
+    uri = str(root / kind)
+    schema = SCORED_SCHEMA if kind == "scored" else PAIRS_SCHEMA
+    for k in range(3):
+        table = pa.Table.from_pylist(_rows(200, 200 * k, kind == "scored"), schema=schema)
+        artifacts.write_table(table, uri, f"part-{k:05d}.parquet")
+    artifacts.write_manifest(uri, kind, {}, {"tokenizer": "t"}, {}, {})
+    return uri
+
+
+def _zero_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+
+
+def _replace_by_sibling(path: Path) -> None:
+    path.write_bytes((path.parent / "part-00000.parquet").read_bytes())
+
+
+SHARD_FAULTS: dict[str, Callable[[Path], None]] = {
+    "zeroed": _zero_middle,
+    "truncated": _truncate,
+    "replaced": _replace_by_sibling,
+}
+
+# stage -> (the CLI overrides that point it at the damaged artifact, the artifact kind it consumes there)
+CONSUMERS = {
+    "reference": ("pairs", ["reference.model=/nonexistent/model", "reference.pairs={uri}"]),
+    "generate": ("pairs", ["generate.policy=/nonexistent/model", "generate.prompts={uri}"]),
+    "train": ("scored", ["train.model=/nonexistent/model", "train.scored={uri}"]),
+    "evaluate": (
+        "scored",
+        ["evaluate.reference=/nonexistent/model", "evaluate.scored={uri}", "evaluate.prompts={pairs}"],
+    ),
+}
+
+
+def _cli(stage: str, tmp_path: Path, uri: str, pairs: str, capsys) -> tuple[int, str]:
+    kind, overrides = CONSUMERS[stage]
+    args = [o.format(uri=uri, pairs=pairs) for o in overrides]
+    code = main([stage, f"run_dir={tmp_path / 'run'}", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fault", sorted(SHARD_FAULTS))
+@pytest.mark.parametrize("stage", sorted(CONSUMERS))
+def test_a_damaged_shard_is_refused_by_every_consumer(stage, fault, tmp_path, capsys):
+    kind = CONSUMERS[stage][0]
+    uri = _artifact(tmp_path, kind)
+    pairs = uri if kind == "pairs" else _artifact(tmp_path, "pairs")
+    SHARD_FAULTS[fault](Path(uri) / "part-00001.parquet")
+    code, err = _cli(stage, tmp_path, uri, pairs, capsys)
+    assert code == 2, err
+    assert f"{uri}/part-00001.parquet" in err and "expected" in err and "rerun the stage" in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong kind"])
+@pytest.mark.parametrize("stage", sorted(CONSUMERS))
+def test_a_damaged_manifest_is_refused_by_every_consumer(stage, damage, tmp_path, capsys):
+    kind = CONSUMERS[stage][0]
+    uri = _artifact(tmp_path, kind)
+    pairs = uri if kind == "pairs" else _artifact(tmp_path, "pairs")
+    manifest = Path(uri) / "manifest.json"
+    if damage == "truncated":
+        manifest.write_text(manifest.read_text()[:200])
+        expected = f"{uri}/manifest.json: not a valid manifest"
+    else:
+        manifest.write_text(manifest.read_text().replace(f'"kind": "{kind}"', '"kind": "generations"'))
+        expected = f"expected a {kind!r} artifact, found 'generations'"
+    code, err = _cli(stage, tmp_path, uri, pairs, capsys)
+    assert code == 2 and expected in err and "Traceback" not in err, err
+
+
+def test_page_checksums_catch_damage_the_manifest_vouches_for(tmp_path):
+    uri = _artifact(tmp_path, "pairs")
+    shard = Path(uri) / "part-00002.parquet"
+    _zero_middle(shard)
+    # Someone recomputed the manifest over the damaged bytes: size and sha256 agree, the pages do not.
+    manifest = json.loads((Path(uri) / "manifest.json").read_text())
+    data = shard.read_bytes()
+    manifest["shards"][2] |= {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (Path(uri) / "manifest.json").write_text(json.dumps(manifest))
+    m = artifacts.require_complete(uri, "pairs")
+    assert artifacts.read_shard(uri, m.shards[0]).num_rows == 200  # intact shards read
+    with pytest.raises(ArtifactError, match=r"part-00002.parquet: not a readable Parquet shard"):
+        artifacts.read_shard(uri, m.shards[2])
+    # The same damage in a shard kept by an interrupted run is caught before a manifest lists it.
+    with pytest.raises(ArtifactError, match=r"part-00002.parquet: not a readable Parquet shard"):
+        artifacts.shard_infos(uri)
