@@ -40,7 +40,21 @@ _TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 def _default_cache_dir() -> Path:
-    return Path(os.environ.get("DPO_RAY_CACHE", Path.home() / ".cache" / "dpo_ray")) / "models"
+    """DPO_RAY_CACHE (default ~/.cache/dpo_ray)/models. A `{node}` in DPO_RAY_CACHE is replaced by the Ray node
+    id of the process (`local` outside Ray): nodes that share a disk still keep one copy each."""
+    root = os.environ.get("DPO_RAY_CACHE", str(Path.home() / ".cache" / "dpo_ray"))
+    if "{node}" in root:
+        root = root.replace("{node}", _ray_node())
+    return Path(root) / "models"
+
+
+def _ray_node() -> str:
+    import sys
+
+    ray = sys.modules.get("ray")  # never imported here just to ask
+    if ray is not None and ray.is_initialized():
+        return str(ray.get_runtime_context().get_node_id())
+    return "local"
 
 
 def ref_kind(ref: str) -> str:
@@ -63,19 +77,31 @@ def resolve_model_dir(ref: str | os.PathLike[str], cache_dir: str | os.PathLike[
     cache = Path(cache_dir) if cache_dir else _default_cache_dir()
     kind = ref_kind(ref)
     if kind == "uri":
+        import shutil
+
         import fsspec
 
         target = cache / hashlib.sha256(ref.encode()).hexdigest()[:16]
         if not (target / ".complete").exists():
             fs, root = fsspec.core.url_to_fs(ref)
+            root = root.rstrip("/")
             files = [f for f in fs.find(root) if not f.endswith("/")]
             if not files:
                 raise FileNotFoundError(f"model {ref!r}: no files found under that URI")
+            # Copied into a private directory, then renamed into place: processes of one node that copy at
+            # once never read each other's half-written files.
+            tmp = cache / f".tmp-{target.name}-{os.getpid()}"
             for remote in files:
-                dest = target / os.path.relpath(remote, root)
+                dest = tmp / remote[len(root) :].lstrip("/")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 fs.get(remote, str(dest))
-            (target / ".complete").touch()
+            (tmp / ".complete").touch()
+            if target.exists() and not (target / ".complete").exists():
+                shutil.rmtree(target, ignore_errors=True)  # left by an interrupted copy of an older version
+            try:
+                tmp.rename(target)
+            except OSError:  # another process of this node finished first
+                shutil.rmtree(tmp, ignore_errors=True)
         return target
     if kind == "local":
         raise FileNotFoundError(f"model {ref!r}: no such directory")

@@ -26,7 +26,7 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from pipeline import console, stage
 from pipeline.config import EvaluateConfig
-from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, unique_prompts
+from pipeline.runtime import check_pool_fits, engine_spec, ensure_ray, matching_tokenizer, unique_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ def _sample_both(
     of the policy's samples."""
     import ray
 
+    check_pool_fits("evaluate.num_cpus_per_actor", 2, cfg.num_cpus_per_actor, False, cfg.accelerator_type)
     actor = ray.remote(_Model).options(**_resources(cfg))
     policy_model: Any = actor.remote(config, cfg.policy)
     ref_model: Any = actor.remote(config, cfg.reference)

@@ -23,7 +23,7 @@ from dpo_ray.errors import UserError
 from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
 from pipeline import console, stage
 from pipeline.config import PrepareConfig
-from pipeline.runtime import ensure_ray, unwrap_user_error, write_dataset
+from pipeline.runtime import check_pool_fits, ensure_ray, unwrap_user_error, write_dataset
 from pipeline.sources import InputError, inputs_fingerprint, read_records, resolve_inputs
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ def run(cfg: PrepareConfig) -> Manifest:
         raise PrepareError(f"prepare.format is conversational but tokenizer {cfg.tokenizer} has no chat template")
     fingerprints = {"tokenizer": tokenizer_fingerprint(tokenizer)}
     ensure_ray()
+    check_pool_fits("prepare.num_actors", cfg.num_actors, 1, needs_free_cpu=True)
     unified = _tokenized(cfg, files, build.config)
     rows_in = unified.count()
     pairs_full, rejects = _deduplicated(cfg, unified, rows_in)

@@ -9,6 +9,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "check_pool_fits",
     "engine_spec",
     "ensure_ray",
     "matching_tokenizer",
@@ -31,6 +32,35 @@ def ensure_ray() -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False} if not address else {}
     ray.init(address=address or "local", logging_level=logging.WARNING, **kwargs)
     logger.info("ray: %s", ray.cluster_resources())
+
+
+def check_pool_fits(
+    setting: str, actors: int, cpus_per_actor: float, needs_free_cpu: bool, accelerator_type: str | None = None
+) -> None:
+    """On a fixed-size Ray (the embedded local one: no autoscaler can add nodes), refuse an actor pool that
+    cannot start, or that takes every CPU while the stage still needs one for its read tasks (they would
+    wait forever). On a cluster (RAY_ADDRESS) nodes may be added; Ray's own scheduling applies there."""
+    import ray
+
+    from pipeline.config import ConfigError
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    resources = ray.cluster_resources()
+    if accelerator_type and f"accelerator_type:{accelerator_type}" not in resources:
+        stage = setting.split(".")[0]
+        raise ConfigError(
+            f"{stage}.accelerator_type is {accelerator_type!r} but this Ray has no such accelerator (resources: "
+            f"{', '.join(sorted(k for k in resources if not k.startswith('node:')))}): unset it to run here"
+        )
+    cpus = float(resources.get("CPU", 0))
+    wanted = actors * cpus_per_actor + (1 if needs_free_cpu else 0)
+    if wanted > cpus:
+        reads = " + 1 for reading the inputs" if needs_free_cpu else ""
+        raise ConfigError(
+            f"{setting}: {actors} actor(s) x {cpus_per_actor:g} CPU{reads} = {wanted:g} CPUs, but this Ray has "
+            f"{cpus:g} and cannot add nodes: lower {setting}, or run on a cluster (RAY_ADDRESS)"
+        )
 
 
 def unwrap_user_error(exc: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -124,6 +154,8 @@ def run_units(
     import ray
     from ray.data import ActorPoolStrategy
 
+    stage = type(cfg).__name__.removesuffix("Config").lower()
+    check_pool_fits(f"{stage}.num_actors", cfg.num_actors, cfg.num_cpus_per_actor, False, cfg.accelerator_type)
     ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         actor,
         fn_constructor_args=(config,),

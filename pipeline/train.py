@@ -19,7 +19,7 @@ from dpo_ray.artifacts import ArtifactError, Manifest, ShardInfo
 from dpo_ray.errors import UserError
 from pipeline import console, stage
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.runtime import ensure_ray, matching_tokenizer
+from pipeline.runtime import check_pool_fits, ensure_ray, matching_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,8 @@ def run(cfg: TrainConfig) -> Manifest:
         "==" if starts_from_reference else "!=",
     )  # fmt: skip
     ensure_ray()
+    per_worker = float((cfg.resources_per_worker or {}).get("CPU", 1))
+    check_pool_fits("train.num_workers", max(1, cfg.num_workers), per_worker, False, cfg.accelerator_type)
     loop = _loop_config(
         cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, scored.shards
     )
