@@ -1,0 +1,341 @@
+"""The pipeline on an autoscaling multi-node Ray cluster with S3 object storage, on this one machine.
+
+- The cluster: a Ray head (CPU 0, token authentication, loopback only) with Ray's autoscaler and its fake
+  multi-node provider, the way Ray tests its own autoscaler: every "node" is a real raylet process with
+  its own resources. The worker node types are clusters/aws.yaml's (same names and custom resources such
+  as `accelerator_type:H100`, min_workers 0), scaled down to CPUs; each type gets its own CPU count so
+  that a node's resources name its type. Idle timeout 15 s.
+- Storage: an S3 server (moto, server mode, 127.0.0.1) reached through s3fs and pyarrow's S3 client. The run
+  directory (artifacts, checkpoints, export) and the model and data inputs are `s3://` URIs; each node
+  copies the models into its own scratch directory (DPO_RAY_CACHE with `{node}`).
+- Submission: `ray job submit` through the Jobs API, the checkout as working dir, clusters/runtime_env.yaml.
+
+Checked: the autoscaler launches each stage's node type from zero and removes it when idle; each stage's
+actors/workers ran on a node type offering what its config asks for, never on the head; the artifacts on
+S3 are complete and `dpo-ray status` lists them; the results equal the same config run locally (rows,
+reference per-token log-probs within 1e-5, training losses within 1e-6); nothing went through a local
+path but the per-node model copies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.integration.test_jobs import RAY, ROOT, JobClient, free_port, listening_addresses, submit
+
+pytestmark = pytest.mark.cluster
+
+BUCKET = "dpo-ray-test"
+IDLE_TIMEOUT_S = 15
+CPUS = {"cpu-worker": 2, "gpu-inference": 3, "gpu-train": 4}  # distinct: a node's CPU count names its type
+
+
+def fake_node_types() -> dict:
+    """clusters/aws.yaml's worker node types for the fake provider: same names and custom resources, GPUs
+    dropped (the stand-in stages ask num_gpus 0), CPUs scaled down, min 0, at most one node each."""
+    aws = yaml.safe_load((ROOT / "clusters" / "aws.yaml").read_text())
+    types = {}
+    for name, spec in aws["available_node_types"].items():
+        if name == aws["head_node_type"]:
+            assert spec["resources"].get("CPU") == 0, "the head must advertise no CPUs"
+            continue
+        custom = {k: v for k, v in spec["resources"].items() if k not in ("CPU", "GPU")}
+        assert spec.get("min_workers", 0) == 0, f"{name}: min_workers must be 0 (scale from zero)"
+        types[name] = {
+            "resources": {"CPU": CPUS[name], **custom, "object_store_memory": 300_000_000},
+            "node_config": {},
+            "min_workers": 0,
+            "max_workers": 1,
+        }
+    return types
+
+
+def autoscaling_config(gcs_port: int) -> dict:
+    return {
+        "cluster_name": "dpo-ray-fake",
+        "max_workers": 3,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": IDLE_TIMEOUT_S / 60,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": f"127.0.0.1:{gcs_port}",
+        },
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            **fake_node_types(),
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 server on 127.0.0.1 and the environment every process (nodes, job, this test) reaches it with."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir(BUCKET)
+    yield env
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, tmp_path_factory):
+    """The autoscaling head (see the module docstring); yields (dashboard URL, GCS port, scratch root)."""
+    root = tmp_path_factory.mktemp("cluster")
+    gcs, dash = free_port(), free_port()
+    (root / "autoscaling.json").write_text(json.dumps(autoscaling_config(gcs)))
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env |= s3 | {
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "RAY_AUTH_MODE": "token",
+        "DPO_RAY_CACHE": str(root / "nodes" / "{node}"),
+    }
+    cmd = [
+        RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=0",
+        f"--autoscaling-config={root / 'autoscaling.json'}", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log = (root / "ray-head.log").open("w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not listening_addresses(dash):
+            assert head.poll() is None, (root / "ray-head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Ray head did not open its dashboard port in 180 s"
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{dash}", gcs, root
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        _kill_leftovers(gcs)
+
+
+def _kill_leftovers(gcs_port: int) -> None:
+    """Raylets of fake nodes that outlived the head (they are started outside its process group)."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.info["cmdline"] and f":{gcs_port}" in " ".join(p.info["cmdline"]):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _state(address: str) -> dict:
+    """Runs in a spawned helper (Ray caches its auth token per process): nodes and actors, dead ones too."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.util.state import list_actors, list_nodes
+
+    nodes = [
+        {"id": n.node_id, "head": n.is_head_node, "state": n.state, "cpus": (n.resources_total or {}).get("CPU", 0)}
+        for n in list_nodes(address=address, detail=True, limit=1000)
+    ]
+    actors = [
+        {"class": a.class_name, "node": a.node_id, "state": a.state}
+        for a in list_actors(address=address, detail=True, limit=10000)
+    ]
+    return {"nodes": nodes, "actors": actors}
+
+
+def cluster_state(address: str) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_state, address).result(timeout=120)
+
+
+def _config(run_dir: str, model: str, data: str, accelerator: str | None = "H100") -> dict:
+    """prepare → reference (vLLM) → train, sized for this machine; the resources each stage asks for are the
+    8B example's (pipeline/configs/llama3-8b.yaml), scaled down: no GPUs, accelerator_type H100 kept (None
+    for the local run, whose one node has no accelerator resource)."""
+    return {
+        "run_dir": run_dir,
+        "rounds": 1,
+        "prepare": {"inputs": [data], "tokenizer": model, "max_length": 96, "max_prompt_length": 48,
+                    "eval_fraction": 0.1, "num_actors": 1},
+        "reference": {"model": model, "backend": "vllm", "max_model_len": 128, "gpu_memory_utilization": 0.1,
+                      "rows_per_unit": 64, "num_actors": 1, "num_cpus_per_actor": 1, "num_gpus_per_actor": 0,
+                      "accelerator_type": accelerator},
+        "train": {"model": model, "num_workers": 2, "batch_size": 16, "max_steps": 6, "lr": 1.0e-3,
+                  "token_budget": 4096, "checkpoint_every": 3, "resources_per_worker": {"CPU": 1},
+                  "accelerator_type": accelerator},
+    }  # fmt: skip
+
+
+def _upload(local: Path, uri: str) -> None:
+    import s3fs
+
+    s3fs.S3FileSystem().put(str(local), uri, recursive=local.is_dir())
+
+
+def _scored(uri: str) -> dict[str, np.ndarray]:
+    from dpo_ray import artifacts
+
+    m = artifacts.require_complete(uri, "scored")
+    out = {}
+    for shard in m.shards:
+        for r in artifacts.read_shard(uri, shard, ["pair_id", "ref_chosen_logps", "ref_rejected_logps"]).to_pylist():
+            out[r["pair_id"]] = np.concatenate([r["ref_chosen_logps"], r["ref_rejected_logps"]])
+    return out
+
+
+def _losses(metrics_uri: str) -> dict[int, float]:
+    import fsspec
+
+    with fsspec.open(metrics_uri, "r") as f:
+        return {h["step"]: h["loss"] for h in map(json.loads, f) if "loss" in h}
+
+
+def test_pipeline_on_an_autoscaling_cluster_with_s3(cluster, s3, tmp_path, monkeypatch):
+    from pipeline.demo import build_assets
+
+    address, gcs, root = cluster
+    assets = build_assets(tmp_path / "assets", pairs=240, seed=0)
+    _upload(assets / "model", f"s3://{BUCKET}/models/tiny")
+    _upload(assets / "pairs.jsonl", f"s3://{BUCKET}/data/pairs.jsonl")
+    start = cluster_state(address)
+    assert [n["head"] for n in start["nodes"] if n["state"] == "ALIVE"] == [True], "the cluster starts from zero"
+
+    # The same config locally (embedded Ray, local paths): the reference results.
+    local = _config(str(tmp_path / "local"), str(assets / "model"), str(assets / "pairs.jsonl"), None)
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(local))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["DPO_RAY_CACHE"] = str(tmp_path / "cache")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--config", str(tmp_path / "local.yaml")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run_dir = f"s3://{BUCKET}/runs/cluster"
+    remote = _config(run_dir, f"s3://{BUCKET}/models/tiny", f"s3://{BUCKET}/data/pairs.jsonl")
+    (ROOT / ".cluster-test.yaml").write_text(yaml.safe_dump(remote))
+    (tmp_path / "remote.yaml").write_text(yaml.safe_dump(remote))
+    runtime_env = yaml.safe_load((ROOT / "clusters" / "runtime_env.yaml").read_text())
+    runtime_env["working_dir"] = str(ROOT)
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **s3}
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # for the job client's helper process
+    client = JobClient(address)
+    try:
+        t0 = time.monotonic()
+        job = submit(
+            client,
+            entrypoint=f"{sys.executable} -m pipeline run --config .cluster-test.yaml",
+            runtime_env=runtime_env,
+        )
+        peak = 1
+        while (status := client.get_job_status(job)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            assert time.monotonic() - t0 < 1800, "the cluster run took over 30 minutes"
+            alive = [n for n in cluster_state(address)["nodes"] if n["state"] == "ALIVE"]
+            peak = max(peak, len(alive))
+            time.sleep(5)
+        logs = client.get_job_logs(job)
+        assert status == "SUCCEEDED", logs[-5000:]
+        seconds = time.monotonic() - t0
+    finally:
+        (ROOT / ".cluster-test.yaml").unlink(missing_ok=True)
+        client.close()
+    print(f"cluster run: {seconds:.0f}s, peak {peak} nodes")
+
+    # Placement: every stage's actors ran on worker nodes of a type offering what the stage asked for.
+    state = cluster_state(address)
+    node_type = {n["id"]: next((t for t, c in CPUS.items() if c == n["cpus"]), "head") for n in state["nodes"]}
+    gpu_types = {t for t, spec in fake_node_types().items() if "accelerator_type:H100" in spec["resources"]}
+    ran = {}
+    for a in state["actors"]:
+        for stage, marker in (("prepare", "Tokenize"), ("reference", "ScoreUnits"), ("train", "RayTrainWorker")):
+            if marker in a["class"]:
+                ran.setdefault(stage, set()).add(node_type[a["node"]])
+    assert set(ran) == {"prepare", "reference", "train"}, state["actors"]
+    assert "head" not in set().union(*ran.values())
+    assert ran["reference"] <= gpu_types and ran["train"] <= gpu_types, ran
+    assert peak > 1, "no node was launched"
+    # Idle nodes are removed (bounded wait).
+    deadline = time.monotonic() + IDLE_TIMEOUT_S + 120
+    while len([n for n in cluster_state(address)["nodes"] if n["state"] == "ALIVE"]) > 1:
+        assert time.monotonic() < deadline, "idle worker nodes were not removed"
+        time.sleep(5)
+
+    # The artifacts on S3 are complete and equal the local run's.
+    from dpo_ray import artifacts
+
+    for name, kind in (("pairs", "pairs"), ("scored", "scored"), ("export", "model")):
+        assert artifacts.require_complete(f"{run_dir}/{name}", kind).kind == kind
+        assert (
+            artifacts.read_manifest(f"{run_dir}/{name}").rows
+            == artifacts.read_manifest(str(tmp_path / "local" / name)).rows
+        )
+    a, b = _scored(f"{run_dir}/scored"), _scored(str(tmp_path / "local" / "scored"))
+    logp_diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert a.keys() == b.keys() and logp_diff <= 1e-5
+    la, lb = _losses(f"{run_dir}/train/metrics.jsonl"), _losses(str(tmp_path / "local" / "train" / "metrics.jsonl"))
+    loss_diff = max(abs(la[s] - lb[s]) for s in la)
+    assert la.keys() == lb.keys() and loss_diff <= 1e-6, (la, lb)
+    print(f"vs local: {len(a)} pairs, per-token max |diff| {logp_diff:.2e}; {len(la)} losses, max {loss_diff:.2e}")
+    print(f"node types per stage: { {k: sorted(v) for k, v in ran.items()} }")
+    status = subprocess.run(
+        [sys.executable, "-m", "pipeline", "status", "--config", str(tmp_path / "remote.yaml")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert status.returncode == 0 and "3/3 stage outputs complete" in status.stdout, status.stdout + status.stderr
+
+    # Nothing local but each node's own model copy: one directory per node that loaded the model.
+    copies = sorted(p.name for p in (root / "nodes").iterdir())
+    assert len(copies) >= 2 and all((root / "nodes" / c / "models").is_dir() for c in copies), copies
