@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MANIFEST",
     "ArtifactError",
+    "DamagedManifest",
+    "StorageError",
     "require_complete",
     "write_table",
     "Manifest",
@@ -53,6 +55,14 @@ MANIFEST = "manifest.json"
 
 class ArtifactError(UserError, ValueError):
     """An input artifact is missing, incomplete, of the wrong kind, or incompatible; the message says which."""
+
+
+class DamagedManifest(ArtifactError):
+    """A manifest.json that does not parse or does not fit the manifest schema."""
+
+
+class StorageError(ArtifactError):
+    """The storage behind a URI cannot be reached or refuses access (endpoint, credentials, permissions)."""
 
 
 @dataclass(frozen=True)
@@ -223,14 +233,22 @@ def read_manifest(uri: str) -> Manifest | None:
     when it does not parse or does not match the manifest schema."""
     fs, path = artifact_fs(uri)
     target = join(path, MANIFEST)
-    if not fs.exists(target):
+    try:
+        if not fs.exists(target):
+            return None
+        with fs.open(target, "r") as f:
+            text = f.read()
+    except FileNotFoundError:
         return None
-    with fs.open(target, "r") as f:
-        text = f.read()
+    except Exception as e:  # botocore / gcsfs / OS errors: name the URI, not a library traceback
+        raise StorageError(
+            f"{uri}: cannot read {MANIFEST} from the storage ({type(e).__name__}: {e}); check the endpoint "
+            "(e.g. AWS_ENDPOINT_URL), the credentials and the permissions for this URI"
+        ) from None
     try:
         return Manifest.from_dict(json.loads(text))
     except (ValueError, TypeError, KeyError) as e:
-        raise ArtifactError(f"{uri}/{MANIFEST}: not a valid manifest ({type(e).__name__}: {e}); {_FIX}") from None
+        raise DamagedManifest(f"{uri}/{MANIFEST}: not a valid manifest ({type(e).__name__}: {e}); {_FIX}") from None
 
 
 def manifest_sha256(uri: str) -> str:
@@ -253,7 +271,7 @@ def is_complete(uri: str, config: dict[str, Any], upstream: dict[str, str]) -> b
     manifest of a stage's own output means incomplete: the stage rewrites it)."""
     try:
         manifest = read_manifest(uri)
-    except ArtifactError as e:
+    except DamagedManifest as e:
         logger.warning("%s", e)
         return False
     if manifest is None or manifest.schema_version != SCHEMA_VERSION:

@@ -144,3 +144,21 @@ def test_page_checksums_catch_damage_the_manifest_vouches_for(tmp_path):
     # The same damage in a shard kept by an interrupted run is caught before a manifest lists it.
     with pytest.raises(ArtifactError, match=r"part-00002.parquet: not a readable Parquet shard"):
         artifacts.shard_infos(uri)
+
+
+def test_unreachable_object_storage_names_the_uri(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("s3fs")
+    import socket
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    code = main(
+        ["reference", f"run_dir={tmp_path}", "reference.model=/nonexistent", "reference.pairs=s3://b/run/pairs"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "s3://b/run/pairs: cannot read manifest.json from the storage" in err, err
+    assert "AWS_ENDPOINT_URL" in err and "Traceback" not in err
