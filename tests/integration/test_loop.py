@@ -11,7 +11,7 @@ from pipeline.config import load_config
 from pipeline.run import run
 from pipeline.status import collect as status_rows
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.pipeline]
 
 
 def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):

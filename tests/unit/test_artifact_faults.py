@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,3 +169,57 @@ def test_unreachable_object_storage_names_the_uri(tmp_path, capsys, monkeypatch)
     err = _error_line(capsys.readouterr().err)
     assert code == 2 and "s3://b/run/pairs: cannot read manifest.json from the storage" in err, err
     assert "AWS_ENDPOINT_URL" in err
+
+
+@pytest.mark.parametrize(
+    "credentials, found",
+    [({"AWS_ACCESS_KEY_ID": "unknown", "AWS_SECRET_ACCESS_KEY": "x"}, "PermissionError"), ({}, "NoCredentialsError")],
+    ids=["refused", "missing"],
+)
+def test_unauthenticated_object_storage_names_the_uri(tmp_path, capsys, monkeypatch, credentials, found):
+    """An S3 server that checks credentials (moto with authentication on from the first request) refuses an
+    unknown key; without any credentials the client refuses to send. Both: exit 2, the URI named."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.monotonic() < deadline, "the S3 server did not start"
+            time.sleep(0.2)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in {
+            **credentials,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookup (nothing beyond 127.0.0.1)
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        }.items():
+            monkeypatch.setenv(k, v)
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        code = main(
+            ["reference", f"run_dir={tmp_path}", "reference.model=/nonexistent", "reference.pairs=s3://b/run/pairs"]
+        )
+    finally:
+        server.kill()
+        server.wait()
+    err = _error_line(capsys.readouterr().err)
+    assert code == 2 and "s3://b/run/pairs: cannot read manifest.json from the storage" in err, err
+    assert found in err and "credentials" in err
