@@ -148,6 +148,12 @@ class VllmConfig(StrictModel):
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs each actor requests (>= tensor_parallel_size on GPU).")
     num_cpus_per_actor: float = Field(1, gt=0, description="CPUs each actor requests.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type for the actors, e.g. H100.")
+    start_timeout_s: float = Field(
+        900,
+        gt=0,
+        description="On a cluster: how long to wait for the first actor to be placed (nodes take minutes to "
+        "launch) before failing with the resources asked for and the cluster's node types.",
+    )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the model repo.")
     seed: int = Field(0, description="Engine seed (generate: also the base of per-prompt sampling seeds).")
 

@@ -27,6 +27,7 @@ from dpo_ray.artifacts import Manifest
 from pipeline import console, stage
 from pipeline.config import EvaluateConfig
 from pipeline.runtime import check_pool_fits, engine_spec, ensure_ray, matching_tokenizer, unique_prompts
+from pipeline.units import actor_bundle, check_feasible
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,9 @@ def _sample_both(
     import ray
 
     check_pool_fits("evaluate.num_cpus_per_actor", 2, cfg.num_cpus_per_actor, False, cfg.accelerator_type)
+    check_feasible(
+        "evaluate's actors", actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type)
+    )
     actor = ray.remote(_Model).options(**_resources(cfg))
     policy_model: Any = actor.remote(config, cfg.policy)
     ref_model: Any = actor.remote(config, cfg.reference)

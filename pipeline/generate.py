@@ -23,7 +23,8 @@ from dpo_ray.artifacts import Manifest
 from dpo_ray.schema import GENERATIONS_SCHEMA, PAIRS_SCHEMA
 from pipeline import console, stage
 from pipeline.config import GenerateConfig
-from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, run_units, unique_prompts
+from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, unique_prompts
+from pipeline.units import run_units
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def generation_stops(model: str) -> set[int]:
 
 
 class GenerateUnits:
-    """Ray Data actor: one vLLM engine and the reward, loaded once; each unit of prompts is sampled, scored
+    """The pool's unit handler: one vLLM engine and the reward, loaded once; each unit of prompts is sampled, scored
     and paired, and its shards written: generations, the unit's counts, then its pairs (last: "done")."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -111,9 +112,8 @@ class GenerateUnits:
         logger.info("generate: %s: %d prompts, %d pairs in %.1fs", name, len(prompts), len(pairs), seconds)
         return {"name": name, **counts}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        results = [self.unit(str(n), json.loads(str(p))) for n, p in zip(batch["name"], batch["prompts"], strict=True)]
-        return {"name": [r["name"] for r in results], "pairs": [r["pairs"] for r in results]}
+    def __call__(self, unit: dict[str, Any]) -> dict[str, Any]:
+        return self.unit(unit["name"], json.loads(unit["prompts"]))
 
 
 def _column(uri: str, names: list[str], column: str) -> list[np.ndarray]:
@@ -187,11 +187,12 @@ def run(cfg: GenerateConfig) -> Manifest:
     pending = [u for u in units if u["name"] not in done]
     logger.info("generate: %d units of <= %d prompts, %d to generate", len(units), cfg.prompts_per_unit, len(pending))
     t0 = time.perf_counter()
+    retried = 0
     if pending:
         ensure_ray()
-        run_units(GenerateUnits, pending, build.config, cfg, errors=_reward_errors())
+        retried = run_units(GenerateUnits, pending, build.config, cfg, errors=_reward_errors()).retried
     names = [u["name"] for u in units]
-    return _finish(cfg, build, fingerprints, names, len(pending), time.perf_counter() - t0)
+    return _finish(cfg, build, fingerprints, names, (len(pending), retried), time.perf_counter() - t0)
 
 
 def _reward_errors() -> tuple[type[BaseException], ...]:
@@ -201,7 +202,12 @@ def _reward_errors() -> tuple[type[BaseException], ...]:
 
 
 def _finish(
-    cfg: GenerateConfig, build: stage.Build, fingerprints: dict[str, str], names: list[str], ran: int, seconds: float
+    cfg: GenerateConfig,
+    build: stage.Build,
+    fingerprints: dict[str, str],
+    names: list[str],
+    ran: tuple[int, int],
+    seconds: float,
 ) -> Manifest:
     """Every unit has its shards: the generations manifest, then the pairs manifest (from the units' counts)."""
     missing = sorted(set(names) - set(artifacts.list_shards(cfg.output)))
@@ -235,7 +241,8 @@ def _finish(
         "identical_dropped": counts["identical"],
         "strategy": cfg.strategy,
         "units": len(names),
-        "units_generated_this_run": ran,
+        "units_generated_this_run": ran[0],
+        "units_retried_this_run": ran[1],
         "seconds": seconds,
         "lineage": {"policy": cfg.policy, "generations": artifacts.manifest_sha256(cfg.generations)},
     }

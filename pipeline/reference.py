@@ -1,9 +1,10 @@
 """reference: a `pairs` artifact → a `scored` artifact with the frozen reference model's per-token log-probs.
 
-The input's shards are cut into units of `rows_per_unit` pairs. A Ray Data actor pool (one vLLM engine per
-actor, created once; or a transformers model with `backend: hf`) scores unit after unit and writes each
-unit's output shard itself, atomically, under a deterministic name. A rerun after a crash scores only the
-units whose shard is missing, so completed work is never redone and no pair is duplicated or lost.
+The input's shards are cut into units of `rows_per_unit` pairs. A pool of actors (pipeline.units; one vLLM engine
+per actor, created once; or a transformers model with `backend: hf`) scores unit after unit and writes each
+unit's output shard itself, atomically, under a deterministic name. A unit lost with its actor (a node died)
+is scored again by a restarted actor, and counted; a rerun after a crash scores only the units whose shard is
+missing, so completed work is never redone and no pair is duplicated or lost.
 
 After scoring, a parity gate re-scores a sample of pairs with a transformers forward through
 dpo_ray.logps and fails the stage when the per-token difference exceeds the tolerance: the guard against
@@ -28,7 +29,8 @@ from dpo_ray.errors import UserError
 from dpo_ray.schema import REJECTS_SCHEMA, SCORED_SCHEMA
 from pipeline import console, stage
 from pipeline.config import ReferenceConfig
-from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, run_units
+from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
+from pipeline.units import UnitsResult, run_units
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def _units(manifest: Manifest, rows_per_unit: int) -> list[dict[str, Any]]:
 
 
 class ScoreUnits:
-    """Ray Data actor: scores units (rows of shard/start/stop/name) and writes their shards."""
+    """The pool's unit handler: scores units (shard/start/stop/name) and writes their shards."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = ReferenceConfig.model_validate(cfg)
@@ -123,12 +125,8 @@ class ScoreUnits:
         logger.info("reference: %s: %d pairs, %d tokens in %.1fs", name, len(keep), tokens, seconds)
         return {"name": name, "rows": len(keep), "rejected": len(rejects), "tokens": tokens, "seconds": seconds}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        results = [
-            self.unit(str(s), int(a), int(b), str(n))
-            for s, a, b, n in zip(batch["shard"], batch["start"], batch["stop"], batch["name"], strict=True)
-        ]
-        return {key: [r[key] for r in results] for key in ("name", "rows", "rejected", "tokens", "seconds")}
+    def __call__(self, unit: dict[str, Any]) -> dict[str, Any]:
+        return self.unit(unit["shard"], unit["start"], unit["stop"], unit["name"])
 
 
 def _cuda() -> bool:
@@ -192,12 +190,12 @@ def run(cfg: ReferenceConfig) -> Manifest:
     pending = [u for u in units if u["name"] not in done]
     logger.info("reference: %d units of <= %d pairs, %d to score", len(units), cfg.rows_per_unit, len(pending))
     t0 = time.perf_counter()
-    summaries: list[dict[str, Any]] = []
+    ran = UnitsResult([], 0)
     if pending:
         ensure_ray()
-        summaries = run_units(ScoreUnits, pending, build.config, cfg)
+        ran = run_units(ScoreUnits, pending, build.config, cfg)
     seconds = time.perf_counter() - t0
-    return _finish(cfg, build, fingerprints, pairs_manifest, units, summaries, seconds)
+    return _finish(cfg, build, fingerprints, pairs_manifest, units, ran, seconds)
 
 
 def _finish(
@@ -206,11 +204,12 @@ def _finish(
     fingerprints: dict[str, str],
     pairs_manifest: Manifest,
     units: list[dict[str, Any]],
-    summaries: list[dict[str, Any]],
+    ran: UnitsResult,
     seconds: float,
 ) -> Manifest:
     import ray
 
+    summaries = ran.summaries
     names = [u["name"] for u in units]
     missing = sorted(set(names) - set(artifacts.list_shards(cfg.output)))
     if missing:
@@ -249,6 +248,7 @@ def _finish(
         "parity": parity,
         "units": len(units),
         "units_scored_this_run": len(summaries),
+        "units_retried_this_run": ran.retried,
         "tokens_scored_this_run": tokens,
         "tokens_per_sec_this_run": tokens / seconds if summaries and seconds > 0 else None,
         "backend": cfg.backend,

@@ -13,7 +13,6 @@ __all__ = [
     "engine_spec",
     "ensure_ray",
     "matching_tokenizer",
-    "run_units",
     "unique_prompts",
     "unwrap_user_error",
     "write_dataset",
@@ -139,36 +138,3 @@ def unique_prompts(uri: str, manifest: Any, split: str, limit: int | None) -> li
                 seen[row["prompt"]] = {"prompt_id": pid, "prompt": row["prompt"], "prompt_ids": row["prompt_ids"]}
     prompts = sorted(seen.values(), key=lambda r: r["prompt_id"])
     return prompts[:limit] if limit else prompts
-
-
-def run_units(
-    actor: type,
-    units: list[dict[str, Any]],
-    config: dict[str, Any],
-    cfg: Any,
-    errors: tuple[type[BaseException], ...] = (),
-) -> list[dict[str, Any]]:
-    """Units of work (one row each) through a Ray Data pool of `cfg.num_actors` actors of class `actor` (built
-    with the stage's resolved config, with the stage's resources); each actor writes its units' shards itself.
-    Returns the actors' per-unit summaries. A user error of `errors` raised in an actor is re-raised as itself."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    stage = type(cfg).__name__.removesuffix("Config").lower()
-    check_pool_fits(f"{stage}.num_actors", cfg.num_actors, cfg.num_cpus_per_actor, False, cfg.accelerator_type)
-    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        actor,
-        fn_constructor_args=(config,),
-        batch_size=1,
-        compute=ActorPoolStrategy(size=cfg.num_actors),
-        num_gpus=cfg.num_gpus_per_actor or None,
-        num_cpus=cfg.num_cpus_per_actor,
-        accelerator_type=cfg.accelerator_type,
-    )
-    try:
-        return list(ds.take_all())
-    except Exception as e:
-        found = unwrap_user_error(e, errors)
-        if found is not None:
-            raise type(found)(str(found)) from None
-        raise

@@ -20,6 +20,7 @@ from dpo_ray.errors import UserError
 from pipeline import console, stage
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.runtime import check_pool_fits, ensure_ray, matching_tokenizer
+from pipeline.units import actor_bundle, check_feasible
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def run(cfg: TrainConfig) -> Manifest:
     ensure_ray()
     per_worker = float((cfg.resources_per_worker or {}).get("CPU", 1))
     check_pool_fits("train.num_workers", max(1, cfg.num_workers), per_worker, False, cfg.accelerator_type)
+    check_feasible("train's workers", _worker_bundle(cfg))
     loop = _loop_config(
         cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, scored.shards
     )
@@ -186,6 +188,13 @@ def run(cfg: TrainConfig) -> Manifest:
     manifest = stage.finish(build, fingerprints, {**stats, **lineage}, shards=[])
     console.result(f"train: exported {cfg.export} (final loss {(result.metrics or {}).get('loss')})")
     return manifest
+
+
+def _worker_bundle(cfg: TrainConfig) -> dict[str, float]:
+    """What one Ray Train worker asks for (Ray Train adds one GPU per worker with use_gpu)."""
+    res = dict(cfg.resources_per_worker or {})
+    gpus = res.pop("GPU", 1.0 if cfg.use_gpu else 0.0)
+    return {**actor_bundle(res.pop("CPU", 1.0), gpus, cfg.accelerator_type), **res}
 
 
 def _trainer(cfg: TrainConfig, loop: Any) -> Any:

@@ -1,0 +1,212 @@
+"""Units of work on a pool of Ray actors: the one runner of the reference and generate stages.
+
+A unit is a small dict (which rows, the output shard's name). A handler class, built once per actor with the
+stage's resolved config (it loads the vLLM engine), processes one unit, writes the unit's shard itself and
+returns a summary. The driver gives each actor one unit at a time, so losing an actor (its node died, its
+process was killed) costs only the unit it held: the unit goes back to the queue and runs again, on the
+actor Ray restarts (on another node when its node is gone). Units are idempotent (deterministic shard names,
+atomic writes), and how many ran again is returned for the stage's manifest.
+
+Placement is bounded. Before any work, a request no node type of the cluster's autoscaler offers is refused
+(naming the resources and the node types); on a cluster without an autoscaler configuration, or when nodes
+do not come, the stage fails after `start_timeout_s` without any actor placed, with the same message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dpo_ray.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PlacementError", "UnitsResult", "actor_bundle", "check_feasible", "node_types", "run_units"]
+
+MAX_ATTEMPTS = 3  # runs of one unit lost to dead actors before the stage gives up
+
+
+class PlacementError(UserError, RuntimeError):
+    """The cluster cannot place what a stage asks for (no node type offers it, or none came in time)."""
+
+
+@dataclass(frozen=True)
+class UnitsResult:
+    summaries: list[dict[str, Any]]  # in the order of the units given
+    retried: int  # unit runs lost with their actor and run again
+
+
+class _Worker:
+    """The pool's actor: builds the handler on first use (so a user error raised while building it, e.g. a
+    reward that does not load, reaches the driver as itself) and runs units through it."""
+
+    def __init__(self, handler: type, config: dict[str, Any]) -> None:
+        self._cls, self._config = handler, config
+        self._handler: Any = None
+
+    def ready(self) -> str:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
+    def run(self, unit: dict[str, Any]) -> dict[str, Any]:
+        if self._handler is None:
+            self._handler = self._cls(self._config)
+        result: dict[str, Any] = self._handler(unit)
+        return result
+
+
+def node_types() -> dict[str, dict[str, float]] | None:
+    """The node types the cluster's autoscaler can launch (name → resources), or None when the cluster
+    reports no autoscaler configuration (a fixed cluster, or an autoscaler that does not publish it)."""
+    import ray
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # an older or newer Ray without this accessor: fall back to the bounded wait
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return {g.name: {k: float(v) for k, v in g.resources.items()} for g in config.node_group_configs}
+
+
+def actor_bundle(num_cpus: float, num_gpus: float | None, accelerator_type: str | None) -> dict[str, float]:
+    bundle = {"CPU": float(num_cpus)}
+    if num_gpus:
+        bundle["GPU"] = float(num_gpus)
+    if accelerator_type:
+        bundle[f"accelerator_type:{accelerator_type}"] = 0.001  # how Ray expresses the accelerator constraint
+    return bundle
+
+
+def _describe(bundle: dict[str, float]) -> str:
+    return ", ".join(f"{k}: {v:g}" if not k.startswith("accelerator_type:") else k for k, v in sorted(bundle.items()))
+
+
+def _offers(resources: dict[str, float], bundle: dict[str, float]) -> bool:
+    return all(resources.get(k, 0.0) >= v for k, v in bundle.items())
+
+
+def _where(types: dict[str, dict[str, float]] | None) -> str:
+    import ray
+
+    if types:
+        listed = "; ".join(f"{name} ({_describe(r)})" for name, r in sorted(types.items()))
+        return f"the cluster's node types are: {listed}"
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    listed = "; ".join(_describe({k: v for k, v in r.items() if not k.startswith(("node:", "memory", "object"))})
+                       for r in nodes)  # fmt: skip
+    return f"the cluster reports no autoscaler node types; its nodes offer: {listed}"
+
+
+def check_feasible(setting: str, bundle: dict[str, float]) -> None:
+    """On a cluster whose autoscaler publishes its node types: refuse a per-actor (or per-worker) request
+    that no node type offers, before any work, naming `setting`, the request and the node types."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return  # the embedded Ray: pipeline.runtime.check_pool_fits applies
+    types = node_types()
+    if types is not None and not any(_offers(r, bundle) for r in types.values()):
+        raise PlacementError(
+            f"{setting}: each asks for {{{_describe(bundle)}}}, which no node type offers; {_where(types)}. "
+            "Change the stage's resources (num_cpus_per_actor, num_gpus_per_actor, accelerator_type) or add a "
+            "node type that offers them"
+        )
+
+
+def run_units(
+    handler: type,
+    units: list[dict[str, Any]],
+    config: dict[str, Any],
+    cfg: Any,
+    errors: tuple[type[BaseException], ...] = (),
+) -> UnitsResult:
+    """Run `units` through `cfg.num_actors` actors of `handler` (see the module docstring). A user error of
+    `errors` (or any UserError) raised by the handler is re-raised as itself; other errors fail the stage."""
+    import ray
+
+    from pipeline.runtime import check_pool_fits
+
+    stage = type(cfg).__name__.removesuffix("Config").lower()
+    check_pool_fits(f"{stage}.num_actors", cfg.num_actors, cfg.num_cpus_per_actor, False, cfg.accelerator_type)
+    bundle = actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type)
+    check_feasible(f"{stage}'s actors", bundle)
+    options: dict[str, Any] = {
+        "num_cpus": cfg.num_cpus_per_actor,
+        "num_gpus": cfg.num_gpus_per_actor or None,
+        "accelerator_type": cfg.accelerator_type,
+        "max_restarts": -1,  # bounded per unit by MAX_ATTEMPTS
+        "max_task_retries": 0,  # the driver re-queues a lost unit itself, and counts it
+    }
+    pool: Any = ray.remote(_Worker).options(**options)
+    actors = [pool.remote(handler, config) for _ in range(min(cfg.num_actors, len(units)))]
+    try:
+        return _dispatch(actors, units, stage, bundle, cfg.start_timeout_s, (UserError, *errors))
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def _dispatch(
+    actors: list[Any],
+    units: list[dict[str, Any]],
+    stage: str,
+    bundle: dict[str, float],
+    start_timeout_s: float,
+    errors: tuple[type[BaseException], ...],
+) -> UnitsResult:
+    import ray
+    from ray.exceptions import RayActorError
+
+    from pipeline.runtime import unwrap_user_error
+
+    queue = list(range(len(units)))
+    attempts = [0] * len(units)
+    results: dict[int, dict[str, Any]] = {}
+    in_flight: dict[Any, tuple[Any, int]] = {}  # ref -> (actor, unit index)
+    waiting_start = {a.ready.remote(): a for a in actors}
+    started = time.monotonic()
+    retried = 0
+
+    def submit(actor: Any) -> None:
+        if queue:
+            i = queue.pop(0)
+            attempts[i] += 1
+            in_flight[actor.run.remote(units[i])] = (actor, i)
+
+    for a in actors:
+        submit(a)
+    while in_flight:
+        if waiting_start and len(waiting_start) == len(actors):
+            placed, _ = ray.wait(list(waiting_start), num_returns=1, timeout=1.0)
+            for ref in placed:
+                waiting_start.pop(ref)
+            if not placed and time.monotonic() - started > start_timeout_s:
+                raise PlacementError(
+                    f"{stage}: no actor asking for {{{_describe(bundle)}}} was placed in {start_timeout_s:g} s "
+                    f"({stage}.start_timeout_s); {_where(node_types())}"
+                )
+            continue
+        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=5.0)
+        for ref in done:
+            actor, i = in_flight.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except RayActorError as e:  # the actor (or its node) died: the unit runs again
+                if attempts[i] >= MAX_ATTEMPTS:
+                    raise RuntimeError(
+                        f"{stage}: unit {units[i].get('name', i)} was lost with its actor {attempts[i]} times; "
+                        f"last: {e}"
+                    ) from None
+                logger.warning("%s: unit %s lost with its actor; running it again", stage, units[i].get("name", i))
+                retried += 1
+                queue.insert(0, i)
+            except Exception as e:
+                found = unwrap_user_error(e, errors)
+                if found is not None:
+                    raise type(found)(str(found)) from None
+                raise
+            submit(actor)
+    return UnitsResult([results[i] for i in range(len(units))], retried)
