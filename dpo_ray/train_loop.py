@@ -231,19 +231,38 @@ def _check_initial(metrics: dict[str, float], cfg: LoopConfig) -> str | None:
 
 
 def _maybe_fail(spec: str | None, step: int, rank: int, output: str) -> None:
-    """Testing hook: 'STEP:RANK' makes RANK exit abruptly once when it reaches STEP."""
+    """Testing hook, once per run: 'STEP:RANK' makes RANK's process exit abruptly when it reaches STEP;
+    'STEP:RANK:node' kills RANK's node instead (its raylet, the worker's parent: the node's other processes
+    go with it), as when a machine is lost. The marker is written to `output` (any fsspec URI) first."""
     if not spec:
         return
-    fail_step, fail_rank = (int(x) for x in spec.split(":"))
-    marker = os.path.join(output, f".fault-injected-{fail_step}-{fail_rank}")
-    if step == fail_step and rank == fail_rank and not os.path.exists(marker):
-        os.makedirs(output, exist_ok=True)
-        open(marker, "w").close()
-        logger.warning("fault injection: rank %d exits at step %d", rank, step)
-        # Ray Train registers reported checkpoints when it polls the workers (every 2 s); a crash this
-        # soon after a report would also lose it in real life, so the simulated crash comes a little later.
-        time.sleep(5)
-        os._exit(1)
+    fail_step, fail_rank, *mode = spec.split(":")
+    if step != int(fail_step) or rank != int(fail_rank):
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(output)
+    marker = f"{root.rstrip('/')}/.fault-injected-{fail_step}-{fail_rank}"
+    fs.invalidate_cache()
+    if fs.exists(marker):
+        return
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(marker, b"")
+    logger.warning("fault injection: rank %d %s at step %d", rank, "kills its node" if mode else "exits", step)
+    # Ray Train registers reported checkpoints when it polls the workers (every 2 s); a crash this
+    # soon after a report would also lose it in real life, so the simulated crash comes a little later.
+    time.sleep(5)
+    if mode == ["node"]:
+        import signal
+
+        parent = os.getppid()
+        with open(f"/proc/{parent}/comm") as f:
+            name = f.read().strip()
+        if "raylet" not in name:
+            raise RuntimeError(f"fault injection: the worker's parent is {name!r}, not a raylet")
+        os.kill(parent, signal.SIGKILL)
+        time.sleep(60)  # this process goes with its node
+    os._exit(1)
 
 
 def _evaluate(model: Any, columns: dict[str, Any], cfg: LoopConfig, rank: int, world: int) -> dict[str, float]:

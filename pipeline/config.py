@@ -248,7 +248,11 @@ class TrainConfig(StrictModel):
         "slope); default 1e-3 in float32, 5e-2 under bf16 autocast.",
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the model repo.")
-    fault_injection: str | None = Field(None, description="Testing only: 'STEP:RANK' exits that rank once.")
+    fault_injection: str | None = Field(
+        None,
+        pattern=r"^\d+:\d+(:node)?$",
+        description="Testing only: 'STEP:RANK' exits that rank once; 'STEP:RANK:node' kills its node (raylet) once.",
+    )
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:

@@ -168,7 +168,7 @@ def run(cfg: TrainConfig) -> Manifest:
     ensure_ray()
     per_worker = float((cfg.resources_per_worker or {}).get("CPU", 1))
     check_pool_fits("train.num_workers", max(1, cfg.num_workers), per_worker, False, cfg.accelerator_type)
-    check_feasible("train's workers", _worker_bundle(cfg))
+    check_feasible("train's workers", _worker_bundle(cfg), "resources_per_worker, use_gpu, accelerator_type")
     loop = _loop_config(
         cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, scored.shards
     )

@@ -7,9 +7,9 @@ process was killed) costs only the unit it held: the unit goes back to the queue
 actor Ray restarts (on another node when its node is gone). Units are idempotent (deterministic shard names,
 atomic writes), and how many ran again is returned for the stage's manifest.
 
-Placement is bounded. Before any work, a request no node type of the cluster's autoscaler offers is refused
-(naming the resources and the node types); on a cluster without an autoscaler configuration, or when nodes
-do not come, the stage fails after `start_timeout_s` without any actor placed, with the same message.
+Placement is bounded. Before any work, a request that no node type of the cluster's autoscaler offers is
+refused, naming the resources and the node types; on a cluster whose node types cannot be found (no
+autoscaler), or when nodes do not come, the stage fails once `start_timeout_s` passed with no actor placed.
 """
 
 from __future__ import annotations
@@ -60,17 +60,47 @@ class _Worker:
 
 
 def node_types() -> dict[str, dict[str, float]] | None:
-    """The node types the cluster's autoscaler can launch (name → resources), or None when the cluster
-    reports no autoscaler configuration (a fixed cluster, or an autoscaler that does not publish it)."""
+    """The node types the cluster's autoscaler can launch (name → resources), or None when none is found: from
+    the configuration autoscaler v2 publishes in the GCS, else from the config file of the v1 autoscaler
+    (its monitor process runs on the head node, where a job's driver runs). None on a fixed cluster."""
     import ray
 
     try:
         config = ray._private.state.state.get_cluster_config()
-    except Exception:  # an older or newer Ray without this accessor: fall back to the bounded wait
+    except Exception:  # a Ray without this accessor: try the v1 monitor's file
+        config = None
+    if config is not None and config.node_group_configs:
+        return {g.name: {k: float(v) for k, v in g.resources.items()} for g in config.node_group_configs}
+    path = _v1_autoscaling_config(str(ray.get_runtime_context().gcs_address))
+    if path is None:
         return None
-    if config is None or not config.node_group_configs:
-        return None
-    return {g.name: {k: float(v) for k, v in g.resources.items()} for g in config.node_group_configs}
+    import yaml
+
+    with open(path) as f:
+        types = (yaml.safe_load(f) or {}).get("available_node_types") or {}
+    return {name: {k: float(v) for k, v in (spec.get("resources") or {}).items()} for name, spec in types.items()}
+
+
+def _v1_autoscaling_config(gcs_address: str) -> str | None:
+    """`--autoscaling-config` of this node's autoscaler monitor serving `gcs_address` (Linux /proc)."""
+    import glob
+
+    port = gcs_address.rsplit(":", 1)[-1]
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("autoscaler/_private/monitor.py") for a in args):
+            continue
+        if not any(a.startswith("--gcs-address=") and a.rsplit(":", 1)[-1] == port for a in args):
+            continue
+        for a in args:
+            if a.startswith("--autoscaling-config="):
+                found = a.split("=", 1)[1]
+                return found if os.path.isfile(found) else None
+    return None
 
 
 def actor_bundle(num_cpus: float, num_gpus: float | None, accelerator_type: str | None) -> dict[str, float]:
@@ -82,8 +112,10 @@ def actor_bundle(num_cpus: float, num_gpus: float | None, accelerator_type: str 
     return bundle
 
 
-def _describe(bundle: dict[str, float]) -> str:
-    return ", ".join(f"{k}: {v:g}" if not k.startswith("accelerator_type:") else k for k, v in sorted(bundle.items()))
+def _describe(resources: dict[str, float]) -> str:
+    """`CPU: 2, GPU: 1, accelerator_type:H100`: what scheduling asks for (memory and node-id keys left out)."""
+    shown = {k: v for k, v in resources.items() if not k.startswith(("node:", "memory", "object_store_memory"))}
+    return ", ".join(f"{k}: {v:g}" if not k.startswith("accelerator_type:") else k for k, v in sorted(shown.items()))
 
 
 def _offers(resources: dict[str, float], bundle: dict[str, float]) -> bool:
@@ -96,13 +128,13 @@ def _where(types: dict[str, dict[str, float]] | None) -> str:
     if types:
         listed = "; ".join(f"{name} ({_describe(r)})" for name, r in sorted(types.items()))
         return f"the cluster's node types are: {listed}"
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    listed = "; ".join(_describe({k: v for k, v in r.items() if not k.startswith(("node:", "memory", "object"))})
-                       for r in nodes)  # fmt: skip
+    listed = "; ".join(_describe(n["Resources"]) for n in ray.nodes() if n.get("Alive"))
     return f"the cluster reports no autoscaler node types; its nodes offer: {listed}"
 
 
-def check_feasible(setting: str, bundle: dict[str, float]) -> None:
+def check_feasible(
+    setting: str, bundle: dict[str, float], keys: str = "num_cpus_per_actor, num_gpus_per_actor, accelerator_type"
+) -> None:
     """On a cluster whose autoscaler publishes its node types: refuse a per-actor (or per-worker) request
     that no node type offers, before any work, naming `setting`, the request and the node types."""
     if not os.environ.get("RAY_ADDRESS"):
@@ -111,8 +143,7 @@ def check_feasible(setting: str, bundle: dict[str, float]) -> None:
     if types is not None and not any(_offers(r, bundle) for r in types.values()):
         raise PlacementError(
             f"{setting}: each asks for {{{_describe(bundle)}}}, which no node type offers; {_where(types)}. "
-            "Change the stage's resources (num_cpus_per_actor, num_gpus_per_actor, accelerator_type) or add a "
-            "node type that offers them"
+            f"Change the stage's resources ({keys}) or add a node type that offers them"
         )
 
 
@@ -157,56 +188,63 @@ def _dispatch(
     start_timeout_s: float,
     errors: tuple[type[BaseException], ...],
 ) -> UnitsResult:
+    """Hand units to actors one at a time. An actor gets work only once its `ready` probe answered: at the
+    start (placement) and after it was lost (Ray restarts it; calls to a restarting actor fail at once)."""
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import ActorDiedError, RayActorError
 
     from pipeline.runtime import unwrap_user_error
 
     queue = list(range(len(units)))
     attempts = [0] * len(units)
     results: dict[int, dict[str, Any]] = {}
-    in_flight: dict[Any, tuple[Any, int]] = {}  # ref -> (actor, unit index)
-    waiting_start = {a.ready.remote(): a for a in actors}
-    started = time.monotonic()
-    retried = 0
+    in_flight: dict[Any, tuple[Any, int]] = {}  # run() ref -> (actor, unit index)
+    probes: dict[Any, Any] = {a.ready.remote(): a for a in actors}  # ready() ref -> actor
+    started, placed, retried = time.monotonic(), False, 0
 
-    def submit(actor: Any) -> None:
-        if queue:
-            i = queue.pop(0)
-            attempts[i] += 1
-            in_flight[actor.run.remote(units[i])] = (actor, i)
+    def name(i: int) -> Any:
+        return units[i].get("name", i)
 
-    for a in actors:
-        submit(a)
-    while in_flight:
-        if waiting_start and len(waiting_start) == len(actors):
-            placed, _ = ray.wait(list(waiting_start), num_returns=1, timeout=1.0)
-            for ref in placed:
-                waiting_start.pop(ref)
-            if not placed and time.monotonic() - started > start_timeout_s:
-                raise PlacementError(
-                    f"{stage}: no actor asking for {{{_describe(bundle)}}} was placed in {start_timeout_s:g} s "
-                    f"({stage}.start_timeout_s); {_where(node_types())}"
-                )
-            continue
-        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=5.0)
+    while len(results) < len(units):
+        done, _ = ray.wait([*in_flight, *probes], num_returns=1, timeout=1.0)
+        if not placed and not done and time.monotonic() - started > start_timeout_s:
+            raise PlacementError(
+                f"{stage}: no actor asking for {{{_describe(bundle)}}} was placed in {start_timeout_s:g} s "
+                f"({stage}.start_timeout_s); {_where(node_types())}"
+            )
         for ref in done:
-            actor, i = in_flight.pop(ref)
-            try:
-                results[i] = ray.get(ref)
-            except RayActorError as e:  # the actor (or its node) died: the unit runs again
-                if attempts[i] >= MAX_ATTEMPTS:
-                    raise RuntimeError(
-                        f"{stage}: unit {units[i].get('name', i)} was lost with its actor {attempts[i]} times; "
-                        f"last: {e}"
-                    ) from None
-                logger.warning("%s: unit %s lost with its actor; running it again", stage, units[i].get("name", i))
-                retried += 1
-                queue.insert(0, i)
-            except Exception as e:
-                found = unwrap_user_error(e, errors)
-                if found is not None:
-                    raise type(found)(str(found)) from None
-                raise
-            submit(actor)
+            if ref in probes:
+                actor = probes.pop(ref)
+                try:
+                    ray.get(ref)
+                except ActorDiedError as e:
+                    raise RuntimeError(f"{stage}: an actor of the pool died for good: {e}") from None
+                except RayActorError:  # still restarting
+                    time.sleep(1.0)
+                    probes[actor.ready.remote()] = actor
+                    continue
+                placed = True
+            else:
+                actor, i = in_flight.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except RayActorError as e:  # the actor (or its node) was lost: the unit runs again
+                    if attempts[i] >= MAX_ATTEMPTS:
+                        raise RuntimeError(
+                            f"{stage}: unit {name(i)} was lost with its actor {attempts[i]} times; last: {e}"
+                        ) from None
+                    logger.warning("%s: unit %s lost with its actor; it runs again", stage, name(i))
+                    retried += 1
+                    queue.insert(0, i)
+                    probes[actor.ready.remote()] = actor
+                    continue
+                except Exception as e:
+                    found = unwrap_user_error(e, errors)
+                    if found is not None:
+                        raise type(found)(str(found)) from None
+                    raise
+            if queue:
+                i = queue.pop(0)
+                attempts[i] += 1
+                in_flight[actor.run.remote(units[i])] = (actor, i)
     return UnitsResult([results[i] for i in range(len(units))], retried)

@@ -11,10 +11,14 @@
 - Submission: `ray job submit` through the Jobs API, the checkout as working dir, clusters/runtime_env.yaml.
 
 Checked: the autoscaler launches each stage's node type from zero and removes it when idle; each stage's
-actors/workers ran on a node type offering what its config asks for, never on the head; the artifacts on
-S3 are complete and `dpo-ray status` lists them; the results equal the same config run locally (rows,
-reference per-token log-probs within 1e-5, training losses within 1e-6); nothing went through a local
-path but the per-node model copies.
+actors/workers ran on a node type offering what its config asks for, never on the head; nodes are lost
+mid-stage (the reference actor's node while its first unit is in flight, killed from here; the train
+workers' node at step 4, after the step-3 checkpoint, by the fault-injection hook) and the stages finish:
+the lost unit ran again (counted in the manifest), train resumed from step 3; the artifacts on S3 are
+complete and `dpo-ray status` lists them; the results equal the same config run locally without faults
+(rows, reference per-token log-probs within 1e-5, training losses within 1e-6); a stage asking for an
+accelerator no node type offers is refused before any work, naming it and the node types; nothing went
+through a local path but the per-node model copies.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ CPUS = {"cpu-worker": 2, "gpu-inference": 3, "gpu-train": 4}  # distinct: a node
 
 def fake_node_types() -> dict:
     """clusters/aws.yaml's worker node types for the fake provider: same names and custom resources, GPUs
-    dropped (the stand-in stages ask num_gpus 0), CPUs scaled down, min 0, at most one node each."""
+    dropped (the stand-in stages ask num_gpus 0), CPUs scaled down, min 0, at most two nodes each."""
     aws = yaml.safe_load((ROOT / "clusters" / "aws.yaml").read_text())
     types = {}
     for name, spec in aws["available_node_types"].items():
@@ -55,7 +59,7 @@ def fake_node_types() -> dict:
             "resources": {"CPU": CPUS[name], **custom, "object_store_memory": 300_000_000},
             "node_config": {},
             "min_workers": 0,
-            "max_workers": 1,
+            "max_workers": 2,  # a lost node's replacement may come while the provider still lists the dead one
         }
     return types
 
@@ -63,7 +67,7 @@ def fake_node_types() -> dict:
 def autoscaling_config(gcs_port: int) -> dict:
     return {
         "cluster_name": "dpo-ray-fake",
-        "max_workers": 3,
+        "max_workers": 6,
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": IDLE_TIMEOUT_S / 60,
         "provider": {
@@ -201,7 +205,26 @@ def cluster_state(address: str) -> dict:
         return pool.submit(_state, address).result(timeout=120)
 
 
-def _config(run_dir: str, model: str, data: str, accelerator: str | None = "H100") -> dict:
+def _kill_node(node_id: str) -> str:
+    """Kill a fake node's raylet (SIGKILL): the node and every process on it are lost, as with a machine."""
+    import psutil
+
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if "raylet" not in (p.info["name"] or ""):
+            continue
+        try:
+            ids = {p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING")} | {
+                a.split("=", 1)[1] for a in p.info["cmdline"] or [] if a.startswith("--node_id=")
+            }
+        except psutil.Error:
+            continue
+        if node_id in ids:
+            p.kill()
+            return node_id
+    raise AssertionError(f"no raylet process for node {node_id}")
+
+
+def _config(run_dir: str, model: str, data: str, accelerator: str | None = "H100", fault: str | None = None) -> dict:
     """prepare → reference (vLLM) → train, sized for this machine; the resources each stage asks for are the
     8B example's (pipeline/configs/llama3-8b.yaml), scaled down: no GPUs, accelerator_type H100 kept (None
     for the local run, whose one node has no accelerator resource)."""
@@ -215,7 +238,7 @@ def _config(run_dir: str, model: str, data: str, accelerator: str | None = "H100
                       "accelerator_type": accelerator},
         "train": {"model": model, "num_workers": 2, "batch_size": 16, "max_steps": 6, "lr": 1.0e-3,
                   "token_budget": 4096, "checkpoint_every": 3, "resources_per_worker": {"CPU": 1},
-                  "accelerator_type": accelerator},
+                  "accelerator_type": accelerator, "fault_injection": fault},
     }  # fmt: skip
 
 
@@ -265,7 +288,8 @@ def test_pipeline_on_an_autoscaling_cluster_with_s3(cluster, s3, tmp_path, monke
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = f"s3://{BUCKET}/runs/cluster"
-    remote = _config(run_dir, f"s3://{BUCKET}/models/tiny", f"s3://{BUCKET}/data/pairs.jsonl")
+    # Train loses its node (rank 0 kills its raylet) at step 4, after the checkpoint of step 3.
+    remote = _config(run_dir, f"s3://{BUCKET}/models/tiny", f"s3://{BUCKET}/data/pairs.jsonl", fault="4:0:node")
     (ROOT / ".cluster-test.yaml").write_text(yaml.safe_dump(remote))
     (tmp_path / "remote.yaml").write_text(yaml.safe_dump(remote))
     runtime_env = yaml.safe_load((ROOT / "clusters" / "runtime_env.yaml").read_text())
@@ -280,12 +304,17 @@ def test_pipeline_on_an_autoscaling_cluster_with_s3(cluster, s3, tmp_path, monke
             entrypoint=f"{sys.executable} -m pipeline run --config .cluster-test.yaml",
             runtime_env=runtime_env,
         )
-        peak = 1
+        peak, killed = 1, None
         while (status := client.get_job_status(job)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
             assert time.monotonic() - t0 < 1800, "the cluster run took over 30 minutes"
-            alive = [n for n in cluster_state(address)["nodes"] if n["state"] == "ALIVE"]
+            now = cluster_state(address)
+            alive = {n["id"] for n in now["nodes"] if n["state"] == "ALIVE"}
             peak = max(peak, len(alive))
-            time.sleep(5)
+            if killed is None:  # reference loses its node while its first unit is in flight
+                units = [a for a in now["actors"] if "_Worker" in a["class"] and a["state"] == "ALIVE"]
+                if units and units[0]["node"] in alive:
+                    killed = _kill_node(units[0]["node"])
+            time.sleep(2)
         logs = client.get_job_logs(job)
         assert status == "SUCCEEDED", logs[-5000:]
         seconds = time.monotonic() - t0
@@ -300,13 +329,14 @@ def test_pipeline_on_an_autoscaling_cluster_with_s3(cluster, s3, tmp_path, monke
     gpu_types = {t for t, spec in fake_node_types().items() if "accelerator_type:H100" in spec["resources"]}
     ran = {}
     for a in state["actors"]:
-        for stage, marker in (("prepare", "Tokenize"), ("reference", "ScoreUnits"), ("train", "RayTrainWorker")):
+        for stage, marker in (("prepare", "Tokenize"), ("reference", "_Worker"), ("train", "RayTrainWorker")):
             if marker in a["class"]:
                 ran.setdefault(stage, set()).add(node_type[a["node"]])
     assert set(ran) == {"prepare", "reference", "train"}, state["actors"]
     assert "head" not in set().union(*ran.values())
     assert ran["reference"] <= gpu_types and ran["train"] <= gpu_types, ran
     assert peak > 1, "no node was launched"
+    assert killed is not None, "the reference stage's node was not killed"
     # Idle nodes are removed (bounded wait).
     deadline = time.monotonic() + IDLE_TIMEOUT_S + 120
     while len([n for n in cluster_state(address)["nodes"] if n["state"] == "ALIVE"]) > 1:
@@ -328,6 +358,15 @@ def test_pipeline_on_an_autoscaling_cluster_with_s3(cluster, s3, tmp_path, monke
     la, lb = _losses(f"{run_dir}/train/metrics.jsonl"), _losses(str(tmp_path / "local" / "train" / "metrics.jsonl"))
     loss_diff = max(abs(la[s] - lb[s]) for s in la)
     assert la.keys() == lb.keys() and loss_diff <= 1e-6, (la, lb)
+    # The lost reference unit ran again (counted), and train resumed from its last checkpoint.
+    stats = artifacts.read_manifest(f"{run_dir}/scored").stats
+    assert stats["units_retried_this_run"] >= 1 and stats["units_scored_this_run"] == stats["units"], stats
+    import fsspec
+
+    with fsspec.open(f"{run_dir}/train/metrics.jsonl", "r") as f:
+        resumed = {h.get("resumed_from_step") for h in map(json.loads, f)} - {None}
+    assert resumed == {3}, resumed
+    print(f"node loss: reference retried {stats['units_retried_this_run']} unit(s); train resumed from step 3")
     print(f"vs local: {len(a)} pairs, per-token max |diff| {logp_diff:.2e}; {len(la)} losses, max {loss_diff:.2e}")
     print(f"node types per stage: { {k: sorted(v) for k, v in ran.items()} }")
     status = subprocess.run(
@@ -335,6 +374,24 @@ def test_pipeline_on_an_autoscaling_cluster_with_s3(cluster, s3, tmp_path, monke
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert status.returncode == 0 and "3/3 stage outputs complete" in status.stdout, status.stdout + status.stderr
+
+    # A request no node type offers is refused before any work, naming the resource and the node types.
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs}", "RAY_AUTH_MODE": "token"}
+    env["DPO_RAY_CACHE"] = str(tmp_path / "driver-cache")
+    for stage, args in (
+        ("reference", ["reference.accelerator_type=A100", f"reference.output={run_dir}/scored-a100"]),
+        ("train", ["train.accelerator_type=A100", f"train.output={run_dir}/train-a100",
+                   f"train.export={run_dir}/export-a100", f"train.storage_path={run_dir}/checkpoints-a100"]),
+    ):  # fmt: skip
+        t1 = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", stage, "--config", str(tmp_path / "remote.yaml"), *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        err = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 2 and err, done.stderr[-3000:]
+        assert "accelerator_type:A100" in err[0] and "gpu-inference" in err[0] and "gpu-train" in err[0], err[0]
+        print(f"{stage} asking for A100: refused in {time.monotonic() - t1:.0f}s: {err[0][:300]}")
 
     # Nothing local but each node's own model copy: one directory per node that loaded the model.
     copies = sorted(p.name for p in (root / "nodes").iterdir())
