@@ -1,19 +1,26 @@
 """CLI: `python -m pipeline <stage> --config X.yaml [key=value ...]` (also installed as `dpo-ray`).
 
 Stages: prepare, reference, train, generate, evaluate; `run` runs them all (every round); `status` prints
-what is complete under the run directory.
+what is complete under the run directory; `config` prints the resolved config (defaults filled in, paths
+resolved) and runs nothing. `dpo-ray <stage> --help` lists the stage's config keys.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
+import types
+import typing
 from typing import Any
 
+import yaml
+from pydantic import BaseModel
+
 from dpo_ray.errors import UserError
-from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.config import ConfigError, PipelineConfig, load_config, model_of
 
 # stage name → (module holding `run(cfg)`, config section)
 STAGES = {
@@ -24,6 +31,7 @@ STAGES = {
     "evaluate": ("pipeline.evaluate", "evaluate"),
     "run": ("pipeline.run", ""),  # the whole pipeline: takes the full config
     "status": ("pipeline.status", ""),  # what is complete under run_dir (reads artifacts, runs nothing)
+    "config": ("", ""),  # the resolved config, printed
 }
 
 
@@ -35,15 +43,22 @@ def _stage_config(cfg: PipelineConfig, section: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpo-ray", description=__doc__)
-    parser.add_argument("stage", choices=sorted(STAGES), help="stage to run")
+    parser = argparse.ArgumentParser(prog="dpo-ray", description=__doc__, add_help=False)
+    parser.add_argument("stage", nargs="?", choices=sorted(STAGES), help="stage to run")
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prepare.max_length=512")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("-h", "--help", action="store_true", help="this message; with a stage: its config keys")
     args = parser.parse_intermixed_args(argv)
+    if args.help or args.stage is None:
+        print(parser.format_help() if args.stage is None else stage_help(args.stage))
+        return 0 if args.help else 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.stage == "config":
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            return 0
         module_name, section = STAGES[args.stage]
         stage_cfg = _stage_config(cfg, section) if section else cfg
         importlib.import_module(module_name).run(stage_cfg)
@@ -51,6 +66,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def stage_help(stage: str) -> str:
+    """`dpo-ray <stage> --help`: usage and the config keys the stage reads, from the config models (types,
+    defaults, descriptions), so the help cannot drift from what is accepted."""
+    section = STAGES[stage][1]
+    usage = f"usage: dpo-ray {stage} --config X.yaml [key=value ...] [--log-level LEVEL]"
+    if section:
+        model = PipelineConfig.model_fields[section].annotation
+        found = model_of(model)
+        assert found is not None
+        return f"{usage}\n\nconfig keys (section '{section}:'; override as {section}.KEY=VALUE):\n" + "\n".join(
+            config_keys(found, f"{section}.")
+        )
+    what = {"run": "runs every stage of the plan", "status": "prints what is complete", "config": "prints it"}[stage]
+    return f"{usage}\n\n`{stage}` takes the whole config and {what}. Top-level keys:\n" + "\n".join(
+        config_keys(PipelineConfig, "")
+    )
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def config_keys(model: type[BaseModel], prefix: str) -> list[str]:
+    """One line per key: `  prefix.key  type  (default ...)  description`; sections are expanded in place."""
+    lines = []
+    for name, field in model.model_fields.items():
+        sub = model_of(field.annotation)
+        if sub is not None and prefix:  # a nested model inside a stage (lora, columns)
+            lines.append(f"  {prefix}{name}: {field.description or ''}")
+            lines += config_keys(sub, f"{prefix}{name}.")
+            continue
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = f"default {'null' if value is None else json.dumps(value, default=str)}"
+        kind = "section" if sub is not None else _type_name(field.annotation)
+        lines.append(f"  {prefix}{name}  ({kind}; {default})  {field.description or ''}".rstrip())
+    return lines
 
 
 if __name__ == "__main__":

@@ -372,13 +372,13 @@ class PipelineConfig(StrictModel):
         return data
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
+def model_of(annotation: Any) -> type[BaseModel] | None:
     """The BaseModel class inside an annotation like `X`, `X | None` or `Optional[X]`, else None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if typing.get_origin(annotation) in (Union, types.UnionType):
         for arg in typing.get_args(annotation):
-            found = _model_of(arg)
+            found = model_of(arg)
             if found is not None:
                 return found
     return None
@@ -393,7 +393,7 @@ def _check_keys(data: Any, model: type[BaseModel], prefix: str = "") -> None:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-        sub = _model_of(fields[key].annotation)
+        sub = model_of(fields[key].annotation)
         if sub is not None:
             _check_keys(value, sub, f"{prefix}{key}.")
 
