@@ -2,7 +2,8 @@
 
 Stages: prepare, reference, train, generate, evaluate; `run` runs them all (every round); `status` prints
 what is complete under the run directory; `config` prints the resolved config (defaults filled in, paths
-resolved) and runs nothing. `dpo-ray <stage> --help` lists the stage's config keys.
+resolved) and runs nothing; `init --model M --data D` writes a starter config after checking both.
+`dpo-ray <stage> --help` lists the stage's config keys.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ STAGES = {
     "run": ("pipeline.run", ""),  # the whole pipeline: takes the full config
     "status": ("pipeline.status", ""),  # what is complete under run_dir (reads artifacts, runs nothing)
     "config": ("", ""),  # the resolved config, printed
+    "init": ("pipeline.init", ""),  # a starter config from --model and --data (own arguments)
 }
 
 
@@ -43,6 +45,15 @@ def _stage_config(cfg: PipelineConfig, section: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["init"]:  # its own arguments: --model, --data, ...
+        from pipeline import init
+
+        try:
+            return init.main(argv[1:])
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="dpo-ray", description=__doc__, add_help=False)
     parser.add_argument("stage", nargs="?", choices=sorted(STAGES), help="stage to run")
     parser.add_argument("--config", help="YAML config file")
@@ -80,6 +91,10 @@ def stage_help(stage: str) -> str:
         return f"{usage}\n\nconfig keys (section '{section}:'; override as {section}.KEY=VALUE):\n" + "\n".join(
             config_keys(found, f"{section}.")
         )
+    if stage == "init":
+        from pipeline import init
+
+        return init.__doc__ or ""
     what = {"run": "runs every stage of the plan", "status": "prints what is complete", "config": "prints it"}[stage]
     return f"{usage}\n\n`{stage}` takes the whole config and {what}. Top-level keys:\n" + "\n".join(
         config_keys(PipelineConfig, "")

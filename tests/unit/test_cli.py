@@ -65,3 +65,49 @@ def test_config_errors_and_no_stage(capsys):
     assert "did you mean 'train.beta'" in capsys.readouterr().err
     assert main([]) == 2
     assert "usage: dpo-ray" in capsys.readouterr().out
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_init_writes_a_config_that_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from pipeline.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    dialogs = [
+        {"chosen": f"\n\nHuman: hi {i}\n\nAssistant: good answer", "rejected": f"\n\nHuman: hi {i}\n\nAssistant: bad"}
+        for i in range(5)
+    ]
+    data = _jsonl(tmp_path / "hh.jsonl", dialogs)
+    args = ["init", "--model", str(tiny_model_dir), "--data", str(data)]
+    assert main(args) == 0
+    assert "5/5 sampled records map to pairs" in capsys.readouterr().out
+    cfg = load_config(tmp_path / "dpo.yaml")
+    assert cfg.prepare is not None and cfg.prepare.format == "implicit"
+    assert cfg.prepare.inputs == [str(data)] and cfg.reference is not None and cfg.train is not None
+    assert cfg.train.model == str(tiny_model_dir) and cfg.run_dir == str(tmp_path / "runs" / "dpo")
+    assert main(args) == 2 and "dpo.yaml exists" in capsys.readouterr().err  # never overwritten
+
+
+def test_init_names_a_wrong_column_and_the_columns_found(tiny_model_dir, tmp_path, capsys):
+    rows = [{"question": f"q{i}", "good": "yes indeed", "bad": "no"} for i in range(4)]
+    data = _jsonl(tmp_path / "qa.jsonl", rows)
+    out = tmp_path / "qa.yaml"
+    base = ["init", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out)]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "none of the first 4 records maps to a pair" in err and "chosen='chosen'" in err
+    assert "the records' columns are ['bad', 'good', 'question']" in err and not out.exists()
+    assert main([*base, "--prompt-column", "question", "--chosen-column", "good", "--rejected-column", "bad"]) == 0
+    text = out.read_text()
+    assert "format: explicit" in text and 'columns: {prompt: "question", chosen: "good", rejected: "bad"}' in text
+
+
+def test_init_refuses_a_model_whose_tokenizer_does_not_load(tmp_path, capsys):
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    code = main(["init", "--model", str(tmp_path / "missing"), "--data", str(data), "--output", str(tmp_path / "x")])
+    assert code == 2 and "the tokenizer does not load" in capsys.readouterr().err
