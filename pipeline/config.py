@@ -86,7 +86,11 @@ class StrictModel(BaseModel):
 
 
 class ColumnMap(StrictModel):
-    prompt: str = Field("prompt", description="Input column holding the prompt (text or message list).")
+    prompt: str | None = Field(
+        "prompt",
+        description="Input column holding the prompt (text or message list); null: no prompt column, the prompt "
+        "is what chosen and rejected share (implicit and conversational formats).",
+    )
     chosen: str = Field("chosen", description="Input column holding the preferred completion or dialog.")
     rejected: str = Field("rejected", description="Input column holding the dispreferred completion or dialog.")
 
@@ -159,7 +163,9 @@ class VllmConfig(StrictModel):
 
     @model_validator(mode="after")
     def _gpus(self) -> VllmConfig:
-        if 0 < self.num_gpus_per_actor < self.tensor_parallel_size:
+        # A fraction of one GPU is fine for one engine (two engines can share a card, each with its
+        # gpu_memory_utilization); an engine spanning several GPUs needs them all.
+        if self.tensor_parallel_size > 1 and 0 < self.num_gpus_per_actor < self.tensor_parallel_size:
             raise ValueError(
                 f"num_gpus_per_actor ({self.num_gpus_per_actor}) < tensor_parallel_size ({self.tensor_parallel_size})"
             )

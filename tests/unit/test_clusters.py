@@ -113,8 +113,41 @@ def test_every_config_loads(path):
     assert cfg.run_dir
 
 
+def test_there_are_gpu_configs_for_real_tasks():
+    assert [p.name for p in gpu_configs()] == [
+        "llama3-8b-ultrafeedback-lora.yaml",
+        "llama3-8b.yaml",
+        "qwen2.5-0.5b-hh.yaml",
+    ]
+    small = load_config(CONFIGS[[p.name for p in CONFIGS].index("qwen2.5-0.5b-hh.yaml")])
+    assert small.prepare is not None and small.prepare.format == "implicit" and small.train is not None
+    assert small.train.num_workers == 1 and not small.run_dir.startswith("s3://")  # one GPU, local disk
+    assert small.evaluate is not None and 2 * small.evaluate.num_gpus_per_actor <= 1  # both engines on one card
+    uf = load_config(CONFIGS[[p.name for p in CONFIGS].index("llama3-8b-ultrafeedback-lora.yaml")])
+    assert uf.prepare is not None and uf.prepare.format == "conversational" and uf.prepare.columns.prompt is None
+    assert uf.train is not None and uf.train.lora is not None and uf.prepare.hf_split == "train_prefs"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_configs_are_consistent(path):
+    """Lengths fit across stages (reference scores max_length tokens and vLLM needs one slot more; sampling
+    needs prompt + max_tokens) and one model family's tokenizer is used throughout."""
+    cfg = load_config(path)
+    prep = cfg.prepare
+    assert prep is not None
+    if cfg.reference is not None:
+        assert cfg.reference.max_model_len > prep.max_length
+        assert cfg.reference.model == prep.tokenizer
+    for sampler in (cfg.generate, cfg.evaluate):
+        if sampler is not None:
+            assert sampler.max_model_len >= prep.max_prompt_length + sampler.max_tokens
+    if cfg.train is not None:
+        assert cfg.train.model == prep.tokenizer
+    if cfg.evaluate is not None:
+        assert cfg.evaluate.reference == prep.tokenizer
+
+
 def test_there_is_a_gpu_config_for_a_real_model():
-    assert [p.name for p in gpu_configs()] == ["llama3-8b.yaml"]
     cfg = load_config(CONFIGS[[p.name for p in CONFIGS].index("llama3-8b.yaml")])
     assert cfg.run_dir.startswith("s3://")  # object storage: no shared disk assumed
     assert cfg.train is not None and cfg.train.parallelism == "fsdp" and cfg.train.use_gpu

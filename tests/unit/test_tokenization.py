@@ -279,3 +279,19 @@ def test_the_readme_lists_every_reject_reason():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert [r for r in REASONS if f"`{r}`" not in readme] == []
+
+
+def test_a_null_prompt_column_takes_the_shared_messages_as_the_prompt(pt):
+    """UltraFeedback-binarized rows: `prompt` is a plain string, chosen/rejected are whole conversations that
+    contain it. With columns.prompt null the string is ignored and the shared user turn is the prompt; with
+    the default column the string is not a message list and the row is rejected."""
+    convo = [{"role": "user", "content": "hi"}]
+    row = {
+        "prompt": "hi",
+        "chosen": [*convo, {"role": "assistant", "content": "hello"}],
+        "rejected": [*convo, {"role": "assistant", "content": "go"}],
+    }
+    p = record_to_pair(row, pt, {**COLS, "prompt": None}, "conversational")
+    q = record_to_pair({k: v for k, v in row.items() if k != "prompt"}, pt, COLS, "conversational")
+    assert p == q and p.prompt == "<|user|>hi\n<|assistant|>"
+    assert _reason(row, pt, "conversational") == "wrong_type"
