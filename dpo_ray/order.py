@@ -13,7 +13,7 @@ size, sha256 and page checksums verified against the manifest on every read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from dpo_ray.artifacts import ShardInfo, read_shard
 
-__all__ = ["TRAIN_COLUMNS", "epoch_batches", "read_split", "split_counts"]
+__all__ = ["TRAIN_COLUMNS", "RaggedColumn", "epoch_batches", "read_split", "read_splits", "split_counts"]
 
 TRAIN_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
 
@@ -37,28 +37,66 @@ def split_counts(artifact: str, shards: Sequence[ShardInfo]) -> dict[str, int]:
     return counts
 
 
+class RaggedColumn:
+    """A list<int> column held as flat values and row offsets (4 bytes a token), not Python lists (measured
+    ~9 KB a pair of HH shape: benchmarks/worker_reads.py). Indexing with an int gives that row as a list;
+    with an array of rows, a RaggedColumn of those rows; iterating gives each row as a numpy array."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        self.values, self.offsets = values, offsets
+
+    @classmethod
+    def from_arrow(cls, column: pa.ChunkedArray | pa.Array) -> RaggedColumn:
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = pc.list_flatten(column)
+        flat = (values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values).to_numpy()
+        return cls(flat, np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, int | np.integer):
+            return self.values[self.offsets[index] : self.offsets[index + 1]].tolist()
+        rows = np.asarray(index, dtype=np.int64)
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        pieces = [self.values[a:b] for a, b in zip(starts, ends, strict=True)]
+        values = np.concatenate(pieces) if pieces else self.values[:0]
+        return RaggedColumn(values, np.concatenate([np.zeros(1, np.int64), np.cumsum(ends - starts)]))
+
+
+def read_splits(
+    artifact: str, shards: Sequence[ShardInfo], splits: Sequence[str], columns: Sequence[str] = TRAIN_COLUMNS
+) -> dict[str, dict[str, Any]]:
+    """The rows of each of `splits` from all the artifact's shards (each shard read once), sorted by pair_id, as
+    {split: {column: array}}: list columns as RaggedColumn, the others as numpy arrays."""
+    wanted = list(dict.fromkeys(["pair_id", *columns]))
+    parts: dict[str, list[pa.Table]] = {s: [] for s in splits}
+    for shard in shards:
+        table = read_shard(artifact, shard, [*wanted, "split"])
+        for s in splits:
+            parts[s].append(table.filter(pc.equal(table["split"], s)).drop_columns(["split"]))
+    out: dict[str, dict[str, Any]] = {}
+    for s in splits:
+        schema = parts[s][0].schema if parts[s] else None
+        table = pa.concat_tables(parts[s]) if parts[s] else pa.table({c: pa.array([]) for c in wanted})
+        table = table.sort_by("pair_id") if schema is not None else table
+        out[s] = {
+            c: RaggedColumn.from_arrow(table[c]) if pa.types.is_list(table[c].type) else table[c].to_numpy()
+            for c in columns
+        }
+    return out
+
+
 def read_split(
     artifact: str, shards: Sequence[ShardInfo], split: str, columns: Sequence[str] = TRAIN_COLUMNS
 ) -> dict[str, Any]:
-    """The rows of `split` from all the artifact's shards, sorted by pair_id, as {column: numpy array} (list
-    columns as object arrays of lists)."""
-    wanted = list(dict.fromkeys(["pair_id", *columns]))
-    tables = [
-        t.filter(pc.equal(t["split"], split)).drop_columns(["split"])
-        for t in (read_shard(artifact, shard, [*wanted, "split"]) for shard in shards)
-    ]
-    table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in wanted})
-    table = table.sort_by("pair_id")
-    out: dict[str, Any] = {}
-    for c in columns:
-        col = table[c]
-        if pa.types.is_list(col.type):
-            # A 1-D object array of lists: np.array(lists) would make a 2-D array when the lengths agree.
-            out[c] = np.empty(table.num_rows, dtype=object)
-            out[c][:] = col.to_pylist()
-        else:
-            out[c] = col.to_numpy()
-    return out
+    """One split (see read_splits)."""
+    return read_splits(artifact, shards, [split], columns)[split]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:

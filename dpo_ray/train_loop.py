@@ -321,7 +321,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     from dpo_ray.models import disable_dropout, load_causal_lm
-    from dpo_ray.order import epoch_batches, read_split
+    from dpo_ray.order import epoch_batches, read_splits
 
     cfg: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
@@ -329,8 +329,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     use_gpu = torch.cuda.is_available()
     cfg = dataclasses.replace(cfg, settings=resolve_batching(cfg.settings, use_gpu))
     seed_everything(cfg.seed)
-    train_rows = read_split(cfg.scored, cfg.scored_shards, "train")
-    eval_rows = read_split(cfg.scored, cfg.scored_shards, "eval") if cfg.eval_every else None
+    splits = read_splits(cfg.scored, cfg.scored_shards, ["train", "eval"] if cfg.eval_every else ["train"])
+    train_rows, eval_rows = splits["train"], splits.get("eval")
     model = disable_dropout(load_causal_lm(cfg.model, "float32", cfg.trust_remote_code))
     if MODES[cfg.settings.batching].segment_attention:
         enable_segment_attention(model)

@@ -51,3 +51,26 @@ def test_epoch_batches_are_seeded_per_epoch_and_drop_a_different_remainder():
     dropped0, dropped1 = set(range(103)) - set(e0.ravel()), set(range(103)) - set(e1.ravel())
     assert dropped0 != dropped1
     assert not np.array_equal(epoch_batches(103, 10, 6, 0), e0)
+
+
+def test_read_splits_reads_each_shard_once_and_matches_the_python_lists(tmp_path, monkeypatch):
+    from dpo_ray import order
+    from dpo_ray.order import RaggedColumn, read_splits
+
+    shards, uri = _shards(tmp_path), str(tmp_path)
+    reads = []
+    real = order.read_shard
+    monkeypatch.setattr(order, "read_shard", lambda u, s, c=None: reads.append(s.file) or real(u, s, c))
+    both = read_splits(uri, shards, ["train", "eval"])
+    assert sorted(reads) == sorted(s.file for s in shards)  # one read per shard for both splits
+    table = pa.concat_tables([artifacts.read_shard(uri, s) for s in shards])
+    for split in ("train", "eval"):
+        rows = sorted((r for r in table.to_pylist() if r["split"] == split), key=lambda r: r["pair_id"])
+        got = both[split]
+        assert list(got["pair_id"]) == [r["pair_id"] for r in rows]
+        ids = got["chosen_ids"]
+        assert isinstance(ids, RaggedColumn) and len(ids) == len(rows)
+        assert [ids[i] for i in range(len(ids))] == [r["chosen_ids"] for r in rows]
+        pick = np.array([len(rows) - 1, 0, 2])
+        assert [list(map(int, x)) for x in ids[pick]] == [rows[i]["chosen_ids"] for i in pick]
+        assert len(ids[np.array([], dtype=np.int64)]) == 0

@@ -1,0 +1,131 @@
+"""What each train worker reads at start, measured: bytes fetched and memory held per worker.
+
+Every Ray Train worker reads the train and eval splits of the `scored` artifact itself
+(dpo_ray.order.read_splits: every shard once, fetched whole to check its sha256, then the training columns
+decoded; token ids kept as flat arrays) and keeps its slice of each global batch. So the bytes read per
+worker are the artifact's size, whatever the number of workers, and the cluster reads workers x that.
+This script builds a `scored` artifact of HH-RLHF shape (the sample's texts; the token counts of
+benchmarks/hh_lengths.json: the sample tokenized at max_length 512 with an 8k BPE trained on it; random
+ids below 128k and random log-probs), runs each rank's reads as worker_loop does, counts the bytes fetched
+and the memory of the columns held, and extrapolates to 64 workers x 1M pairs.
+
+    .venv/bin/python benchmarks/worker_reads.py [--pairs 20000] [--workers 4] [--rows-per-shard 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from dpo_ray import artifacts, order
+from dpo_ray.schema import SCORED_SCHEMA
+from dpo_ray.tokenization import pair_id, split_of
+
+HERE = Path(__file__).resolve().parent
+
+
+def build(uri: str, pairs: int, rows_per_shard: int) -> artifacts.Manifest:
+    sys.path.insert(0, str(HERE))
+    from hh_llama import hh_records
+
+    records = hh_records()
+    lengths = json.loads((HERE / "hh_lengths.json").read_text())
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(pairs):
+        rec, (lp, lc, lr) = records[i % len(records)], lengths[i % len(lengths)]
+        cut = rec["chosen"].rfind("Assistant:") + len("Assistant:")
+        prompt, chosen, rejected = rec["chosen"][:cut] + f" #{i}", rec["chosen"][cut:], rec["rejected"][cut:]
+        pid = pair_id(prompt, chosen, rejected)
+        c_logps = rng.normal(-2, 1, lc).astype(np.float32)
+        r_logps = rng.normal(-2, 1, lr).astype(np.float32)
+        rows.append(
+            {
+                "pair_id": pid,
+                "split": split_of(pid, 0.05),
+                "prompt_ids": rng.integers(0, 128_000, lp).tolist(),
+                "chosen_ids": rng.integers(0, 128_000, lc).tolist(),
+                "rejected_ids": rng.integers(0, 128_000, lr).tolist(),
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "source": "hh",
+                "ref_chosen_logps": c_logps.tolist(),
+                "ref_rejected_logps": r_logps.tolist(),
+                "ref_chosen_logp": float(c_logps.sum()),
+                "ref_rejected_logp": float(r_logps.sum()),
+            }
+        )
+    for k in range(0, pairs, rows_per_shard):
+        table = pa.Table.from_pylist(rows[k : k + rows_per_shard], schema=SCORED_SCHEMA)
+        artifacts.write_table(table, uri, f"part-{k // rows_per_shard:05d}.parquet")
+    return artifacts.write_manifest(uri, "scored", {}, {}, {}, {}, shards=artifacts.shard_infos(uri))
+
+
+def _nbytes(column: object) -> int:
+    """Bytes a held column takes: flat values + offsets, numeric arrays, or object arrays with their strings."""
+    if isinstance(column, order.RaggedColumn):
+        return int(column.values.nbytes + column.offsets.nbytes)
+    assert isinstance(column, np.ndarray)
+    if column.dtype == object:
+        return int(column.nbytes + sum(sys.getsizeof(x) for x in column))
+    return int(column.nbytes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=20_000)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--rows-per-shard", type=int, default=5_000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"{tmp}/scored"
+        manifest = build(uri, args.pairs, args.rows_per_shard)
+        size = sum(s.size for s in manifest.shards)
+        fetched = [0]
+        verified_read = order.read_shard
+
+        def counting(uri: str, shard: artifacts.ShardInfo, columns: list[str] | None = None) -> pa.Table:
+            fetched[0] += shard.size  # read_shard fetches the whole file (sha256) before decoding columns
+            return verified_read(uri, shard, columns)
+
+        order.read_shard = counting  # type: ignore[assignment]
+        per_worker = []
+        for rank in range(args.workers):
+            fetched[0] = 0
+            t0 = time.perf_counter()
+            splits = order.read_splits(uri, manifest.shards, ["train", "eval"])
+            seconds = time.perf_counter() - t0
+            held = sum(_nbytes(v) for columns in splits.values() for v in columns.values())
+            per_worker.append(
+                {"rank": rank, "bytes_fetched": fetched[0], "python_bytes_held": held, "seconds": seconds}
+            )
+            del splits
+    pair_bytes = size / args.pairs
+    held_per_pair = np.mean([w["python_bytes_held"] for w in per_worker]) / args.pairs
+    out = {
+        "pairs": args.pairs,
+        "shards": len(manifest.shards),
+        "artifact_bytes": size,
+        "artifact_bytes_per_pair": round(pair_bytes, 1),
+        "workers": per_worker,
+        "cluster_bytes_fetched": sum(w["bytes_fetched"] for w in per_worker),
+        "held_bytes_per_pair_per_worker": round(float(held_per_pair), 1),
+        "extrapolated_64_workers_1M_pairs": {
+            "fetched_per_worker_GB": round(pair_bytes * 1e6 / 1e9, 2),
+            "fetched_cluster_GB": round(64 * pair_bytes * 1e6 / 1e9, 1),
+            "held_per_worker_GB": round(float(held_per_pair) * 1e6 / 1e9, 1),
+        },
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
