@@ -23,7 +23,9 @@ from torch import Tensor
 
 __all__ = [
     "LOSSES",
+    "SMOOTHED",
     "InitialLoss",
+    "LossParams",
     "initial_loss",
     "LossOutput",
     "hinge_loss",
@@ -84,14 +86,96 @@ def hinge_loss(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
     return torch.relu(1.0 - beta * h)
 
 
-LossFn = Callable[[Tensor, float, float], Tensor]
+@dataclass(frozen=True)
+class LossParams:
+    """β, ε (cDPO/rDPO/EXO label smoothing) and the parameters a few variants have (validated by
+    pipeline.config, which names the loss that needs them)."""
 
-LOSSES: dict[str, LossFn] = {
-    "sigmoid": sigmoid_loss,
-    "robust": robust_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
+    beta: float
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    dpop_lambda: float = 50.0
+
+
+def exo_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """EXO-pref (Ji et al. 2024, eq. 16, K = 2): KL(p_θ ‖ p_ε) between the policy's softmax over
+    {chosen, rejected} of β·log-ratios and the smoothed label distribution (1 − ε, ε); needs ε > 0.
+
+    With z = β·(c − r): σ(z)·(log σ(z) − log(1 − ε)) + σ(−z)·(log σ(−z) − log ε).
+    """
+    eps = p.label_smoothing
+    z = p.beta * (c - r)
+    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps)
+    )
+
+
+def nca_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """NCA (Chen et al. 2024, pairwise form as in TRL): per-completion rewards rθ = β·log-ratio,
+    −log σ(r_w) − ½·log σ(−r_w) − ½·log σ(−r_l)."""
+    rw, rl = p.beta * c, p.beta * r
+    return -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
+
+
+def sppo_hard_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """SPPO (Wu et al. 2024, eq. 4.7 with hard win probabilities 1 and 0):
+    (log-ratio_w − 1/(2β))² + (log-ratio_l + 1/(2β))²."""
+    return (c - 0.5 / p.beta) ** 2 + (r + 0.5 / p.beta) ** 2
+
+
+def apo_zero_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): raise the chosen likelihood, lower the rejected one:
+    (1 − σ(β·c)) + σ(β·r)."""
+    return 1.0 - torch.sigmoid(p.beta * c) + torch.sigmoid(p.beta * r)
+
+
+def apo_down_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """APO-down (D'Oosterlinck et al. 2024, eq. 8): lower both, the rejected more: σ(β·c) + (1 − σ(β·(c − r)))."""
+    return torch.sigmoid(p.beta * c) + 1.0 - torch.sigmoid(p.beta * (c - r))
+
+
+def discopop_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, eq. 5), with z = β·(c − r), m = σ(z/τ):
+    (1 − m)·(−log σ(z)) + m·e^(−z); m·e^(−z) is computed as e^(−z + log σ(z/τ)), finite for any z."""
+    z = p.beta * (c - r)
+    tau = p.discopop_tau
+    return torch.sigmoid(-z / tau) * -F.logsigmoid(z) + torch.exp(-z + F.logsigmoid(z / tau))
+
+
+def dpop_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """DPO-Positive (Pal et al. 2024, eq. 3): −log σ(β·(c − r − λ·max(0, −c))); the penalty keeps the chosen
+    completion's likelihood from falling below the reference's."""
+    return -F.logsigmoid(p.beta * (c - r - p.dpop_lambda * torch.relu(-c)))
+
+
+PairLossFn = Callable[[Tensor, Tensor, LossParams], Tensor]
+
+
+def _of_margin(fn: Callable[[Tensor, float, float], Tensor]) -> PairLossFn:
+    def loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+        return fn(c - r, p.beta, p.label_smoothing)
+
+    loss.__doc__ = fn.__doc__
+    return loss
+
+
+# name -> loss of the (B,) chosen and rejected log-ratios log πθ − log πref (summed, or per-token means with
+# average_logps; sigmoid_norm always averages).
+LOSSES: dict[str, PairLossFn] = {
+    "sigmoid": _of_margin(sigmoid_loss),
+    "robust": _of_margin(robust_loss),
+    "ipo": _of_margin(ipo_loss),
+    "hinge": _of_margin(hinge_loss),
+    "sigmoid_norm": _of_margin(sigmoid_loss),
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "discopop": discopop_loss,
+    "dpop": dpop_loss,
 }
+SMOOTHED = ("sigmoid", "robust", "exo_pair")  # the variants label_smoothing applies to
 
 
 @dataclass(frozen=True)
@@ -104,16 +188,18 @@ class InitialLoss:
     slope: float
 
 
-def initial_loss(name: str, beta: float, label_smoothing: float = 0.0) -> InitialLoss:
-    """The value and margin slope of LOSSES[name] at h = 0, from the loss function itself (float64 autograd).
+def initial_loss(name: str, beta: float, label_smoothing: float = 0.0, **params: float) -> InitialLoss:
+    """The value and margin slope of LOSSES[name] when policy == reference (both log-ratios 0), from the loss
+    function itself (float64 autograd). The slope is the largest |dL/d(β·log-ratio)| of the two sides.
 
     sigmoid: ln 2 and (1 − 2ε)/2; robust: ln 2 and 1/(2(1 − 2ε)); ipo: 1/(4β²) and 1/β²; hinge: 1 and 1.
     """
     _validate(name, {"h": torch.zeros(1)}, beta, label_smoothing, 0.0)
-    h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    value = LOSSES[name](h, beta, label_smoothing)
-    (grad,) = torch.autograd.grad(value.sum(), h)
-    return InitialLoss(float(value.item()), abs(float(grad.item())) / beta)
+    c = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    r = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    value = LOSSES[name](c, r, LossParams(beta, label_smoothing, **params))
+    grads = torch.autograd.grad(value.sum(), (c, r))
+    return InitialLoss(float(value.item()), max(abs(float(g.item())) for g in grads) / beta)
 
 
 def _validate(
@@ -129,6 +215,8 @@ def _validate(
         raise ValueError(f"beta: must be a finite number > 0, found {beta!r}")
     if not (0.0 <= label_smoothing < 0.5):
         raise ValueError(f"label_smoothing: must be in [0, 0.5), found {label_smoothing!r}")
+    if name == "exo_pair" and not label_smoothing > 0:
+        raise ValueError("label_smoothing: exo_pair needs ε > 0 (the smoothed labels' log ε), e.g. 1e-3")
     if not (math.isfinite(sft_weight) and sft_weight >= 0):
         raise ValueError(f"sft_weight: must be a finite number >= 0, found {sft_weight!r}")
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -150,6 +238,8 @@ def preference_loss(
     label_smoothing: float = 0.0,
     sft_weight: float = 0.0,
     average_logps: bool = False,
+    discopop_tau: float = 0.05,
+    dpop_lambda: float = 50.0,
 ) -> LossOutput:
     """Loss variant `name` of LOSSES, plus an optional NLL term on the chosen completion.
 
@@ -185,7 +275,12 @@ def preference_loss(
         pol_rejected, ref_rejected = pol_rejected / rejected_len, ref_rejected / rejected_len
     chosen_logratios = pol_chosen - ref_chosen
     rejected_logratios = pol_rejected - ref_rejected
-    losses = LOSSES[name](chosen_logratios - rejected_logratios, beta, label_smoothing)
+    params = LossParams(beta, label_smoothing, discopop_tau, dpop_lambda)
+    if name == "sigmoid_norm" and not average_logps:  # TRL's length-normalised DPO: the loss on per-token means
+        c, r = chosen_logratios / chosen_len, rejected_logratios / rejected_len
+    else:
+        c, r = chosen_logratios, rejected_logratios
+    losses = LOSSES[name](c, r, params)
     if sft_weight > 0:
         losses = losses + sft_weight * (-policy_chosen_logps / chosen_len)
     return LossOutput(

@@ -70,6 +70,8 @@ class TrainSettings:
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
     average_logps: bool = False
+    discopop_tau: float = 0.05
+    dpop_lambda: float = 50.0
     token_budget: int = 16_384
     max_grad_norm: float | None = 1.0
     autocast_dtype: torch.dtype | None = None
@@ -179,6 +181,8 @@ def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[T
         label_smoothing=s.label_smoothing,
         sft_weight=s.sft_weight,
         average_logps=s.average_logps,
+        discopop_tau=s.discopop_tau,
+        dpop_lambda=s.dpop_lambda,
     )
     return out.losses.sum(), pair_metric_sums(out, lp.chosen, lp.rejected)
 

@@ -208,9 +208,16 @@ class TrainConfig(StrictModel):
     export: str = Field("", description="Exported HF model dir; default <run_dir>/export.")
     storage_path: str = Field("", description="Ray Train storage for checkpoints; default <run_dir>/checkpoints.")
     run_name: str = Field("dpo", description="Ray Train run name; a restart with the same name resumes.")
-    loss: Literal["sigmoid", "robust", "ipo", "hinge"] = Field("sigmoid", description="Loss variant.")
+    loss: Literal[
+        "sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
+        "apo_down", "discopop", "dpop",
+    ] = Field("sigmoid", description="Loss variant (dpo_ray.losses; README: the loss table).")  # fmt: skip
     beta: float = Field(0.1, gt=0, description="β: strength of the KL constraint.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε of cDPO (sigmoid) / rDPO (robust).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="ε of cDPO (sigmoid), rDPO (robust) and EXO (exo_pair, which needs ε > 0)."
+    )
+    discopop_tau: float | None = Field(None, gt=0, description="τ of the discopop loss (default 0.05).")
+    dpop_lambda: float | None = Field(None, ge=0, description="λ of the dpop loss's penalty (default 50).")
     sft_weight: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen completion (RPO).")
     average_logps: bool = Field(False, description="Per-token mean log-probs instead of sums.")
     optimizer: Literal["adamw", "rmsprop"] = Field("adamw", description="AdamW, or RMSprop (the DPO paper's).")
@@ -264,8 +271,13 @@ class TrainConfig(StrictModel):
     def _divisible(self) -> TrainConfig:
         if self.batch_size % max(1, self.num_workers):
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
-        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
-            raise ValueError(f"label_smoothing applies to the sigmoid and robust losses only, not {self.loss!r}")
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust", "exo_pair"):
+            raise ValueError(f"label_smoothing applies to the sigmoid, robust and exo_pair losses, not {self.loss!r}")
+        if self.loss == "exo_pair" and not self.label_smoothing:
+            raise ValueError("loss exo_pair needs label_smoothing > 0 (EXO's ε, e.g. 1e-3)")
+        for key, loss in (("discopop_tau", "discopop"), ("dpop_lambda", "dpop")):
+            if getattr(self, key) is not None and self.loss != loss:
+                raise ValueError(f"{key} is a parameter of loss {loss!r}, but loss is {self.loss!r}")
         return self
 
 

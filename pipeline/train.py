@@ -47,7 +47,11 @@ def _loop_config(
     from dpo_ray.train_loop import LoopConfig
 
     lora_targets = tuple(cfg.lora.target_modules) if cfg.lora is not None else ()
-    initial = initial_loss(cfg.loss, cfg.beta, cfg.label_smoothing)
+    params = {
+        "discopop_tau": 0.05 if cfg.discopop_tau is None else cfg.discopop_tau,
+        "dpop_lambda": 50.0 if cfg.dpop_lambda is None else cfg.dpop_lambda,
+    }
+    initial = initial_loss(cfg.loss, cfg.beta, cfg.label_smoothing, **params)
 
     bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and cfg.use_gpu)
     settings = TrainSettings(
@@ -56,6 +60,8 @@ def _loop_config(
         label_smoothing=cfg.label_smoothing,
         sft_weight=cfg.sft_weight,
         average_logps=cfg.average_logps,
+        discopop_tau=params["discopop_tau"],
+        dpop_lambda=params["dpop_lambda"],
         token_budget=cfg.token_budget,
         batching=cfg.batching,
         max_grad_norm=cfg.max_grad_norm,

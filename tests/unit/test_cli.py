@@ -37,7 +37,7 @@ def test_help_lines_carry_type_default_and_description(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "  train.beta  (float; default 0.1)  β: strength of the KL constraint." in out
-    assert '  train.loss  (sigmoid | robust | ipo | hinge; default "sigmoid")' in out
+    assert "  train.loss  (sigmoid | robust | ipo | hinge | sigmoid_norm | exo_pair | " in out
     assert "  train.model  (str; required)" in out
     assert "  train.lora.r  (int; default 16)  Adapter rank." in out
     assert main(["run", "-h"]) == 0

@@ -59,3 +59,28 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     assert "did you mean 'prepare.max_length'" in capsys.readouterr().err
     assert main(["prepare", "--config", str(_write(tmp_path, "run_dir: x\n"))]) == 2
     assert "no 'prepare:' section" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.loss=exo_pair"], "loss exo_pair needs label_smoothing > 0"),
+        (["train.loss=nca_pair", "train.label_smoothing=0.1"], "label_smoothing applies to the sigmoid, robust"),
+        (["train.discopop_tau=0.1"], "discopop_tau is a parameter of loss 'discopop', but loss is 'sigmoid'"),
+        (["train.loss=apo_zero", "train.dpop_lambda=5"], "dpop_lambda is a parameter of loss 'dpop'"),
+        (["train.loss=dpop", "train.dpop_lambda=-1"], "train.dpop_lambda"),
+    ],
+)
+def test_loss_parameters_are_checked_at_load_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["train.model=m", *overrides])
+
+
+def test_every_loss_loads_with_its_parameters():
+    from dpo_ray.losses import LOSSES
+
+    for name in LOSSES:
+        extra = {"exo_pair": ["train.label_smoothing=0.001"], "discopop": ["train.discopop_tau=0.1"],
+                 "dpop": ["train.dpop_lambda=5"]}.get(name, [])  # fmt: skip
+        cfg = load_config(None, ["train.model=m", f"train.loss={name}", *extra])
+        assert cfg.train is not None and cfg.train.loss == name

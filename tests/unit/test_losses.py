@@ -32,6 +32,29 @@ def _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average):
         loss = (h - 1 / (2 * beta)) ** 2
     elif name == "hinge":
         loss = np.maximum(0.0, 1 - beta * h)
+    elif name == "sigmoid_norm":  # TRL: DPO on per-token mean log-ratios (whatever `average`)
+        hn = (pc - rc) / lc - (pr - rr) / lr
+        loss = -(1 - eps) * _logsig(beta * hn) - eps * _logsig(-beta * hn)
+    elif name == "exo_pair":
+        z = beta * h
+        qw, ql = np.exp(_logsig(z)), np.exp(_logsig(-z))
+        loss = qw * (_logsig(z) - np.log(1 - eps)) + ql * (_logsig(-z) - np.log(eps))
+    else:
+        cw, cl = pcs - rcs, prs - rrs  # per-side log-ratios
+        if name == "nca_pair":
+            loss = -_logsig(beta * cw) - 0.5 * _logsig(-beta * cw) - 0.5 * _logsig(-beta * cl)
+        elif name == "sppo_hard":
+            loss = (cw - 1 / (2 * beta)) ** 2 + (cl + 1 / (2 * beta)) ** 2
+        elif name == "apo_zero":
+            loss = (1 - 1 / (1 + np.exp(-beta * cw))) + 1 / (1 + np.exp(-beta * cl))
+        elif name == "apo_down":
+            loss = 1 / (1 + np.exp(-beta * cw)) + (1 - 1 / (1 + np.exp(-beta * h)))
+        elif name == "discopop":
+            z, tau = beta * h, 0.05
+            m = 1 / (1 + np.exp(-z / tau))
+            loss = (1 - m) * -_logsig(z) + m * np.exp(-z)
+        elif name == "dpop":
+            loss = -_logsig(beta * (h - 50.0 * np.maximum(0.0, -cw)))
     loss = loss + sft * (-pc / lc)
     return loss, beta * (pcs - rcs), beta * (prs - rrs)
 
@@ -52,6 +75,8 @@ def test_variants_match_float64_reference(name, average, eps, sft):
     seed = zlib.crc32(repr((name, average, eps)).encode()) % 1000  # the same every run (hash() is salted)
     pc, pr, rc, rr, lc, lr = _random_inputs(seed)
     beta = 0.1 if name != "ipo" else 0.5
+    if name == "exo_pair" and eps == 0:
+        eps = 1e-3  # EXO needs ε > 0
     expected = _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average)
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
     out = preference_loss(name, *t, beta=beta, label_smoothing=eps, sft_weight=sft, average_logps=average)
@@ -141,8 +166,34 @@ def test_initial_loss_and_slope_match_hand_derivations():
         ("robust", eps): (math.log(2), 1 / (2 * (1 - 2 * eps))),
         ("ipo", 0.0): (1 / (4 * beta**2), 1 / beta**2),
         ("hinge", 0.0): (1.0, 1.0),
+        ("sigmoid_norm", 0.0): (math.log(2), 0.5),
+        ("nca_pair", 0.0): (2 * math.log(2), 0.25),  # d/d(βc): −σ(0) + ½σ(0); d/d(βr): ½σ(0)
+        ("sppo_hard", 0.0): (1 / (2 * beta**2), 1 / beta**2),  # d/d(βc) of (c − 1/(2β))²: 2·(−1/(2β))/β
+        ("apo_zero", 0.0): (1.0, 0.25),
+        ("apo_down", 0.0): (1.0, 0.25),  # chosen side: σ'(0) − σ'(0) = 0; rejected side: σ'(0)
+        # dL/dz at 0 with m' = 1/(4τ): −m'·ln 2 − ½·½ + m'·1 − ½
+        ("discopop", 0.0): ((math.log(2) + 1) / 2, (1 - math.log(2)) / (4 * 0.05) - 0.75),
+        ("dpop", 0.0): (math.log(2), 0.5),  # relu'(0) = 0: the penalty is off at c = 0
+        ("exo_pair", eps): (
+            0.5 * (math.log(0.5) - math.log(1 - eps)) + 0.5 * (math.log(0.5) - math.log(eps)),
+            abs(0.25 * (math.log(1 - eps) - math.log(eps)) * -1),
+        ),
     }
     for (name, ls), (value, slope) in cases.items():
         got = initial_loss(name, beta, ls)
         assert math.isclose(got.value, value, rel_tol=1e-12), name
         assert math.isclose(got.slope, slope, rel_tol=1e-12), name
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_extreme_margins_give_finite_losses_and_gradients(name):
+    """|β·h| up to 1e4 (a policy far from its reference): no inf or NaN in the loss or its gradient."""
+    beta = 0.1
+    pc = torch.tensor([-1e5, 1e5, -1e5, 0.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([1e5, -1e5, -1e5, 1e5], dtype=torch.float64)
+    zeros, ones = torch.zeros(4, dtype=torch.float64), torch.full((4,), 7.0, dtype=torch.float64)
+    ls = 1e-3 if name == "exo_pair" else 0.0
+    out = preference_loss(name, pc, pr, zeros, zeros, ones, ones, beta=beta, label_smoothing=ls)
+    out.losses.sum().backward()
+    assert torch.isfinite(out.losses).all(), out.losses
+    assert pc.grad is not None and torch.isfinite(pc.grad).all(), pc.grad

@@ -1,0 +1,53 @@
+"""The loss variants through the real train step (packed batching, one pair per micro-batch): the step's
+loss equals the loss of dpo_ray.losses applied to log-probs from a separate padded forward of the same
+model, with each loss's own parameters carried from TrainSettings (τ, λ, ε)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.unit.test_distributed_alignment import PAIRS, _batch, _model
+
+NEW = ["sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "dpop"]
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_train_step_loss_is_the_variant_with_its_parameters(name):
+    from dpo_ray.batching import completion_logps
+    from dpo_ray.losses import preference_loss
+    from dpo_ray.packing import enable_segment_attention
+    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+
+    params = {"label_smoothing": 1e-3 if name == "exo_pair" else 0.0, "discopop_tau": 0.2, "dpop_lambda": 3.0}
+    beta = 0.7
+    model = enable_segment_attention(_model())
+    with torch.no_grad():
+        prompts = [list(p) for p, _, _ in PAIRS]
+        chosen, rejected = [list(c) for _, c, _ in PAIRS], [list(r) for _, _, r in PAIRS]
+        logps = completion_logps(model, prompts * 2, chosen + rejected, 0)
+    sums = torch.tensor([sum(x) for x in logps], dtype=torch.float64)
+    lengths = torch.tensor([len(x) for x in chosen + rejected], dtype=torch.float64)
+    n = len(PAIRS)
+    # references above the policy on chosen (dpop's penalty is on) and below it on rejected
+    shift = torch.tensor([0.5, 1.5, 0.25, 2.0], dtype=torch.float64)
+    batch = StepBatch(_batch(PAIRS).pairs, sums[:n] + shift, sums[n:] - shift)
+    expected = preference_loss(
+        name, sums[:n], sums[n:], batch.ref_chosen, batch.ref_rejected, lengths[:n], lengths[n:], beta=beta, **params
+    ).losses.mean()
+    settings = TrainSettings(loss=name, beta=beta, token_budget=1, batching="packed", max_grad_norm=None, **params)
+    opt = make_optimizer(model, "adamw", 1e-3, 0.0)
+    metrics = train_step(model, opt, make_scheduler(opt, 0, 1, "constant"), batch, settings, n)
+    assert abs(metrics["loss"] - float(expected)) < 1e-5, (metrics["loss"], float(expected))
+    # the parameter matters: another τ / λ / ε gives another loss (where the variant has one)
+    if name in ("discopop", "dpop", "exo_pair"):
+        other = {
+            "discopop": {"discopop_tau": 0.05},
+            "dpop": {"dpop_lambda": 50.0},
+            "exo_pair": {"label_smoothing": 0.2},
+        }
+        moved = preference_loss(
+            name, sums[:n], sums[n:], batch.ref_chosen, batch.ref_rejected, lengths[:n], lengths[n:], beta=beta,
+            **(params | other[name]),
+        ).losses.mean()  # fmt: skip
+        assert abs(float(moved) - float(expected)) > 1e-4
