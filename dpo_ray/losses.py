@@ -26,6 +26,8 @@ __all__ = [
     "SMOOTHED",
     "InitialLoss",
     "LossParams",
+    "F_DIVERGENCES",
+    "f_scores",
     "initial_loss",
     "LossOutput",
     "hinge_loss",
@@ -95,6 +97,32 @@ class LossParams:
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
     dpop_lambda: float = 50.0
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 0.5
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+_EXP_CAP = 80.0  # exponents are capped here (as TRL does), so exp() stays finite in float32
+
+
+def f_scores(logratio: Tensor, divergence: str, alpha: float = 0.5) -> Tensor:
+    """f′(πθ/πref) of the f-divergence regulariser (Wang et al. 2023, "Beyond Reverse KL", Table 1 / Thm 1),
+    in TRL's convention (additive constants dropped: they cancel in chosen − rejected), of t = e^logratio:
+
+    reverse_kl: log t (DPO);  forward_kl: 1 − 1/t;  js_divergence: log 2 + log σ(log t) = log(2t/(1+t));
+    alpha_divergence: (t^(α−1) − 1)/(α − 1)  (TRL's α; the paper's α is 1 − this one).
+    """
+    if divergence == "reverse_kl":
+        return logratio
+    if divergence == "forward_kl":
+        return 1.0 - torch.exp(torch.clamp(-logratio, max=_EXP_CAP))
+    if divergence == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(logratio)
+    if divergence == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return logratio
+        return (torch.exp(torch.clamp((alpha - 1.0) * logratio, max=_EXP_CAP)) - 1.0) / (alpha - 1.0)
+    raise ValueError(f"f_divergence: unknown {divergence!r}; expected one of {F_DIVERGENCES}")
 
 
 def exo_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
@@ -188,7 +216,7 @@ class InitialLoss:
     slope: float
 
 
-def initial_loss(name: str, beta: float, label_smoothing: float = 0.0, **params: float) -> InitialLoss:
+def initial_loss(name: str, beta: float, label_smoothing: float = 0.0, **params: float | str) -> InitialLoss:
     """The value and margin slope of LOSSES[name] when policy == reference (both log-ratios 0), from the loss
     function itself (float64 autograd). The slope is the largest |dL/d(β·log-ratio)| of the two sides.
 
@@ -197,7 +225,8 @@ def initial_loss(name: str, beta: float, label_smoothing: float = 0.0, **params:
     _validate(name, {"h": torch.zeros(1)}, beta, label_smoothing, 0.0)
     c = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     r = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    value = LOSSES[name](c, r, LossParams(beta, label_smoothing, **params))
+    p = LossParams(beta, label_smoothing, **params)  # type: ignore[arg-type]
+    value = LOSSES[name](f_scores(c, p.f_divergence, p.f_alpha), f_scores(r, p.f_divergence, p.f_alpha), p)
     grads = torch.autograd.grad(value.sum(), (c, r))
     return InitialLoss(float(value.item()), max(abs(float(g.item())) for g in grads) / beta)
 
@@ -240,6 +269,8 @@ def preference_loss(
     average_logps: bool = False,
     discopop_tau: float = 0.05,
     dpop_lambda: float = 50.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
 ) -> LossOutput:
     """Loss variant `name` of LOSSES, plus an optional NLL term on the chosen completion.
 
@@ -275,12 +306,12 @@ def preference_loss(
         pol_rejected, ref_rejected = pol_rejected / rejected_len, ref_rejected / rejected_len
     chosen_logratios = pol_chosen - ref_chosen
     rejected_logratios = pol_rejected - ref_rejected
-    params = LossParams(beta, label_smoothing, discopop_tau, dpop_lambda)
+    params = LossParams(beta, label_smoothing, discopop_tau, dpop_lambda, f_divergence, f_alpha)
     if name == "sigmoid_norm" and not average_logps:  # TRL's length-normalised DPO: the loss on per-token means
         c, r = chosen_logratios / chosen_len, rejected_logratios / rejected_len
     else:
         c, r = chosen_logratios, rejected_logratios
-    losses = LOSSES[name](c, r, params)
+    losses = LOSSES[name](f_scores(c, f_divergence, f_alpha), f_scores(r, f_divergence, f_alpha), params)
     if sft_weight > 0:
         losses = losses + sft_weight * (-policy_chosen_logps / chosen_len)
     return LossOutput(

@@ -218,6 +218,10 @@ class TrainConfig(StrictModel):
     )
     discopop_tau: float | None = Field(None, gt=0, description="τ of the discopop loss (default 0.05).")
     dpop_lambda: float | None = Field(None, ge=0, description="λ of the dpop loss's penalty (default 50).")
+    f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
+        "reverse_kl", description="f-DPO (Wang et al. 2023): the divergence of the sigmoid loss (reverse_kl: DPO)."
+    )
+    f_alpha: float | None = Field(None, gt=0, description="α of alpha_divergence, TRL's convention (default 0.5).")
     sft_weight: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen completion (RPO).")
     average_logps: bool = Field(False, description="Per-token mean log-probs instead of sums.")
     optimizer: Literal["adamw", "rmsprop"] = Field("adamw", description="AdamW, or RMSprop (the DPO paper's).")
@@ -275,6 +279,10 @@ class TrainConfig(StrictModel):
             raise ValueError(f"label_smoothing applies to the sigmoid, robust and exo_pair losses, not {self.loss!r}")
         if self.loss == "exo_pair" and not self.label_smoothing:
             raise ValueError("loss exo_pair needs label_smoothing > 0 (EXO's ε, e.g. 1e-3)")
+        if self.f_divergence != "reverse_kl" and self.loss != "sigmoid":
+            raise ValueError(f"f_divergence {self.f_divergence} applies to loss 'sigmoid', but loss is {self.loss!r}")
+        if self.f_alpha is not None and self.f_divergence != "alpha_divergence":
+            raise ValueError(f"f_alpha is a parameter of f_divergence alpha_divergence, not {self.f_divergence}")
         for key, loss in (("discopop_tau", "discopop"), ("dpop_lambda", "dpop")):
             if getattr(self, key) is not None and self.loss != loss:
                 raise ValueError(f"{key} is a parameter of loss {loss!r}, but loss is {self.loss!r}")

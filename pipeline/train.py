@@ -50,8 +50,9 @@ def _loop_config(
     params = {
         "discopop_tau": 0.05 if cfg.discopop_tau is None else cfg.discopop_tau,
         "dpop_lambda": 50.0 if cfg.dpop_lambda is None else cfg.dpop_lambda,
+        "f_alpha": 0.5 if cfg.f_alpha is None else cfg.f_alpha,
     }
-    initial = initial_loss(cfg.loss, cfg.beta, cfg.label_smoothing, **params)
+    initial = initial_loss(cfg.loss, cfg.beta, cfg.label_smoothing, f_divergence=cfg.f_divergence, **params)
 
     bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and cfg.use_gpu)
     settings = TrainSettings(
@@ -62,6 +63,8 @@ def _loop_config(
         average_logps=cfg.average_logps,
         discopop_tau=params["discopop_tau"],
         dpop_lambda=params["dpop_lambda"],
+        f_divergence=cfg.f_divergence,
+        f_alpha=params["f_alpha"],
         token_budget=cfg.token_budget,
         batching=cfg.batching,
         max_grad_norm=cfg.max_grad_norm,

@@ -84,3 +84,12 @@ def test_every_loss_loads_with_its_parameters():
                  "dpop": ["train.dpop_lambda=5"]}.get(name, [])  # fmt: skip
         cfg = load_config(None, ["train.model=m", f"train.loss={name}", *extra])
         assert cfg.train is not None and cfg.train.loss == name
+
+
+def test_f_divergence_keys_are_checked():
+    cfg = load_config(None, ["train.model=m", "train.f_divergence=alpha_divergence", "train.f_alpha=0.3"])
+    assert cfg.train is not None and cfg.train.f_alpha == 0.3
+    with pytest.raises(ConfigError, match="f_divergence js_divergence applies to loss 'sigmoid'"):
+        load_config(None, ["train.model=m", "train.loss=ipo", "train.f_divergence=js_divergence"])
+    with pytest.raises(ConfigError, match="f_alpha is a parameter of f_divergence alpha_divergence"):
+        load_config(None, ["train.model=m", "train.f_alpha=0.3"])

@@ -9,7 +9,7 @@ import torch
 
 from tests.unit.test_distributed_alignment import PAIRS, _batch, _model
 
-NEW = ["sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "dpop"]
+NEW = ["sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "dpop", "f-js"]
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -20,6 +20,8 @@ def test_train_step_loss_is_the_variant_with_its_parameters(name):
     from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
 
     params = {"label_smoothing": 1e-3 if name == "exo_pair" else 0.0, "discopop_tau": 0.2, "dpop_lambda": 3.0}
+    if name == "f-js":  # f-DPO with the Jensen-Shannon divergence
+        name, params = "sigmoid", params | {"f_divergence": "js_divergence"}
     beta = 0.7
     model = enable_segment_attention(_model())
     with torch.no_grad():

@@ -197,3 +197,47 @@ def test_extreme_margins_give_finite_losses_and_gradients(name):
     out.losses.sum().backward()
     assert torch.isfinite(out.losses).all(), out.losses
     assert pc.grad is not None and torch.isfinite(pc.grad).all(), pc.grad
+
+
+@pytest.mark.parametrize(
+    ("divergence", "alpha"),
+    [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.3),
+     ("alpha_divergence", 1.7), ("alpha_divergence", 1.0)],
+)  # fmt: skip
+def test_f_divergence_sigmoid_matches_float64_reference(divergence, alpha):
+    """f-DPO: −log σ(β·(f′(t_w) − f′(t_l))), t = πθ/πref, f′ in TRL's convention (Wang et al. 2023, Thm 1)."""
+    pc, pr, rc, rr, lc, lr = _random_inputs(zlib.crc32(divergence.encode()) % 1000)
+    beta = 0.1
+    u_w, u_l = pc - rc, pr - rr  # log t
+
+    def fprime(u):
+        if divergence == "reverse_kl" or (divergence == "alpha_divergence" and alpha == 1.0):
+            return u
+        if divergence == "forward_kl":
+            return 1 - np.exp(-u)
+        if divergence == "js_divergence":
+            t = np.exp(u)
+            return np.log(2 * t / (1 + t))
+        return (np.exp((alpha - 1) * u) - 1) / (alpha - 1)
+
+    want = -_logsig(beta * (fprime(u_w) - fprime(u_l)))
+    t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
+    out = preference_loss("sigmoid", *t, beta=beta, f_divergence=divergence, f_alpha=alpha)
+    np.testing.assert_allclose(out.losses.numpy(), want, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(out.chosen_rewards.numpy(), beta * u_w, rtol=1e-12)  # rewards stay log-ratios
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergences_at_extremes_and_at_the_start(divergence):
+    from dpo_ray.losses import initial_loss
+
+    pc = torch.tensor([-1e5, 1e5, 0.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([1e5, -1e5, 1e5], dtype=torch.float64)
+    zeros, ones = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    out = preference_loss("sigmoid", pc, pr, zeros, zeros, ones, ones, beta=0.1, f_divergence=divergence)
+    out.losses.sum().backward()
+    assert torch.isfinite(out.losses).all() and pc.grad is not None and torch.isfinite(pc.grad).all()
+    got = initial_loss("sigmoid", 0.1, f_divergence=divergence)
+    # f′ is 0 at t = 1 for all of them; its slope there is 1, except JS: ½
+    assert math.isclose(got.value, math.log(2), rel_tol=1e-12)
+    assert math.isclose(got.slope, 0.25 if divergence == "js_divergence" else 0.5, rel_tol=1e-12)
