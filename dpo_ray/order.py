@@ -82,9 +82,7 @@ def read_splits(
             parts[s].append(table.filter(pc.equal(table["split"], s)).drop_columns(["split"]))
     out: dict[str, dict[str, Any]] = {}
     for s in splits:
-        schema = parts[s][0].schema if parts[s] else None
-        table = pa.concat_tables(parts[s]) if parts[s] else pa.table({c: pa.array([]) for c in wanted})
-        table = table.sort_by("pair_id") if schema is not None else table
+        table = pa.concat_tables(parts[s]).sort_by("pair_id") if parts[s] else pa.table({c: [] for c in wanted})
         out[s] = {
             c: RaggedColumn.from_arrow(table[c]) if pa.types.is_list(table[c].type) else table[c].to_numpy()
             for c in columns

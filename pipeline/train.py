@@ -41,16 +41,17 @@ def _loop_config(
     import torch
 
     from dpo_ray.lora import LoraSettings
-    from dpo_ray.losses import initial_loss
+    from dpo_ray.losses import LossParams, initial_loss
     from dpo_ray.models import load_tokenizer
     from dpo_ray.step import TrainSettings
     from dpo_ray.train_loop import LoopConfig
 
     lora_targets = tuple(cfg.lora.target_modules) if cfg.lora is not None else ()
+    defaults = LossParams(cfg.beta)  # the losses' own defaults for parameters the config leaves unset
     params = {
-        "discopop_tau": 0.05 if cfg.discopop_tau is None else cfg.discopop_tau,
-        "dpop_lambda": 50.0 if cfg.dpop_lambda is None else cfg.dpop_lambda,
-        "f_alpha": 0.5 if cfg.f_alpha is None else cfg.f_alpha,
+        "discopop_tau": defaults.discopop_tau if cfg.discopop_tau is None else cfg.discopop_tau,
+        "dpop_lambda": defaults.dpop_lambda if cfg.dpop_lambda is None else cfg.dpop_lambda,
+        "f_alpha": defaults.f_alpha if cfg.f_alpha is None else cfg.f_alpha,
     }
     initial = initial_loss(cfg.loss, cfg.beta, cfg.label_smoothing, f_divergence=cfg.f_divergence, **params)
 
