@@ -101,6 +101,24 @@ _GEMMA_TOKENS: dict[str, Any] = {
 }
 _GEMMA_CONFIG: dict[str, Any] = {"num_key_value_heads": 1, "query_pre_attn_scalar": 32, "tie_word_embeddings": True}
 
+
+def _qwen(name: str, config_class: str, config: dict[str, Any], windowed: bool = False) -> Family:
+    """A Qwen family: byte-level BPE without BOS, <|endoftext|> as EOS and pad, ChatML turns, GQA."""
+    return Family(
+        name,
+        config_class,
+        "byte_level",
+        None,
+        "<|endoftext|>",
+        "<|endoftext|>",
+        extra_special=("<|im_start|>", "<|im_end|>"),
+        end_of_turn="<|im_end|>",
+        chat_template=_CHATML_TEMPLATE,
+        config={"num_key_value_heads": 1, **config},
+        windowed=windowed,
+    )
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -116,43 +134,9 @@ FAMILIES: dict[str, Family] = {
             chat_template=_LLAMA3_TEMPLATE,
             config={"num_key_value_heads": 1, "rope_theta": 500000.0},
         ),
-        Family(
-            "qwen2",
-            "Qwen2Config",
-            "byte_level",
-            None,
-            "<|endoftext|>",
-            "<|endoftext|>",
-            extra_special=("<|im_start|>", "<|im_end|>"),
-            end_of_turn="<|im_end|>",
-            chat_template=_CHATML_TEMPLATE,
-            config={"num_key_value_heads": 1, "tie_word_embeddings": True},
-        ),
-        Family(
-            "qwen2_swa",
-            "Qwen2Config",
-            "byte_level",
-            None,
-            "<|endoftext|>",
-            "<|endoftext|>",
-            extra_special=("<|im_start|>", "<|im_end|>"),
-            end_of_turn="<|im_end|>",
-            chat_template=_CHATML_TEMPLATE,
-            config={"num_key_value_heads": 1, "use_sliding_window": True, "max_window_layers": 1},
-            windowed=True,
-        ),
-        Family(
-            "qwen3",
-            "Qwen3Config",
-            "byte_level",
-            None,
-            "<|endoftext|>",
-            "<|endoftext|>",
-            extra_special=("<|im_start|>", "<|im_end|>"),
-            end_of_turn="<|im_end|>",
-            chat_template=_CHATML_TEMPLATE,
-            config={"num_key_value_heads": 1, "tie_word_embeddings": True},
-        ),
+        _qwen("qwen2", "Qwen2Config", {"tie_word_embeddings": True}),
+        _qwen("qwen2_swa", "Qwen2Config", {"use_sliding_window": True, "max_window_layers": 1}, windowed=True),
+        _qwen("qwen3", "Qwen3Config", {"tie_word_embeddings": True}),
         Family(
             "mistral",
             "MistralConfig",

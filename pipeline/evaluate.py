@@ -157,10 +157,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     build = stage.begin("eval", cfg, {k: v for k, v in inputs.items() if v is not None}, cfg.output)
     if isinstance(build, Manifest):
         return build.stats
-    prompts = unique_prompts(cfg.prompts, prompts_manifest, "eval", cfg.max_prompts)
-    if not prompts:
-        prompts = unique_prompts(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
-        logger.warning("evaluate: %s has no eval split; using train prompts", cfg.prompts)
+    prompts = _prompts(cfg, prompts_manifest)
     ensure_ray()
     ids = [p["prompt_ids"] for p in prompts]
     policy_samples, ref_samples, ref_logps = _sample_both(cfg, build.config, ids)
@@ -171,18 +168,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     ref_rewards = score(fn, cfg.reward, texts, [s["text"] for g in ref_samples for s in g])
     result = _evaluation(cfg, len(prompts), flat, ref_logps, pol_rewards, ref_rewards)
     result |= {"preference": _preference(cfg, build.config), "config": build.config, "inputs": inputs}
-    samples = [
-        {"prompt_ids": p, "completion_ids": s["ids"], "completion": s["text"], "policy_logp": s["logp"]}
-        | {"ref_logp": r, "reward": w}
-        for p, s, r, w in zip([x for x in ids for _ in range(cfg.n)], flat, ref_logps, pol_rewards, strict=True)
-    ]
-    fs, out = artifacts.artifact_fs(cfg.output)
-    fs.makedirs(out, exist_ok=True)
-    with fs.open(f"{out}/policy_samples.jsonl", "w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
-    result["plots"] = _plots(cfg, pol_rewards, ref_rewards)
-    with fs.open(f"{out}/eval.json", "w") as f:  # for people; the manifest (written last) is the record
-        json.dump(result, f, indent=2)
+    result["plots"] = _write_files(cfg, result, ids, flat, ref_logps, pol_rewards, ref_rewards)
     stage.finish(
         build, {"policy": build.upstream["policy"], "reference": build.upstream["reference"]}, result, shards=[]
     )
@@ -192,6 +178,41 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         f"preference accuracy {result['preference']['accuracy']} -> {cfg.output}/eval.json"
     )
     return result
+
+
+def _prompts(cfg: EvaluateConfig, manifest: Manifest) -> list[dict[str, Any]]:
+    """The eval split's unique prompts (up to max_prompts); the train split's when there is no eval split."""
+    prompts = unique_prompts(cfg.prompts, manifest, "eval", cfg.max_prompts)
+    if not prompts:
+        prompts = unique_prompts(cfg.prompts, manifest, "train", cfg.max_prompts)
+        logger.warning("evaluate: %s has no eval split; using train prompts", cfg.prompts)
+    return prompts
+
+
+def _write_files(
+    cfg: EvaluateConfig,
+    result: dict[str, Any],
+    ids: list[list[int]],
+    flat: list[dict[str, Any]],
+    ref_logps: list[float],
+    pol_rewards: list[float],
+    ref_rewards: list[float],
+) -> list[str]:
+    """policy_samples.jsonl, the plots and eval.json (for people; the manifest, written last, is the record);
+    returns the plots' names."""
+    samples = [
+        {"prompt_ids": p, "completion_ids": s["ids"], "completion": s["text"], "policy_logp": s["logp"]}
+        | {"ref_logp": r, "reward": w}
+        for p, s, r, w in zip([x for x in ids for _ in range(cfg.n)], flat, ref_logps, pol_rewards, strict=True)
+    ]
+    fs, out = artifacts.artifact_fs(cfg.output)
+    fs.makedirs(out, exist_ok=True)
+    with fs.open(f"{out}/policy_samples.jsonl", "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    plots = _plots(cfg, pol_rewards, ref_rewards)
+    with fs.open(f"{out}/eval.json", "w") as f:
+        json.dump({**result, "plots": plots}, f, indent=2)
+    return plots
 
 
 def _inputs(cfg: EvaluateConfig, prompts_manifest: Manifest) -> dict[str, str | None]:

@@ -152,7 +152,6 @@ def _raise_recorded_error(output: str) -> None:
 def run(cfg: TrainConfig) -> Manifest:
     """Train; skipped when the export is complete for this config and scored artifact."""
     from dpo_ray.models import model_fingerprint, resolve_model_dir
-    from dpo_ray.order import split_counts
 
     scored = artifacts.require_complete(cfg.scored, "scored")
     # The export is rewritten whole by rank 0 at the end; checkpoints resume by run name (stage.claim).
@@ -164,21 +163,13 @@ def run(cfg: TrainConfig) -> Manifest:
     starts_from_reference = model_fingerprint(resolve_model_dir(cfg.model)) == scored.fingerprints.get("model")
     fix = "choose another train.run_name or delete that directory"
     stage.claim(artifacts.join(_storage(cfg), cfg.run_name), build.config, build.upstream, "checkpoints", fix)
-    counts = split_counts(cfg.scored, scored.shards)
-    n_train, n_eval = counts.get("train", 0), counts.get("eval", 0)
-    steps_per_epoch = n_train // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ArtifactError(f"{cfg.scored} has {n_train} train pairs, fewer than train.batch_size {cfg.batch_size}")
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    n_train, n_eval, total_steps = _steps(cfg, scored)
     logger.info(
         "train: %d train / %d eval pairs, %d steps of %d pairs on %d worker(s), batching %s; policy %s reference",
         n_train, n_eval, total_steps, cfg.batch_size, max(1, cfg.num_workers), batching,
         "==" if starts_from_reference else "!=",
     )  # fmt: skip
-    ensure_ray()
-    per_worker = float((cfg.resources_per_worker or {}).get("CPU", 1))
-    check_pool_fits("train.num_workers", max(1, cfg.num_workers), per_worker, False, cfg.accelerator_type)
-    check_feasible("train's workers", _worker_bundle(cfg), "resources_per_worker, use_gpu, accelerator_type")
+    _check_placement(cfg)
     loop = _loop_config(
         cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, scored.shards
     )
@@ -198,6 +189,26 @@ def run(cfg: TrainConfig) -> Manifest:
     manifest = stage.finish(build, fingerprints, {**stats, **lineage}, shards=[])
     console.result(f"train: exported {cfg.export} (final loss {(result.metrics or {}).get('loss')})")
     return manifest
+
+
+def _steps(cfg: TrainConfig, scored: Manifest) -> tuple[int, int, int]:
+    """(train pairs, eval pairs, optimizer steps) of this config over the scored artifact."""
+    from dpo_ray.order import split_counts
+
+    counts = split_counts(cfg.scored, scored.shards)
+    n_train, n_eval = counts.get("train", 0), counts.get("eval", 0)
+    steps_per_epoch = n_train // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ArtifactError(f"{cfg.scored} has {n_train} train pairs, fewer than train.batch_size {cfg.batch_size}")
+    return n_train, n_eval, cfg.max_steps or cfg.epochs * steps_per_epoch
+
+
+def _check_placement(cfg: TrainConfig) -> None:
+    """Refuse, before any work, workers that the embedded Ray or the cluster's node types cannot place."""
+    ensure_ray()
+    per_worker = float((cfg.resources_per_worker or {}).get("CPU", 1))
+    check_pool_fits("train.num_workers", max(1, cfg.num_workers), per_worker, False, cfg.accelerator_type)
+    check_feasible("train's workers", _worker_bundle(cfg), "resources_per_worker, use_gpu, accelerator_type")
 
 
 def _worker_bundle(cfg: TrainConfig) -> dict[str, float]:

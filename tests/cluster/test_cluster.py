@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.integration.test_jobs import RAY, ROOT, JobClient, free_port, listening_addresses, submit
+from tests.integration.test_jobs import RAY, ROOT, JobClient, free_port, head_process, submit
 
 pytestmark = pytest.mark.cluster
 
@@ -142,30 +141,11 @@ def cluster(s3, tmp_path_factory):
         "RAY_AUTH_MODE": "token",
         "DPO_RAY_CACHE": str(root / "nodes" / "{node}"),
     }
-    cmd = [
-        RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=0",
-        f"--autoscaling-config={root / 'autoscaling.json'}", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-        f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
-    ]  # fmt: skip
-    log = (root / "ray-head.log").open("w")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while not listening_addresses(dash):
-            assert head.poll() is None, (root / "ray-head.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the Ray head did not open its dashboard port in 180 s"
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{dash}", gcs, root
+        extra = ["--num-cpus=0", f"--autoscaling-config={root / 'autoscaling.json'}"]
+        with head_process(gcs, dash, env, root / "ray-head.log", extra):
+            yield f"http://127.0.0.1:{dash}", gcs, root
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        log.close()
         _kill_leftovers(gcs)
 
 

@@ -5,6 +5,7 @@ resubmitted completes, and a further submission of the same run is a no-op (ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def head_process(gcs: int, dash: int, env: dict[str, str], log_path: Path, extra: list[str]) -> Iterator[None]:
+    """`ray start --head --block` on 127.0.0.1 (GCS port `gcs`, dashboard/job server `dash`), ready once the
+    dashboard port listens; stopped after (SIGTERM to its process group, then SIGKILL). Every fixed default port
+    gets a free one: the session's own local Ray already holds e.g. 52365 (the dashboard agent), and a head whose
+    agent cannot bind accepts no jobs."""
+    cmd = [
+        RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", *extra,
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log = log_path.open("w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not listening_addresses(dash):
+            assert head.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Ray head did not open its dashboard port in 180 s"
+            time.sleep(0.5)
+        yield
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        log.close()
+
+
 @pytest.fixture
 def ray_head(tmp_path, monkeypatch):
     """A Ray head bound to 127.0.0.1 (GCS and dashboard/job server on free loopback ports) with token
@@ -42,34 +76,10 @@ def ray_head(tmp_path, monkeypatch):
     if not (Path.home() / ".ray" / "auth_token").exists():
         subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # Every fixed default port gets a free one: the session's own local Ray already holds e.g. 52365
-    # (the dashboard agent), and a head whose agent cannot bind accepts no jobs.
-    cmd = [
-        RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-        f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
-    ]  # fmt: skip
     # --block: this process owns the cluster and stopping it stops exactly that cluster (`ray stop` would
     # also kill the test session's own local Ray).
-    log = (tmp_path / "ray-head.log").open("w")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not listening_addresses(dash):
-            assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the Ray head did not open its dashboard port in 180 s"
-            time.sleep(0.5)
+    with head_process(gcs, dash, env, tmp_path / "ray-head.log", ["--num-cpus=2"]):
         yield f"http://127.0.0.1:{dash}", gcs, dash
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-        log.close()
 
 
 def listening_addresses(port: int) -> set[str]:
