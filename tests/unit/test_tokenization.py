@@ -295,3 +295,78 @@ def test_a_null_prompt_column_takes_the_shared_messages_as_the_prompt(pt):
     q = record_to_pair({k: v for k, v in row.items() if k != "prompt"}, pt, COLS, "conversational")
     assert p == q and p.prompt == "<|user|>hi\n<|assistant|>"
     assert _reason(row, pt, "conversational") == "wrong_type"
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "mistral", "gemma2", "phi3", "gpt2"])
+def test_batched_records_equal_record_by_record(family_dirs, family):
+    """records_to_pairs (the batch's texts encoded in one tokenizer call, as prepare runs) gives record_to_pair's
+    result for every record: the same ids, truncation flags and boundary merges, and the same reject reasons."""
+    from dpo_ray.models import load_tokenizer
+    from dpo_ray.tokenization import record_to_pair, records_to_pairs
+
+    tok = load_tokenizer(family_dirs[family])
+    rng = random.Random(family)
+    words = "the movie was great boring fun I like it not really story actor music é ü 映画".split()
+
+    def say(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    records: list = []
+    for i in range(60):
+        p, c, r = say(rng.randint(1, 30)), say(rng.randint(1, 20)), say(rng.randint(1, 20)) + f" {i}"
+        records += [
+            {"prompt": f"Human: {p}\n\nAssistant:", "chosen": f" {c}", "rejected": f" {r}"},
+            {"chosen": f"Human: {p}\n\nAssistant: {c}", "rejected": f"Human: {p}\n\nAssistant: {r}"},
+            {"prompt": f"{p} ", "chosen": c, "rejected": r},  # a boundary merge where the tokenizer has one
+            {
+                "prompt": [{"role": "user", "content": p}],
+                "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": r}],
+            },
+        ]
+    records += [
+        {"prompt": "x", "chosen": "same", "rejected": "same"},
+        {"prompt": " ", "chosen": "a", "rejected": "b"},
+        {"chosen": "no prompt here"},
+        ["not", "a", "mapping"],
+        records[0],  # the same texts twice in one batch
+    ]
+    rng.shuffle(records)
+    kinds = set()
+    for pt in (
+        PairTokenizer(tok, 4096, 2048),
+        PairTokenizer(tok, 24, 12, "keep_end"),
+        PairTokenizer(tok, 24, 12, "drop"),
+    ):
+        batched = records_to_pairs(records, pt, COLS)
+        assert len(batched) == len(records)
+        for record, got in zip(records, batched, strict=True):
+            try:
+                want = record_to_pair(record, pt, COLS)
+            except RowRejected as e:
+                assert isinstance(got, RowRejected), (record, got)
+                assert (got.reason, got.detail) == (e.reason, e.detail)
+                kinds.add(e.reason)
+                continue
+            assert got == want, record
+            kinds.add("pair")
+    assert {"pair", "identical_completions", "too_long", "empty_prompt"} <= kinds
+
+
+def test_common_prefix_length_equals_a_plain_scan():
+    """The binary search over prefix equality against an element-by-element scan, on lists and strings of
+    every length relation (equal, one a prefix of the other, empty, differing at any position)."""
+    from dpo_ray.tokenization import common_prefix_length
+
+    def scan(a, b) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    rng = random.Random(7)
+    for _ in range(5000):
+        a = [rng.randint(0, 2) for _ in range(rng.randint(0, 40))]
+        b = a[: rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 6))]
+        for x, y in ((a, b), (b, a), ("".join(map(str, a)), "".join(map(str, b)))):
+            assert common_prefix_length(x, y) == scan(x, y)
