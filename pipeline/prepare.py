@@ -1,9 +1,12 @@
 """prepare: raw preference data → a `pairs` artifact (token ids, QA'd, split) plus `rejects/`.
 
-Reads files or datasets with Ray Data (pipeline.sources), turns every record into a tokenized pair or a
-reject with a reason (dpo_ray.tokenization) in a Ray Data actor pool, removes exact duplicates, and
-writes Parquet shards with explicit Arrow schemas, then the manifests (last). Every input row is
-accounted for: rows_in == rows_out + rows_rejected, checked before the manifest is written.
+One streaming Ray Data execution reads the inputs (pipeline.sources) and turns every record into a tokenized
+pair or a reject with its reason (dpo_ray.tokenization; the Tokenize actors encode each batch's texts in one
+tokenizer call), in input order. Then the dedup shuffle on keys only: Ray tasks take each block's (pair_id,
+row, position), the driver finds the repeated pair_ids (the first in input order is kept), and Ray tasks
+write consecutive blocks as the Parquet shards of `pairs` and `rejects` (explicit Arrow schemas), returning
+the columns the stats need. The manifests come last. Every input row is accounted for: rows_in == rows_out +
+rows_rejected, checked before the manifest is written.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dpo_ray.errors import UserError
 from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
 from pipeline import console, stage
 from pipeline.config import PrepareConfig
-from pipeline.runtime import check_pool_fits, ensure_ray, unwrap_user_error, write_dataset
+from pipeline.runtime import check_pool_fits, ensure_ray, unwrap_user_error
 from pipeline.sources import InputError, inputs_fingerprint, read_records, resolve_inputs
 
 logger = logging.getLogger(__name__)
@@ -63,13 +66,31 @@ class Tokenize:
         )
         self.columns = self.cfg.columns.model_dump()
 
-    def one(self, row: str, source: str, record: str, reason: str, detail: str) -> dict[str, Any]:
-        from dpo_ray.tokenization import RowRejected, pair_id, record_to_pair, split_of
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from dpo_ray.tokenization import RowRejected, pair_id, records_to_pairs, split_of
 
-        out: dict[str, Any] = {"row": row, "source": source, "record": record}
-        if not reason:
-            try:
-                p = record_to_pair(json.loads(record), self.pt, self.columns, self.cfg.format, self.cfg.implicit_marker)
+        cols = [batch[c].to_pylist() for c in ("row", "source", "record", "reason", "detail")]
+        todo = [i for i, reason in enumerate(cols[3]) if not reason]
+        found = dict(
+            zip(
+                todo,
+                records_to_pairs(
+                    [json.loads(cols[2][i]) for i in todo],
+                    self.pt,
+                    self.columns,
+                    self.cfg.format,
+                    self.cfg.implicit_marker,
+                ),
+                strict=True,
+            )
+        )
+        rows = []
+        for i, (row, source, record, reason, detail) in enumerate(zip(*cols, strict=True)):
+            out: dict[str, Any] = {"row": row, "source": source, "record": record}
+            p = found.get(i)
+            if isinstance(p, RowRejected):
+                reason, detail = p.reason, p.detail
+            elif p is not None:
                 pid = pair_id(p.prompt, p.chosen, p.rejected)
                 out.update(
                     kind="pair",
@@ -86,40 +107,11 @@ class Tokenize:
                     trunc_rejected=p.truncated["rejected"],
                     boundary_merge=p.boundary_merge,
                 )
-                return out
-            except RowRejected as e:
-                reason, detail = e.reason, e.detail
-        out.update(kind="reject", reason=reason, detail=detail)
-        return out
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        cols = [batch[c].to_pylist() for c in ("row", "source", "record", "reason", "detail")]
-        rows = [self.one(*values) for values in zip(*cols, strict=True)]
+                rows.append(out)
+                continue
+            out.update(kind="reject", reason=reason, detail=detail)
+            rows.append(out)
         return pa.Table.from_pylist(rows, schema=UNIFIED_SCHEMA)
-
-
-def _dedupe(group: pa.Table) -> pa.Table:
-    """One pair_id group: keep the row with the smallest row id, the rest become `duplicate` rejects."""
-    if group.num_rows == 1:
-        return group
-    group = group.sort_by("row")
-    kept = group["row"][0].as_py()
-    rest = group.slice(1)
-    n = rest.num_rows
-    for name, values in (
-        ("kind", pa.array(["reject"] * n)),
-        ("reason", pa.array(["duplicate"] * n)),
-        ("detail", pa.array([f"same pair_id as {kept}"] * n)),
-    ):
-        rest = rest.set_column(rest.schema.get_field_index(name), name, values)
-    return pa.concat_tables([group.slice(0, 1), rest])
-
-
-def _select(kind: str, columns: list[str]) -> Any:
-    def fn(t: pa.Table) -> pa.Table:
-        return t.filter(pc.equal(t["kind"], kind)).select(columns)
-
-    return fn
 
 
 def _percentiles(values: np.ndarray) -> dict[str, int]:
@@ -132,42 +124,97 @@ def _percentiles(values: np.ndarray) -> dict[str, int]:
     }
 
 
-def _pair_stats(pairs_full: Any) -> dict[str, Any]:
-    """Token-length percentiles, truncation counts and split sizes, streamed from the pairs dataset."""
+def _keys(block: pa.Table) -> tuple[int, pa.Table]:
+    """A tokenized block's row count and its pairs' (pair_id, row, position in the block): what the dedup
+    needs, a small part of the block."""
+    is_pair = pc.equal(block["kind"], "pair")
+    positions = pa.array(np.arange(block.num_rows, dtype=np.int64))
+    return block.num_rows, pa.table(
+        {
+            "pair_id": block["pair_id"].filter(is_pair),
+            "row": block["row"].filter(is_pair),
+            "position": positions.filter(is_pair),
+        }
+    )
 
-    def lengths(t: pa.Table) -> pa.Table:
-        return pa.table(
-            {
-                "prompt": pc.list_value_length(t["prompt_ids"]),
-                "chosen": pc.list_value_length(t["chosen_ids"]),
-                "rejected": pc.list_value_length(t["rejected_ids"]),
-                "eval": pc.equal(t["split"], "eval"),
-                **{name: t[name] for name in (*_TRUNC, "boundary_merge")},
-            }
+
+def _duplicates(keys: list[pa.Table]) -> list[dict[str, str]]:
+    """Per block: {row: kept row} for each pair whose pair_id an earlier pair holds. Of a group of equal
+    pair_ids the first in input order (blocks are in input order) is kept, wherever the others are."""
+    tagged = [k.append_column("block", pa.array(np.full(k.num_rows, i, dtype=np.int64))) for i, k in enumerate(keys)]
+    found: list[dict[str, str]] = [{} for _ in keys]
+    if not tagged:
+        return found
+    table = pa.concat_tables(tagged).sort_by(
+        [("pair_id", "ascending"), ("block", "ascending"), ("position", "ascending")]
+    )
+    ids = table["pair_id"].to_numpy(zero_copy_only=False)
+    if ids.size < 2:
+        return found
+    repeated = np.flatnonzero(ids[1:] == ids[:-1]) + 1  # a pair_id equal to the one before (sorted)
+    if repeated.size == 0:
+        return found
+    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # where each group of equal pair_ids starts
+    keeper = first[np.searchsorted(first, repeated, side="right") - 1]
+    rows, blocks = table["row"].to_numpy(zero_copy_only=False), table["block"].to_numpy()
+    for i, k in zip(repeated.tolist(), keeper.tolist(), strict=True):
+        found[int(blocks[i])][str(rows[i])] = str(rows[k])
+    return found
+
+
+def _finalize(
+    index: int, blocks: list[Any], duplicates: dict[str, str], output: str, rejects_uri: str, rows_per_shard: int
+) -> dict[str, Any]:
+    """Output shards from consecutive tokenized blocks: duplicates become rejects; pairs go to
+    `part-<index>-<j>.parquet`, rejects to `rejects/part-<index>-<j>.parquet` (j > 0 only for a block over
+    rows_per_shard); returns the counts and the columns the stats need."""
+    import ray
+
+    table = pa.concat_tables(ray.get(blocks)) if blocks else UNIFIED_SCHEMA.empty_table()
+    if duplicates:
+        dup = pa.array([r in duplicates for r in table["row"].to_pylist()])
+        kind = pc.if_else(dup, "reject", table["kind"])
+        reason = pc.if_else(dup, "duplicate", table["reason"])
+        detail = pc.if_else(
+            dup, pa.array([f"same pair_id as {duplicates.get(r)}" for r in table["row"].to_pylist()]), table["detail"]
         )
-
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in pairs_full.map_batches(lengths, batch_format="pyarrow").iter_batches(batch_format="numpy"):
-        for name, values in batch.items():
-            parts.setdefault(name, []).append(np.asarray(values))
-    cols = {name: np.concatenate(v) for name, v in parts.items()}
-    empty = np.zeros(0, dtype=np.int64)
-    n_eval = int(cols.get("eval", empty).sum())
-    n = int(cols.get("prompt", empty).size)
+        for name, values in (("kind", kind), ("reason", reason), ("detail", detail)):
+            table = table.set_column(table.schema.get_field_index(name), name, values)
+    is_pair = pc.equal(table["kind"], "pair")
+    pairs = table.filter(is_pair).select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA)
+    rejects = table.filter(pc.invert(is_pair)).select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
+    for uri, part in ((output, pairs), (rejects_uri, rejects)):
+        for j, start in enumerate(range(0, part.num_rows, rows_per_shard)):
+            artifacts.write_table(part.slice(start, rows_per_shard), uri, f"part-{index:05d}-{j:03d}.parquet")
+    kept = table.filter(is_pair)
     return {
-        "tokens": {k: _percentiles(cols.get(k, empty)) for k in ("prompt", "chosen", "rejected")},
-        "truncated": {k.removeprefix("trunc_"): int(cols.get(k, empty).sum()) for k in _TRUNC},
-        # Pairs whose prompt merged with the completion at the boundary (dpo_ray.tokenization's fallback rule).
-        "boundary_merges": int(cols.get("boundary_merge", empty).sum()),
-        "splits": {"train": n - n_eval, "eval": n_eval},
+        "rows": table.num_rows,
+        "pairs": pairs.num_rows,
+        "rejects": Counter(rejects["reason"].to_pylist()),
+        "columns": {
+            "prompt": pc.list_value_length(kept["prompt_ids"]).to_numpy(),
+            "chosen": pc.list_value_length(kept["chosen_ids"]).to_numpy(),
+            "rejected": pc.list_value_length(kept["rejected_ids"]).to_numpy(),
+            "eval": pc.equal(kept["split"], "eval").to_numpy(zero_copy_only=False),
+            **{n: kept[n].to_numpy(zero_copy_only=False) for n in (*_TRUNC, "boundary_merge")},
+        },
     }
 
 
-def _reject_counts(rejects_ds: Any) -> dict[str, int]:
-    counts: Counter[str] = Counter()
-    for batch in rejects_ds.select_columns(["reason"]).iter_batches(batch_format="pyarrow"):
-        counts.update(batch["reason"].to_pylist())
-    return dict(sorted(counts.items()))
+def _pair_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Token-length percentiles, truncation counts and split sizes over the shards' columns."""
+    cols = {
+        name: np.concatenate([p["columns"][name] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        for name in ("prompt", "chosen", "rejected", "eval", *_TRUNC, "boundary_merge")
+    }
+    n, n_eval = int(cols["prompt"].size), int(cols["eval"].sum())
+    return {
+        "tokens": {k: _percentiles(cols[k]) for k in ("prompt", "chosen", "rejected")},
+        "truncated": {k.removeprefix("trunc_"): int(cols[k].sum()) for k in _TRUNC},
+        # Pairs whose prompt merged with the completion at the boundary (dpo_ray.tokenization's fallback rule).
+        "boundary_merges": int(cols["boundary_merge"].sum()),
+        "splits": {"train": n - n_eval, "eval": n_eval},
+    }
 
 
 def _summary(manifest: Manifest, rows_in: int, output: str) -> str:
@@ -203,14 +250,10 @@ def run(cfg: PrepareConfig) -> Manifest:
     fingerprints = {"tokenizer": tokenizer_fingerprint(tokenizer)}
     ensure_ray()
     check_pool_fits("prepare.num_actors", cfg.num_actors, 1, needs_free_cpu=True)
-    unified = _tokenized(cfg, files, build.config)
-    rows_in = unified.count()
-    pairs_full, rejects = _deduplicated(cfg, unified, rows_in)
-    rows_out, rows_rejected = pairs_full.count(), rejects.count()
     rejects_uri = artifacts.join(cfg.output, "rejects")
-    reject_counts = _reject_counts(rejects)
-    if rows_rejected:
-        write_dataset(rejects, rejects_uri, REJECTS_SCHEMA, cfg.rows_per_shard)
+    parts = _write_shards(cfg, _tokenized(cfg, files, build.config), rejects_uri)
+    rows_in, rows_out = sum(p["rows"] for p in parts), sum(p["pairs"] for p in parts)
+    reject_counts = dict(sorted(sum((p["rejects"] for p in parts), Counter()).items()))
     artifacts.write_manifest(
         rejects_uri, "rejects", build.config, fingerprints, build.upstream, {"reasons": reject_counts}
     )
@@ -220,46 +263,69 @@ def run(cfg: PrepareConfig) -> Manifest:
             f"prepare: all {rows_in} rows were rejected ({top}); see {rejects_uri}. "
             "Check prepare.columns and prepare.format against your data."
         )
-    write_dataset(pairs_full.select_columns(PAIRS_SCHEMA.names), cfg.output, PAIRS_SCHEMA, cfg.rows_per_shard)
     artifacts.check_shard_schemas(cfg.output, PAIRS_SCHEMA)
-    stats = {"rejects": reject_counts, **_pair_stats(pairs_full)}
-    manifest = stage.finish(build, fingerprints, stats, accounting=(rows_in, rows_out, rows_rejected))
+    stats = {"rejects": reject_counts, **_pair_stats(parts)}
+    manifest = stage.finish(build, fingerprints, stats, accounting=(rows_in, rows_out, rows_in - rows_out))
     console.result(_summary(manifest, rows_in, cfg.output))
     return manifest
 
 
-def _tokenized(cfg: PrepareConfig, files: list[Any], config: dict[str, Any]) -> Any:
-    """Every input row through the Tokenize actors: one unified row each (a pair, or a reject with its reason)."""
-    from ray.data import ActorPoolStrategy
+def _tokenized(cfg: PrepareConfig, files: list[Any], config: dict[str, Any]) -> list[Any]:
+    """Every input row through the Tokenize actors, in input order (one streaming Ray Data execution): the
+    blocks' object refs, each block's rows a pair or a reject with its reason."""
+    from ray.data import ActorPoolStrategy, DataContext
 
+    context = DataContext.get_current()
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # output shards in input order, the same every run
     try:
         records = read_records(files, (cfg.columns.chosen, cfg.columns.rejected), cfg.hf_split)
-        return records.map_batches(
+        tokenized = records.map_batches(
             Tokenize,
             fn_constructor_args=(config,),
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(size=cfg.num_actors),
-        ).materialize()
+        )
+        refs: list[Any] = tokenized.to_arrow_refs()
+        return refs
     except Exception as e:
         user_error = unwrap_user_error(e, (InputError,))
         if user_error is not None:
             raise InputError(str(user_error)) from None
         raise
+    finally:
+        context.execution_options.preserve_order = preserve
 
 
-def _deduplicated(cfg: PrepareConfig, unified: Any, rows_in: int) -> tuple[Any, Any]:
-    """(pairs, rejects), materialized: duplicates by pair_id (when dedup is on) become rejects."""
-    pairs_all = unified.map_batches(_select("pair", UNIFIED_SCHEMA.names), batch_format="pyarrow")
-    rejects_parts = [unified.map_batches(_select("reject", REJECTS_SCHEMA.names), batch_format="pyarrow")]
-    if cfg.dedup:
-        # One hash partition per ~50k pairs: Ray's default (200) costs more than it saves on small inputs.
-        partitions = max(1, min(200, rows_in // 50_000 + 1))
-        grouped = pairs_all.groupby("pair_id", num_partitions=partitions)
-        deduped = grouped.map_groups(_dedupe, batch_format="pyarrow").materialize()
-        pairs_full = deduped.map_batches(_select("pair", UNIFIED_SCHEMA.names), batch_format="pyarrow")
-        rejects_parts.append(deduped.map_batches(_select("reject", REJECTS_SCHEMA.names), batch_format="pyarrow"))
-    else:
-        pairs_full = pairs_all
-    rejects = rejects_parts[0].union(*rejects_parts[1:]) if len(rejects_parts) > 1 else rejects_parts[0]
-    return pairs_full.materialize(), rejects.materialize()
+def _write_shards(cfg: PrepareConfig, blocks: list[Any], rejects_uri: str) -> list[dict[str, Any]]:
+    """The dedup (on the pairs' keys only) and the shards: consecutive blocks of at most rows_per_shard rows
+    form one output shard, written by a Ray task; returns each shard's counts and stats columns."""
+    import ray
+
+    keys = ray.get([ray.remote(_keys).remote(b) for b in blocks])
+    duplicates = _duplicates([k for _, k in keys]) if cfg.dedup else [{} for _ in blocks]
+    groups: list[list[int]] = []
+    rows = 0
+    for i, (n, _) in enumerate(keys):
+        if not groups or rows + n > cfg.rows_per_shard:
+            groups.append([])
+            rows = 0
+        groups[-1].append(i)
+        rows += n
+    finalize = ray.remote(_finalize)
+    return list(
+        ray.get(
+            [
+                finalize.remote(
+                    g,
+                    [blocks[i] for i in group],
+                    {r: k for i in group for r, k in duplicates[i].items()},
+                    cfg.output,
+                    rejects_uri,
+                    cfg.rows_per_shard,
+                )
+                for g, group in enumerate(groups)
+            ]
+        )
+    )

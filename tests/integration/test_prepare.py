@@ -207,17 +207,18 @@ def test_all_rows_rejected_is_an_error_pointing_at_rejects(tiny_model_dir, tmp_p
 @pytest.mark.cluster
 def test_rerun_is_noop_and_killed_run_reruns_to_same_artifact(tiny_model_dir, tmp_path):
     path = tmp_path / "in.jsonl"
+    shards = {"rows_per_shard": 10, "batch_size": 10}  # 30 shards: the kill lands between the first and the manifest
     path.write_text("\n".join(json.dumps(r) for r in _explicit("resume", 300)))
     ref_out = tmp_path / "ref"
-    ref = run(_cfg(tiny_model_dir, [path], ref_out, eval_fraction=0.2))
+    ref = run(_cfg(tiny_model_dir, [path], ref_out, eval_fraction=0.2, **shards))
     mtime = (ref_out / "manifest.json").stat().st_mtime_ns
-    again = run(_cfg(tiny_model_dir, [path], ref_out, eval_fraction=0.2))
+    again = run(_cfg(tiny_model_dir, [path], ref_out, eval_fraction=0.2, **shards))
     assert again == ref and (ref_out / "manifest.json").stat().st_mtime_ns == mtime
 
     out = tmp_path / "killed"
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(
-        json.dumps({"prepare": _cfg(tiny_model_dir, [path], out, eval_fraction=0.2).model_dump(mode="json")})
+        json.dumps({"prepare": _cfg(tiny_model_dir, [path], out, eval_fraction=0.2, **shards).model_dump(mode="json")})
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "prepare", "--config", str(cfg_file)],
@@ -226,18 +227,18 @@ def test_rerun_is_noop_and_killed_run_reruns_to_same_artifact(tiny_model_dir, tm
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "rejects").exists() and proc.poll() is None:
+    while time.time() < deadline and not list(out.glob("part-*.parquet")) and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
-    m = run(_cfg(tiny_model_dir, [path], out, eval_fraction=0.2))
+    m = run(_cfg(tiny_model_dir, [path], out, eval_fraction=0.2, **shards))
     a, b = read_artifact(out).sort_by("pair_id"), read_artifact(ref_out).sort_by("pair_id")
     assert a.equals(b)
     assert m.stats == ref.stats and m.fingerprints == ref.fingerprints
     # A changed input invalidates the artifact.
     path.write_text("\n".join(json.dumps(r) for r in _explicit("resume", 301)))
-    assert run(_cfg(tiny_model_dir, [path], out, eval_fraction=0.2)).rows == 301
+    assert run(_cfg(tiny_model_dir, [path], out, eval_fraction=0.2, **shards)).rows == 301
 
 
 def test_boundary_merges_are_counted_in_the_manifest(tiny_model_dir, tmp_path):
@@ -263,3 +264,36 @@ def test_boundary_merges_are_counted_in_the_manifest(tiny_model_dir, tmp_path):
     for r in read_artifact(tmp_path / "out").to_pylist():
         whole = tok(r["prompt"] + r["chosen"]).input_ids
         assert [*r["prompt_ids"], *r["chosen_ids"][:-1]] == whole
+
+
+def test_many_shards_in_input_order_the_first_duplicate_kept_and_the_same_every_run(tiny_model_dir, tmp_path):
+    """Three files, 20-row batches, at most 25 rows a shard: every shard within the bound; the pairs, shard by
+    shard, in input order (files in order, lines in order); of equal pairs the first in input order is kept,
+    wherever the copies are (a copy in the same batch, in a later file, and a line whose number sorts before
+    the kept one's as text); a second run writes byte-identical shards."""
+    rows = _explicit("order", 240)
+    copies = {15: 3, 130: 3, 200: 100, 239: 9}  # line -> line it repeats ("in-0.jsonl:16" < "in-0.jsonl:4" as text)
+    for line, of in copies.items():
+        rows[line] = rows[of]
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"in-{k}.jsonl")
+        paths[-1].write_text("\n".join(json.dumps(r) for r in rows[k * 80 : (k + 1) * 80]) + "\n")
+    kw = {"rows_per_shard": 25, "batch_size": 20, "eval_fraction": 0.2}
+    m = run(_cfg(tiny_model_dir, paths, tmp_path / "a", **kw))
+    assert m.rows == 240 - len(copies) and m.stats["rejects"] == {"duplicate": len(copies)}
+    assert len(m.shards) >= 10 and all(0 < s.rows <= 25 for s in m.shards)
+    table = read_artifact(tmp_path / "a")
+    texts = [r["prompt"] for r in table.to_pylist()]
+    assert texts == [r["prompt"] for i, r in enumerate(rows) if i not in copies]
+    rejects = read_artifact(tmp_path / "a" / "rejects").to_pylist()
+
+    def line(row: str) -> int:
+        k, n = row.removeprefix(str(tmp_path) + "/in-").split(".jsonl:")
+        return int(k) * 80 + int(n) - 1
+
+    assert {line(r["row"]): r["detail"] for r in rejects} == {
+        i: f"same pair_id as {paths[of // 80]}:{of % 80 + 1}" for i, of in copies.items()
+    }
+    again = run(_cfg(tiny_model_dir, paths, tmp_path / "b", **kw))
+    assert [(s.file, s.sha256) for s in again.shards] == [(s.file, s.sha256) for s in m.shards]
