@@ -1,4 +1,5 @@
-"""Reading artifacts back in tests, independently of the stage code."""
+"""Reading artifacts back in tests, independently of the stage code; and the small `pairs` artifact most
+integration tests start from."""
 
 from __future__ import annotations
 
@@ -17,3 +18,13 @@ def read_artifact(path: str | Path) -> pa.Table:
 
 def manifest(path: str | Path) -> dict:
     return json.loads((Path(path) / "manifest.json").read_text())
+
+
+def prepare_pairs(inputs: str | Path, tokenizer: str | Path, output: str | Path, **kw: object) -> Path:
+    """prepare one JSONL file into `output` (max_length 96, max_prompt_length 48 unless `kw` says otherwise)."""
+    from pipeline.config import PrepareConfig
+    from pipeline.prepare import run
+
+    settings = {"max_length": 96, "max_prompt_length": 48, **kw}
+    run(PrepareConfig(inputs=[str(inputs)], tokenizer=str(tokenizer), output=str(output), **settings))  # type: ignore[arg-type]
+    return Path(output)

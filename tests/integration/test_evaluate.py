@@ -10,12 +10,11 @@ import torch
 
 from dpo_ray.logps import token_logps
 from dpo_ray.models import build_tiny_llama, load_causal_lm
-from pipeline.config import EvaluateConfig, PrepareConfig, ReferenceConfig
+from pipeline.config import EvaluateConfig, ReferenceConfig
 from pipeline.demo import build_assets, review_corpus
 from pipeline.evaluate import run as evaluate
-from pipeline.prepare import run as prepare
 from pipeline.reference import run as reference
-from tests.integration.helpers import read_artifact
+from tests.integration.helpers import prepare_pairs, read_artifact
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -31,16 +30,7 @@ def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path):
     assets = build_assets(tmp_path / "assets", pairs=80, seed=0)
     ref_dir = assets / "model"
     policy_dir = build_tiny_llama(tmp_path / "policy", review_corpus(), seed=1)  # same tokenizer, other weights
-    prepare(
-        PrepareConfig(
-            inputs=[str(assets / "pairs.jsonl")],
-            tokenizer=str(ref_dir),
-            output=str(tmp_path / "pairs"),
-            max_length=96,
-            max_prompt_length=48,
-            eval_fraction=0.3,
-        )
-    )
+    prepare_pairs(assets / "pairs.jsonl", ref_dir, tmp_path / "pairs", eval_fraction=0.3)
     reference(
         ReferenceConfig(
             model=str(ref_dir), pairs=str(tmp_path / "pairs"), output=str(tmp_path / "scored"), backend="hf"

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 
 from dpo_ray.rewards import lexicon_sentiment
-from pipeline.config import GenerateConfig, PrepareConfig, ReferenceConfig
+from pipeline.config import GenerateConfig, ReferenceConfig
 from pipeline.demo import build_assets
 from pipeline.generate import run as generate
-from pipeline.prepare import run as prepare
 from pipeline.reference import run as reference
-from tests.integration.helpers import read_artifact
+from tests.integration.helpers import prepare_pairs, read_artifact
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -37,16 +36,7 @@ def _gen(root: Path, model: Path, name: str, **kw) -> GenerateConfig:
 def test_generate_pairs_reproducibly_and_feeds_the_reference_stage(tmp_path):
     assets = build_assets(tmp_path / "assets", pairs=60, seed=0)
     model = assets / "model"
-    prepare(
-        PrepareConfig(
-            inputs=[str(assets / "pairs.jsonl")],
-            tokenizer=str(model),
-            output=str(tmp_path / "pairs"),
-            max_length=96,
-            max_prompt_length=48,
-            eval_fraction=0.0,
-        )
-    )
+    prepare_pairs(assets / "pairs.jsonl", model, tmp_path / "pairs", eval_fraction=0.0)
     a_cfg = _gen(tmp_path, model, "a", prompts_per_unit=5)  # 5 units
     m = generate(a_cfg)
     assert m.stats["units"] == m.stats["units_generated_this_run"] == 5

@@ -23,7 +23,7 @@ from pipeline.config import PrepareConfig, ReferenceConfig
 from pipeline.prepare import run as prepare
 from pipeline.reference import run as reference
 from tests.conftest import HH_SAMPLE, small_corpus
-from tests.integration.helpers import manifest, read_artifact
+from tests.integration.helpers import manifest, prepare_pairs, read_artifact
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -50,15 +50,7 @@ def small_pairs(tiny_model_dir, tmp_path_factory) -> Path:
         )
     d = tmp_path_factory.mktemp("small-pairs")
     (d / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    prepare(
-        PrepareConfig(
-            inputs=[str(d / "in.jsonl")],
-            tokenizer=str(tiny_model_dir),
-            output=str(d / "pairs"),
-            max_length=1024,
-            max_prompt_length=512,
-        )
-    )
+    prepare_pairs(d / "in.jsonl", tiny_model_dir, d / "pairs", max_length=1024, max_prompt_length=512)
     return d / "pairs"
 
 

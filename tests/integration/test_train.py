@@ -18,7 +18,7 @@ from pipeline.demo import build_assets
 from pipeline.prepare import run as prepare
 from pipeline.reference import run as reference
 from pipeline.train import run as train
-from tests.integration.helpers import read_artifact
+from tests.integration.helpers import prepare_pairs, read_artifact
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -29,16 +29,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train")
     assets = build_assets(root / "assets", pairs=400, seed=0, conditional=True)
     model = assets / "model"
-    prepare(
-        PrepareConfig(
-            inputs=[str(assets / "pairs.jsonl")],
-            tokenizer=str(model),
-            output=str(root / "pairs"),
-            max_length=96,
-            max_prompt_length=48,
-            eval_fraction=0.2,
-        )
-    )
+    prepare_pairs(assets / "pairs.jsonl", model, root / "pairs", eval_fraction=0.2)
     reference(ReferenceConfig(model=str(model), pairs=str(root / "pairs"), output=str(root / "scored"), backend="hf"))
     return {"root": root, "model": model, "scored": root / "scored"}
 
