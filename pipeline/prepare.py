@@ -170,23 +170,22 @@ def _finalize(
     rows_per_shard); returns the counts and the columns the stats need."""
     import ray
 
-    table = pa.concat_tables(ray.get(blocks)) if blocks else UNIFIED_SCHEMA.empty_table()
+    table = pa.concat_tables(ray.get(blocks))
     if duplicates:
-        dup = pa.array([r in duplicates for r in table["row"].to_pylist()])
+        rows = table["row"].to_pylist()
+        dup = pa.array([r in duplicates for r in rows])
         kind = pc.if_else(dup, "reject", table["kind"])
         reason = pc.if_else(dup, "duplicate", table["reason"])
-        detail = pc.if_else(
-            dup, pa.array([f"same pair_id as {duplicates.get(r)}" for r in table["row"].to_pylist()]), table["detail"]
-        )
+        detail = pc.if_else(dup, pa.array([f"same pair_id as {duplicates.get(r)}" for r in rows]), table["detail"])
         for name, values in (("kind", kind), ("reason", reason), ("detail", detail)):
             table = table.set_column(table.schema.get_field_index(name), name, values)
     is_pair = pc.equal(table["kind"], "pair")
-    pairs = table.filter(is_pair).select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA)
+    kept = table.filter(is_pair)
+    pairs = kept.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA)
     rejects = table.filter(pc.invert(is_pair)).select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
     for uri, part in ((output, pairs), (rejects_uri, rejects)):
         for j, start in enumerate(range(0, part.num_rows, rows_per_shard)):
             artifacts.write_table(part.slice(start, rows_per_shard), uri, f"part-{index:05d}-{j:03d}.parquet")
-    kept = table.filter(is_pair)
     return {
         "rows": table.num_rows,
         "pairs": pairs.num_rows,

@@ -15,7 +15,6 @@ __all__ = [
     "matching_tokenizer",
     "unique_prompts",
     "unwrap_user_error",
-    "write_dataset",
 ]
 
 
@@ -75,21 +74,6 @@ def unwrap_user_error(exc: BaseException, types: tuple[type[BaseException], ...]
             return e
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     return None
-
-
-def write_dataset(ds: Any, uri: str, schema: Any, rows_per_shard: int) -> None:
-    """Write a Ray Dataset as `part-*.parquet` shards cast to `schema` (explicit Arrow list types)."""
-    from ray.data.datasource import FilenameProvider
-
-    class PartNames(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{write_uuid}-{task_index:05d}.parquet"
-
-    shards = max(1, -(-ds.count() // rows_per_shard))
-    ds = ds.repartition(shards, shuffle=False)
-    ds.map_batches(lambda t: t.cast(schema), batch_format="pyarrow", batch_size=None).write_parquet(
-        uri, filename_provider=PartNames(), max_rows_per_file=rows_per_shard, write_page_checksum=True
-    )
 
 
 def engine_spec(cfg: Any, model: str, enable_prefix_caching: bool) -> Any:
