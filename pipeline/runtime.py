@@ -91,6 +91,8 @@ def engine_spec(cfg: Any, model: str, enable_prefix_caching: bool) -> Any:
         seed=cfg.seed,
         trust_remote_code=cfg.trust_remote_code,
         enable_prefix_caching=enable_prefix_caching,
+        enforce_eager=cfg.enforce_eager,
+        in_process=cfg.in_process,
     )
 
 
