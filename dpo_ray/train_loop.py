@@ -122,6 +122,7 @@ class LoopConfig:
     fault_injection: str | None = None
     trust_remote_code: bool = False
     lora: LoraSettings | None = None
+    progress: Any = None  # a pipeline.progress.Counter actor handle: rank 0 raises it to each finished step
 
 
 class _State:
@@ -364,6 +365,8 @@ def worker_loop(config: dict[str, Any]) -> None:
             metrics = train_step(model, optimizer, scheduler, batch, cfg.settings, cfg.batch_size, world)
             state.step += 1
             state.batch_in_epoch += 1
+            if rank == 0 and cfg.progress is not None:
+                cfg.progress.reach.remote(state.step)
             if state.step == 1 and cfg.check_initial_margin and checkpoint is None:
                 problem = _check_initial(metrics, cfg)
                 if problem is not None:

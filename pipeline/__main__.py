@@ -12,7 +12,10 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
+import tempfile
+import traceback
 import types
 import typing
 from typing import Any
@@ -21,6 +24,7 @@ import yaml
 from pydantic import BaseModel
 
 from dpo_ray.errors import UserError
+from pipeline import console
 from pipeline.config import ConfigError, PipelineConfig, load_config, model_of
 
 # stage name → (module holding `run(cfg)`, config section)
@@ -59,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prepare.max_length=512")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's and vLLM's output on the console (otherwise it goes to <run_dir>/logs/<stage>.log)",
+    )
     parser.add_argument("-h", "--help", action="store_true", help="this message; with a stage: its config keys")
     args = parser.parse_intermixed_args(argv)
     if args.help or args.stage is None:
@@ -72,18 +82,38 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         module_name, section = STAGES[args.stage]
         stage_cfg = _stage_config(cfg, section) if section else cfg
-        importlib.import_module(module_name).run(stage_cfg)
+        if args.verbose or args.stage == "status":
+            importlib.import_module(module_name).run(stage_cfg)
+            return 0
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # the console draws its own progress
+        with console.capture(log_dir(cfg.run_dir)):
+            try:
+                console.log_file(args.stage)
+                importlib.import_module(module_name).run(stage_cfg)
+            except UserError:
+                raise
+            except BaseException:  # the whole traceback, on the console as well as in the log
+                console.error(traceback.format_exc().rstrip())
+                return 1
     except UserError as e:  # one message, exit status 2, no traceback (dpo_ray.errors)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def log_dir(run_dir: str) -> str:
+    """Where captured output goes: <run_dir>/logs, or for an object-store run_dir a local directory (logs are
+    written as they come, which object stores do not allow): <tmp>/dpo-ray-logs/<bucket path>."""
+    if "://" not in run_dir or run_dir.startswith("file://"):
+        return os.path.join(run_dir.removeprefix("file://"), "logs")
+    return os.path.join(tempfile.gettempdir(), "dpo-ray-logs", run_dir.split("://", 1)[1].strip("/"))
+
+
 def stage_help(stage: str) -> str:
     """`dpo-ray <stage> --help`: usage and the config keys the stage reads, from the config models (types,
     defaults, descriptions), so the help cannot drift from what is accepted."""
     section = STAGES[stage][1]
-    usage = f"usage: dpo-ray {stage} --config X.yaml [key=value ...] [--log-level LEVEL]"
+    usage = f"usage: dpo-ray {stage} --config X.yaml [key=value ...] [--log-level LEVEL] [--verbose]"
     if section:
         model = PipelineConfig.model_fields[section].annotation
         found = model_of(model)

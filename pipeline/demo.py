@@ -13,6 +13,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from pipeline import console
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["NEGATIVE", "NEUTRAL", "POSITIVE", "build_assets", "review_corpus", "review_pairs"]
@@ -74,6 +76,7 @@ def build_assets(
     if done.exists():
         return root
     root.mkdir(parents=True, exist_ok=True)
+    console.header(f"demo: {pairs} review prefixes and a tiny Llama, SFT-trained for {sft_steps} steps -> {root}")
     with (root / "pairs.jsonl").open("w") as f:
         f.writelines(json.dumps(p) + "\n" for p in review_pairs(pairs, seed, conditional))
     corpus = review_corpus()
@@ -81,5 +84,5 @@ def build_assets(
     if sft_steps:
         sft_train(root / "model", corpus, sft_steps, seed=seed)
     done.touch()
-    logger.info("demo assets at %s", root)
+    console.result(f"demo: assets at {root}")
     return root

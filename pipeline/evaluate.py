@@ -26,8 +26,9 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from pipeline import console, stage
 from pipeline.config import EvaluateConfig
+from pipeline.progress import gather
 from pipeline.runtime import check_pool_fits, engine_spec, ensure_ray, matching_tokenizer, unique_prompts
-from pipeline.units import actor_bundle, check_feasible
+from pipeline.units import actor_bundle, check_feasible, describe
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,11 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if isinstance(build, Manifest):
         return build.stats
     prompts = _prompts(cfg, prompts_manifest)
+    console.header(
+        f"evaluate: policy {cfg.policy} vs reference {cfg.reference} on {len(prompts)} prompts x {cfg.n} samples, "
+        f"reward {cfg.reward} -> {cfg.output}; 2 actors x "
+        f"{{{describe(actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type))}}}"
+    )
     ensure_ray()
     ids = [p["prompt_ids"] for p in prompts]
     policy_samples, ref_samples, ref_logps = _sample_both(cfg, build.config, ids)
@@ -253,7 +259,8 @@ def _sample_both(
     actor = ray.remote(_Model).options(**_resources(cfg))
     policy_model: Any = actor.remote(config, cfg.policy)
     ref_model: Any = actor.remote(config, cfg.reference)
-    policy_samples, ref_samples = ray.get([policy_model.sample.remote(ids), ref_model.sample.remote(ids)])
+    samples = [policy_model.sample.remote(ids), ref_model.sample.remote(ids)]
+    policy_samples, ref_samples = gather(samples, "evaluate: sampled", "models")
     ray.kill(policy_model)
     flat = [s for group in policy_samples for s in group]
     ref_logps = ray.get(ref_model.score.remote([p for p in ids for _ in range(cfg.n)], [s["ids"] for s in flat]))

@@ -24,7 +24,7 @@ from dpo_ray.schema import GENERATIONS_SCHEMA, PAIRS_SCHEMA
 from pipeline import console, stage
 from pipeline.config import GenerateConfig
 from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, unique_prompts
-from pipeline.units import run_units
+from pipeline.units import actor_bundle, describe, run_units
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,11 @@ def run(cfg: GenerateConfig) -> Manifest:
     ]
     done = set(artifacts.list_shards(cfg.output))
     pending = [u for u in units if u["name"] not in done]
-    logger.info("generate: %d units of <= %d prompts, %d to generate", len(units), cfg.prompts_per_unit, len(pending))
+    console.header(
+        f"generate: {len(prompts)} prompts x {cfg.n} samples from {cfg.policy} ({len(units)} units, {len(pending)} "
+        f"to generate), reward {cfg.reward}, pairs by {cfg.strategy} -> {cfg.output}; {cfg.num_actors} actor(s) x "
+        f"{{{describe(actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type))}}}"
+    )
     t0 = time.perf_counter()
     retried = 0
     if pending:
@@ -249,7 +253,8 @@ def _finish(
     manifest = stage.finish(build, fingerprints, stats, shards=shards)
     console.result(
         f"generate: {counts['prompts']} prompts x {cfg.n} samples, reward mean {gen_stats['reward_mean']:.3f}; "
-        f"{counts['pairs']} pairs ({counts['ties']} ties dropped); {ran}/{len(names)} units generated this run "
-        f"-> {cfg.output}"
+        f"{counts['pairs']} pairs ({counts['ties']} ties dropped); {ran[0]}/{len(names)} units generated this run"
+        + (f" ({ran[1]} retried)" if ran[1] else "")
+        + f" -> {cfg.output}"
     )
     return manifest

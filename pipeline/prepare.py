@@ -26,6 +26,7 @@ from dpo_ray.errors import UserError
 from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
 from pipeline import console, stage
 from pipeline.config import PrepareConfig
+from pipeline.progress import gather, remote_progress
 from pipeline.runtime import check_pool_fits, ensure_ray, unwrap_user_error
 from pipeline.sources import InputError, inputs_fingerprint, read_records, resolve_inputs
 
@@ -55,7 +56,7 @@ class PrepareError(UserError, RuntimeError):
 class Tokenize:
     """Ray Data actor: records (RECORDS_SCHEMA batches) → UNIFIED_SCHEMA rows. Loads the tokenizer once."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], progress: Any = None) -> None:
         from dpo_ray.models import load_tokenizer
         from dpo_ray.tokenization import PairTokenizer
 
@@ -65,6 +66,7 @@ class Tokenize:
             tok, self.cfg.max_length, self.cfg.max_prompt_length, self.cfg.truncation, self.cfg.max_text_chars
         )
         self.columns = self.cfg.columns.model_dump()
+        self.progress = progress  # a pipeline.progress.Counter handle, advanced by the rows of each batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from dpo_ray.tokenization import RowRejected, pair_id, records_to_pairs, split_of
@@ -111,6 +113,8 @@ class Tokenize:
                 continue
             out.update(kind="reject", reason=reason, detail=detail)
             rows.append(out)
+        if self.progress is not None:
+            self.progress.add.remote(len(rows))
         return pa.Table.from_pylist(rows, schema=UNIFIED_SCHEMA)
 
 
@@ -249,8 +253,14 @@ def run(cfg: PrepareConfig) -> Manifest:
     fingerprints = {"tokenizer": tokenizer_fingerprint(tokenizer)}
     ensure_ray()
     check_pool_fits("prepare.num_actors", cfg.num_actors, 1, needs_free_cpu=True)
+    console.header(
+        f"prepare: {len(files)} input file(s), {cfg.format} format -> {cfg.output}; tokenizer {cfg.tokenizer}, "
+        f"max_length {cfg.max_length} (prompt {cfg.max_prompt_length}), {cfg.num_actors} tokenize actor(s)"
+    )
     rejects_uri = artifacts.join(cfg.output, "rejects")
-    parts = _write_shards(cfg, _tokenized(cfg, files, build.config), rejects_uri)
+    with remote_progress("prepare: tokenized", None, "rows") as counter:
+        blocks = _tokenized(cfg, files, build.config, counter)
+    parts = _write_shards(cfg, blocks, rejects_uri)
     rows_in, rows_out = sum(p["rows"] for p in parts), sum(p["pairs"] for p in parts)
     reject_counts = dict(sorted(sum((p["rejects"] for p in parts), Counter()).items()))
     artifacts.write_manifest(
@@ -269,7 +279,7 @@ def run(cfg: PrepareConfig) -> Manifest:
     return manifest
 
 
-def _tokenized(cfg: PrepareConfig, files: list[Any], config: dict[str, Any]) -> list[Any]:
+def _tokenized(cfg: PrepareConfig, files: list[Any], config: dict[str, Any], counter: Any) -> list[Any]:
     """Every input row through the Tokenize actors, in input order (one streaming Ray Data execution): the
     blocks' object refs, each block's rows a pair or a reject with its reason."""
     from ray.data import ActorPoolStrategy, DataContext
@@ -281,7 +291,7 @@ def _tokenized(cfg: PrepareConfig, files: list[Any], config: dict[str, Any]) -> 
         records = read_records(files, (cfg.columns.chosen, cfg.columns.rejected), cfg.hf_split)
         tokenized = records.map_batches(
             Tokenize,
-            fn_constructor_args=(config,),
+            fn_constructor_args=(config, counter),
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(size=cfg.num_actors),
@@ -313,18 +323,15 @@ def _write_shards(cfg: PrepareConfig, blocks: list[Any], rejects_uri: str) -> li
         groups[-1].append(i)
         rows += n
     finalize = ray.remote(_finalize)
-    return list(
-        ray.get(
-            [
-                finalize.remote(
-                    g,
-                    [blocks[i] for i in group],
-                    {r: k for i in group for r, k in duplicates[i].items()},
-                    cfg.output,
-                    rejects_uri,
-                    cfg.rows_per_shard,
-                )
-                for g, group in enumerate(groups)
-            ]
+    refs = [
+        finalize.remote(
+            g,
+            [blocks[i] for i in group],
+            {r: k for i in group for r, k in duplicates[i].items()},
+            cfg.output,
+            rejects_uri,
+            cfg.rows_per_shard,
         )
-    )
+        for g, group in enumerate(groups)
+    ]
+    return gather(refs, "prepare: written", "shards")

@@ -30,7 +30,7 @@ from dpo_ray.schema import REJECTS_SCHEMA, SCORED_SCHEMA
 from pipeline import console, stage
 from pipeline.config import ReferenceConfig
 from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
-from pipeline.units import UnitsResult, run_units
+from pipeline.units import UnitsResult, actor_bundle, describe, run_units
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,12 @@ def run(cfg: ReferenceConfig) -> Manifest:
     units = _units(pairs_manifest, cfg.rows_per_unit)
     done = set(artifacts.list_shards(cfg.output))
     pending = [u for u in units if u["name"] not in done]
-    logger.info("reference: %d units of <= %d pairs, %d to score", len(units), cfg.rows_per_unit, len(pending))
+    bundle = actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type)
+    console.header(
+        f"reference: {cfg.pairs} ({pairs_manifest.rows} pairs, {len(units)} units of <= {cfg.rows_per_unit}, "
+        f"{len(pending)} to score) -> {cfg.output}; model {cfg.model} ({cfg.backend}, {cfg.dtype}), "
+        f"{cfg.num_actors} actor(s) x {{{describe(bundle)}}}"
+    )
     t0 = time.perf_counter()
     ran = UnitsResult([], 0)
     if pending:

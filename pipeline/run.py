@@ -27,11 +27,13 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.demo is not None:
         from pipeline.demo import build_assets
 
+        console.log_file("demo-assets")
         build_assets(cfg.demo.assets, cfg.demo.pairs, cfg.demo.seed, cfg.demo.model, sft_steps=cfg.demo.sft_steps)
     results: dict[str, Any] = {}
     timings = []
     stages = plan(cfg)
     for planned in stages:
+        console.log_file(planned.label.replace("/", "-"))
         t0 = time.perf_counter()
         results[planned.label] = importlib.import_module(f"pipeline.{planned.stage}").run(planned.config)
         where = f"β={planned.beta:g}" if planned.group.startswith("β") else str(planned.round)

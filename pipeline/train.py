@@ -9,6 +9,7 @@ workers from the latest one (FailureConfig), and a new job with the same run nam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,8 +20,9 @@ from dpo_ray.artifacts import ArtifactError, Manifest, ShardInfo
 from dpo_ray.errors import UserError
 from pipeline import console, stage
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.progress import remote_progress
 from pipeline.runtime import check_pool_fits, ensure_ray, matching_tokenizer
-from pipeline.units import actor_bundle, check_feasible
+from pipeline.units import actor_bundle, check_feasible, describe
 
 logger = logging.getLogger(__name__)
 
@@ -164,17 +166,19 @@ def run(cfg: TrainConfig) -> Manifest:
     fix = "choose another train.run_name or delete that directory"
     stage.claim(artifacts.join(_storage(cfg), cfg.run_name), build.config, build.upstream, "checkpoints", fix)
     n_train, n_eval, total_steps = _steps(cfg, scored)
-    logger.info(
-        "train: %d train / %d eval pairs, %d steps of %d pairs on %d worker(s), batching %s; policy %s reference",
-        n_train, n_eval, total_steps, cfg.batch_size, max(1, cfg.num_workers), batching,
-        "==" if starts_from_reference else "!=",
-    )  # fmt: skip
+    console.header(
+        f"train: {cfg.scored} ({n_train} train / {n_eval} eval pairs) -> {cfg.export}; {total_steps} steps of "
+        f"{cfg.batch_size} pairs, loss {cfg.loss} (beta {cfg.beta:g}), batching {batching}, "
+        f"{max(1, cfg.num_workers)} worker(s) x {{{describe(_worker_bundle(cfg))}}}; policy "
+        + ("starts at the reference" if starts_from_reference else "differs from the reference")
+    )
     _check_placement(cfg)
     loop = _loop_config(
         cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, scored.shards
     )
     _clear_error(cfg.output)
-    result = _trainer(cfg, loop).fit()
+    with remote_progress("train", total_steps, "steps") as counter:
+        result = _trainer(cfg, dataclasses.replace(loop, progress=counter)).fit()
     _raise_recorded_error(cfg.output)
     stats = {
         "steps": total_steps,

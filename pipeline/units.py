@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpo_ray.errors import UserError
+from pipeline import console
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PlacementError", "UnitsResult", "actor_bundle", "check_feasible", "node_types", "run_units"]
+__all__ = ["PlacementError", "UnitsResult", "actor_bundle", "check_feasible", "describe", "node_types", "run_units"]
 
 MAX_ATTEMPTS = 3  # runs of one unit lost to dead actors before the stage gives up
 
@@ -112,7 +113,7 @@ def actor_bundle(num_cpus: float, num_gpus: float | None, accelerator_type: str 
     return bundle
 
 
-def _describe(resources: dict[str, float]) -> str:
+def describe(resources: dict[str, float]) -> str:
     """`CPU: 2, GPU: 1, accelerator_type:H100`: what scheduling asks for (memory and node-id keys left out)."""
     shown = {k: v for k, v in resources.items() if not k.startswith(("node:", "memory", "object_store_memory"))}
     return ", ".join(f"{k}: {v:g}" if not k.startswith("accelerator_type:") else k for k, v in sorted(shown.items()))
@@ -126,9 +127,9 @@ def _where(types: dict[str, dict[str, float]] | None) -> str:
     import ray
 
     if types:
-        listed = "; ".join(f"{name} ({_describe(r)})" for name, r in sorted(types.items()))
+        listed = "; ".join(f"{name} ({describe(r)})" for name, r in sorted(types.items()))
         return f"the cluster's node types are: {listed}"
-    listed = "; ".join(_describe(n["Resources"]) for n in ray.nodes() if n.get("Alive"))
+    listed = "; ".join(describe(n["Resources"]) for n in ray.nodes() if n.get("Alive"))
     return f"the cluster reports no autoscaler node types; its nodes offer: {listed}"
 
 
@@ -142,7 +143,7 @@ def check_feasible(
     types = node_types()
     if types is not None and not any(_offers(r, bundle) for r in types.values()):
         raise PlacementError(
-            f"{setting}: each asks for {{{_describe(bundle)}}}, which no node type offers; {_where(types)}. "
+            f"{setting}: each asks for {{{describe(bundle)}}}, which no node type offers; {_where(types)}. "
             f"Change the stage's resources ({keys}) or add a node type that offers them"
         )
 
@@ -174,7 +175,8 @@ def run_units(
     pool: Any = ray.remote(_Worker).options(**options)
     actors = [pool.remote(handler, config) for _ in range(min(cfg.num_actors, len(units)))]
     try:
-        return _dispatch(actors, units, stage, bundle, cfg.start_timeout_s, (UserError, *errors))
+        with console.progress(stage, len(units), "units") as bar:
+            return _dispatch(actors, units, stage, bundle, cfg.start_timeout_s, (UserError, *errors), bar)
     finally:
         for a in actors:
             ray.kill(a)
@@ -187,6 +189,7 @@ def _dispatch(
     bundle: dict[str, float],
     start_timeout_s: float,
     errors: tuple[type[BaseException], ...],
+    bar: console.Progress,
 ) -> UnitsResult:
     """Hand units to actors one at a time. An actor gets work only once its `ready` probe answered: at the
     start (placement) and after it was lost (Ray restarts it; calls to a restarting actor fail at once)."""
@@ -209,7 +212,7 @@ def _dispatch(
         done, _ = ray.wait([*in_flight, *probes], num_returns=1, timeout=1.0)
         if not placed and not done and time.monotonic() - started > start_timeout_s:
             raise PlacementError(
-                f"{stage}: no actor asking for {{{_describe(bundle)}}} was placed in {start_timeout_s:g} s "
+                f"{stage}: no actor asking for {{{describe(bundle)}}} was placed in {start_timeout_s:g} s "
                 f"({stage}.start_timeout_s); {_where(node_types())}"
             )
         for ref in done:
@@ -228,6 +231,7 @@ def _dispatch(
                 actor, i = in_flight.pop(ref)
                 try:
                     results[i] = ray.get(ref)
+                    bar.update(len(results))
                 except RayActorError as e:  # the actor (or its node) was lost: the unit runs again
                     if attempts[i] >= MAX_ATTEMPTS:
                         raise RuntimeError(
