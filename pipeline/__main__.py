@@ -95,10 +95,18 @@ def main(argv: list[str] | None = None) -> int:
             except BaseException:  # the whole traceback, on the console as well as in the log
                 console.error(traceback.format_exc().rstrip())
                 return 1
+            finally:
+                _stop_ray()  # while still captured: Ray forwards workers' last lines until it stops
     except UserError as e:  # one message, exit status 2, no traceback (dpo_ray.errors)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def log_dir(run_dir: str) -> str:

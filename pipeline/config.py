@@ -53,6 +53,8 @@ _DEFAULT_PATHS = [
     ("evaluate", "scored", "scored"),
     ("evaluate", "train_metrics", "train"),
     ("evaluate", "output", "eval"),
+    ("train", "tracking_dir", "tracking"),
+    ("evaluate", "tracking_dir", "tracking"),
 ]
 
 
@@ -61,9 +63,12 @@ _PATH_KEYS = {
     "demo": {"paths": {"assets"}, "refs": set()},
     "prepare": {"paths": {"output"}, "refs": {"tokenizer"}},
     "reference": {"paths": {"pairs", "output"}, "refs": {"model"}},
-    "train": {"paths": {"scored", "output", "export", "storage_path"}, "refs": {"model"}},
+    "train": {"paths": {"scored", "output", "export", "storage_path", "tracking_dir"}, "refs": {"model"}},
     "generate": {"paths": {"prompts", "generations", "output"}, "refs": {"policy"}},
-    "evaluate": {"paths": {"prompts", "scored", "train_metrics", "output"}, "refs": {"policy", "reference"}},
+    "evaluate": {
+        "paths": {"prompts", "scored", "train_metrics", "output", "tracking_dir"},
+        "refs": {"policy", "reference"},
+    },
 }
 
 
@@ -83,6 +88,36 @@ def _absolute_ref(ref: str) -> str:
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TrackingFields(StrictModel):
+    """Experiment tracking keys (train and evaluate; `run` gives evaluate the train stage's when unset)."""
+
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] | None = Field(
+        None,
+        description="Experiment trackers to log to, any of tensorboard, mlflow, wandb (pip extra `tracking`); "
+        "default none (evaluate under `run`: train's). Train logs from rank 0: the config, every step's metrics, "
+        "the export; evaluate logs its numbers and plots to the same tracker run.",
+    )
+    tracking_dir: str = Field(
+        "",
+        description="Local directory for TensorBoard events, the MLflow file store and W&B files; default "
+        "<run_dir>/tracking.",
+    )
+    experiment: str = Field("dpo-ray", description="MLflow experiment and W&B project name.")
+    tracking_name: str = Field(
+        "", description="Tracker run name; default: the parent directory of the export (train) or policy (evaluate)."
+    )
+
+    @model_validator(mode="after")
+    def _local_tracking(self) -> TrackingFields:
+        if self.report_to and "://" in self.tracking_dir and not self.tracking_dir.startswith("file://"):
+            raise ValueError(
+                f"tracking_dir {self.tracking_dir} is not a local directory: TensorBoard event files, the MLflow file "
+                "store and W&B's run files are written as they come; set tracking_dir to a local path (an object-store "
+                "run_dir gives no local default)"
+            )
+        return self
 
 
 class ColumnMap(StrictModel):
@@ -212,7 +247,7 @@ class LoraConfig(StrictModel):
     save_adapter: bool = Field(False, description="Also save the adapter alone under <export>/adapter/.")
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(TrackingFields):
     model: str = Field(description="Initial policy: local dir, URI or hub id (usually the reference model).")
     scored: str = Field("", description="Input `scored` artifact; default <run_dir>/scored.")
     output: str = Field("", description="Run directory for metrics.jsonl; default <run_dir>/train.")
@@ -320,7 +355,7 @@ class GenerateConfig(VllmConfig):
     output: str = Field("", description="Output `pairs` artifact; default <run_dir>/generated_pairs.")
 
 
-class EvaluateConfig(VllmConfig):
+class EvaluateConfig(VllmConfig, TrackingFields):
     policy: str = Field("", description="Policy to evaluate (HF dir); default <run_dir>/export.")
     reference: str = Field(description="Reference model (the KL anchor and the baseline of the win rate).")
     prompts: str = Field(

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,14 @@ from dpo_ray.artifacts import Manifest
 from pipeline import console, stage
 from pipeline.config import EvaluateConfig
 from pipeline.progress import gather
-from pipeline.runtime import check_pool_fits, engine_spec, ensure_ray, matching_tokenizer, unique_prompts
+from pipeline.runtime import (
+    check_pool_fits,
+    engine_spec,
+    ensure_ray,
+    matching_tokenizer,
+    tracking_settings,
+    unique_prompts,
+)
 from pipeline.units import actor_bundle, check_feasible, describe
 
 logger = logging.getLogger(__name__)
@@ -159,11 +168,12 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if isinstance(build, Manifest):
         return build.stats
     prompts = _prompts(cfg, prompts_manifest)
+    bundle = actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type)
     console.header(
         f"evaluate: policy {cfg.policy} vs reference {cfg.reference} on {len(prompts)} prompts x {cfg.n} samples, "
-        f"reward {cfg.reward} -> {cfg.output}; 2 actors x "
-        f"{{{describe(actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type))}}}"
+        f"reward {cfg.reward} -> {cfg.output}; 2 actors x {{{describe(bundle)}}}"
     )
+    tracking = tracking_settings(cfg, key=cfg.policy)  # refuses a tracker that is not installed, before work
     ensure_ray()
     ids = [p["prompt_ids"] for p in prompts]
     policy_samples, ref_samples, ref_logps = _sample_both(cfg, build.config, ids)
@@ -174,16 +184,35 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     ref_rewards = score(fn, cfg.reward, texts, [s["text"] for g in ref_samples for s in g])
     result = _evaluation(cfg, len(prompts), flat, ref_logps, pol_rewards, ref_rewards)
     result |= {"preference": _preference(cfg, build.config), "config": build.config, "inputs": inputs}
-    result["plots"] = _write_files(cfg, result, ids, flat, ref_logps, pol_rewards, ref_rewards)
+    prompt_texts = [p["prompt"] for p in prompts]
+    result["plots"] = _write_files(
+        cfg, result, ids, prompt_texts, flat, ref_samples, ref_logps, pol_rewards, ref_rewards
+    )
     stage.finish(
         build, {"policy": build.upstream["policy"], "reference": build.upstream["reference"]}, result, shards=[]
     )
-    console.result(
-        f"evaluate: reward policy {result['policy']['reward_mean']:.3f} vs reference "
-        f"{result['reference']['reward_mean']:.3f}, KL {result['kl']:.3f}, win rate {result['win_rate']:.2f}, "
-        f"preference accuracy {result['preference']['accuracy']} -> {cfg.output}/eval.json"
-    )
+    _track(cfg, tracking, result)
+    console.result(result_line(result) + f" -> {cfg.output}/eval.json")
     return result
+
+
+def _pm(value: float, stderr: float | None, digits: int) -> str:
+    return f"{value:.{digits}f}" + (f" ± {stderr:.{digits}f}" if stderr is not None else "")
+
+
+def result_line(result: dict[str, Any]) -> str:
+    """evaluate's one line: each number with its standard error and the count it comes from."""
+    pol, ref, pref = result["policy"], result["reference"], result["preference"]
+    acc = pref.get("accuracy")
+    accuracy = (
+        "n/a" if acc is None else f"{_pm(acc, (acc * (1 - acc) / pref['pairs']) ** 0.5, 2)} ({pref['pairs']} pairs)"
+    )
+    return (
+        f"evaluate: {result['prompts']} prompts x {result['samples_per_prompt']}: reward policy "
+        f"{_pm(pol['reward_mean'], pol.get('reward_stderr'), 3)} vs reference "
+        f"{_pm(ref['reward_mean'], ref.get('reward_stderr'), 3)}, KL {_pm(result['kl'], result['kl_stderr'], 2)}, "
+        f"win rate {_pm(result['win_rate'], result.get('win_rate_stderr'), 2)}, preference accuracy {accuracy}"
+    )
 
 
 def _prompts(cfg: EvaluateConfig, manifest: Manifest) -> list[dict[str, Any]]:
@@ -199,22 +228,31 @@ def _write_files(
     cfg: EvaluateConfig,
     result: dict[str, Any],
     ids: list[list[int]],
+    texts: list[str],
     flat: list[dict[str, Any]],
+    ref_samples: list[list[dict[str, Any]]],
     ref_logps: list[float],
     pol_rewards: list[float],
     ref_rewards: list[float],
 ) -> list[str]:
-    """policy_samples.jsonl, the plots and eval.json (for people; the manifest, written last, is the record);
-    returns the plots' names."""
+    """policy_samples.jsonl, reference_samples.jsonl (the reference's own samples of the same prompts), the
+    plots and eval.json (for people; the manifest, written last, is the record); returns the plots' names."""
+    repeat = [i for i in range(len(ids)) for _ in range(cfg.n)]
     samples = [
-        {"prompt_ids": p, "completion_ids": s["ids"], "completion": s["text"], "policy_logp": s["logp"]}
-        | {"ref_logp": r, "reward": w}
-        for p, s, r, w in zip([x for x in ids for _ in range(cfg.n)], flat, ref_logps, pol_rewards, strict=True)
+        {"prompt": texts[i], "prompt_ids": ids[i], "completion_ids": s["ids"], "completion": s["text"]}
+        | {"policy_logp": s["logp"], "ref_logp": r, "reward": w}
+        for i, s, r, w in zip(repeat, flat, ref_logps, pol_rewards, strict=True)
+    ]
+    ref_flat = [s for group in ref_samples for s in group]
+    references = [
+        {"prompt": texts[i], "completion": s["text"], "reward": w}
+        for i, s, w in zip(repeat, ref_flat, ref_rewards, strict=True)
     ]
     fs, out = artifacts.artifact_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
-    with fs.open(f"{out}/policy_samples.jsonl", "w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
+    for name, rows in (("policy_samples.jsonl", samples), ("reference_samples.jsonl", references)):
+        with fs.open(f"{out}/{name}", "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in rows)
     plots = _plots(cfg, pol_rewards, ref_rewards)
     with fs.open(f"{out}/eval.json", "w") as f:
         json.dump({**result, "plots": plots}, f, indent=2)
@@ -286,24 +324,79 @@ def _evaluation(
     pol_rewards: list[float],
     ref_rewards: list[float],
 ) -> dict[str, Any]:
-    """Rewards of both models, the KL estimate and the win rate (see the module docstring)."""
+    """Rewards of both models, the KL estimate and the win rate (see the module docstring), each with its
+    standard error over prompts: a prompt's n samples are not independent, so each prompt's mean is one
+    observation (n_prompts of them)."""
+    n = cfg.n
     kl_terms = np.array([s["logp"] for s in flat]) - np.array(ref_logps)
     wins = np.sign(np.array(pol_rewards) - np.array(ref_rewards))
 
-    def rewards(values: list[float]) -> dict[str, float]:
+    def per_prompt(values: Any) -> Any:
+        return np.asarray(values, dtype=np.float64).reshape(n_prompts, n).mean(axis=1)
+
+    def stderr(values: Any) -> float | None:
+        means = per_prompt(values)
+        return float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else None
+
+    def rewards(values: list[float]) -> dict[str, Any]:
         return {
             "reward_mean": float(np.mean(values)),
+            "reward_stderr": stderr(values),
             "reward_std": float(np.std(values)),
             "positive_fraction": float(np.mean(np.array(values) > 0)),
         }
 
+    win = (wins > 0) + 0.5 * (wins == 0)
     return {
         "prompts": n_prompts,
-        "samples_per_prompt": cfg.n,
+        "samples_per_prompt": n,
         "policy": rewards(pol_rewards),
         "reference": rewards(ref_rewards),
         "kl": float(kl_terms.mean()),
-        "kl_stderr": float(kl_terms.std(ddof=1) / np.sqrt(len(kl_terms))) if len(kl_terms) > 1 else None,
-        "win_rate": float(((wins > 0) + 0.5 * (wins == 0)).mean()),
+        "kl_stderr": stderr(kl_terms),
+        "win_rate": float(win.mean()),
+        "win_rate_stderr": stderr(win),
         "reward": cfg.reward,
     }
+
+
+def tracked_numbers(result: dict[str, Any]) -> dict[str, float]:
+    """The evaluation's numbers under their tracker names (evaluate/...)."""
+    pref = result.get("preference") or {}
+    values = {
+        "evaluate/reward_policy": result["policy"]["reward_mean"],
+        "evaluate/reward_reference": result["reference"]["reward_mean"],
+        "evaluate/kl": result["kl"],
+        "evaluate/win_rate": result["win_rate"],
+        "evaluate/preference_accuracy": pref.get("accuracy"),
+        "evaluate/prompts": result["prompts"],
+    }
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def _track(cfg: EvaluateConfig, settings: Any, result: dict[str, Any]) -> None:
+    """Log the evaluation to the tracker run of its policy (the train stage's), at the train's last step."""
+    if settings is None:
+        return
+    import fsspec
+
+    from dpo_ray.tracking import Tracker
+
+    step = 0
+    fs, path = fsspec.core.url_to_fs(artifacts.join(cfg.train_metrics, "metrics.jsonl"))
+    if fs.exists(path):
+        with fs.open(path, "r") as f:
+            steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
+        step = int(max(steps, default=0))
+    tracker = Tracker(settings)
+    try:
+        tracker.params({"evaluate": stage.identity(cfg)})
+        tracker.summary(tracked_numbers(result), step)
+        ofs, out = artifacts.artifact_fs(cfg.output)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in result["plots"]:
+                local = os.path.join(tmp, name)
+                ofs.get(f"{out}/{name}", local)
+                tracker.image(f"evaluate/{name.removesuffix('.png')}", local, step)
+    finally:
+        tracker.close()

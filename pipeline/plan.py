@@ -93,6 +93,18 @@ def _sweep(cfg: PipelineConfig, beta: float) -> list[tuple[str, Any]]:
     return [("train", trn), ("evaluate", ev)]
 
 
+def _tracked(cfg: PipelineConfig, name: str, c: Any, group: str) -> Any:
+    """Train and evaluate of one policy log to one tracker run, named after the run and the group; evaluate
+    without its own report_to uses train's trackers."""
+    if name not in ("train", "evaluate"):
+        return c
+    update: dict[str, Any] = {"tracking_name": c.tracking_name or f"{cfg.run_dir.rstrip('/').split('/')[-1]}/{group}"}
+    if name == "evaluate" and c.report_to is None and cfg.train is not None:
+        update |= {"report_to": cfg.train.report_to, "tracking_dir": cfg.train.tracking_dir}
+        update["experiment"] = cfg.train.experiment
+    return c.model_copy(update=update)
+
+
 def plan(cfg: PipelineConfig) -> list[PlannedStage]:
     """Every stage `run` executes for this config, in order (see the module docstring)."""
     out: list[PlannedStage] = []
@@ -100,6 +112,7 @@ def plan(cfg: PipelineConfig) -> list[PlannedStage]:
     previous_export: str | None = None
     for r in range(cfg.rounds):
         for name, c in _round(cfg, r, previous_export):
+            c = _tracked(cfg, name, c, f"round {r}")
             out.append(PlannedStage(f"round-{r}/{name}", name, c, _outputs(name, c), f"round {r}", beta, r))
             if name == "train":
                 previous_export = c.export
@@ -108,5 +121,6 @@ def plan(cfg: PipelineConfig) -> list[PlannedStage]:
             if b == cfg.train.beta:
                 continue  # the main run is that point
             for name, c in _sweep(cfg, b):
+                c = _tracked(cfg, name, c, f"beta {b:g}")
                 out.append(PlannedStage(f"beta-{b:g}/{name}", name, c, _outputs(name, c), f"β={b:g}", b, 0))
     return out

@@ -44,6 +44,20 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         if p.stage == "evaluate" and cfg.train is not None
     ]
     if points:
-        results["summary"] = summarize(points, cfg.run_dir)
+        results["summary"] = summarize(points, cfg.run_dir, _summary_tracking(cfg, stages))
     console.result("run: done (" + ", ".join(timings) + f") -> {cfg.run_dir}")
     return results
+
+
+def _summary_tracking(cfg: PipelineConfig, stages: list[Any]) -> Any:
+    """Where the summary is tracked: with one evaluated policy, that policy's tracker run (train's and
+    evaluate's); with several, a run of its own named <run>/summary."""
+    from pipeline.runtime import tracking_settings
+
+    evals = [p.config for p in stages if p.stage == "evaluate"]
+    if not evals or not evals[0].report_to:
+        return None
+    if len(evals) == 1:
+        return tracking_settings(evals[0], key=evals[0].policy)
+    name = f"{cfg.run_dir.rstrip('/').split('/')[-1]}/summary"
+    return tracking_settings(evals[0].model_copy(update={"tracking_name": name}), key=cfg.run_dir)

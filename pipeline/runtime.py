@@ -13,6 +13,7 @@ __all__ = [
     "engine_spec",
     "ensure_ray",
     "matching_tokenizer",
+    "tracking_settings",
     "unique_prompts",
     "unwrap_user_error",
 ]
@@ -94,6 +95,24 @@ def engine_spec(cfg: Any, model: str, enable_prefix_caching: bool) -> Any:
         enforce_eager=cfg.enforce_eager,
         in_process=cfg.in_process,
     )
+
+
+def tracking_settings(cfg: Any, key: str) -> Any:
+    """dpo_ray.tracking.TrackingSettings of a train or evaluate config (None without report_to); refuses, before
+    any work, a tracker whose library is not installed."""
+    from dpo_ray.tracking import TrackingSettings, missing_backends
+    from pipeline.config import ConfigError
+
+    if not cfg.report_to:
+        return None
+    missing = missing_backends(cfg.report_to)
+    if missing:
+        raise ConfigError(
+            f"report_to asks for {', '.join(missing)}, not installed here: pip install 'dpo-ray[tracking]' "
+            "(tensorboard, mlflow-skinny, wandb)"
+        )
+    name = cfg.tracking_name or "/".join(key.rstrip("/").split("/")[-2:-1]) or key
+    return TrackingSettings.from_env(cfg.report_to, cfg.tracking_dir.removeprefix("file://"), cfg.experiment, key, name)
 
 
 def matching_tokenizer(model: str, manifest: Any, artifact: str, trust_remote_code: bool = False) -> str:

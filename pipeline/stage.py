@@ -22,7 +22,7 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest, ShardInfo
 from pipeline import console
 
-__all__ = ["Build", "begin", "claim", "finish", "stamp", "stamped"]
+__all__ = ["REPORTING_KEYS", "Build", "begin", "claim", "finish", "identity", "stamp", "stamped"]
 
 _PROGRESS = "_progress.json"
 
@@ -52,7 +52,7 @@ def begin(
 
     also_clear: further outputs of the stage (e.g. generate's generations), rewritten with it and kept with it
     on a resume."""
-    config = cfg.model_dump(mode="json")
+    config = identity(cfg)
     stage = type(cfg).__name__.removesuffix("Config").lower()
     existing = artifacts.complete_manifest(output, config, upstream)
     if existing is not None:
@@ -66,6 +66,15 @@ def begin(
     if resumable:
         stamp(output, config, upstream)
     return Build(kind, output, config, upstream, resumed=False)
+
+
+# Keys that say where and how a stage reports, not what it computes: changing them never redoes work.
+REPORTING_KEYS = frozenset({"report_to", "tracking_dir", "experiment", "tracking_name"})
+
+
+def identity(cfg: BaseModel) -> dict[str, Any]:
+    """The stage config as its artifact's identity: the resolved config without the REPORTING_KEYS."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in REPORTING_KEYS}
 
 
 def stamp(directory: str, config: dict[str, Any], upstream: dict[str, str]) -> None:

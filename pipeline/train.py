@@ -21,7 +21,7 @@ from dpo_ray.errors import UserError
 from pipeline import console, stage
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.progress import remote_progress
-from pipeline.runtime import check_pool_fits, ensure_ray, matching_tokenizer
+from pipeline.runtime import check_pool_fits, ensure_ray, matching_tokenizer, tracking_settings
 from pipeline.units import actor_bundle, check_feasible, describe
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ def _loop_config(
         fault_injection=cfg.fault_injection,
         trust_remote_code=cfg.trust_remote_code,
         lora=None if cfg.lora is None else LoraSettings(**(cfg.lora.model_dump() | {"target_modules": lora_targets})),
+        tracking=tracking_settings(cfg, key=cfg.export),
+        tracking_params=cfg.model_dump(mode="json"),
     )
 
 

@@ -64,11 +64,51 @@ def _history(cfg: TrainConfig) -> list[dict]:
     return [json.loads(line) for line in Path(cfg.output, "metrics.jsonl").read_text().splitlines()]
 
 
+TRACKERS = ["tensorboard", "mlflow", "wandb"]
+
+
 @pytest.fixture(scope="module")
 def two_workers(setup) -> TrainConfig:
-    cfg = _cfg(setup, "two", num_workers=2, eval_every=1)
-    train(cfg)
+    """Two workers, logging to every tracker (offline: the driver's WANDB_MODE travels in the settings)."""
+    from dpo_ray.tracking import missing_backends
+
+    trackers = [] if missing_backends(TRACKERS) else TRACKERS
+    kw = {"report_to": trackers, "tracking_dir": str(setup["root"] / "two" / "tracking"), "experiment": "t"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cfg = _cfg(setup, "two", num_workers=2, eval_every=1, **kw)
+        train(cfg)
     return cfg
+
+
+def test_trackers_get_every_step_from_rank_0_under_trl_names(two_workers):
+    """Read back with each library's reader: the same per-step values as metrics.jsonl, one tracker run (rank 0
+    only), the resolved config as params, the export path."""
+    from tests.tracking_readers import mlflow_run, tensorboard_scalars, wandb_offline
+
+    if not two_workers.report_to:
+        pytest.skip("tracking libraries not installed")
+    hist = _history(two_workers)
+    root = Path(two_workers.tracking_dir)
+    event_dirs = list((root / "tensorboard").iterdir())
+    assert len(event_dirs) == 1 and len(list(event_dirs[0].glob("events.out.tfevents.*"))) == 1  # rank 0 only
+    tb = tensorboard_scalars(str(event_dirs[0]))
+    for name, key in (("train/loss", "loss"), ("train/rewards/margins", "rewards/margins"), ("eval/loss", "eval/loss")):
+        assert [s for s, _ in tb[name]] == [h["step"] for h in hist] == [1, 2, 3, 4, 5]
+        assert [v for _, v in tb[name]] == pytest.approx([h[key] for h in hist], rel=1e-6)
+    ml = mlflow_run(f"file:{root / 'mlruns'}", "t", two_workers.export)
+    assert ml["params"]["train.beta"] == "0.1" and ml["params"]["train.num_workers"] == "2"
+    assert ml["tags"]["export"] == two_workers.export
+    assert [v for _, v in ml["metrics"]["train/rewards/chosen"]] == pytest.approx(
+        [h["rewards/chosen"] for h in hist], rel=1e-6
+    )
+    runs = list((root / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    wb = wandb_offline(str(root), next(runs[0].glob("run-*.wandb")).stem.removeprefix("run-"))
+    assert [s for s, _ in wb["history"]["eval/rewards/accuracies"]] == [1, 2, 3, 4, 5]
+    assert wb["config"]["train"]["batch_size"] == 16 and wb["summary"]["export"] == two_workers.export
 
 
 def test_first_loss_is_ln2_and_the_split_does_not_change_the_updates(setup, two_workers):
