@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import struct
+import time
 from typing import Any
 
 
@@ -76,6 +77,8 @@ def _wandb_records(path: str) -> list[Any]:
         if length == 0 and kind == 0:  # zero padding to the end of the block
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
@@ -96,7 +99,13 @@ def wandb_offline(directory: str, run_id: str) -> dict[str, Any]:
     history: dict[str, list[tuple[int, Any]]] = {}
     summary: dict[str, Any] = {}
     for path in files:
-        for r in _wandb_records(path):
+        deadline = time.monotonic() + 60  # W&B's core process may still be writing the log after finish()
+        records = _wandb_records(path)
+        while not any(r.WhichOneof("record_type") == "exit" for r in records):
+            assert time.monotonic() < deadline, f"{path} has no exit record: the run did not finish"
+            time.sleep(0.2)
+            records = _wandb_records(path)
+        for r in records:
             kind = r.WhichOneof("record_type")
             if kind in ("run", "config"):
                 items = r.run.config.update if kind == "run" else r.config.update

@@ -26,7 +26,14 @@ def _logp(model, prompt_ids, completion_ids) -> float:
     return float(per_token.double().sum())
 
 
-def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path):
+def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path, monkeypatch):
+    from dpo_ray.tracking import missing_backends
+
+    trackers = ["tensorboard", "mlflow", "wandb"]
+    trackers = [] if missing_backends(trackers) else trackers
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assets = build_assets(tmp_path / "assets", pairs=80, seed=0)
     ref_dir = assets / "model"
     policy_dir = build_tiny_llama(tmp_path / "policy", review_corpus(), seed=1)  # same tokenizer, other weights
@@ -56,8 +63,23 @@ def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path):
         max_tokens=10,
         max_model_len=128,
         gpu_memory_utilization=0.1,
+        report_to=trackers,
+        tracking_dir=str(tmp_path / "tracking"),
+        tracking_name="policy",
     )
     result = evaluate(cfg)
+    if trackers:  # the numbers and plots, in the policy's tracker run, at the train's last step (4)
+        from tests.tracking_readers import mlflow_run, tensorboard_scalars, wandb_offline
+
+        ml = mlflow_run(f"file:{tmp_path / 'tracking' / 'mlruns'}", "dpo-ray", str(policy_dir))
+        assert ml["metrics"]["evaluate/kl"] == [(4, pytest.approx(result["kl"]))]
+        assert ml["metrics"]["evaluate/win_rate"] == [(4, pytest.approx(result["win_rate"]))]
+        assert sorted(ml["artifacts"]) == ["plots/rewards.png", "plots/training_curves.png"]
+        tb = tensorboard_scalars(str(tmp_path / "tracking" / "tensorboard" / "policy"))
+        assert tb["evaluate/reward_policy"] == [(4, pytest.approx(result["policy"]["reward_mean"]))]
+        run_file = next((tmp_path / "tracking" / "wandb").glob("offline-run-*/run-*.wandb"))
+        wb = wandb_offline(str(tmp_path / "tracking"), run_file.stem.removeprefix("run-"))
+        assert wb["summary"]["evaluate/kl"] == pytest.approx(result["kl"])
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["kl"] == pytest.approx(result["kl"])
     assert {"training_curves.png", "rewards.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}
@@ -73,6 +95,8 @@ def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path):
     policy, ref = load_causal_lm(policy_dir), load_causal_lm(ref_dir)
     samples = [json.loads(line) for line in (tmp_path / "eval" / "policy_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 24
+    references = [json.loads(line) for line in (tmp_path / "eval" / "reference_samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in references] == [s["prompt"] for s in samples]  # the same prompts, in order
     direct = []
     for s in samples:
         lp, lr = _logp(policy, s["prompt_ids"], s["completion_ids"]), _logp(ref, s["prompt_ids"], s["completion_ids"])
