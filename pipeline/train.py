@@ -168,12 +168,7 @@ def run(cfg: TrainConfig) -> Manifest:
     fix = "choose another train.run_name or delete that directory"
     stage.claim(artifacts.join(_storage(cfg), cfg.run_name), build.config, build.upstream, "checkpoints", fix)
     n_train, n_eval, total_steps = _steps(cfg, scored)
-    console.header(
-        f"train: {cfg.scored} ({n_train} train / {n_eval} eval pairs) -> {cfg.export}; {total_steps} steps of "
-        f"{cfg.batch_size} pairs, loss {cfg.loss} (beta {cfg.beta:g}), batching {batching}, "
-        f"{max(1, cfg.num_workers)} worker(s) x {{{describe(_worker_bundle(cfg))}}}; policy "
-        + ("starts at the reference" if starts_from_reference else "differs from the reference")
-    )
+    console.header(_header(cfg, (n_train, n_eval, total_steps), batching, starts_from_reference))
     _check_placement(cfg)
     loop = _loop_config(
         cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, scored.shards
@@ -193,8 +188,28 @@ def run(cfg: TrainConfig) -> Manifest:
     lineage = {**build.upstream, "scored_path": cfg.scored}
     fingerprints = {"model": model_fingerprint(resolve_model_dir(cfg.export)), "tokenizer": tok_fp}
     manifest = stage.finish(build, fingerprints, {**stats, **lineage}, shards=[])
-    console.result(f"train: exported {cfg.export} (final loss {(result.metrics or {}).get('loss')})")
+    console.result(_result_line(cfg, total_steps, result.metrics or {}))
     return manifest
+
+
+def _header(cfg: TrainConfig, counts: tuple[int, int, int], batching: str, from_reference: bool) -> str:
+    n_train, n_eval, total_steps = counts
+    return (
+        f"train: {cfg.scored} ({n_train} train / {n_eval} eval pairs) -> {cfg.export}; {total_steps} steps of "
+        f"{cfg.batch_size} pairs, loss {cfg.loss} (beta {cfg.beta:g}), batching {batching}, "
+        f"{max(1, cfg.num_workers)} worker(s) x {{{describe(_worker_bundle(cfg))}}}; policy "
+        + ("starts at the reference" if from_reference else "differs from the reference")
+    )
+
+
+def _result_line(cfg: TrainConfig, steps: int, final: dict[str, Any]) -> str:
+    def value(key: str) -> float:
+        return float(final.get(key, float("nan")))
+
+    return (
+        f"train: {steps} steps, final loss {value('loss'):.4f}, reward accuracy {value('rewards/accuracies'):.3f}, "
+        f"margin {value('rewards/margins'):.3f} -> {cfg.export}"
+    )
 
 
 def _steps(cfg: TrainConfig, scored: Manifest) -> tuple[int, int, int]:
