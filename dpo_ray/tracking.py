@@ -169,33 +169,29 @@ class Tracker:
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         if not values:
             return
-        if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(k, v, step)
-        if self._mlflow is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            ms = [Metric(_mlflow_name(k), float(v), now, step) for k, v in values.items()]
-            self._mlflow.log_batch(self._mlflow_run, metrics=ms)
+        self._scalars(values, step)
         if self._wandb is not None:
             self._wandb.log(dict(values), step=step)
 
     def summary(self, values: Mapping[str, float], step: int) -> None:
         """Final numbers (evaluate's, the run summary's): metrics at `step`, and W&B's run summary (W&B drops a
         history row whose step is below one it has seen, so there they go to the summary only)."""
+        self._scalars(values, step)
+        if self._wandb is not None:
+            for k, v in values.items():
+                self._wandb.summary[k] = v
+
+    def _scalars(self, values: Mapping[str, float], step: int) -> None:
+        """TensorBoard scalars and MLflow metrics at `step`."""
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
-        if self._mlflow is not None:
+        if self._mlflow is not None and values:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
             ms = [Metric(_mlflow_name(k), float(v), now, step) for k, v in values.items()]
             self._mlflow.log_batch(self._mlflow_run, metrics=ms)
-        if self._wandb is not None:
-            for k, v in values.items():
-                self._wandb.summary[k] = v
 
     def tag(self, key: str, value: str) -> None:
         """A string attached to the run (e.g. the export path): MLflow tag, W&B summary, TensorBoard text."""
