@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(module_name).run(stage_cfg)
             return 0
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # the console draws its own progress
+        ray_was_up = _ray_up()
         with console.capture(log_dir(cfg.run_dir)):
             try:
                 console.log_file(args.stage)
@@ -96,17 +97,23 @@ def main(argv: list[str] | None = None) -> int:
                 console.error(traceback.format_exc().rstrip())
                 return 1
             finally:
-                _stop_ray()  # while still captured: Ray forwards workers' last lines until it stops
+                if not ray_was_up:  # while still captured: Ray forwards workers' last lines until it stops
+                    _stop_ray()
     except UserError as e:  # one message, exit status 2, no traceback (dpo_ray.errors)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def _stop_ray() -> None:
+def _ray_up() -> bool:
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray this command started (a caller's own Ray, e.g. a test session's, is left alone)."""
+    if _ray_up():
+        sys.modules["ray"].shutdown()
 
 
 def log_dir(run_dir: str) -> str:

@@ -14,6 +14,7 @@ capture (a library caller, the tests) everything prints to sys.stdout as usual.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -26,6 +27,17 @@ __all__ = ["Capture", "Progress", "capture", "error", "header", "progress", "res
 logger = logging.getLogger("pipeline")
 
 
+def _console_stream(fd: int, current: IO[str]) -> IO[str]:
+    """Where console lines go while fd `fd` is captured: a duplicate of that descriptor when `current`
+    (sys.stdout or sys.stderr) writes to it; else `current` itself (a caller replaced it, e.g. pytest)."""
+    try:
+        if current.fileno() == fd:
+            return os.fdopen(os.dup(fd), "w", buffering=1)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pass
+    return current
+
+
 class Capture:
     """The console's own streams while third-party output is captured into log files (see the module doc)."""
 
@@ -33,8 +45,10 @@ class Capture:
         sys.stdout.flush()
         sys.stderr.flush()
         self.log_dir = log_dir
-        self.out: IO[str] = os.fdopen(os.dup(1), "w", buffering=1)
-        self.err: IO[str] = os.fdopen(os.dup(2), "w", buffering=1)
+        self._saved = (os.dup(1), os.dup(2))  # what fds 1 and 2 were, restored by close()
+        self.out: IO[str] = _console_stream(1, sys.stdout)
+        self.err: IO[str] = _console_stream(2, sys.stderr)
+        self._owned = [s for s in (self.out, self.err) if s is not sys.stdout and s is not sys.stderr]
         self.path: str | None = None
         self._file: IO[bytes] | None = None
 
@@ -56,8 +70,12 @@ class Capture:
         """Point fds 1 and 2 back at the console."""
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(self.out.fileno(), 1)
-        os.dup2(self.err.fileno(), 2)
+        os.dup2(self._saved[0], 1)
+        os.dup2(self._saved[1], 2)
+        for fd in self._saved:
+            os.close(fd)
+        for stream in self._owned:
+            stream.close()
         if self._file is not None:
             self._file.close()
             self._file = None

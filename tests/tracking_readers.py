@@ -93,7 +93,12 @@ def _wandb_records(path: str) -> list[Any]:
 def wandb_offline(directory: str, run_id: str) -> dict[str, Any]:
     """{config, history: {name: [(step, value)]}, summary: {name: value}} of every offline run directory of
     `run_id` under `directory` (a resumed run adds a directory)."""
-    files = sorted(glob.glob(os.path.join(directory, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")))
+    # offline-run-<time>-<id>, with "-1", "-2", ... appended when a resumed run starts in the same second
+    files = sorted(
+        glob.glob(os.path.join(directory, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
+        + glob.glob(os.path.join(directory, "wandb", f"offline-run-*-{run_id}-*", f"run-{run_id}.wandb")),
+        key=lambda f: (os.path.basename(os.path.dirname(f)).removeprefix("offline-run-")[:15], len(f), f),
+    )
     assert files, f"no offline W&B run {run_id} under {directory}/wandb"
     config: dict[str, Any] = {}
     history: dict[str, list[tuple[int, Any]]] = {}

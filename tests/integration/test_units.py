@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from dpo_ray.errors import UserError
-from pipeline import units
+from pipeline import console, units
 from pipeline.units import PlacementError, run_units
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -74,7 +74,8 @@ def test_placement_is_bounded(tmp_path):
     actors = [pool.remote(Square, {"dir": str(tmp_path)})]
     try:
         with pytest.raises(PlacementError, match=r"test: no actor asking for \{CPU: 1\} was placed in 2 s"):
-            units._dispatch(actors, [{"x": 1}], "test", {"CPU": 1.0}, 2.0, ())
+            with console.progress("test", 1, "units") as bar:
+                units._dispatch(actors, [{"x": 1}], "test", {"CPU": 1.0}, 2.0, (), bar)
     finally:
         ray.kill(actors[0])
 

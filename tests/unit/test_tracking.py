@@ -32,7 +32,12 @@ def test_train_names_follow_trl():
     }
 
 
-def test_every_backend_reads_back_params_metrics_and_a_resumed_run(offline, tmp_path):
+@pytest.mark.parametrize("same_second", [False, True])
+def test_every_backend_reads_back_params_metrics_and_a_resumed_run(offline, tmp_path, monkeypatch, same_second):
+    if same_second:  # W&B names offline runs by start second; a resume within it gets a "-1" directory
+        from wandb.sdk import wandb_settings
+
+        monkeypatch.setattr(wandb_settings.Settings, "timespec", property(lambda self: "20260101_000000"))
     import matplotlib
 
     matplotlib.use("Agg")
