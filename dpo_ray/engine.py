@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EngineSpec", "SampleResult", "make_engine", "sample", "score_completions"]
+__all__ = ["EngineSpec", "SampleResult", "make_engine", "sample", "score_completions", "shared_engine"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,22 @@ def make_engine(spec: EngineSpec) -> Any:
     from vllm import LLM
 
     return LLM(load_format="safetensors", **kwargs)
+
+
+_held: tuple[EngineSpec, Any] | None = None  # this process's engine (shared_engine)
+
+
+def shared_engine(spec: EngineSpec) -> Any:
+    """This process's one engine: built on first use, returned again to later callers with the same spec (a
+    later stage of one `run` on a reused actor, see pipeline.units). The spec's seed is not compared: every
+    sampling request carries its own seed and scoring draws nothing, so no result depends on it. A process
+    holds one engine for its lifetime (vLLM's in-process state is not torn down), so another spec is refused."""
+    global _held
+    if _held is None:
+        _held = (spec, make_engine(spec))
+    elif replace(_held[0], seed=0) != replace(spec, seed=0):
+        raise RuntimeError(f"this process holds a vLLM engine for {_held[0]}; it cannot also load {spec}")
+    return _held[1]
 
 
 def score_completions(

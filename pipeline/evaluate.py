@@ -31,13 +31,14 @@ from pipeline.config import EvaluateConfig
 from pipeline.progress import gather
 from pipeline.runtime import (
     check_pool_fits,
+    engine_key,
     engine_spec,
     ensure_ray,
     matching_tokenizer,
     tracking_settings,
     unique_prompts,
 )
-from pipeline.units import actor_bundle, check_feasible, describe
+from pipeline.units import acquire, actor_bundle, actor_options, check_feasible, describe, give_back, make_room
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +46,16 @@ __all__ = ["run"]
 
 
 class _Model:
-    """Ray actor holding one vLLM engine: samples from its model and scores given completions with it."""
+    """Handler on a pool actor (pipeline.units) holding one vLLM engine: samples from its model and scores
+    given completions with it. Its config: {"cfg": the stage's config, "model": which of its models}."""
 
-    def __init__(self, cfg: dict[str, Any], model: str) -> None:
-        from dpo_ray.engine import make_engine
+    def __init__(self, config: dict[str, Any]) -> None:
+        from dpo_ray.engine import shared_engine
         from dpo_ray.models import load_tokenizer
 
-        self.cfg = EvaluateConfig.model_validate(cfg)
-        self.llm = make_engine(engine_spec(self.cfg, model, enable_prefix_caching=False))
+        model = config["model"]
+        self.cfg = EvaluateConfig.model_validate(config["cfg"])
+        self.llm = shared_engine(engine_spec(self.cfg, model))
         self.tok = load_tokenizer(model, self.cfg.trust_remote_code)
 
     def sample(self, prompts: list[list[int]]) -> list[list[dict[str, Any]]]:
@@ -291,18 +294,23 @@ def _sample_both(
     import ray
 
     check_pool_fits("evaluate.num_cpus_per_actor", 2, cfg.num_cpus_per_actor, False, cfg.accelerator_type)
-    check_feasible(
-        "evaluate's actors", actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type)
-    )
-    actor = ray.remote(_Model).options(**_resources(cfg))
-    policy_model: Any = actor.remote(config, cfg.policy)
-    ref_model: Any = actor.remote(config, cfg.reference)
-    samples = [policy_model.sample.remote(ids), ref_model.sample.remote(ids)]
-    policy_samples, ref_samples = gather(samples, "evaluate: sampled", "models")
-    ray.kill(policy_model)
-    flat = [s for group in policy_samples for s in group]
-    ref_logps = ray.get(ref_model.score.remote([p for p in ids for _ in range(cfg.n)], [s["ids"] for s in flat]))
-    ray.kill(ref_model)
+    bundle = actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type)
+    check_feasible("evaluate's actors", bundle)
+    options = actor_options(cfg)
+    models = [cfg.policy, cfg.reference]
+    actors = acquire([engine_key(cfg, m) for m in models], options, bundle)
+    ok = False
+    try:
+        policy_model, ref_model = ((a, {"cfg": config, "model": m}) for a, m in zip(actors, models, strict=True))
+        samples = [a.call.remote(_Model, c, "sample", ids) for a, c in (policy_model, ref_model)]
+        policy_samples, ref_samples = gather(samples, "evaluate: sampled", "models")
+        flat = [s for group in policy_samples for s in group]
+        prompts = [p for p in ids for _ in range(cfg.n)]
+        ref_logps = ray.get(ref_model[0].call.remote(_Model, ref_model[1], "score", prompts, [s["ids"] for s in flat]))
+        ok = True
+    finally:
+        for a, m in zip(actors, models, strict=True):
+            give_back(engine_key(cfg, m), options, bundle, [a], ok)
     return policy_samples, ref_samples, ref_logps
 
 
@@ -311,6 +319,7 @@ def _preference(cfg: EvaluateConfig, config: dict[str, Any]) -> dict[str, Any]:
 
     if not cfg.max_eval_pairs:
         return {"pairs": 0, "accuracy": None}
+    make_room(actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type), 1)  # kept actors
     task = ray.remote(_preference_accuracy).options(**_resources(cfg))
     found: dict[str, Any] = ray.get(task.remote(config))
     return found

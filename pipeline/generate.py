@@ -23,7 +23,7 @@ from dpo_ray.artifacts import Manifest
 from dpo_ray.schema import GENERATIONS_SCHEMA, PAIRS_SCHEMA
 from pipeline import console, stage
 from pipeline.config import GenerateConfig
-from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer, unique_prompts
+from pipeline.runtime import engine_key, engine_spec, ensure_ray, matching_tokenizer, unique_prompts
 from pipeline.units import actor_bundle, describe, run_units
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,13 @@ class GenerateUnits:
     and paired, and its shards written: generations, the unit's counts, then its pairs (last: "done")."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        from dpo_ray.engine import make_engine
+        from dpo_ray.engine import shared_engine
         from dpo_ray.models import load_tokenizer
         from dpo_ray.rewards import load_reward
         from dpo_ray.tokenization import end_of_turn_id
 
         self.cfg = GenerateConfig.model_validate(cfg)
-        self.llm = make_engine(engine_spec(self.cfg, self.cfg.policy, enable_prefix_caching=True))
+        self.llm = shared_engine(engine_spec(self.cfg, self.cfg.policy))
         self.tok = load_tokenizer(self.cfg.policy, self.cfg.trust_remote_code)
         # What a finished sample ends with: the chat template's end of turn where the tokenizer has a template
         # (the prompts were rendered with it), else EOS; any of the model's stop tokens counts as an ending.
@@ -194,7 +194,9 @@ def run(cfg: GenerateConfig) -> Manifest:
     retried = 0
     if pending:
         ensure_ray()
-        retried = run_units(GenerateUnits, pending, build.config, cfg, errors=_reward_errors()).retried
+        retried = run_units(
+            GenerateUnits, pending, build.config, cfg, errors=_reward_errors(), engine=engine_key(cfg, cfg.policy)
+        ).retried
     names = [u["name"] for u in units]
     return _finish(cfg, build, fingerprints, names, (len(pending), retried), time.perf_counter() - t0)
 

@@ -5,7 +5,8 @@ Round r >= 1 (artifacts under <run_dir>/round-<r>/): generate from round r−1's
 prompts → reference (the initial model, or the previous policy with round_reference: previous) → train
 (starting from the previous policy) → evaluate (against the configured reference).
 beta_sweep: after the rounds, round 0's scored pairs are trained again with each listed β other than
-train.beta (under <run_dir>/beta-<β>/) and evaluated.
+train.beta (under <run_dir>/beta-<β>/) and evaluated. The evaluate stages run last, in that order, after
+every train (same results; back to back they share the reference's vLLM engine).
 
 `run` executes the plan, `status` reads each planned stage's outputs, the summary reads the evaluate
 stages'. Pure: builds configs, imports no stage module, starts nothing.
@@ -123,4 +124,6 @@ def plan(cfg: PipelineConfig) -> list[PlannedStage]:
             for name, c in _sweep(cfg, b):
                 c = _tracked(cfg, name, c, f"beta {b:g}")
                 out.append(PlannedStage(f"beta-{b:g}/{name}", name, c, _outputs(name, c), f"β={b:g}", b, 0))
-    return out
+    # Evaluations last: they need no later stage's work nor give any, and run back to back they share the
+    # reference's vLLM engine (pipeline.units.sharing) instead of starting it again after every train.
+    return [p for p in out if p.stage != "evaluate"] + [p for p in out if p.stage == "evaluate"]

@@ -29,7 +29,7 @@ from dpo_ray.errors import UserError
 from dpo_ray.schema import REJECTS_SCHEMA, SCORED_SCHEMA
 from pipeline import console, stage
 from pipeline.config import ReferenceConfig
-from pipeline.runtime import engine_spec, ensure_ray, matching_tokenizer
+from pipeline.runtime import engine_key, engine_spec, ensure_ray, matching_tokenizer
 from pipeline.units import UnitsResult, actor_bundle, describe, run_units
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ def _units(manifest: Manifest, rows_per_unit: int) -> list[dict[str, Any]]:
     return units
 
 
+def _engine(cfg: ReferenceConfig) -> tuple[Any, ...] | None:
+    """What the pool's actors share with other stages (pipeline.units.sharing): the vLLM engine; nothing for HF."""
+    return engine_key(cfg, cfg.model) if cfg.backend == "vllm" else None
+
+
 class ScoreUnits:
     """The pool's unit handler: scores units (shard/start/stop/name) and writes their shards."""
 
@@ -63,9 +68,9 @@ class ScoreUnits:
         self.cfg = ReferenceConfig.model_validate(cfg)
         self.cache: tuple[str, pa.Table] | None = None
         if self.cfg.backend == "vllm":
-            from dpo_ray.engine import make_engine
+            from dpo_ray.engine import shared_engine
 
-            self.llm = make_engine(engine_spec(self.cfg, self.cfg.model, enable_prefix_caching=False))
+            self.llm = shared_engine(engine_spec(self.cfg, self.cfg.model))
         else:
             from dpo_ray.models import load_causal_lm, load_tokenizer
 
@@ -198,7 +203,7 @@ def run(cfg: ReferenceConfig) -> Manifest:
     ran = UnitsResult([], 0)
     if pending:
         ensure_ray()
-        ran = run_units(ScoreUnits, pending, build.config, cfg)
+        ran = run_units(ScoreUnits, pending, build.config, cfg, engine=_engine(cfg))
     seconds = time.perf_counter() - t0
     return _finish(cfg, build, fingerprints, pairs_manifest, units, ran, seconds)
 

@@ -1,5 +1,6 @@
 """run: the stages of plan(cfg) in order (every round, then the β sweep), each skipped when its artifact
-is complete, so a stopped run restarted with the same command resumes at the first incomplete stage. With
+is complete, so a stopped run restarted with the same command resumes at the first incomplete stage. The
+vLLM stages' actors are shared between stages that use the same engine (pipeline.units.sharing). With
 a `demo:` section, the demo's data and tiny model are generated first (once, under demo.assets). With an
 `evaluate:` section the run ends with a summary (table of reward and KL per round and β, reward-vs-KL plot;
 see pipeline.summary). What runs when is pipeline.plan's.
@@ -12,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from pipeline import console
+from pipeline import console, units
 from pipeline.config import PipelineConfig
 from pipeline.plan import plan
 from pipeline.summary import EvalPoint, summarize
@@ -20,6 +21,8 @@ from pipeline.summary import EvalPoint, summarize
 logger = logging.getLogger(__name__)
 
 __all__ = ["run"]
+
+VLLM_STAGES = ("generate", "reference", "evaluate")  # the stages whose pool actors can be shared
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
@@ -32,12 +35,15 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     timings = []
     stages = plan(cfg)
-    for planned in stages:
-        console.log_file(planned.label.replace("/", "-"))
-        t0 = time.perf_counter()
-        results[planned.label] = importlib.import_module(f"pipeline.{planned.stage}").run(planned.config)
-        where = f"β={planned.beta:g}" if planned.group.startswith("β") else str(planned.round)
-        timings.append(f"{planned.stage}[{where}] {time.perf_counter() - t0:.0f}s")
+    with units.sharing():  # vLLM actors (engines loaded) carry over to the next stage with the same engine
+        for planned in stages:
+            console.log_file(planned.label.replace("/", "-"))
+            if planned.stage not in VLLM_STAGES:
+                units.release()  # train (or prepare) gets the whole cluster
+            t0 = time.perf_counter()
+            results[planned.label] = importlib.import_module(f"pipeline.{planned.stage}").run(planned.config)
+            where = f"β={planned.beta:g}" if planned.group.startswith("β") else str(planned.round)
+            timings.append(f"{planned.stage}[{where}] {time.perf_counter() - t0:.0f}s")
     points = [
         EvalPoint(p.group, p.beta if p.beta is not None else 0.0, p.round, p.output)
         for p in stages

@@ -77,8 +77,10 @@ def unwrap_user_error(exc: BaseException, types: tuple[type[BaseException], ...]
     return None
 
 
-def engine_spec(cfg: Any, model: str, enable_prefix_caching: bool) -> Any:
-    """A dpo_ray.engine.EngineSpec from a stage's VllmConfig fields."""
+def engine_spec(cfg: Any, model: str) -> Any:
+    """A dpo_ray.engine.EngineSpec from a stage's VllmConfig fields. Prefix caching is off in every stage:
+    cached prefixes can make prompt log-probs depend on request order (scoring), and one spec for all stages
+    lets a later stage reuse an earlier one's engine (generate pays one prefill per sample instead)."""
     from dpo_ray.engine import EngineSpec
     from dpo_ray.models import resolve_model_dir
 
@@ -91,9 +93,26 @@ def engine_spec(cfg: Any, model: str, enable_prefix_caching: bool) -> Any:
         tensor_parallel_size=cfg.tensor_parallel_size,
         seed=cfg.seed,
         trust_remote_code=cfg.trust_remote_code,
-        enable_prefix_caching=enable_prefix_caching,
+        enable_prefix_caching=False,
         enforce_eager=cfg.enforce_eager,
         in_process=cfg.in_process,
+    )
+
+
+def engine_key(cfg: Any, model: str) -> tuple[Any, ...]:
+    """What makes two stages' engines the same one (pipeline.units shares actors by it): the model as
+    configured and every engine_spec field but the seed (requests carry their own seeds). Computed in the
+    driver without resolving the model (an s3:// model is copied on the actor's node, not here)."""
+    return (
+        model,
+        cfg.dtype,
+        cfg.max_model_len,
+        cfg.gpu_memory_utilization,
+        cfg.max_num_batched_tokens,
+        cfg.tensor_parallel_size,
+        cfg.trust_remote_code,
+        cfg.enforce_eager,
+        cfg.in_process,
     )
 
 

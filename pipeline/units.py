@@ -7,6 +7,9 @@ process was killed) costs only the unit it held: the unit goes back to the queue
 actor Ray restarts (on another node when its node is gone). Units are idempotent (deterministic shard names,
 atomic writes), and how many ran again is returned for the stage's manifest.
 
+Within `sharing()` (pipeline.run), actors outlive their stage and a later stage that asks for the same
+engine and resources reuses them, engine loaded: one engine start where each stage used to start its own.
+
 Placement is bounded. Before any work, a request that no node type of the cluster's autoscaler offers is
 refused, naming the resources and the node types; on a cluster whose node types cannot be found (no
 autoscaler), or when nodes do not come, the stage fails once `start_timeout_s` passed with no actor placed.
@@ -14,9 +17,12 @@ autoscaler), or when nodes do not come, the stage fails once `start_timeout_s` p
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +31,21 @@ from pipeline import console
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PlacementError", "UnitsResult", "actor_bundle", "check_feasible", "describe", "node_types", "run_units"]
+__all__ = [
+    "PlacementError",
+    "UnitsResult",
+    "acquire",
+    "actor_bundle",
+    "actor_options",
+    "check_feasible",
+    "describe",
+    "give_back",
+    "make_room",
+    "node_types",
+    "release",
+    "run_units",
+    "sharing",
+]
 
 MAX_ATTEMPTS = 3  # runs of one unit lost to dead actors before the stage gives up
 
@@ -41,11 +61,14 @@ class UnitsResult:
 
 
 class _Worker:
-    """The pool's actor: builds the handler on first use (so a user error raised while building it, e.g. a
-    reward that does not load, reaches the driver as itself) and runs units through it."""
+    """The actor of every vLLM pool (reference's and generate's units, evaluate's models). A stage passes its
+    handler class and config with each call; the handler is built on first use in this process (so a user
+    error raised while building it, e.g. a reward that does not load, reaches the driver as itself) and
+    again when a later stage of the same `run` reuses the actor, or after Ray restarted it. Handlers take
+    their vLLM engine from dpo_ray.engine.shared_engine, so a reused actor keeps its engine."""
 
-    def __init__(self, handler: type, config: dict[str, Any]) -> None:
-        self._cls, self._config = handler, config
+    def __init__(self) -> None:
+        self._built: tuple[Any, ...] | None = None
         self._handler: Any = None
 
     def ready(self) -> str:
@@ -53,11 +76,110 @@ class _Worker:
 
         return str(ray.get_runtime_context().get_node_id())
 
-    def run(self, unit: dict[str, Any]) -> dict[str, Any]:
-        if self._handler is None:
-            self._handler = self._cls(self._config)
-        result: dict[str, Any] = self._handler(unit)
+    def _get(self, handler: type, config: dict[str, Any]) -> Any:
+        built = (handler.__module__, handler.__qualname__, json.dumps(config, sort_keys=True, default=str))
+        if built != self._built:
+            self._handler, self._built = None, None
+            self._handler = handler(config)
+            self._built = built
+        return self._handler
+
+    def run(self, handler: type, config: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._get(handler, config)(unit)
         return result
+
+    def call(self, handler: type, config: dict[str, Any], method: str, *args: Any) -> Any:
+        return getattr(self._get(handler, config), method)(*args)
+
+
+@dataclass
+class _Kept:
+    key: tuple[Any, ...]
+    bundle: dict[str, float]
+    actor: Any
+
+
+_kept: list[_Kept] | None = None  # idle actors kept between the stages of one run; None: not sharing
+
+
+@contextlib.contextmanager
+def sharing() -> Iterator[None]:
+    """Within the block, a vLLM pool's actors outlive their stage: a later stage asking for the same engine
+    (runtime.engine_key) with the same actor options gets them back, engine loaded, instead of starting new
+    ones (pipeline.run). Idle kept actors are killed, oldest first, when a stage needs their resources, by
+    release(), and when the block ends."""
+    global _kept
+    _kept = []
+    try:
+        yield
+    finally:
+        release()
+        _kept = None
+
+
+def release() -> None:
+    """Kill every kept actor (pipeline.run: before train, which needs the whole cluster)."""
+    import ray
+
+    while _kept:
+        ray.kill(_kept.pop(0).actor)
+
+
+def make_room(bundle: dict[str, float], count: int) -> None:
+    """Kill kept actors, oldest first, until the resources available now plus those freed cover `count`
+    more of `bundle` (or none is left: on an autoscaling cluster new nodes may bring the rest)."""
+    import ray
+
+    if not _kept or not count:
+        return
+    need = {k: v * count for k, v in bundle.items()}
+    available = dict(ray.available_resources())
+    while _kept and not _offers(available, need):
+        gone = _kept.pop(0)
+        ray.kill(gone.actor)
+        for k, v in gone.bundle.items():
+            available[k] = available.get(k, 0.0) + v
+
+
+def actor_options(cfg: Any) -> dict[str, Any]:
+    """Ray options of a stage's pool actors (a stage's VllmConfig fields)."""
+    return {
+        "num_cpus": cfg.num_cpus_per_actor,
+        "num_gpus": cfg.num_gpus_per_actor or None,
+        "accelerator_type": cfg.accelerator_type,
+        "max_restarts": -1,  # bounded per unit by MAX_ATTEMPTS
+        "max_task_retries": 0,  # the driver re-queues a lost unit itself, and counts it
+    }
+
+
+def acquire(engines: list[tuple[Any, ...] | None], options: dict[str, Any], bundle: dict[str, float]) -> list[Any]:
+    """One pool actor per entry of `engines` (runtime.engine_key of the engine it will hold; None: never
+    shared): a kept actor holding that engine where there is one, else a new actor (after making room)."""
+    import ray
+
+    got: list[Any] = []
+    for engine in engines:
+        key = (engine, tuple(sorted(options.items())))
+        kept = next((k for k in _kept or [] if engine is not None and k.key == key), None)
+        if kept is not None and _kept is not None:
+            _kept.remove(kept)
+        got.append(None if kept is None else kept.actor)
+    make_room(bundle, got.count(None))
+    pool: Any = ray.remote(_Worker).options(**options)
+    return [pool.remote() if a is None else a for a in got]
+
+
+def give_back(
+    engine: tuple[Any, ...] | None, options: dict[str, Any], bundle: dict[str, float], actors: list[Any], ok: bool
+) -> None:
+    """Keep a finished stage's actors for later stages while sharing (and the stage succeeded); else kill them."""
+    import ray
+
+    for actor in actors:
+        if _kept is not None and engine is not None and ok:
+            _kept.append(_Kept((engine, tuple(sorted(options.items()))), bundle, actor))
+        else:
+            ray.kill(actor)
 
 
 def node_types() -> dict[str, dict[str, float]] | None:
@@ -154,32 +276,29 @@ def run_units(
     config: dict[str, Any],
     cfg: Any,
     errors: tuple[type[BaseException], ...] = (),
+    engine: tuple[Any, ...] | None = None,
 ) -> UnitsResult:
     """Run `units` through `cfg.num_actors` actors of `handler` (see the module docstring). A user error of
-    `errors` (or any UserError) raised by the handler is re-raised as itself; other errors fail the stage."""
-    import ray
-
+    `errors` (or any UserError) raised by the handler is re-raised as itself; other errors fail the stage.
+    `engine` (runtime.engine_key of the handler's vLLM engine) lets the actors be shared (see sharing)."""
     from pipeline.runtime import check_pool_fits
 
     stage = type(cfg).__name__.removesuffix("Config").lower()
     check_pool_fits(f"{stage}.num_actors", cfg.num_actors, cfg.num_cpus_per_actor, False, cfg.accelerator_type)
     bundle = actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type)
     check_feasible(f"{stage}'s actors", bundle)
-    options: dict[str, Any] = {
-        "num_cpus": cfg.num_cpus_per_actor,
-        "num_gpus": cfg.num_gpus_per_actor or None,
-        "accelerator_type": cfg.accelerator_type,
-        "max_restarts": -1,  # bounded per unit by MAX_ATTEMPTS
-        "max_task_retries": 0,  # the driver re-queues a lost unit itself, and counts it
-    }
-    pool: Any = ray.remote(_Worker).options(**options)
-    actors = [pool.remote(handler, config) for _ in range(min(cfg.num_actors, len(units)))]
+    options = actor_options(cfg)
+    actors = acquire([engine] * min(cfg.num_actors, len(units)), options, bundle)
+    ok = False
     try:
         with console.progress(stage, len(units), "units") as bar:
-            return _dispatch(actors, units, stage, bundle, cfg.start_timeout_s, (UserError, *errors), bar)
+            result = _dispatch(
+                actors, units, stage, bundle, cfg.start_timeout_s, (UserError, *errors), bar, handler, config
+            )
+        ok = True
+        return result
     finally:
-        for a in actors:
-            ray.kill(a)
+        give_back(engine, options, bundle, actors, ok)
 
 
 def _dispatch(
@@ -190,6 +309,8 @@ def _dispatch(
     start_timeout_s: float,
     errors: tuple[type[BaseException], ...],
     bar: console.Progress,
+    handler: type,
+    config: dict[str, Any],
 ) -> UnitsResult:
     """Hand units to actors one at a time. An actor gets work only once its `ready` probe answered: at the
     start (placement) and after it was lost (Ray restarts it; calls to a restarting actor fail at once)."""
@@ -250,5 +371,5 @@ def _dispatch(
             if queue:
                 i = queue.pop(0)
                 attempts[i] += 1
-                in_flight[actor.run.remote(units[i])] = (actor, i)
+                in_flight[actor.run.remote(handler, config, units[i])] = (actor, i)
     return UnitsResult([results[i] for i in range(len(units))], retried)

@@ -71,11 +71,11 @@ def test_placement_is_bounded(tmp_path):
     import ray
 
     pool: Any = ray.remote(units._Worker).options(num_cpus=1, resources={"no-such-resource": 1})
-    actors = [pool.remote(Square, {"dir": str(tmp_path)})]
+    actors = [pool.remote()]
     try:
         with pytest.raises(PlacementError, match=r"test: no actor asking for \{CPU: 1\} was placed in 2 s"):
             with console.progress("test", 1, "units") as bar:
-                units._dispatch(actors, [{"x": 1}], "test", {"CPU": 1.0}, 2.0, (), bar)
+                units._dispatch(actors, [{"x": 1}], "test", {"CPU": 1.0}, 2.0, (), bar, Square, {})
     finally:
         ray.kill(actors[0])
 
@@ -91,3 +91,54 @@ def test_a_request_no_node_type_offers_is_refused_up_front(monkeypatch):
     assert "cpu (CPU: 8); gpu (CPU: 8, GPU: 1, accelerator_type:H100)" in str(e.value)
     with pytest.raises(PlacementError, match=r"asks for \{CPU: 16\}"):
         units.check_feasible("train's workers", units.actor_bundle(16, 0, None))
+
+
+def _live_workers() -> int:
+    import ray
+
+    table = ray._private.state.state.actor_table(None)  # the GCS's (the local Ray has no dashboard)
+    return sum(1 for a in table.values() if a["State"] == "ALIVE" and a["ActorClassName"] == "_Worker")
+
+
+def _wait_workers(count: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while _live_workers() != count:
+        assert time.monotonic() < deadline, f"{_live_workers()} pool actors alive, expected {count}"
+        time.sleep(0.2)
+
+
+def test_sharing_reuses_actors_of_the_same_engine_and_makes_room_for_others(tmp_path):
+    """Within sharing(): the same engine key gets the same actor (same process) with the new stage's handler
+    config; another key gets a new actor, the kept one killed when the cluster (2 CPUs) has no room; outside
+    sharing, and when the block ends, no actor is left."""
+    two = _cfg(num_cpus_per_actor=2)  # the whole local cluster: a new actor needs the kept one gone
+    pid = lambda result: {r["pid"] for r in result.summaries}  # noqa: E731
+    first = run_units(Square, [{"x": 1}], {"dir": str(tmp_path)}, two, engine=("model-a",))
+    second = run_units(Square, [{"x": 2}], {"dir": str(tmp_path)}, two, engine=("model-a",))
+    assert pid(first) != pid(second)  # not sharing: each stage starts (and kills) its own
+    _wait_workers(0)
+    with units.sharing():
+        a1 = run_units(Square, [{"x": 1}], {"dir": str(tmp_path)}, two, engine=("model-a",))
+        a2 = run_units(Square, [{"x": 2}], {"dir": str(tmp_path), "stage": 2}, two, engine=("model-a",))
+        assert pid(a1) == pid(a2) and [r["y"] for r in a2.summaries] == [4]
+        _wait_workers(1)
+        b = run_units(Square, [{"x": 3}], {"dir": str(tmp_path)}, two, engine=("model-b",))  # no room: a's killed
+        assert pid(b) != pid(a1)
+        none = run_units(Square, [{"x": 4}], {"dir": str(tmp_path)}, two, engine=None)  # never shared
+        assert pid(none) != pid(b)
+        _wait_workers(0)  # b's was killed to make room, none's not kept
+        again = run_units(Square, [{"x": 5}], {"dir": str(tmp_path)}, _cfg(), engine=("model-a",))
+        assert pid(again) != pid(a1)  # a was killed; one CPU each now
+        _wait_workers(1)  # kept until the block ends
+    _wait_workers(0)
+
+
+def test_a_failed_stage_does_not_keep_its_actors(tmp_path):
+    with units.sharing():
+        with pytest.raises(BadReward):
+            run_units(Square, [{"x": 1}], {"dir": str(tmp_path), "fail_init": True}, _cfg(), engine=("model-a",))
+        ok = run_units(Square, [{"x": 1}], {"dir": str(tmp_path)}, _cfg(), engine=("model-a",))
+        assert ok.summaries[0]["y"] == 1
+        _wait_workers(1)

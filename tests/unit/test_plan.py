@@ -18,16 +18,16 @@ def test_the_demo_plan_chains_rounds_and_the_sweep(tmp_path):
         "round-0/generate",
         "round-0/reference",
         "round-0/train",
-        "round-0/evaluate",
         "round-1/generate",
         "round-1/reference",
         "round-1/train",
-        "round-1/evaluate",
         "beta-0.05/train",
-        "beta-0.05/evaluate",
         "beta-0.5/train",
+        "round-0/evaluate",
+        "round-1/evaluate",
+        "beta-0.05/evaluate",
         "beta-0.5/evaluate",
-    ]  # β = 0.1 is train.beta: the main run is that point
+    ]  # β = 0.1 is train.beta: the main run is that point; evaluations last (they share the reference's engine)
     by = {p.label: p for p in stages}
     r0, r1 = by["round-0/train"].config, by["round-1/train"].config
     assert by["round-0/reference"].config.pairs == by["round-0/generate"].config.output  # on-policy first round
