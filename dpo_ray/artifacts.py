@@ -294,15 +294,18 @@ def remove_artifact(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def require_complete(uri: str, kind: str) -> Manifest:
-    """The manifest of a complete artifact of `kind`, or ArtifactError saying what is wrong and what to run."""
+def require_complete(uri: str, kind: str | tuple[str, ...], hint: str = "") -> Manifest:
+    """The manifest of a complete artifact of `kind` (or of one of several kinds), or ArtifactError saying what
+    is wrong and what to run (`hint` is added when the kind is wrong)."""
+    kinds = (kind,) if isinstance(kind, str) else kind
+    wanted = " or ".join(repr(k) for k in kinds)
     manifest = read_manifest(uri)
     if manifest is None:
         fs, path = artifact_fs(uri)
         state = "is incomplete (no manifest.json)" if fs.exists(path) else "does not exist"
-        raise ArtifactError(f"{uri} {state}: run the stage that writes the {kind!r} artifact first")
-    if manifest.kind != kind:
-        raise ArtifactError(f"{uri}: expected a {kind!r} artifact, found {manifest.kind!r}")
+        raise ArtifactError(f"{uri} {state}: run the stage that writes the {wanted} artifact first")
+    if manifest.kind not in kinds:
+        raise ArtifactError(f"{uri}: expected a {wanted} artifact, found {manifest.kind!r}{hint}")
     if manifest.schema_version != SCHEMA_VERSION:
         raise ArtifactError(
             f"{uri}: schema_version {manifest.schema_version}, this dpo-ray reads {SCHEMA_VERSION}; rerun that stage"

@@ -23,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "LOSSES",
+    "REFERENCE_FREE",
     "SMOOTHED",
     "InitialLoss",
     "LossParams",
@@ -99,6 +100,8 @@ class LossParams:
     dpop_lambda: float = 50.0
     f_divergence: str = "reverse_kl"
     f_alpha: float = 0.5
+    simpo_gamma: float = 0.5
+    orpo_lambda: float = 0.1
 
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -176,6 +179,33 @@ def dpop_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
     return -F.logsigmoid(p.beta * (c - r - p.dpop_lambda * torch.relu(-c)))
 
 
+def simpo_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free: c, r are the policy's per-token mean log-probs,
+    z = β·(c − r) − γ, loss −(1 − ε)·log σ(z) − ε·log σ(−z) (ε: label smoothing as TRL's CPO trainer; the
+    paper's loss is ε = 0)."""
+    z = p.beta * (c - r) - p.simpo_gamma
+    return -(1.0 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+
+
+ORPO_MAX_MEAN_LOGP = -1e-6  # ORPO's odds need P < 1: per-token means are capped here (odds <= ~1e6)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − e^x) for x < 0, accurate near 0 (Mächler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """ORPO (Hong et al. 2024, eqs. 2-7), reference-free: c, r are the policy's per-token mean log-probs (the
+    paper's length-normalised P(y|x) = e^c); odds(y) = P/(1 − P); loss = NLL of the chosen (−c, eq. 2)
+    + λ·(−log σ(log odds(y_w) − log odds(y_l))). c and r are capped at ORPO_MAX_MEAN_LOGP (a completion of
+    probability 1 has infinite odds); below it the loss is the paper's."""
+    c = torch.clamp(c, max=ORPO_MAX_MEAN_LOGP)
+    r = torch.clamp(r, max=ORPO_MAX_MEAN_LOGP)
+    log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
+    return -c - p.orpo_lambda * F.logsigmoid(log_odds)
+
+
 PairLossFn = Callable[[Tensor, Tensor, LossParams], Tensor]
 
 
@@ -202,8 +232,13 @@ LOSSES: dict[str, PairLossFn] = {
     "apo_down": apo_down_loss,
     "discopop": discopop_loss,
     "dpop": dpop_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
 }
-SMOOTHED = ("sigmoid", "robust", "exo_pair")  # the variants label_smoothing applies to
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")  # the variants label_smoothing applies to
+# Losses of the policy alone: LOSSES[name] gets the policy's per-token mean log-probs (the reference's are
+# not used, and the train stage needs no reference pass for them).
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 @dataclass(frozen=True)
@@ -223,6 +258,8 @@ def initial_loss(name: str, beta: float, label_smoothing: float = 0.0, **params:
     sigmoid: ln 2 and (1 − 2ε)/2; robust: ln 2 and 1/(2(1 − 2ε)); ipo: 1/(4β²) and 1/β²; hinge: 1 and 1.
     """
     _validate(name, {"h": torch.zeros(1)}, beta, label_smoothing, 0.0)
+    if name in REFERENCE_FREE:
+        raise ValueError(f"loss {name!r} is reference-free: it has no value at policy == reference")
     c = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     r = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     p = LossParams(beta, label_smoothing, **params)  # type: ignore[arg-type]
@@ -271,6 +308,8 @@ def preference_loss(
     dpop_lambda: float = 50.0,
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
+    simpo_gamma: float = 0.5,
+    orpo_lambda: float = 0.1,
 ) -> LossOutput:
     """Loss variant `name` of LOSSES, plus an optional NLL term on the chosen completion.
 
@@ -280,6 +319,8 @@ def preference_loss(
         instead of sums, for both the log-ratios and the rewards.
     sft_weight: λ of RPO (Pang et al. 2024, eq. 3): adds λ·(−log πθ(y_w|x) / |y_w|) to each pair's loss.
     Returns LossOutput with (B,) tensors; rewards use the same (summed or averaged) log-probs as the loss.
+    A REFERENCE_FREE loss gets the policy's per-token mean log-probs whatever `average_logps` (the reference's
+    are ignored: pass zeros); its rewards are β·(per-token mean log-prob), as in TRL's CPO and ORPO trainers.
     """
     _validate(
         name,
@@ -306,7 +347,15 @@ def preference_loss(
         pol_rejected, ref_rejected = pol_rejected / rejected_len, ref_rejected / rejected_len
     chosen_logratios = pol_chosen - ref_chosen
     rejected_logratios = pol_rejected - ref_rejected
-    params = LossParams(beta, label_smoothing, discopop_tau, dpop_lambda, f_divergence, f_alpha)
+    params = LossParams(
+        beta, label_smoothing, discopop_tau, dpop_lambda, f_divergence, f_alpha, simpo_gamma, orpo_lambda
+    )
+    if name in REFERENCE_FREE:
+        c, r = policy_chosen_logps / chosen_len, policy_rejected_logps / rejected_len
+        losses = LOSSES[name](c, r, params)
+        if sft_weight > 0:
+            losses = losses + sft_weight * -c
+        return LossOutput(losses=losses, chosen_rewards=(beta * c).detach(), rejected_rewards=(beta * r).detach())
     if name == "sigmoid_norm" and not average_logps:  # TRL's length-normalised DPO: the loss on per-token means
         c, r = chosen_logratios / chosen_len, rejected_logratios / rejected_len
     else:

@@ -16,9 +16,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from dpo_ray.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ModelNotFoundError",
     "BOS_TOKEN",
     "EOS_TOKEN",
     "PAD_TOKEN",
@@ -33,6 +36,11 @@ __all__ = [
     "tokenizer_fingerprint",
     "train_bpe_tokenizer",
 ]
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A configured model (or tokenizer) path or URI that holds no model: the message names it."""
+
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 _MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json"]
@@ -87,7 +95,7 @@ def resolve_model_dir(ref: str | os.PathLike[str], cache_dir: str | os.PathLike[
             root = root.rstrip("/")
             files = [f for f in fs.find(root) if not f.endswith("/")]
             if not files:
-                raise FileNotFoundError(f"model {ref!r}: no files found under that URI")
+                raise ModelNotFoundError(f"model {ref!r}: no files found under that URI")
             # Copied into a private directory, then renamed into place: processes of one node that copy at
             # once never read each other's half-written files.
             tmp = cache / f".tmp-{target.name}-{os.getpid()}"
@@ -104,7 +112,7 @@ def resolve_model_dir(ref: str | os.PathLike[str], cache_dir: str | os.PathLike[
                 shutil.rmtree(tmp, ignore_errors=True)
         return target
     if kind == "local":
-        raise FileNotFoundError(f"model {ref!r}: no such directory")
+        raise ModelNotFoundError(f"model {ref!r}: no such directory")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id=ref, allow_patterns=_MODEL_FILES + _TOKENIZER_FILES, cache_dir=str(cache)))
@@ -204,7 +212,7 @@ def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     root = Path(model_dir)
     weights = sorted(root.glob("*.safetensors"))
     if not (root / "config.json").exists() or not weights:
-        raise FileNotFoundError(f"model_fingerprint: {root} needs config.json and *.safetensors weights")
+        raise ModelNotFoundError(f"model_fingerprint: {root} needs config.json and *.safetensors weights")
     h = hashlib.sha256((root / "config.json").read_bytes())
     for w in weights:
         h.update(w.name.encode())

@@ -72,6 +72,8 @@ class TrainSettings:
     average_logps: bool = False
     discopop_tau: float = 0.05
     dpop_lambda: float = 50.0
+    simpo_gamma: float = 0.5
+    orpo_lambda: float = 0.1
     f_divergence: str = "reverse_kl"
     f_alpha: float = 0.5
     token_budget: int = 16_384
@@ -185,6 +187,8 @@ def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[T
         average_logps=s.average_logps,
         discopop_tau=s.discopop_tau,
         dpop_lambda=s.dpop_lambda,
+        simpo_gamma=s.simpo_gamma,
+        orpo_lambda=s.orpo_lambda,
         f_divergence=s.f_divergence,
         f_alpha=s.f_alpha,
     )

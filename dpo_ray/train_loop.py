@@ -120,6 +120,7 @@ class LoopConfig:
     initial_slope: float  # |d loss / d margin| at h = 0 (dpo_ray.losses.initial_loss)
     check_initial_margin: bool
     initial_tolerance: float
+    reference_logps: bool = True  # False: a `pairs` artifact for a reference-free loss (reference log-probs 0)
     fault_injection: str | None = None
     trust_remote_code: bool = False
     lora: LoraSettings | None = None
@@ -325,7 +326,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     from dpo_ray.models import disable_dropout, load_causal_lm
-    from dpo_ray.order import epoch_batches, read_splits
+    from dpo_ray.order import TRAIN_COLUMNS, epoch_batches, read_splits
 
     cfg: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
@@ -333,7 +334,11 @@ def worker_loop(config: dict[str, Any]) -> None:
     use_gpu = torch.cuda.is_available()
     cfg = dataclasses.replace(cfg, settings=resolve_batching(cfg.settings, use_gpu))
     seed_everything(cfg.seed)
-    splits = read_splits(cfg.scored, cfg.scored_shards, ["train", "eval"] if cfg.eval_every else ["train"])
+    columns = TRAIN_COLUMNS if cfg.reference_logps else [c for c in TRAIN_COLUMNS if not c.startswith("ref_")]
+    splits = read_splits(cfg.scored, cfg.scored_shards, ["train", "eval"] if cfg.eval_every else ["train"], columns)
+    if not cfg.reference_logps:  # a reference-free loss reads none (dpo_ray.losses.REFERENCE_FREE)
+        for rows in splits.values():
+            rows |= {c: np.zeros(len(rows["pair_id"])) for c in ("ref_chosen_logp", "ref_rejected_logp")}
     train_rows, eval_rows = splits["train"], splits.get("eval")
     model = disable_dropout(load_causal_lm(cfg.model, "float32", cfg.trust_remote_code))
     if MODES[cfg.settings.batching].segment_attention:

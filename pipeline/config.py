@@ -35,6 +35,10 @@ class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix; the message names the key."""
 
 
+# The losses of the policy alone (dpo_ray.losses.REFERENCE_FREE, kept equal by a test; not imported here,
+# so that loading a config needs no torch): train reads a `pairs` artifact and run has no reference stage.
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+
 # (section, key, artifact name under run_dir) filled in when a config leaves the path empty.
 _DEFAULT_PATHS = [
     ("demo", "assets", "assets"),
@@ -249,14 +253,18 @@ class LoraConfig(StrictModel):
 
 class TrainConfig(TrackingFields):
     model: str = Field(description="Initial policy: local dir, URI or hub id (usually the reference model).")
-    scored: str = Field("", description="Input `scored` artifact; default <run_dir>/scored.")
+    scored: str = Field(
+        "",
+        description="Input `scored` artifact; default <run_dir>/scored. A reference-free loss (simpo, orpo) also "
+        "takes a `pairs` artifact (default <run_dir>/pairs): no reference stage needed.",
+    )
     output: str = Field("", description="Run directory for metrics.jsonl; default <run_dir>/train.")
     export: str = Field("", description="Exported HF model dir; default <run_dir>/export.")
     storage_path: str = Field("", description="Ray Train storage for checkpoints; default <run_dir>/checkpoints.")
     run_name: str = Field("dpo", description="Ray Train run name; a restart with the same name resumes.")
     loss: Literal[
         "sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
-        "apo_down", "discopop", "dpop",
+        "apo_down", "discopop", "dpop", "simpo", "orpo",
     ] = Field("sigmoid", description="Loss variant (dpo_ray.losses; README: the loss table).")  # fmt: skip
     beta: float = Field(0.1, gt=0, description="β: strength of the KL constraint.")
     label_smoothing: float = Field(
@@ -264,6 +272,8 @@ class TrainConfig(TrackingFields):
     )
     discopop_tau: float | None = Field(None, gt=0, description="τ of the discopop loss (default 0.05).")
     dpop_lambda: float | None = Field(None, ge=0, description="λ of the dpop loss's penalty (default 50).")
+    simpo_gamma: float | None = Field(None, ge=0, description="γ, the target margin of the simpo loss (default 0.5).")
+    orpo_lambda: float | None = Field(None, ge=0, description="λ of the orpo loss's odds-ratio term (default 0.1).")
     f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
         "reverse_kl", description="f-DPO (Wang et al. 2023): the divergence of the sigmoid loss (reverse_kl: DPO)."
     )
@@ -321,15 +331,23 @@ class TrainConfig(TrackingFields):
     def _divisible(self) -> TrainConfig:
         if self.batch_size % max(1, self.num_workers):
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
-        if self.label_smoothing and self.loss not in ("sigmoid", "robust", "exo_pair"):
-            raise ValueError(f"label_smoothing applies to the sigmoid, robust and exo_pair losses, not {self.loss!r}")
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust", "exo_pair", "simpo"):
+            raise ValueError(
+                f"label_smoothing applies to the sigmoid, robust, exo_pair and simpo losses, not {self.loss!r}"
+            )
         if self.loss == "exo_pair" and not self.label_smoothing:
             raise ValueError("loss exo_pair needs label_smoothing > 0 (EXO's ε, e.g. 1e-3)")
         if self.f_divergence != "reverse_kl" and self.loss != "sigmoid":
             raise ValueError(f"f_divergence {self.f_divergence} applies to loss 'sigmoid', but loss is {self.loss!r}")
         if self.f_alpha is not None and self.f_divergence != "alpha_divergence":
             raise ValueError(f"f_alpha is a parameter of f_divergence alpha_divergence, not {self.f_divergence}")
-        for key, loss in (("discopop_tau", "discopop"), ("dpop_lambda", "dpop")):
+        params = (
+            ("discopop_tau", "discopop"),
+            ("dpop_lambda", "dpop"),
+            ("simpo_gamma", "simpo"),
+            ("orpo_lambda", "orpo"),
+        )
+        for key, loss in params:
             if getattr(self, key) is not None and self.loss != loss:
                 raise ValueError(f"{key} is a parameter of loss {loss!r}, but loss is {self.loss!r}")
         return self
@@ -410,8 +428,11 @@ class PipelineConfig(StrictModel):
     def _loop_needs(self) -> PipelineConfig:
         if (self.rounds > 1 or self.on_policy_first_round) and self.generate is None:
             raise ValueError("rounds > 1 and on_policy_first_round need a 'generate:' section")
-        if self.rounds > 1 and (self.reference is None or self.train is None):
-            raise ValueError("rounds > 1 needs 'reference:' and 'train:' sections")
+        if self.rounds > 1 and self.train is None:
+            raise ValueError("rounds > 1 needs a 'train:' section")
+        if self.rounds > 1 and self.reference is None and self.train is not None:
+            if self.train.loss not in REFERENCE_FREE_LOSSES:
+                raise ValueError(f"rounds > 1 needs a 'reference:' section (train.loss {self.train.loss} uses one)")
         if self.beta_sweep and (self.train is None or self.evaluate is None):
             raise ValueError("beta_sweep needs 'train:' and 'evaluate:' sections")
         if any(b <= 0 for b in self.beta_sweep):
@@ -425,9 +446,13 @@ class PipelineConfig(StrictModel):
             return data
         run_dir = _absolute(str(data.get("run_dir", "runs/default")).rstrip("/"))
         data = {**data, "run_dir": run_dir}
+        train = data.get("train")
+        free = isinstance(train, dict) and train.get("loss") in REFERENCE_FREE_LOSSES
         for section, key, name in _DEFAULT_PATHS:
             stage = data.get(section)
             if isinstance(stage, dict) and not stage.get(key):
+                if free and key == "scored":  # a reference-free loss trains (and is evaluated) on the pairs
+                    name = "pairs"
                 data = {**data, section: {**stage, key: f"{run_dir}/{name}"}}
         # Ray workers run in other directories: relative local paths are made absolute here, at the edge.
         for section, keys in _PATH_KEYS.items():

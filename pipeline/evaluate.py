@@ -7,7 +7,8 @@
 - KL(π‖πref) estimate: the mean over policy samples of log π(y|x) − log πref(y|x), with log π from the
   sampler and log πref from scoring the same ids with the reference (unbiased at temperature 1).
 - Preference accuracy of the policy's implicit reward on eval pairs of the `scored` artifact:
-  the share of pairs with (log π − log πref)(chosen) > (log π − log πref)(rejected).
+  the share of pairs with (log π − log πref)(chosen) > (log π − log πref)(rejected); on a `pairs` artifact
+  (a reference-free loss: SimPO, ORPO) the share with a higher per-token mean log π for the chosen.
 
 Writes an `eval` artifact: its manifest's stats are the evaluation (eval.json, samples and plots beside it).
 Skipped, like every stage (pipeline.stage), when that artifact is complete for the same config and the same
@@ -95,7 +96,7 @@ def _preference_accuracy(config: dict[str, Any]) -> dict[str, Any]:
     from dpo_ray.batching import completion_logps
     from dpo_ray.models import load_causal_lm, load_tokenizer
 
-    manifest = artifacts.require_complete(cfg.scored, "scored")
+    manifest = artifacts.require_complete(cfg.scored, ("scored", "pairs"))
     rows: list[dict[str, Any]] = []
     for shard in manifest.shards:
         table = artifacts.read_shard(cfg.scored, shard)
@@ -112,10 +113,21 @@ def _preference_accuracy(config: dict[str, Any]) -> dict[str, Any]:
     logps = completion_logps(model, prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad)
     sums = np.array([sum(x) for x in logps])
     n = len(rows)
-    margins = (sums[:n] - np.array([r["ref_chosen_logp"] for r in rows])) - (
-        sums[n:] - np.array([r["ref_rejected_logp"] for r in rows])
-    )
-    return {"pairs": n, "accuracy": float((margins > 0).mean()), "mean_margin": float(margins.mean())}
+    if manifest.kind == "pairs":  # a reference-free loss's implicit reward: the per-token mean log-prob
+        lengths = np.array([len(r["chosen_ids"]) for r in rows] + [len(r["rejected_ids"]) for r in rows])
+        means = sums / lengths
+        margins = means[:n] - means[n:]
+    else:
+        margins = (sums[:n] - np.array([r["ref_chosen_logp"] for r in rows])) - (
+            sums[n:] - np.array([r["ref_rejected_logp"] for r in rows])
+        )
+    implicit = "mean_logp" if manifest.kind == "pairs" else "log_ratio"  # which implicit reward was compared
+    return {
+        "pairs": n,
+        "accuracy": float((margins > 0).mean()),
+        "mean_margin": float(margins.mean()),
+        "implicit_reward": implicit,
+    }
 
 
 def _plots(cfg: EvaluateConfig, policy_rewards: list[float], ref_rewards: list[float]) -> list[str]:
@@ -214,7 +226,9 @@ def result_line(result: dict[str, Any]) -> str:
         f"evaluate: {result['prompts']} prompts x {result['samples_per_prompt']}: reward policy "
         f"{_pm(pol['reward_mean'], pol.get('reward_stderr'), 3)} vs reference "
         f"{_pm(ref['reward_mean'], ref.get('reward_stderr'), 3)}, KL {_pm(result['kl'], result['kl_stderr'], 2)}, "
-        f"win rate {_pm(result['win_rate'], result.get('win_rate_stderr'), 2)}, preference accuracy {accuracy}"
+        f"win rate {_pm(result['win_rate'], result.get('win_rate_stderr'), 2)}, preference accuracy"
+        + (" (mean log-prob)" if pref.get("implicit_reward") == "mean_logp" else "")
+        + f" {accuracy}"
     )
 
 
@@ -267,7 +281,7 @@ def _inputs(cfg: EvaluateConfig, prompts_manifest: Manifest) -> dict[str, str | 
     from dpo_ray.models import model_fingerprint, resolve_model_dir
 
     if cfg.max_eval_pairs:
-        artifacts.require_complete(cfg.scored, "scored")  # verified before any work (shard sizes and hashes)
+        artifacts.require_complete(cfg.scored, ("scored", "pairs"))  # verified before any work (shard sizes and hashes)
     for model in (cfg.policy, cfg.reference):
         matching_tokenizer(model, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
     return {

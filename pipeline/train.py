@@ -19,7 +19,7 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import ArtifactError, Manifest, ShardInfo
 from dpo_ray.errors import UserError
 from pipeline import console, stage
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import REFERENCE_FREE_LOSSES, ConfigError, TrainConfig
 from pipeline.progress import remote_progress
 from pipeline.runtime import check_pool_fits, ensure_ray, matching_tokenizer, tracking_settings
 from pipeline.units import actor_bundle, check_feasible, describe
@@ -43,7 +43,7 @@ def _loop_config(
     import torch
 
     from dpo_ray.lora import LoraSettings
-    from dpo_ray.losses import LossParams, initial_loss
+    from dpo_ray.losses import REFERENCE_FREE, LossParams, initial_loss
     from dpo_ray.models import load_tokenizer
     from dpo_ray.step import TrainSettings
     from dpo_ray.train_loop import LoopConfig
@@ -54,8 +54,15 @@ def _loop_config(
         "discopop_tau": defaults.discopop_tau if cfg.discopop_tau is None else cfg.discopop_tau,
         "dpop_lambda": defaults.dpop_lambda if cfg.dpop_lambda is None else cfg.dpop_lambda,
         "f_alpha": defaults.f_alpha if cfg.f_alpha is None else cfg.f_alpha,
+        "simpo_gamma": defaults.simpo_gamma if cfg.simpo_gamma is None else cfg.simpo_gamma,
+        "orpo_lambda": defaults.orpo_lambda if cfg.orpo_lambda is None else cfg.orpo_lambda,
     }
-    initial = initial_loss(cfg.loss, cfg.beta, cfg.label_smoothing, f_divergence=cfg.f_divergence, **params)
+    reference_free = cfg.loss in REFERENCE_FREE
+    initial = (
+        None
+        if reference_free
+        else initial_loss(cfg.loss, cfg.beta, cfg.label_smoothing, f_divergence=cfg.f_divergence, **params)
+    )
 
     bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and cfg.use_gpu)
     settings = TrainSettings(
@@ -68,6 +75,8 @@ def _loop_config(
         dpop_lambda=params["dpop_lambda"],
         f_divergence=cfg.f_divergence,
         f_alpha=params["f_alpha"],
+        simpo_gamma=params["simpo_gamma"],
+        orpo_lambda=params["orpo_lambda"],
         token_budget=cfg.token_budget,
         batching=cfg.batching,
         max_grad_norm=cfg.max_grad_norm,
@@ -94,10 +103,11 @@ def _loop_config(
         export=cfg.export,
         scored=cfg.scored,
         scored_shards=tuple(shards),
-        # With an NLL term the step-0 loss depends on the model's log-probs: only the margins are checked.
-        initial_loss=None if cfg.sft_weight > 0 else initial.value,
-        initial_slope=initial.slope,
-        check_initial_margin=starts_from_reference,
+        # With an NLL term the step-0 loss depends on the model's log-probs: only the margins are checked. A
+        # reference-free loss uses no stored reference log-probs: there is nothing for step 0 to check.
+        initial_loss=None if cfg.sft_weight > 0 or initial is None else initial.value,
+        initial_slope=0.0 if initial is None else initial.slope,
+        check_initial_margin=starts_from_reference and not reference_free,
         initial_tolerance=cfg.initial_check_tolerance or (5e-2 if bf16 else 1e-3),
         fault_injection=cfg.fault_injection,
         trust_remote_code=cfg.trust_remote_code,
@@ -157,7 +167,10 @@ def run(cfg: TrainConfig) -> Manifest:
     """Train; skipped when the export is complete for this config and scored artifact."""
     from dpo_ray.models import model_fingerprint, resolve_model_dir
 
-    scored = artifacts.require_complete(cfg.scored, "scored")
+    reference_free = cfg.loss in REFERENCE_FREE_LOSSES
+    kinds = ("scored", "pairs") if reference_free else ("scored",)
+    hint = f" (a 'pairs' artifact serves a reference-free loss only: {', '.join(REFERENCE_FREE_LOSSES)})"
+    scored = artifacts.require_complete(cfg.scored, kinds, hint)
     # The export is rewritten whole by rank 0 at the end; checkpoints resume by run name (stage.claim).
     build = stage.begin("model", cfg, {"scored": artifacts.manifest_sha256(cfg.scored)}, cfg.export)
     if isinstance(build, Manifest):
@@ -173,6 +186,7 @@ def run(cfg: TrainConfig) -> Manifest:
     loop = _loop_config(
         cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, scored.shards
     )
+    loop = dataclasses.replace(loop, reference_logps=scored.kind == "scored")
     _clear_error(cfg.output)
     with remote_progress("train", total_steps, "steps") as counter:
         result = _trainer(cfg, dataclasses.replace(loop, progress=counter)).fit()
@@ -197,8 +211,12 @@ def _header(cfg: TrainConfig, counts: tuple[int, int, int], batching: str, from_
     return (
         f"train: {cfg.scored} ({n_train} train / {n_eval} eval pairs) -> {cfg.export}; {total_steps} steps of "
         f"{cfg.batch_size} pairs, loss {cfg.loss} (beta {cfg.beta:g}), batching {batching}, "
-        f"{max(1, cfg.num_workers)} worker(s) x {{{describe(_worker_bundle(cfg))}}}; policy "
-        + ("starts at the reference" if from_reference else "differs from the reference")
+        f"{max(1, cfg.num_workers)} worker(s) x {{{describe(_worker_bundle(cfg))}}}; "
+        + (
+            "reference-free (no reference log-probs)"
+            if cfg.loss in REFERENCE_FREE_LOSSES
+            else "policy " + ("starts at the reference" if from_reference else "differs from the reference")
+        )
     )
 
 

@@ -56,3 +56,22 @@ def test_reduced_demo_improves_the_reward_and_reruns_as_noop(tmp_path, capsys):
     assert main(["run", "--config", str(path)]) == 0
     again = capsys.readouterr().out
     assert again.count("skipped") == 5, again  # prepare, generate, reference, train, evaluate
+
+
+def test_a_reference_free_loss_runs_without_the_reference_stage(tmp_path, capsys):
+    """SimPO on the reduced demo: no reference stage (nothing scored with vLLM, no `scored` artifact), train
+    reads the generated pairs, and the policy's reward still rises clearly above πref's."""
+    path, run_dir = reduced_demo(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"].update(loss="simpo", beta=2.0, simpo_gamma=1.0)
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "reference:" not in out and not (run_dir / "scored").exists()
+    assert "reference-free (no reference log-probs)" in out
+    train = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert train["stats"]["scored_path"] == str(run_dir / "generated_pairs")
+    ev = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert ev["policy"]["reward_mean"] > ev["reference"]["reward_mean"] + 0.2, ev
+    assert ev["preference"]["pairs"] > 0 and ev["preference"]["accuracy"] > 0.5, ev
+    assert ev["preference"]["implicit_reward"] == "mean_logp" and "preference accuracy (mean log-prob)" in out

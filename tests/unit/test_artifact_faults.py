@@ -130,7 +130,8 @@ def test_a_damaged_manifest_is_refused_by_every_consumer(stage, damage, tmp_path
         expected = f"{uri}/manifest.json: not a valid manifest"
     else:
         manifest.write_text(manifest.read_text().replace(f'"kind": "{kind}"', '"kind": "generations"'))
-        expected = f"expected a {kind!r} artifact, found 'generations'"
+        wanted = f"{kind!r} or 'pairs'" if stage == "evaluate" else repr(kind)  # evaluate reads either
+        expected = f"expected a {wanted} artifact, found 'generations'"
     code, err = _cli(stage, tmp_path, uri, pairs, capsys)
     assert code == 2 and expected in err, err
 
@@ -223,3 +224,18 @@ def test_unauthenticated_object_storage_names_the_uri(tmp_path, capsys, monkeypa
     err = _error_line(capsys.readouterr().err)
     assert code == 2 and "s3://b/run/pairs: cannot read manifest.json from the storage" in err, err
     assert found in err and "credentials" in err
+
+
+def test_train_takes_a_pairs_artifact_for_a_reference_free_loss_only(tmp_path, capsys):
+    pairs = _artifact(tmp_path, "pairs")
+    assert (
+        main(["train", f"run_dir={tmp_path / 'run'}", "train.model=/nonexistent/model", f"train.scored={pairs}"]) == 2
+    )
+    err = _error_line(capsys.readouterr().err)
+    assert f"{pairs}: expected a 'scored' artifact, found 'pairs'" in err
+    assert "a 'pairs' artifact serves a reference-free loss only: simpo, orpo" in err
+    # simpo accepts it: the stage gets past the artifact to the (missing) model
+    args = ["train.loss=simpo", "train.model=/nonexistent/model", f"train.scored={pairs}"]
+    assert main(["train", f"run_dir={tmp_path / 'run'}", *args]) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert "expected a" not in err and "/nonexistent/model" in err, err

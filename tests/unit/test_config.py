@@ -69,6 +69,13 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
         (["train.discopop_tau=0.1"], "discopop_tau is a parameter of loss 'discopop', but loss is 'sigmoid'"),
         (["train.loss=apo_zero", "train.dpop_lambda=5"], "dpop_lambda is a parameter of loss 'dpop'"),
         (["train.loss=dpop", "train.dpop_lambda=-1"], "train.dpop_lambda"),
+        (["train.loss=orpo", "train.simpo_gamma=1"], "simpo_gamma is a parameter of loss 'simpo', but loss is 'orpo'"),
+        (["train.loss=simpo", "train.orpo_lambda=1"], "orpo_lambda is a parameter of loss 'orpo'"),
+        (
+            ["train.loss=orpo", "train.label_smoothing=0.1"],
+            "label_smoothing applies to the sigmoid, robust, exo_pair and simpo",
+        ),
+        (["train.loss=simpo", "train.simpo_gamma=-1"], "train.simpo_gamma"),
     ],
 )
 def test_loss_parameters_are_checked_at_load_time(overrides, message):
@@ -81,7 +88,8 @@ def test_every_loss_loads_with_its_parameters():
 
     for name in LOSSES:
         extra = {"exo_pair": ["train.label_smoothing=0.001"], "discopop": ["train.discopop_tau=0.1"],
-                 "dpop": ["train.dpop_lambda=5"]}.get(name, [])  # fmt: skip
+                 "dpop": ["train.dpop_lambda=5"], "simpo": ["train.simpo_gamma=1.0", "train.label_smoothing=0.1"],
+                 "orpo": ["train.orpo_lambda=0.2"]}.get(name, [])  # fmt: skip
         cfg = load_config(None, ["train.model=m", f"train.loss={name}", *extra])
         assert cfg.train is not None and cfg.train.loss == name
 

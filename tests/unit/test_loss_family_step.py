@@ -9,7 +9,10 @@ import torch
 
 from tests.unit.test_distributed_alignment import PAIRS, _batch, _model
 
-NEW = ["sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "dpop", "f-js"]
+NEW = [
+    "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "dpop", "f-js",
+    "simpo", "orpo",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -20,6 +23,7 @@ def test_train_step_loss_is_the_variant_with_its_parameters(name):
     from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
 
     params = {"label_smoothing": 1e-3 if name == "exo_pair" else 0.0, "discopop_tau": 0.2, "dpop_lambda": 3.0}
+    params |= {"simpo_gamma": 0.3, "orpo_lambda": 0.4}
     if name == "f-js":  # f-DPO with the Jensen-Shannon divergence
         name, params = "sigmoid", params | {"f_divergence": "js_divergence"}
     beta = 0.7
@@ -42,11 +46,13 @@ def test_train_step_loss_is_the_variant_with_its_parameters(name):
     metrics = train_step(model, opt, make_scheduler(opt, 0, 1, "constant"), batch, settings, n)
     assert abs(metrics["loss"] - float(expected)) < 1e-5, (metrics["loss"], float(expected))
     # the parameter matters: another τ / λ / ε gives another loss (where the variant has one)
-    if name in ("discopop", "dpop", "exo_pair"):
+    if name in ("discopop", "dpop", "exo_pair", "simpo", "orpo"):
         other = {
             "discopop": {"discopop_tau": 0.05},
             "dpop": {"dpop_lambda": 50.0},
             "exo_pair": {"label_smoothing": 0.2},
+            "simpo": {"simpo_gamma": 1.0},
+            "orpo": {"orpo_lambda": 0.1},
         }
         moved = preference_loss(
             name, sums[:n], sums[n:], batch.ref_chosen, batch.ref_rejected, lengths[:n], lengths[n:], beta=beta,

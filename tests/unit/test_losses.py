@@ -19,6 +19,15 @@ def _logsig(x: np.ndarray) -> np.ndarray:
 
 def _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average):
     """Float64 re-derivation of each variant (not calling the code under test)."""
+    if name in ("simpo", "orpo"):  # reference-free, on per-token means (both papers)
+        c, r = pc / lc, pr / lr
+        if name == "simpo":
+            z = beta * (c - r) - 0.5  # γ = 0.5
+            loss = -(1 - eps) * _logsig(z) - eps * _logsig(-z)
+        else:
+            log_odds = (c - np.log1p(-np.exp(c))) - (r - np.log1p(-np.exp(r)))  # log(P/(1 − P)), P = e^mean
+            loss = -c - 0.1 * _logsig(log_odds)  # NLL of the chosen + λ·odds-ratio term, λ = 0.1
+        return loss + sft * (-pc / lc), beta * c, beta * r
     if average:
         pcs, prs, rcs, rrs = pc / lc, pr / lr, rc / lc, rr / lr
     else:
@@ -183,6 +192,33 @@ def test_initial_loss_and_slope_match_hand_derivations():
         got = initial_loss(name, beta, ls)
         assert math.isclose(got.value, value, rel_tol=1e-12), name
         assert math.isclose(got.slope, slope, rel_tol=1e-12), name
+    for name in ("simpo", "orpo"):
+        with pytest.raises(ValueError, match=f"loss '{name}' is reference-free"):
+            initial_loss(name, beta)
+
+
+def test_reference_free_losses_ignore_the_reference_and_always_average():
+    pc, pr, rc, rr, lc, lr = (torch.tensor(x) for x in _random_inputs(11))
+    for name in ("simpo", "orpo"):
+        base = preference_loss(name, pc, pr, rc, rr, lc, lr, beta=2.0)
+        other = preference_loss(name, pc, pr, rc + 5.0, rr - 3.0, lc, lr, beta=2.0, average_logps=True)
+        assert torch.equal(base.losses, other.losses) and torch.equal(base.chosen_rewards, other.chosen_rewards)
+
+
+def test_simpo_and_orpo_parameters_and_the_orpo_cap():
+    """SimPO's γ shifts the margin (γ = β·Δ gives ln 2); ORPO's λ scales the odds-ratio term, which is 0 at
+    λ = 0 (the NLL alone); a completion of mean log-prob 0 (P = 1, infinite odds) stays finite."""
+    lc = lr = torch.tensor([4.0], dtype=torch.float64)
+    pc, pr = torch.tensor([-2.0], dtype=torch.float64), torch.tensor([-6.0], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    simpo = preference_loss("simpo", pc, pr, zero, zero, lc, lr, beta=2.0, simpo_gamma=2.0)  # β·(−0.5 + 1.5) = 2
+    assert math.isclose(simpo.losses.item(), math.log(2), rel_tol=1e-12)
+    nll = preference_loss("orpo", pc, pr, zero, zero, lc, lr, beta=0.1, orpo_lambda=0.0)
+    assert math.isclose(nll.losses.item(), 0.5, rel_tol=1e-12)  # −mean log-prob of the chosen
+    sure = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+    capped = preference_loss("orpo", sure, pr, zero, zero, lc, lr, beta=0.1, orpo_lambda=1.0)
+    capped.losses.sum().backward()
+    assert torch.isfinite(capped.losses).all() and sure.grad is not None and torch.isfinite(sure.grad).all()
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -241,3 +277,28 @@ def test_f_divergences_at_extremes_and_at_the_start(divergence):
     # f′ is 0 at t = 1 for all of them; its slope there is 1, except JS: ½
     assert math.isclose(got.value, math.log(2), rel_tol=1e-12)
     assert math.isclose(got.slope, 0.25 if divergence == "js_divergence" else 0.5, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_gradients_match_finite_differences_of_the_float64_reference(name):
+    """d(loss)/d(policy log-probs) by autograd equals central differences of the NumPy re-derivation."""
+    pc, pr, rc, rr, lc, lr = _random_inputs(zlib.crc32(name.encode()) % 1000, batch=6)
+    beta, eps = (0.5 if name == "ipo" else 0.1), (1e-3 if name == "exo_pair" else 0.0)
+    t = [torch.tensor(x, dtype=torch.float64, requires_grad=i < 2) for i, x in enumerate((pc, pr, rc, rr, lc, lr))]
+    preference_loss(name, *t, beta=beta, label_smoothing=eps).losses.sum().backward()
+    step = 1e-6
+    for k, (got, x) in enumerate(((t[0].grad, pc), (t[1].grad, pr))):
+        want = np.zeros_like(x)
+        for i in range(len(x)):
+            up, down = x.copy(), x.copy()
+            up[i] += step
+            down[i] -= step
+            args = (
+                [(up if k == 0 else pc), (up if k == 1 else pr)],
+                [(down if k == 0 else pc), (down if k == 1 else pr)],
+            )
+            hi = _reference(name, *args[0], rc, rr, lc, lr, beta, eps, 0.0, False)[0].sum()
+            lo = _reference(name, *args[1], rc, rr, lc, lr, beta, eps, 0.0, False)[0].sum()
+            want[i] = (hi - lo) / (2 * step)
+        assert got is not None
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-7, err_msg=f"{name} side {k}")

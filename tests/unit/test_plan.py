@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipeline.config import load_config
 from pipeline.plan import plan
 
@@ -56,3 +58,37 @@ def test_status_reads_the_plan(tmp_path):
     assert labels[:3] == ["round-0/prepare", "round-0/generations", "round-0/generate"]
     assert len(labels) == len(plan(cfg)) + sum(p.stage == "generate" for p in plan(cfg))
     assert {r["state"] for r in rows} == {"absent"}
+
+
+def test_a_reference_free_loss_has_no_reference_stage(tmp_path):
+    """simpo/orpo: train and evaluate read the round's pairs (generate's when it ran, else prepare's); the
+    reference section may be left out."""
+    from dpo_ray.losses import REFERENCE_FREE
+    from pipeline.config import REFERENCE_FREE_LOSSES
+
+    assert REFERENCE_FREE_LOSSES == REFERENCE_FREE
+    cfg = load_config(DEMO, [f"run_dir={tmp_path}", "beta_sweep=[0.5]", "train.loss=simpo"])
+    by = {p.label: p for p in plan(cfg)}
+    assert [p.stage for p in plan(cfg)].count("reference") == 0
+    assert by["round-0/train"].config.scored == by["round-0/generate"].config.output
+    assert by["round-1/train"].config.scored == by["round-1/generate"].config.output
+    assert by["round-1/evaluate"].config.scored == by["round-1/generate"].config.output
+    assert by["beta-0.5/train"].config.scored == by["round-0/generate"].config.output
+    assert by["beta-0.5/evaluate"].config.scored == by["round-0/generate"].config.output
+    off = load_config(
+        DEMO, [f"run_dir={tmp_path}", "train.loss=orpo", "on_policy_first_round=false", "rounds=1", "beta_sweep=[]"]
+    )
+    stages = plan(off)
+    assert [p.stage for p in stages] == ["prepare", "train", "evaluate"]
+    assert stages[1].config.scored == stages[0].config.output == f"{tmp_path}/pairs" == stages[2].config.scored
+
+
+def test_reference_free_defaults_and_a_config_without_reference(tmp_path):
+    from pipeline.config import ConfigError
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "train.model=m", "train.loss=simpo", "evaluate.reference=m"])
+    assert cfg.train is not None and cfg.train.scored == f"{tmp_path}/pairs"
+    assert cfg.evaluate is not None and cfg.evaluate.scored == f"{tmp_path}/pairs"
+    assert load_config(None, [f"run_dir={tmp_path}", "train.model=m"]).train.scored == f"{tmp_path}/scored"  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="rounds > 1 needs a 'reference:' section"):
+        load_config(None, ["rounds=2", "generate.policy=m", "train.model=m"])
