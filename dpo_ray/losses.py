@@ -14,7 +14,7 @@ Only torch is imported here: this module must stay importable without Ray, vLLM 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,11 @@ from torch import Tensor
 __all__ = [
     "LOSSES",
     "REFERENCE_FREE",
+    "SFT",
     "SMOOTHED",
+    "StepZero",
+    "bco_update",
+    "step_zero",
     "InitialLoss",
     "LossParams",
     "F_DIVERGENCES",
@@ -102,6 +106,7 @@ class LossParams:
     f_alpha: float = 0.5
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
+    bco_delta: float = 0.0
 
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -206,6 +211,21 @@ def orpo_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
     return -c - p.orpo_lambda * F.logsigmoid(log_odds)
 
 
+def bco_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """BCO (Jung et al. 2024, eq. 10, paired data as in TRL): −log σ(β·c − δ) − log σ(−(β·r − δ)), δ the
+    reward shift: a running mean of the rewards β·log-ratio (bco_update), passed in as state."""
+    return -F.logsigmoid(p.beta * c - p.bco_delta) - F.logsigmoid(-(p.beta * r - p.bco_delta))
+
+
+def bco_update(delta: float, steps: int, chosen_reward_mean: float, rejected_reward_mean: float) -> tuple[float, int]:
+    """BCO's δ after one more optimizer step: the mean over steps of each step's mean reward over its global
+    batch ((mean chosen + mean rejected)/2, both all-reduced), so it is the same for any number of workers or
+    micro-batches. TRL updates its running mean with the current batch before the loss (per micro-batch);
+    here the step uses δ of the steps before it (equal at step 1 from the reference, where rewards are 0)."""
+    batch = 0.5 * (chosen_reward_mean + rejected_reward_mean)
+    return delta + (batch - delta) / (steps + 1), steps + 1
+
+
 PairLossFn = Callable[[Tensor, Tensor, LossParams], Tensor]
 
 
@@ -234,11 +254,13 @@ LOSSES: dict[str, PairLossFn] = {
     "dpop": dpop_loss,
     "simpo": simpo_loss,
     "orpo": orpo_loss,
+    "bco_pair": bco_pair_loss,
 }
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")  # the variants label_smoothing applies to
 # Losses of the policy alone: LOSSES[name] gets the policy's per-token mean log-probs (the reference's are
 # not used, and the train stage needs no reference pass for them).
 REFERENCE_FREE = ("simpo", "orpo")
+SFT = "sft"  # a member of a combination (preference_loss): the NLL of the chosen completion
 
 
 @dataclass(frozen=True)
@@ -268,6 +290,38 @@ def initial_loss(name: str, beta: float, label_smoothing: float = 0.0, **params:
     return InitialLoss(float(value.item()), max(abs(float(g.item())) for g in grads) / beta)
 
 
+@dataclass(frozen=True)
+class StepZero:
+    """What step 0 of a policy that starts at its reference must show for a loss (or a combination): margins
+    0 (when the rewards are log-ratios), the loss `value` (None when it depends on the log-probs: an "sft"
+    member, a reference-free member or an RPO term) and `slope`, the combination's |dL/dm| at h = 0."""
+
+    value: float | None
+    slope: float
+    margins_zero: bool
+
+
+def step_zero(
+    names: Sequence[str],
+    weights: Sequence[float] | None,
+    beta: float,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+    **params: float | str,
+) -> StepZero:
+    """StepZero of preference_loss(names, weights=weights, ...): Σ weights·initial_loss over the members."""
+    w = [1.0] * len(names) if weights is None else list(weights)
+    first = next((n for n in names if n != SFT), None)
+    known = [(n, x) for n, x in zip(names, w, strict=True) if n != SFT and n not in REFERENCE_FREE]
+    inits = [(initial_loss(n, beta, label_smoothing, **params), x) for n, x in known]
+    exact = len(known) == len(names) and not sft_weight
+    return StepZero(
+        value=sum(i.value * x for i, x in inits) if exact else None,
+        slope=sum(i.slope * x for i, x in inits),
+        margins_zero=first is not None and first not in REFERENCE_FREE,
+    )
+
+
 def _validate(
     name: str,
     tensors: dict[str, Tensor],
@@ -292,7 +346,7 @@ def _validate(
 
 
 def preference_loss(
-    name: str,
+    name: str | Sequence[str],
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Tensor,
@@ -310,6 +364,8 @@ def preference_loss(
     f_alpha: float = 0.5,
     simpo_gamma: float = 0.5,
     orpo_lambda: float = 0.1,
+    bco_delta: float = 0.0,
+    weights: Sequence[float] | None = None,
 ) -> LossOutput:
     """Loss variant `name` of LOSSES, plus an optional NLL term on the chosen completion.
 
@@ -321,50 +377,81 @@ def preference_loss(
     Returns LossOutput with (B,) tensors; rewards use the same (summed or averaged) log-probs as the loss.
     A REFERENCE_FREE loss gets the policy's per-token mean log-probs whatever `average_logps` (the reference's
     are ignored: pass zeros); its rewards are β·(per-token mean log-prob), as in TRL's CPO and ORPO trainers.
+
+    A list of names is a weighted combination (TRL's MPO form): Σ weights[i]·loss_i per pair (weights default
+    to 1), where the member "sft" is the NLL of the chosen, −log πθ(y_w|x)/|y_w|; the rewards are those of
+    the first member that is not "sft".
     """
-    _validate(
-        name,
-        {
-            "policy_chosen_logps": policy_chosen_logps,
-            "policy_rejected_logps": policy_rejected_logps,
-            "ref_chosen_logps": ref_chosen_logps,
-            "ref_rejected_logps": ref_rejected_logps,
-            "chosen_lengths": chosen_lengths,
-            "rejected_lengths": rejected_lengths,
-        },
-        beta,
-        label_smoothing,
-        sft_weight,
+    names = [name] if isinstance(name, str) else list(name)
+    w = [1.0] * len(names) if weights is None else [float(x) for x in weights]
+    tensors = {
+        "policy_chosen_logps": policy_chosen_logps,
+        "policy_rejected_logps": policy_rejected_logps,
+        "ref_chosen_logps": ref_chosen_logps,
+        "ref_rejected_logps": ref_rejected_logps,
+        "chosen_lengths": chosen_lengths,
+        "rejected_lengths": rejected_lengths,
+    }
+    _validate_combination(names, w)
+    for n in names:
+        if n != SFT:
+            _validate(n, tensors, beta, label_smoothing, sft_weight)
+    _validate("sigmoid", tensors, beta, label_smoothing, sft_weight)  # shapes and β, also for ["sft"]
+    params = LossParams(
+        beta, label_smoothing, discopop_tau, dpop_lambda, f_divergence, f_alpha, simpo_gamma, orpo_lambda, bco_delta
     )
+    nll = -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)
+    total: Tensor | None = None
+    rewards: tuple[Tensor, Tensor] | None = None
+    for n, weight in zip(names, w, strict=True):
+        if n == SFT:
+            part = nll
+        else:
+            part, chosen_rewards, rejected_rewards = _member(n, tensors, average_logps, params)
+            rewards = rewards or (chosen_rewards, rejected_rewards)
+        total = weight * part if total is None else total + weight * part
+    assert total is not None
+    if rewards is None:  # ["sft"] alone: the DPO rewards of the same log-probs, for the metrics
+        _, *both = _member("sigmoid", tensors, average_logps, params)
+        rewards = (both[0], both[1])
+    if sft_weight > 0:
+        total = total + sft_weight * nll
+    return LossOutput(losses=total, chosen_rewards=rewards[0].detach(), rejected_rewards=rewards[1].detach())
+
+
+def _validate_combination(names: list[str], weights: list[float]) -> None:
+    if not names:
+        raise ValueError("loss: an empty list of losses")
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss: each loss at most once in a combination, found {names}")
+    if len(weights) != len(names):
+        raise ValueError(f"weights: {len(weights)} weights for {len(names)} losses {names}")
+    if not all(math.isfinite(x) and x >= 0 for x in weights):
+        raise ValueError(f"weights: must be finite numbers >= 0, found {weights}")
+
+
+def _member(name: str, t: dict[str, Tensor], average_logps: bool, params: LossParams) -> tuple[Tensor, Tensor, Tensor]:
+    """One loss of LOSSES per pair, and its chosen and rejected rewards (see preference_loss)."""
+    policy_chosen_logps, policy_rejected_logps = t["policy_chosen_logps"], t["policy_rejected_logps"]
     dtype = policy_chosen_logps.dtype
-    ref_chosen = ref_chosen_logps.to(dtype)
-    ref_rejected = ref_rejected_logps.to(dtype)
-    chosen_len = chosen_lengths.to(dtype)
-    rejected_len = rejected_lengths.to(dtype)
+    ref_chosen = t["ref_chosen_logps"].to(dtype)
+    ref_rejected = t["ref_rejected_logps"].to(dtype)
+    chosen_len = t["chosen_lengths"].to(dtype)
+    rejected_len = t["rejected_lengths"].to(dtype)
+    beta = params.beta
+    if name in REFERENCE_FREE:
+        c, r = policy_chosen_logps / chosen_len, policy_rejected_logps / rejected_len
+        return LOSSES[name](c, r, params), beta * c, beta * r
     pol_chosen, pol_rejected = policy_chosen_logps, policy_rejected_logps
     if average_logps:
         pol_chosen, ref_chosen = pol_chosen / chosen_len, ref_chosen / chosen_len
         pol_rejected, ref_rejected = pol_rejected / rejected_len, ref_rejected / rejected_len
     chosen_logratios = pol_chosen - ref_chosen
     rejected_logratios = pol_rejected - ref_rejected
-    params = LossParams(
-        beta, label_smoothing, discopop_tau, dpop_lambda, f_divergence, f_alpha, simpo_gamma, orpo_lambda
-    )
-    if name in REFERENCE_FREE:
-        c, r = policy_chosen_logps / chosen_len, policy_rejected_logps / rejected_len
-        losses = LOSSES[name](c, r, params)
-        if sft_weight > 0:
-            losses = losses + sft_weight * -c
-        return LossOutput(losses=losses, chosen_rewards=(beta * c).detach(), rejected_rewards=(beta * r).detach())
     if name == "sigmoid_norm" and not average_logps:  # TRL's length-normalised DPO: the loss on per-token means
         c, r = chosen_logratios / chosen_len, rejected_logratios / rejected_len
     else:
         c, r = chosen_logratios, rejected_logratios
-    losses = LOSSES[name](f_scores(c, f_divergence, f_alpha), f_scores(r, f_divergence, f_alpha), params)
-    if sft_weight > 0:
-        losses = losses + sft_weight * (-policy_chosen_logps / chosen_len)
-    return LossOutput(
-        losses=losses,
-        chosen_rewards=(beta * chosen_logratios).detach(),
-        rejected_rewards=(beta * rejected_logratios).detach(),
-    )
+    f, alpha = params.f_divergence, params.f_alpha
+    losses = LOSSES[name](f_scores(c, f, alpha), f_scores(r, f, alpha), params)
+    return losses, beta * chosen_logratios, beta * rejected_logratios

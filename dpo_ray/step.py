@@ -65,7 +65,8 @@ __all__ = [
 class TrainSettings:
     """What one optimizer step needs to know (a subset of pipeline.config.TrainConfig)."""
 
-    loss: str = "sigmoid"
+    loss: str | tuple[str, ...] = "sigmoid"  # a tuple: a weighted combination (dpo_ray.losses.preference_loss)
+    loss_weights: tuple[float, ...] | None = None
     beta: float = 0.1
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
@@ -74,6 +75,7 @@ class TrainSettings:
     dpop_lambda: float = 50.0
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
+    bco_delta: float = 0.0  # BCO's reward shift δ, loop state (dpo_ray.losses.bco_update)
     f_divergence: str = "reverse_kl"
     f_alpha: float = 0.5
     token_budget: int = 16_384
@@ -189,6 +191,8 @@ def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[T
         dpop_lambda=s.dpop_lambda,
         simpo_gamma=s.simpo_gamma,
         orpo_lambda=s.orpo_lambda,
+        weights=s.loss_weights,
+        bco_delta=s.bco_delta,
         f_divergence=s.f_divergence,
         f_alpha=s.f_alpha,
     )

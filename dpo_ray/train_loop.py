@@ -24,6 +24,7 @@ import torch
 from dpo_ray.artifacts import ShardInfo
 from dpo_ray.batching import PairTokens
 from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
+from dpo_ray.losses import bco_update
 from dpo_ray.metrics import PAIR_METRICS, metric_means
 from dpo_ray.packing import enable_segment_attention
 from dpo_ray.step import (
@@ -138,6 +139,7 @@ class _State:
         self.batch_in_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
+        self.bco = (0.0, 0)  # BCO's δ and the steps it averages (dpo_ray.losses.bco_update)
 
 
 def decoder_layers(model: Any) -> list[Any]:
@@ -182,7 +184,7 @@ def _save_checkpoint(model: Any, optimizer: Any, scheduler: Any, state: _State, 
     torch.save(rng_state(), os.path.join(path, f"rng-rank{rank}.pt"))
     if rank == 0:
         torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
-        trainer = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch}
+        trainer = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "bco": state.bco}
         save_json(os.path.join(path, "trainer.json"), {**trainer, "history": state.history})
     return path
 
@@ -203,6 +205,7 @@ def _load_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any, stat
         saved = json.load(f)
     state.step, state.epoch, state.batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
     state.history = saved["history"]
+    state.bco = (float(saved["bco"][0]), int(saved["bco"][1])) if "bco" in saved else (0.0, 0)
 
 
 def _write_metrics(output: str, history: list[dict[str, Any]]) -> None:
@@ -270,14 +273,21 @@ def _maybe_fail(spec: str | None, step: int, rank: int, output: str) -> None:
     os._exit(1)
 
 
-def _evaluate(model: Any, columns: dict[str, Any], cfg: LoopConfig, rank: int, world: int) -> dict[str, float]:
+def _uses_bco(loss: str | tuple[str, ...]) -> bool:
+    return "bco_pair" in ((loss,) if isinstance(loss, str) else loss)
+
+
+def _evaluate(
+    model: Any, columns: dict[str, Any], cfg: LoopConfig, rank: int, world: int, bco_delta: float = 0.0
+) -> dict[str, float]:
+    settings = dataclasses.replace(cfg.settings, bco_delta=bco_delta)
     sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
     n_rows = len(columns["prompt_ids"])
     for start in range(0, n_rows, cfg.batch_size):
         rows = np.arange(start, min(start + cfg.batch_size, n_rows))
         mine = rows[rank::world] if len(rows) >= world else (rows if rank == 0 else rows[:0])
         # Every rank calls eval_sums for every batch, with its pairs or none (see _aligned).
-        sums += eval_sums(model, StepBatch.from_columns({k: v[mine] for k, v in columns.items()}), cfg.settings)
+        sums += eval_sums(model, StepBatch.from_columns({k: v[mine] for k, v in columns.items()}), settings)
     return metric_means(all_reduce_sum(sums.to(model_device(model))).cpu(), prefix="eval/")
 
 
@@ -371,7 +381,11 @@ def worker_loop(config: dict[str, Any]) -> None:
         batches = epoch_batches(len(train_rows["pair_id"]), cfg.batch_size, cfg.seed, state.epoch)
         for rows in batches[state.batch_in_epoch :]:
             batch = StepBatch.from_columns(worker_slice(train_rows, rows, rank, world))
-            metrics = train_step(model, optimizer, scheduler, batch, cfg.settings, cfg.batch_size, world)
+            settings = dataclasses.replace(cfg.settings, bco_delta=state.bco[0])
+            metrics = train_step(model, optimizer, scheduler, batch, settings, cfg.batch_size, world)
+            if _uses_bco(cfg.settings.loss):  # metrics are global-batch means: every rank updates δ alike
+                metrics["bco/delta"] = state.bco[0]
+                state.bco = bco_update(*state.bco, metrics["rewards/chosen"], metrics["rewards/rejected"])
             state.step += 1
             state.batch_in_epoch += 1
             if rank == 0 and cfg.progress is not None:
@@ -388,7 +402,7 @@ def worker_loop(config: dict[str, Any]) -> None:
                 metrics["resumed_from_step"] = state.resumed_from
             last = state.step >= cfg.total_steps
             if cfg.eval_every and eval_rows is not None and (state.step % cfg.eval_every == 0 or last):
-                metrics.update(_evaluate(model, eval_rows, cfg, rank, world))
+                metrics.update(_evaluate(model, eval_rows, cfg, rank, world, state.bco[0]))
             if tracker is not None:
                 tracker.metrics(train_names(metrics), state.step)
             if state.step % cfg.log_every == 0 or last or "eval/loss" in metrics:

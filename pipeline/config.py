@@ -7,6 +7,7 @@ Configs are frozen and reject unknown keys; they are validated once, at the edge
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import types
 import typing
@@ -38,6 +39,21 @@ class ConfigError(UserError, ValueError):
 # The losses of the policy alone (dpo_ray.losses.REFERENCE_FREE, kept equal by a test; not imported here,
 # so that loading a config needs no torch): train reads a `pairs` artifact and run has no reference stage.
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+LossName = Literal[
+    "sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
+    "apo_down", "discopop", "dpop", "simpo", "orpo", "bco_pair",
+]  # fmt: skip
+CombinedLoss = Literal[
+    "sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
+    "apo_down", "discopop", "dpop", "simpo", "orpo", "bco_pair", "sft",
+]  # fmt: skip
+
+
+def reference_free(loss: Any) -> bool:
+    """Whether train.loss (a name or a list of names, "sft" included) needs no reference log-probs."""
+    names = [loss] if isinstance(loss, str) else list(loss or [])
+    return bool(names) and all(n in REFERENCE_FREE_LOSSES or n == "sft" for n in names)
+
 
 # (section, key, artifact name under run_dir) filled in when a config leaves the path empty.
 _DEFAULT_PATHS = [
@@ -262,10 +278,14 @@ class TrainConfig(TrackingFields):
     export: str = Field("", description="Exported HF model dir; default <run_dir>/export.")
     storage_path: str = Field("", description="Ray Train storage for checkpoints; default <run_dir>/checkpoints.")
     run_name: str = Field("dpo", description="Ray Train run name; a restart with the same name resumes.")
-    loss: Literal[
-        "sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
-        "apo_down", "discopop", "dpop", "simpo", "orpo",
-    ] = Field("sigmoid", description="Loss variant (dpo_ray.losses; README: the loss table).")  # fmt: skip
+    loss: LossName | list[CombinedLoss] = Field(
+        "sigmoid",
+        description='Loss variant (dpo_ray.losses; README: the loss table), or a list of them ("sft": the NLL of '
+        "the chosen) combined with loss_weights (TRL's MPO form).",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="Weights of a list of losses, one each (>= 0; default 1 each)."
+    )
     beta: float = Field(0.1, gt=0, description="β: strength of the KL constraint.")
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="ε of cDPO (sigmoid), rDPO (robust) and EXO (exo_pair, which needs ε > 0)."
@@ -331,14 +351,28 @@ class TrainConfig(TrackingFields):
     def _divisible(self) -> TrainConfig:
         if self.batch_size % max(1, self.num_workers):
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
-        if self.label_smoothing and self.loss not in ("sigmoid", "robust", "exo_pair", "simpo"):
+        losses = self.losses
+        if isinstance(self.loss, list):
+            if not self.loss or len(set(self.loss)) != len(self.loss):
+                raise ValueError(f"loss: a list names each loss once (at least one), found {self.loss}")
+            if self.loss_weights is not None and len(self.loss_weights) != len(self.loss):
+                raise ValueError(
+                    f"loss_weights: {len(self.loss_weights)} weights for {len(self.loss)} losses {self.loss}"
+                )
+        elif self.loss_weights is not None:
+            raise ValueError(f"loss_weights weighs a list of losses; loss is {self.loss!r}")
+        if any(w < 0 or not math.isfinite(w) for w in self.loss_weights or []):
+            raise ValueError(f"loss_weights: must be finite numbers >= 0, found {self.loss_weights}")
+        if self.label_smoothing and not set(losses) & {"sigmoid", "robust", "exo_pair", "simpo"}:
             raise ValueError(
                 f"label_smoothing applies to the sigmoid, robust, exo_pair and simpo losses, not {self.loss!r}"
             )
-        if self.loss == "exo_pair" and not self.label_smoothing:
+        if "exo_pair" in losses and not self.label_smoothing:
             raise ValueError("loss exo_pair needs label_smoothing > 0 (EXO's ε, e.g. 1e-3)")
         if self.f_divergence != "reverse_kl" and self.loss != "sigmoid":
-            raise ValueError(f"f_divergence {self.f_divergence} applies to loss 'sigmoid', but loss is {self.loss!r}")
+            raise ValueError(
+                f"f_divergence {self.f_divergence} applies to loss 'sigmoid' alone, but loss is {self.loss!r}"
+            )
         if self.f_alpha is not None and self.f_divergence != "alpha_divergence":
             raise ValueError(f"f_alpha is a parameter of f_divergence alpha_divergence, not {self.f_divergence}")
         params = (
@@ -348,9 +382,19 @@ class TrainConfig(TrackingFields):
             ("orpo_lambda", "orpo"),
         )
         for key, loss in params:
-            if getattr(self, key) is not None and self.loss != loss:
+            if getattr(self, key) is not None and loss not in losses:
                 raise ValueError(f"{key} is a parameter of loss {loss!r}, but loss is {self.loss!r}")
         return self
+
+    @property
+    def losses(self) -> tuple[str, ...]:
+        """train.loss as a tuple of names (one for a single loss)."""
+        return (self.loss,) if isinstance(self.loss, str) else tuple(self.loss)
+
+    @property
+    def reference_free(self) -> bool:
+        """No member of train.loss needs reference log-probs (simpo, orpo, sft)."""
+        return reference_free(self.loss)
 
 
 class GenerateConfig(VllmConfig):
@@ -431,7 +475,7 @@ class PipelineConfig(StrictModel):
         if self.rounds > 1 and self.train is None:
             raise ValueError("rounds > 1 needs a 'train:' section")
         if self.rounds > 1 and self.reference is None and self.train is not None:
-            if self.train.loss not in REFERENCE_FREE_LOSSES:
+            if not self.train.reference_free:
                 raise ValueError(f"rounds > 1 needs a 'reference:' section (train.loss {self.train.loss} uses one)")
         if self.beta_sweep and (self.train is None or self.evaluate is None):
             raise ValueError("beta_sweep needs 'train:' and 'evaluate:' sections")
@@ -447,7 +491,7 @@ class PipelineConfig(StrictModel):
         run_dir = _absolute(str(data.get("run_dir", "runs/default")).rstrip("/"))
         data = {**data, "run_dir": run_dir}
         train = data.get("train")
-        free = isinstance(train, dict) and train.get("loss") in REFERENCE_FREE_LOSSES
+        free = isinstance(train, dict) and reference_free(train.get("loss"))
         for section, key, name in _DEFAULT_PATHS:
             stage = data.get(section)
             if isinstance(stage, dict) and not stage.get(key):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import REFERENCE_FREE_LOSSES, PipelineConfig
+from pipeline.config import PipelineConfig
 
 __all__ = ["PlannedStage", "plan"]
 
@@ -53,7 +53,7 @@ def _outputs(stage: str, c: Any) -> tuple[str, ...]:
 
 def _round(cfg: PipelineConfig, r: int, previous_export: str | None) -> list[tuple[str, Any]]:
     gen, ref, trn, ev = cfg.generate, cfg.reference, cfg.train, cfg.evaluate
-    free = trn is not None and trn.loss in REFERENCE_FREE_LOSSES
+    free = trn is not None and trn.reference_free
     stages: list[tuple[str, Any]] = []
     pairs: str | None = None  # the pairs this round generates
     if r == 0:

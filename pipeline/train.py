@@ -43,7 +43,7 @@ def _loop_config(
     import torch
 
     from dpo_ray.lora import LoraSettings
-    from dpo_ray.losses import REFERENCE_FREE, LossParams, initial_loss
+    from dpo_ray.losses import LossParams, step_zero
     from dpo_ray.models import load_tokenizer
     from dpo_ray.step import TrainSettings
     from dpo_ray.train_loop import LoopConfig
@@ -57,16 +57,20 @@ def _loop_config(
         "simpo_gamma": defaults.simpo_gamma if cfg.simpo_gamma is None else cfg.simpo_gamma,
         "orpo_lambda": defaults.orpo_lambda if cfg.orpo_lambda is None else cfg.orpo_lambda,
     }
-    reference_free = cfg.loss in REFERENCE_FREE
-    initial = (
-        None
-        if reference_free
-        else initial_loss(cfg.loss, cfg.beta, cfg.label_smoothing, f_divergence=cfg.f_divergence, **params)
+    start = step_zero(
+        cfg.losses,
+        cfg.loss_weights,
+        cfg.beta,
+        cfg.label_smoothing,
+        cfg.sft_weight,
+        f_divergence=cfg.f_divergence,
+        **params,
     )
 
     bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and cfg.use_gpu)
     settings = TrainSettings(
-        loss=cfg.loss,
+        loss=cfg.losses[0] if isinstance(cfg.loss, str) else cfg.losses,
+        loss_weights=None if cfg.loss_weights is None else tuple(cfg.loss_weights),
         beta=cfg.beta,
         label_smoothing=cfg.label_smoothing,
         sft_weight=cfg.sft_weight,
@@ -103,11 +107,12 @@ def _loop_config(
         export=cfg.export,
         scored=cfg.scored,
         scored_shards=tuple(shards),
-        # With an NLL term the step-0 loss depends on the model's log-probs: only the margins are checked. A
-        # reference-free loss uses no stored reference log-probs: there is nothing for step 0 to check.
-        initial_loss=None if cfg.sft_weight > 0 or initial is None else initial.value,
-        initial_slope=0.0 if initial is None else initial.slope,
-        check_initial_margin=starts_from_reference and not reference_free,
+        # With an NLL term (sft_weight, an "sft" member, a reference-free member) the step-0 loss depends on the
+        # model's log-probs: only the margins are checked. Rewards of a reference-free loss are no log-ratios
+        # (and it uses no stored reference log-probs): there is nothing for step 0 to check.
+        initial_loss=start.value,
+        initial_slope=start.slope,
+        check_initial_margin=starts_from_reference and start.margins_zero,
         initial_tolerance=cfg.initial_check_tolerance or (5e-2 if bf16 else 1e-3),
         fault_injection=cfg.fault_injection,
         trust_remote_code=cfg.trust_remote_code,
@@ -167,8 +172,7 @@ def run(cfg: TrainConfig) -> Manifest:
     """Train; skipped when the export is complete for this config and scored artifact."""
     from dpo_ray.models import model_fingerprint, resolve_model_dir
 
-    reference_free = cfg.loss in REFERENCE_FREE_LOSSES
-    kinds = ("scored", "pairs") if reference_free else ("scored",)
+    kinds = ("scored", "pairs") if cfg.reference_free else ("scored",)
     hint = f" (a 'pairs' artifact serves a reference-free loss only: {', '.join(REFERENCE_FREE_LOSSES)})"
     scored = artifacts.require_complete(cfg.scored, kinds, hint)
     # The export is rewritten whole by rank 0 at the end; checkpoints resume by run name (stage.claim).
@@ -210,14 +214,21 @@ def _header(cfg: TrainConfig, counts: tuple[int, int, int], batching: str, from_
     n_train, n_eval, total_steps = counts
     return (
         f"train: {cfg.scored} ({n_train} train / {n_eval} eval pairs) -> {cfg.export}; {total_steps} steps of "
-        f"{cfg.batch_size} pairs, loss {cfg.loss} (beta {cfg.beta:g}), batching {batching}, "
+        f"{cfg.batch_size} pairs, loss {_loss_name(cfg)} (beta {cfg.beta:g}), batching {batching}, "
         f"{max(1, cfg.num_workers)} worker(s) x {{{describe(_worker_bundle(cfg))}}}; "
         + (
             "reference-free (no reference log-probs)"
-            if cfg.loss in REFERENCE_FREE_LOSSES
+            if cfg.reference_free
             else "policy " + ("starts at the reference" if from_reference else "differs from the reference")
         )
     )
+
+
+def _loss_name(cfg: TrainConfig) -> str:
+    if isinstance(cfg.loss, str):
+        return cfg.loss
+    weights = cfg.loss_weights or [1.0] * len(cfg.loss)
+    return " + ".join(f"{w:g}·{n}" for n, w in zip(cfg.loss, weights, strict=True))
 
 
 def _result_line(cfg: TrainConfig, steps: int, final: dict[str, Any]) -> str:

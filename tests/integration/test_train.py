@@ -181,6 +181,33 @@ def test_export_loads_in_transformers_and_vllm_and_matches_the_last_checkpoint(s
 
 
 @pytest.mark.cluster
+def test_bco_shift_is_the_same_for_any_split_and_survives_a_restart(setup):
+    """BCO's δ is loop state: 1 process, 16 micro-batches, 2 workers, and 2 workers that lose one after the
+    step-2 checkpoint all give the same δ and losses at every step (δ from the checkpoint after the restart)."""
+    kw = {"loss": "bco_pair", "lr": 5e-3}
+    runs = {
+        "local": _cfg(setup, "bco-local", num_workers=0, **kw),
+        "micro": _cfg(setup, "bco-micro", num_workers=0, token_budget=200, **kw),
+        "two": _cfg(setup, "bco-two", num_workers=2, **kw),
+        "fault": _cfg(
+            setup, "bco-fault", num_workers=2, checkpoint_every=2, fault_injection="3:1", max_failures=1, **kw
+        ),
+    }
+    hist = {}
+    for name, cfg in runs.items():
+        train(cfg)
+        hist[name] = _history(cfg)
+    local = hist["local"]
+    assert local[0]["bco/delta"] == 0.0 and local[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-6)
+    assert local[1]["bco/delta"] == pytest.approx(0.5 * (local[0]["rewards/chosen"] + local[0]["rewards/rejected"]))
+    assert abs(local[-1]["bco/delta"]) > 1e-3  # δ moved: a lost or reset δ would show
+    assert hist["fault"][2]["resumed_from_step"] == 2
+    for name in ("micro", "two", "fault"):
+        for a, b in zip(local, hist[name], strict=True):
+            assert b["bco/delta"] == pytest.approx(a["bco/delta"], abs=1e-5), (name, a["step"])
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), (name, a["step"])
+
+
 def test_worker_failure_resumes_from_last_checkpoint(setup):
     cfg = _cfg(setup, "fault", num_workers=2, checkpoint_every=2, fault_injection="3:1", max_failures=1)
     train(cfg)

@@ -101,3 +101,24 @@ def test_f_divergence_keys_are_checked():
         load_config(None, ["train.model=m", "train.loss=ipo", "train.f_divergence=js_divergence"])
     with pytest.raises(ConfigError, match="f_alpha is a parameter of f_divergence alpha_divergence"):
         load_config(None, ["train.model=m", "train.f_alpha=0.3"])
+
+
+def test_a_list_of_losses_with_weights():
+    cfg = load_config(
+        None, ["train.model=m", "train.loss=[sigmoid, nca_pair, sft]", "train.loss_weights=[0.8, 0.2, 1]"]
+    )
+    assert cfg.train is not None and cfg.train.losses == ("sigmoid", "nca_pair", "sft") and not cfg.train.reference_free
+    free = load_config(None, ["train.model=m", "train.loss=[simpo, sft]", "train.simpo_gamma=1"])
+    assert free.train is not None and free.train.reference_free and free.train.scored.endswith("/pairs")
+    bad = [
+        (["train.loss=[sigmoid, sft]", "train.loss_weights=[1]"], "1 weights for 2 losses"),
+        (["train.loss=[sigmoid, sigmoid]"], "names each loss once"),
+        (["train.loss=sigmoid", "train.loss_weights=[1]"], "loss_weights weighs a list of losses"),
+        (["train.loss=[sigmoid, sft]", "train.loss_weights=[1, -1]"], "finite numbers >= 0"),
+        (["train.loss=[sigmoid, kto]"], "train.loss"),
+        (["train.loss=[ipo, sft]", "train.dpop_lambda=3"], "dpop_lambda is a parameter of loss 'dpop'"),
+        (["train.loss=[sigmoid, sft]", "train.f_divergence=js_divergence"], "applies to loss 'sigmoid' alone"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, ["train.model=m", *overrides])

@@ -11,7 +11,7 @@ from tests.unit.test_distributed_alignment import PAIRS, _batch, _model
 
 NEW = [
     "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "dpop", "f-js",
-    "simpo", "orpo",
+    "simpo", "orpo", "mpo", "bco_pair",
 ]  # fmt: skip
 
 
@@ -23,9 +23,12 @@ def test_train_step_loss_is_the_variant_with_its_parameters(name):
     from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
 
     params = {"label_smoothing": 1e-3 if name == "exo_pair" else 0.0, "discopop_tau": 0.2, "dpop_lambda": 3.0}
-    params |= {"simpo_gamma": 0.3, "orpo_lambda": 0.4}
+    params |= {"simpo_gamma": 0.3, "orpo_lambda": 0.4, "bco_delta": 0.25}
     if name == "f-js":  # f-DPO with the Jensen-Shannon divergence
         name, params = "sigmoid", params | {"f_divergence": "js_divergence"}
+    loss: str | tuple[str, ...] = name
+    if name == "mpo":  # a weighted combination, TRL's MPO form
+        loss, params = ("sigmoid", "dpop", "sft"), params | {"loss_weights": (0.8, 0.3, 1.5)}
     beta = 0.7
     model = enable_segment_attention(_model())
     with torch.no_grad():
@@ -38,21 +41,30 @@ def test_train_step_loss_is_the_variant_with_its_parameters(name):
     # references above the policy on chosen (dpop's penalty is on) and below it on rejected
     shift = torch.tensor([0.5, 1.5, 0.25, 2.0], dtype=torch.float64)
     batch = StepBatch(_batch(PAIRS).pairs, sums[:n] + shift, sums[n:] - shift)
-    expected = preference_loss(
-        name, sums[:n], sums[n:], batch.ref_chosen, batch.ref_rejected, lengths[:n], lengths[n:], beta=beta, **params
-    ).losses.mean()
-    settings = TrainSettings(loss=name, beta=beta, token_budget=1, batching="packed", max_grad_norm=None, **params)
+
+    def single(member: str) -> torch.Tensor:  # one loss, unweighted ("sft": the chosen's per-token NLL)
+        if member == "sft":
+            return -sums[:n] / lengths[:n]
+        args = (sums[:n], sums[n:], batch.ref_chosen, batch.ref_rejected, lengths[:n], lengths[n:])
+        own = {k: v for k, v in params.items() if k != "loss_weights"}
+        return preference_loss(member, *args, beta=beta, **own).losses
+
+    members = [loss] if isinstance(loss, str) else list(loss)
+    weights = params.get("loss_weights") or (1.0,) * len(members)
+    expected = sum(w * single(m) for m, w in zip(members, weights, strict=True)).mean()  # type: ignore[union-attr]
+    settings = TrainSettings(loss=loss, beta=beta, token_budget=1, batching="packed", max_grad_norm=None, **params)
     opt = make_optimizer(model, "adamw", 1e-3, 0.0)
     metrics = train_step(model, opt, make_scheduler(opt, 0, 1, "constant"), batch, settings, n)
     assert abs(metrics["loss"] - float(expected)) < 1e-5, (metrics["loss"], float(expected))
     # the parameter matters: another τ / λ / ε gives another loss (where the variant has one)
-    if name in ("discopop", "dpop", "exo_pair", "simpo", "orpo"):
+    if name in ("discopop", "dpop", "exo_pair", "simpo", "orpo", "bco_pair"):
         other = {
             "discopop": {"discopop_tau": 0.05},
             "dpop": {"dpop_lambda": 50.0},
             "exo_pair": {"label_smoothing": 0.2},
             "simpo": {"simpo_gamma": 1.0},
             "orpo": {"orpo_lambda": 0.1},
+            "bco_pair": {"bco_delta": -0.5},
         }
         moved = preference_loss(
             name, sums[:n], sums[n:], batch.ref_chosen, batch.ref_rejected, lengths[:n], lengths[n:], beta=beta,

@@ -64,6 +64,8 @@ def _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average):
             loss = (1 - m) * -_logsig(z) + m * np.exp(-z)
         elif name == "dpop":
             loss = -_logsig(beta * (h - 50.0 * np.maximum(0.0, -cw)))
+        elif name == "bco_pair":  # δ = 0 here (the default); test_bco_shift sets it
+            loss = -_logsig(beta * cw) - _logsig(-beta * cl)
     loss = loss + sft * (-pc / lc)
     return loss, beta * (pcs - rcs), beta * (prs - rrs)
 
@@ -183,6 +185,7 @@ def test_initial_loss_and_slope_match_hand_derivations():
         # dL/dz at 0 with m' = 1/(4τ): −m'·ln 2 − ½·½ + m'·1 − ½
         ("discopop", 0.0): ((math.log(2) + 1) / 2, (1 - math.log(2)) / (4 * 0.05) - 0.75),
         ("dpop", 0.0): (math.log(2), 0.5),  # relu'(0) = 0: the penalty is off at c = 0
+        ("bco_pair", 0.0): (2 * math.log(2), 0.5),  # −log σ(0) twice; each side's slope σ(0)
         ("exo_pair", eps): (
             0.5 * (math.log(0.5) - math.log(1 - eps)) + 0.5 * (math.log(0.5) - math.log(eps)),
             abs(0.25 * (math.log(1 - eps) - math.log(eps)) * -1),
@@ -302,3 +305,70 @@ def test_gradients_match_finite_differences_of_the_float64_reference(name):
             want[i] = (hi - lo) / (2 * step)
         assert got is not None
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-7, err_msg=f"{name} side {k}")
+
+
+@pytest.mark.parametrize(
+    ("names", "weights"),
+    [(["sigmoid", "sft"], [0.8, 1.0]), (["ipo", "nca_pair", "sft"], None), (["simpo", "sft"], [1.0, 0.5])],
+)
+def test_a_combination_is_the_weighted_sum_of_its_members(names, weights):
+    """TRL's MPO form: Σ w_i·loss_i per pair, "sft" the chosen's per-token NLL; rewards of the first member."""
+    pc, pr, rc, rr, lc, lr = _random_inputs(21)
+    beta = 0.5
+    w = weights or [1.0] * len(names)
+    parts = [
+        (-pc / lc) if n == "sft" else _reference(n, pc, pr, rc, rr, lc, lr, beta, 0.0, 0.0, False)[0] for n in names
+    ]
+    want = sum(x * p for x, p in zip(w, parts, strict=True))
+    t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
+    out = preference_loss(names, *t, beta=beta, weights=weights)
+    np.testing.assert_allclose(out.losses.numpy(), want, rtol=1e-9)
+    _, chosen_rewards, _ = _reference(names[0], pc, pr, rc, rr, lc, lr, beta, 0.0, 0.0, False)
+    np.testing.assert_allclose(out.chosen_rewards.numpy(), chosen_rewards, rtol=1e-9)
+
+
+def test_bad_combinations_name_the_problem():
+    t = [torch.tensor(x) for x in _random_inputs(5)]
+    with pytest.raises(ValueError, match="at most once"):
+        preference_loss(["sigmoid", "sigmoid"], *t, beta=0.1)
+    with pytest.raises(ValueError, match="2 weights for 3 losses"):
+        preference_loss(["sigmoid", "ipo", "sft"], *t, beta=0.1, weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
+        preference_loss(["sigmoid", "sft"], *t, beta=0.1, weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="unknown variant 'kto'"):
+        preference_loss(["sigmoid", "kto"], *t, beta=0.1)
+
+
+def test_step_zero_of_combinations():
+    """Σ w·value and Σ w·slope over reference-based members; value unknown with an NLL or reference-free
+    member; margins 0 only when the rewards come from a reference-based member."""
+    from dpo_ray.losses import initial_loss, step_zero
+
+    beta = 0.2
+    both = step_zero(["sigmoid", "ipo"], [0.5, 2.0], beta)
+    assert math.isclose(both.value, 0.5 * math.log(2) + 2.0 / (4 * beta**2), rel_tol=1e-12)
+    assert math.isclose(both.slope, 0.5 * 0.5 + 2.0 / beta**2, rel_tol=1e-12) and both.margins_zero
+    with_sft = step_zero(["sigmoid", "sft"], None, beta)
+    assert with_sft.value is None and with_sft.margins_zero and with_sft.slope == initial_loss("sigmoid", beta).slope
+    assert step_zero(["sigmoid"], None, beta, sft_weight=0.1).value is None
+    free = step_zero(["simpo", "sft"], None, beta)
+    assert free.value is None and not free.margins_zero
+    assert not step_zero(["sft"], None, beta).margins_zero
+
+
+def test_bco_shift_and_its_running_mean():
+    """BCO with δ: −log σ(β·c − δ) − log σ(−(β·r − δ)); δ after k steps is the mean of the steps' mean rewards."""
+    from dpo_ray.losses import bco_update
+
+    pc, pr, rc, rr, lc, lr = _random_inputs(31)
+    beta, delta = 0.3, 0.7
+    cw, cl = pc - rc, pr - rr
+    want = -_logsig(beta * cw - delta) - _logsig(-(beta * cl - delta))
+    t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
+    got = preference_loss("bco_pair", *t, beta=beta, bco_delta=delta).losses.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    state = (0.0, 0)
+    steps = [(0.5, -0.1), (1.5, 0.3), (-0.2, -0.6)]
+    for chosen, rejected in steps:
+        state = bco_update(*state, chosen, rejected)
+    assert state[1] == 3 and math.isclose(state[0], np.mean([(c + r) / 2 for c, r in steps]), rel_tol=1e-12)
