@@ -1,0 +1,135 @@
+"""Side by side with TRL 1.16's DPOTrainer, the peer most users compare against: the same pairs (TRL's own
+tokenization), the same policy and reference weights; TRL's `compute_loss` + backward against this
+project's train step. First-step loss and gradient norm agree (relative 5e-4: TRL's own float32 error, see
+RTOL) for every loss both implement, and for a weighted combination."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+CORPUS = [
+    f"the movie was {w} and the plot {v} until the end"
+    for w in ("good", "bad", "fine", "awful", "great", "dull")
+    for v in ("worked", "failed", "dragged", "flew")
+]
+# Chosen completions of equal length: TRL's "sft" term averages over all chosen tokens of the batch, this
+# project's over each pair's tokens, then over pairs (ORPO/RPO's per-sequence form); equal lengths make them one.
+ROWS = [
+    {
+        "prompt": f"review {i}: the movie",
+        "chosen": " was good and the plot worked",
+        "rejected": " was bad" + " and the plot failed" * (i % 3),
+    }
+    for i in range(6)
+]
+# (TRL loss_type list, TRL config extras, this project's TrainSettings extras)
+CASES: dict[str, tuple[list[str], dict[str, Any], dict[str, Any]]] = {
+    "sigmoid": (["sigmoid"], {}, {}),
+    "hinge": (["hinge"], {}, {}),
+    "ipo": (["ipo"], {}, {"average_logps": True}),  # TRL's IPO is on per-token means
+    "exo_pair": (["exo_pair"], {"label_smoothing": 1e-3}, {"label_smoothing": 1e-3}),
+    "nca_pair": (["nca_pair"], {}, {}),
+    "robust": (["robust"], {"label_smoothing": 0.1}, {"label_smoothing": 0.1}),
+    "bco_pair": (["bco_pair"], {}, {}),  # TRL 1.16 keeps no running shift: δ = 0, this project's δ at step 1
+    "sppo_hard": (["sppo_hard"], {}, {}),
+    "apo_zero": (["apo_zero"], {}, {}),
+    "apo_down": (["apo_down"], {}, {}),
+    "discopop": (["discopop"], {"discopop_tau": 0.2}, {"discopop_tau": 0.2}),
+    "sigmoid_norm": (["sigmoid_norm"], {}, {}),
+    "f-js": (["sigmoid"], {"f_divergence_type": "js_divergence"}, {"f_divergence": "js_divergence"}),
+    "f-forward": (["sigmoid"], {"f_divergence_type": "forward_kl"}, {"f_divergence": "forward_kl"}),
+    "f-alpha": (
+        ["sigmoid"],
+        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+        {"f_divergence": "alpha_divergence", "f_alpha": 0.3},
+    ),
+    "mpo": (["sigmoid", "nca_pair", "sft"], {"loss_weights": [0.8, 0.3, 1.0]}, {"loss_weights": (0.8, 0.3, 1.0)}),
+}
+BETA = 0.3
+DTYPE = torch.float32
+# The bound is TRL's float32 error: on these models its sigmoid loss is 1.9e-5 from a float64 computation
+# (this project's 3e-7; tests/unit/test_logps.py holds its log-probs to float64), and losses that square or
+# exponentiate log-ratios (sppo_hard, forward_kl, alpha) amplify it: measured up to 1.5e-4 (loss) and 2.8e-4
+# (gradient norm). A loss defined differently (sums vs per-token means, another ε) is off by far more.
+RTOL = 5e-4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from dpo_ray.models import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("trl")
+    build_tiny_llama(root / "policy", CORPUS, seed=0)
+    build_tiny_llama(root / "reference", CORPUS, seed=1)  # another model: log-ratios far from 0
+    return {"policy": root / "policy", "reference": root / "reference", "root": root}
+
+
+def _grad_norm(model: Any) -> float:
+    return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_first_step_matches_trl(models, case):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_ray.batching import PairTokens, completion_logps
+    from dpo_ray.models import load_causal_lm, load_tokenizer
+    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+
+    loss_type, trl_extra, ours_extra = CASES[case]
+    tok = load_tokenizer(str(models["policy"]))
+    args = DPOConfig(
+        output_dir=str(models["root"] / "out"),
+        report_to=[],
+        max_length=None,
+        use_cpu=True,
+        loss_type=loss_type,
+        beta=BETA,
+        per_device_train_batch_size=len(ROWS),
+        **trl_extra,
+    )
+    trainer = DPOTrainer(
+        model=load_causal_lm(str(models["policy"])).to(DTYPE),
+        ref_model=load_causal_lm(str(models["reference"])).to(DTYPE),
+        args=args,
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tok,
+    )
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+    trl_grad = _grad_norm(trainer.model)
+
+    rows = list(trainer.train_dataset)  # TRL's own ids (this project's tokenization matches them: test_tokenization)
+    pairs = [PairTokens(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows]
+    reference = load_causal_lm(str(models["reference"])).to(DTYPE)
+    with torch.no_grad():
+        ref = completion_logps(
+            reference,
+            [p.prompt_ids for p in pairs] * 2,
+            [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+            0,
+        )
+    sums = torch.tensor([sum(x) for x in ref], dtype=torch.float64)
+    n = len(pairs)
+    policy = load_causal_lm(str(models["policy"])).to(DTYPE)
+    names = loss_type[0] if len(loss_type) == 1 else tuple(loss_type)
+    settings = TrainSettings(loss=names, beta=BETA, batching="padded", max_grad_norm=None, **ours_extra)
+    optimizer = make_optimizer(policy, "adamw", 1e-3, 0.0)
+    metrics = train_step(
+        policy,
+        optimizer,
+        make_scheduler(optimizer, 0, 1, "constant"),
+        StepBatch(pairs, sums[:n], sums[n:]),
+        settings,
+        n,
+    )
+    assert metrics["loss"] == pytest.approx(float(trl_loss), rel=RTOL), case
+    assert metrics["grad_norm"] == pytest.approx(trl_grad, rel=RTOL), case
