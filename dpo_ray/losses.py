@@ -26,7 +26,10 @@ __all__ = [
     "REFERENCE_FREE",
     "SFT",
     "SMOOTHED",
+    "AOT",
     "StepZero",
+    "aot_partners",
+    "aot_values",
     "bco_update",
     "step_zero",
     "InitialLoss",
@@ -107,6 +110,7 @@ class LossParams:
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
     bco_delta: float = 0.0
+    aot_partners: Tensor | None = None  # (B, 2): each pair's partners in AOT's sorted order (aot_partners)
 
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -217,6 +221,47 @@ def bco_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
     return -F.logsigmoid(p.beta * c - p.bco_delta) - F.logsigmoid(-(p.beta * r - p.bco_delta))
 
 
+AOT = ("aot", "aot_unpaired")  # losses of the batch's sorted order: aot_partners pairs them up
+
+
+def _aot_ell(z: Tensor, eps: float) -> Tensor:
+    return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def aot_values(name: str, c: Tensor, r: Tensor, ref_margin: Tensor) -> tuple[Tensor, Tensor]:
+    """The two quantities AOT sorts (Melnyk et al. 2024, as in TRL): `aot`, the policy's margins
+    log πθ(y_w) − log πθ(y_l) (= c − r + the reference's margin) and the reference's margins; `aot_unpaired`,
+    the chosen and the rejected log-ratios c and r."""
+    return (c - r + ref_margin, ref_margin) if name == "aot" else (c, r)
+
+
+def aot_partners(x: Tensor, y: Tensor) -> Tensor:
+    """(B, 2) float64, detached: for each pair i, the y at x_i's rank among the x (sorted ascending) and the
+    x at y_i's rank among the y. Over a whole global batch (dpo_ray.step gathers it first), these make AOT's
+    loss Σ_k ℓ(β·(x_(k) − y_(k))) a sum of per-pair terms that any micro-batching reproduces. Ties are
+    broken by position (a stable sort)."""
+    x, y = x.detach().double(), y.detach().double()
+    order_x, order_y = torch.sort(x, stable=True).indices, torch.sort(y, stable=True).indices
+    rank_x, rank_y = torch.empty_like(order_x), torch.empty_like(order_y)
+    rank_x[order_x] = torch.arange(len(x), device=x.device)
+    rank_y[order_y] = torch.arange(len(y), device=y.device)
+    return torch.stack([y[order_y][rank_x], x[order_x][rank_y]], dim=1)
+
+
+def aot_loss(x: Tensor, y: Tensor, partners: Tensor, p: LossParams) -> Tensor:
+    """AOT per pair (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
+    the sorted-quantile loss; ε label smoothing as TRL): the batch's loss Σ_k ℓ(β·(x_(k) − y_(k))),
+    ℓ(z) = −(1 − ε)·log σ(z) − ε·log σ(−z), written per pair as ℓ(β·(x_i − y*)) (y* = the y of x_i's rank) plus,
+    when y also depends on the policy (aot_unpaired), a term with the value 0 and y_i's gradient."""
+    eps = p.label_smoothing
+    px, py = partners[:, 0].to(x.dtype), partners[:, 1].to(x.dtype)
+    loss = _aot_ell(p.beta * (x - px), eps)
+    if y.requires_grad:
+        term = _aot_ell(p.beta * (py - y), eps)
+        loss = loss + term - term.detach()
+    return loss
+
+
 def bco_update(delta: float, steps: int, chosen_reward_mean: float, rejected_reward_mean: float) -> tuple[float, int]:
     """BCO's δ after one more optimizer step: the mean over steps of each step's mean reward over its global
     batch ((mean chosen + mean rejected)/2, both all-reduced), so it is the same for any number of workers or
@@ -256,7 +301,22 @@ LOSSES: dict[str, PairLossFn] = {
     "orpo": orpo_loss,
     "bco_pair": bco_pair_loss,
 }
-SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")  # the variants label_smoothing applies to
+
+
+def _aot_of_logratios(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    """`aot` on the given batch of log-ratios when the reference's margins are 0 (initial_loss's case);
+    preference_loss computes AOT itself (aot_values, aot_partners, aot_loss)."""
+    x, y = c - r, torch.zeros_like(r)
+    return aot_loss(x, y, aot_partners(x, y), p)
+
+
+def _aot_unpaired_of_logratios(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    return aot_loss(c, r, aot_partners(c, r), p)
+
+
+LOSSES["aot"] = _aot_of_logratios
+LOSSES["aot_unpaired"] = _aot_unpaired_of_logratios
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo", "aot", "aot_unpaired")  # the variants label_smoothing applies to
 # Losses of the policy alone: LOSSES[name] gets the policy's per-token mean log-probs (the reference's are
 # not used, and the train stage needs no reference pass for them).
 REFERENCE_FREE = ("simpo", "orpo")
@@ -366,6 +426,7 @@ def preference_loss(
     orpo_lambda: float = 0.1,
     bco_delta: float = 0.0,
     weights: Sequence[float] | None = None,
+    aot_partners: Tensor | None = None,
 ) -> LossOutput:
     """Loss variant `name` of LOSSES, plus an optional NLL term on the chosen completion.
 
@@ -398,7 +459,16 @@ def preference_loss(
             _validate(n, tensors, beta, label_smoothing, sft_weight)
     _validate("sigmoid", tensors, beta, label_smoothing, sft_weight)  # shapes and β, also for ["sft"]
     params = LossParams(
-        beta, label_smoothing, discopop_tau, dpop_lambda, f_divergence, f_alpha, simpo_gamma, orpo_lambda, bco_delta
+        beta,
+        label_smoothing,
+        discopop_tau,
+        dpop_lambda,
+        f_divergence,
+        f_alpha,
+        simpo_gamma,
+        orpo_lambda,
+        bco_delta,
+        aot_partners,
     )
     nll = -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)
     total: Tensor | None = None
@@ -448,6 +518,10 @@ def _member(name: str, t: dict[str, Tensor], average_logps: bool, params: LossPa
         pol_rejected, ref_rejected = pol_rejected / rejected_len, ref_rejected / rejected_len
     chosen_logratios = pol_chosen - ref_chosen
     rejected_logratios = pol_rejected - ref_rejected
+    if name in AOT:  # sorted over the batch: partners from the caller (the global batch), else from this batch
+        x, y = aot_values(name, chosen_logratios, rejected_logratios, ref_chosen - ref_rejected)
+        partners = params.aot_partners if params.aot_partners is not None else aot_partners(x, y)
+        return aot_loss(x, y, partners, params), beta * chosen_logratios, beta * rejected_logratios
     if name == "sigmoid_norm" and not average_logps:  # TRL's length-normalised DPO: the loss on per-token means
         c, r = chosen_logratios / chosen_len, rejected_logratios / rejected_len
     else:

@@ -35,7 +35,7 @@ from dpo_ray.batching import (
     policy_logps,
 )
 from dpo_ray.logps import DEFAULT_CHUNK_TOKENS
-from dpo_ray.losses import preference_loss
+from dpo_ray.losses import AOT, aot_partners, aot_values, preference_loss
 from dpo_ray.metrics import GRAD_NORM, LR, PAIR_METRICS, metric_means, pair_metric_sums, throughput
 from dpo_ray.packing import (
     SDPA_BACKENDS,
@@ -94,6 +94,7 @@ class StepBatch:
     pairs: list[PairTokens]
     ref_chosen: Tensor
     ref_rejected: Tensor
+    partners: Tensor | None = None  # (B, 2): AOT's sorted partners over the global batch (_with_aot_partners)
 
     @classmethod
     def from_columns(cls, batch: dict[str, Any]) -> StepBatch:
@@ -109,7 +110,8 @@ class StepBatch:
         )
 
     def select(self, index: list[int]) -> StepBatch:
-        return StepBatch([self.pairs[i] for i in index], self.ref_chosen[index], self.ref_rejected[index])
+        partners = None if self.partners is None else self.partners[index]
+        return StepBatch([self.pairs[i] for i in index], self.ref_chosen[index], self.ref_rejected[index], partners)
 
     @property
     def tokens(self) -> int:
@@ -193,6 +195,7 @@ def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[T
         orpo_lambda=s.orpo_lambda,
         weights=s.loss_weights,
         bco_delta=s.bco_delta,
+        aot_partners=None if batch.partners is None else batch.partners.to(device),
         f_divergence=s.f_divergence,
         f_alpha=s.f_alpha,
     )
@@ -227,6 +230,7 @@ def train_step(
     t0 = time.perf_counter()
     groups = _aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), model_device(model))
     scale = world_size / global_batch_size
+    batch = _with_aot_partners(model, batch, settings, groups)
     sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
     for k, index in enumerate(groups):
         with _sync(model, enabled=k == len(groups) - 1):
@@ -257,6 +261,7 @@ def eval_sums(model: Any, batch: StepBatch, settings: TrainSettings) -> Tensor:
     model.eval()
     sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
     groups = _aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), model_device(model))
+    batch = _with_aot_partners(model, batch, settings, groups)
     with torch.no_grad():
         for index in groups:
             if index is None:
@@ -264,6 +269,72 @@ def eval_sums(model: Any, batch: StepBatch, settings: TrainSettings) -> Tensor:
             else:
                 sums += _micro_batch_loss(model, batch.select(index), settings)[1].cpu()
     return sums
+
+
+def _aot_member(loss: str | tuple[str, ...]) -> str | None:
+    found = [n for n in ((loss,) if isinstance(loss, str) else loss) if n in AOT]
+    if len(found) > 1:
+        raise ValueError(f"loss: at most one of {AOT} in a combination, found {found}")
+    return found[0] if found else None
+
+
+def _with_aot_partners(model: Any, batch: StepBatch, s: TrainSettings, groups: list[list[int] | None]) -> StepBatch:
+    """For an AOT loss: `batch` with each pair's partners in the sorted order of the whole global batch. A
+    forward without gradients over this rank's micro-batches (the same count on every rank, see _aligned)
+    gives its pairs' values; every rank gathers all of them (rank order), so the loss is the same for any
+    number of workers or micro-batches. Other losses: `batch` as it is."""
+    name = _aot_member(s.loss)
+    if name is None:
+        return batch
+    n = len(batch.pairs)
+    chosen = torch.zeros(n, dtype=torch.float64)
+    rejected = torch.zeros(n, dtype=torch.float64)
+    lengths = torch.ones(2, n, dtype=torch.float64)
+    with torch.no_grad():
+        for index in groups:
+            part = _placeholder(s) if index is None else batch.select(index)
+            lp = _micro_batch_logps(model, part, s)
+            if index is not None:
+                chosen[index], rejected[index] = lp.chosen.double().cpu(), lp.rejected.double().cpu()
+                lengths[0, index] = lp.chosen_lengths.double().cpu()
+                lengths[1, index] = lp.rejected_lengths.double().cpu()
+    ref_c, ref_r = batch.ref_chosen.double(), batch.ref_rejected.double()
+    if s.average_logps:
+        chosen, rejected = chosen / lengths[0], rejected / lengths[1]
+        ref_c, ref_r = ref_c / lengths[0], ref_r / lengths[1]
+    x, y = aot_values(name, chosen - ref_c, rejected - ref_r, ref_c - ref_r)
+    everything = _gather_rows(torch.stack([x, y], dim=1))
+    start = _offset(n)
+    partners = aot_partners(everything[:, 0], everything[:, 1])[start : start + n]
+    return dataclasses.replace(batch, partners=partners)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _gather_rows(rows: Tensor) -> Tensor:
+    """Every rank's rows (float64, any count per rank), concatenated in rank order."""
+    if not _distributed():
+        return rows
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows.cpu())
+    return torch.cat(parts)
+
+
+def _offset(n: int) -> int:
+    """Where this rank's rows start in _gather_rows's concatenation."""
+    if not _distributed():
+        return 0
+    import torch.distributed as dist
+
+    counts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, n)
+    return int(sum(counts[: dist.get_rank()]))
 
 
 def _aligned(groups: list[list[int]], device: torch.device) -> list[list[int] | None]:

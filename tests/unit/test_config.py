@@ -73,7 +73,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
         (["train.loss=simpo", "train.orpo_lambda=1"], "orpo_lambda is a parameter of loss 'orpo'"),
         (
             ["train.loss=orpo", "train.label_smoothing=0.1"],
-            "label_smoothing applies to the sigmoid, robust, exo_pair and simpo",
+            "label_smoothing applies to the sigmoid, robust, exo_pair, simpo and aot",
         ),
         (["train.loss=simpo", "train.simpo_gamma=-1"], "train.simpo_gamma"),
     ],

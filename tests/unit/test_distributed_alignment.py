@@ -34,16 +34,18 @@ def _batch(pairs):
     from dpo_ray.step import StepBatch
 
     ref = torch.tensor([-10.0 - i for i in range(len(pairs))], dtype=torch.float64)
-    return StepBatch([PairTokens(*p) for p in pairs], ref, ref + 1.0)
+    # rejected references in another order than the chosen ones: AOT's two sorted orders then differ, so
+    # sorting each rank's share alone would pair other values than sorting the global batch
+    return StepBatch([PairTokens(*p) for p in pairs], ref, ref.flip(0) * 1.5)
 
 
-def _settings(budget: int):
+def _settings(budget: int, loss: str = "sigmoid"):
     from dpo_ray.step import TrainSettings
 
-    return TrainSettings(token_budget=budget, batching="packed", max_grad_norm=None)
+    return TrainSettings(loss=loss, beta=0.5, token_budget=budget, batching="packed", max_grad_norm=None)
 
 
-def _rank(rank: int, port: int, out: str) -> None:
+def _rank(rank: int, port: int, out: str, loss: str = "sigmoid") -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -58,10 +60,10 @@ def _rank(rank: int, port: int, out: str) -> None:
     fully_shard(model)
     opt = make_optimizer(model, "adamw", 1e-2, 0.0)
     sched = make_scheduler(opt, 0, 1, "constant")
-    mine = PAIRS[:3] if rank == 0 else PAIRS[3:]
-    metrics = train_step(model, opt, sched, _batch(mine), _settings(1 if rank == 0 else 1000), 4, world_size=2)
+    mine = _batch(PAIRS).select([0, 1, 2] if rank == 0 else [3])  # the single process's pairs and references
+    metrics = train_step(model, opt, sched, mine, _settings(1 if rank == 0 else 1000, loss), 4, world_size=2)
     empty = StepBatch([], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
-    sums = eval_sums(model, _batch(PAIRS) if rank == 0 else empty, _settings(1))
+    sums = eval_sums(model, _batch(PAIRS) if rank == 0 else empty, _settings(1, loss))
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
     if rank == 0:
         weight = full["model.layers.0.self_attn.q_proj.weight"]
@@ -73,7 +75,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_uneven_micro_batches_under_fsdp_do_not_hang_and_match_one_process(tmp_path):
+@pytest.mark.parametrize("loss", ["sigmoid", "aot_unpaired"])  # AOT sorts over the global batch: gathered first
+def test_uneven_micro_batches_under_fsdp_do_not_hang_and_match_one_process(tmp_path, loss):
     import torch.multiprocessing as mp
 
     from dpo_ray.packing import enable_segment_attention
@@ -83,13 +86,13 @@ def test_uneven_micro_batches_under_fsdp_do_not_hang_and_match_one_process(tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "rank0.json"
-    mp.spawn(_rank, args=(port, str(out)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(port, str(out), loss), nprocs=2, join=True)
     got = json.loads(out.read_text())
 
     model = enable_segment_attention(_model())
     opt = make_optimizer(model, "adamw", 1e-2, 0.0)
     sched = make_scheduler(opt, 0, 1, "constant")
-    single = train_step(model, opt, sched, _batch(PAIRS), _settings(1000), 4)
+    single = train_step(model, opt, sched, _batch(PAIRS), _settings(1000, loss), 4)
     assert got["loss"] == pytest.approx(single["loss"], abs=1e-6)
     expected = model.model.layers[0].self_attn.q_proj.weight.detach().flatten()[:20]
     assert torch.allclose(torch.tensor(got["q"]), expected, atol=1e-6)

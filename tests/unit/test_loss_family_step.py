@@ -11,7 +11,7 @@ from tests.unit.test_distributed_alignment import PAIRS, _batch, _model
 
 NEW = [
     "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "dpop", "f-js",
-    "simpo", "orpo", "mpo", "bco_pair",
+    "simpo", "orpo", "mpo", "bco_pair", "aot", "aot_unpaired",
 ]  # fmt: skip
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_ray.losses import LOSSES, preference_loss
+from dpo_ray.losses import AOT, LOSSES, preference_loss
 
 
 def _logsig(x: np.ndarray) -> np.ndarray:
@@ -66,6 +66,14 @@ def _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average):
             loss = -_logsig(beta * (h - 50.0 * np.maximum(0.0, -cw)))
         elif name == "bco_pair":  # δ = 0 here (the default); test_bco_shift sets it
             loss = -_logsig(beta * cw) - _logsig(-beta * cl)
+        elif name in ("aot", "aot_unpaired"):  # sorted over the batch: the k-th smallest against the k-th
+            if name == "aot":
+                x, y = np.sort(pcs - prs), np.sort(rcs - rrs)  # policy margins vs reference margins
+            else:
+                x, y = np.sort(cw), np.sort(cl)
+            z = beta * (x - y)
+            total = -(1 - eps) * _logsig(z) - eps * _logsig(-z)
+            loss = total  # per position k; only the batch's sum (and mean) is defined
     loss = loss + sft * (-pc / lc)
     return loss, beta * (pcs - rcs), beta * (prs - rrs)
 
@@ -91,8 +99,14 @@ def test_variants_match_float64_reference(name, average, eps, sft):
     expected = _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average)
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
     out = preference_loss(name, *t, beta=beta, label_smoothing=eps, sft_weight=sft, average_logps=average)
-    for got, want in zip((out.losses, out.chosen_rewards, out.rejected_rewards), expected, strict=True):
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-12)
+    got_losses = out.losses.numpy()
+    if name in AOT:  # defined per sorted position: pair i carries position rank(i)'s term (same sum, same values)
+        np.testing.assert_allclose(got_losses.sum(), expected[0].sum(), rtol=1e-9)
+        if not sft:
+            np.testing.assert_allclose(np.sort(got_losses), np.sort(expected[0]), rtol=1e-9)
+        got_losses, expected = expected[0], expected
+    for got, want in zip((got_losses, out.chosen_rewards.numpy(), out.rejected_rewards.numpy()), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
 
 
 def test_float32_inputs_close_to_float64_reference():
@@ -186,6 +200,8 @@ def test_initial_loss_and_slope_match_hand_derivations():
         ("discopop", 0.0): ((math.log(2) + 1) / 2, (1 - math.log(2)) / (4 * 0.05) - 0.75),
         ("dpop", 0.0): (math.log(2), 0.5),  # relu'(0) = 0: the penalty is off at c = 0
         ("bco_pair", 0.0): (2 * math.log(2), 0.5),  # −log σ(0) twice; each side's slope σ(0)
+        ("aot", 0.0): (math.log(2), 0.5),  # one pair: ℓ(β·h), as sigmoid
+        ("aot_unpaired", 0.0): (math.log(2), 0.5),
         ("exo_pair", eps): (
             0.5 * (math.log(0.5) - math.log(1 - eps)) + 0.5 * (math.log(0.5) - math.log(eps)),
             abs(0.25 * (math.log(1 - eps) - math.log(eps)) * -1),

@@ -40,6 +40,8 @@ CASES: dict[str, tuple[list[str], dict[str, Any], dict[str, Any]]] = {
     "apo_down": (["apo_down"], {}, {}),
     "discopop": (["discopop"], {"discopop_tau": 0.2}, {"discopop_tau": 0.2}),
     "sigmoid_norm": (["sigmoid_norm"], {}, {}),
+    "aot": (["aot"], {}, {}),  # TRL sorts over its batch, here the whole batch of 6
+    "aot_unpaired": (["aot_unpaired"], {"label_smoothing": 0.1}, {"label_smoothing": 0.1}),
     "f-js": (["sigmoid"], {"f_divergence_type": "js_divergence"}, {"f_divergence": "js_divergence"}),
     "f-forward": (["sigmoid"], {"f_divergence_type": "forward_kl"}, {"f_divergence": "forward_kl"}),
     "f-alpha": (
