@@ -221,7 +221,8 @@ def bco_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
     return -F.logsigmoid(p.beta * c - p.bco_delta) - F.logsigmoid(-(p.beta * r - p.bco_delta))
 
 
-AOT = ("aot", "aot_unpaired")  # losses of the batch's sorted order: aot_partners pairs them up
+# Losses of the batch's sorted order (aot_partners pairs them up); aot_pair is older TRL's name of aot_unpaired.
+AOT = ("aot", "aot_unpaired", "aot_pair")
 
 
 def _aot_ell(z: Tensor, eps: float) -> Tensor:
@@ -315,8 +316,8 @@ def _aot_unpaired_of_logratios(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
 
 
 LOSSES["aot"] = _aot_of_logratios
-LOSSES["aot_unpaired"] = _aot_unpaired_of_logratios
-SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo", "aot", "aot_unpaired")  # the variants label_smoothing applies to
+LOSSES["aot_unpaired"] = LOSSES["aot_pair"] = _aot_unpaired_of_logratios
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo", *AOT)  # the variants label_smoothing applies to
 # Losses of the policy alone: LOSSES[name] gets the policy's per-token mean log-probs (the reference's are
 # not used, and the train stage needs no reference pass for them).
 REFERENCE_FREE = ("simpo", "orpo")

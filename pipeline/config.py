@@ -41,11 +41,11 @@ class ConfigError(UserError, ValueError):
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 LossName = Literal[
     "sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
-    "apo_down", "discopop", "dpop", "simpo", "orpo", "bco_pair", "aot", "aot_unpaired",
+    "apo_down", "discopop", "dpop", "simpo", "orpo", "bco_pair", "aot", "aot_unpaired", "aot_pair",
 ]  # fmt: skip
 CombinedLoss = Literal[
     "sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
-    "apo_down", "discopop", "dpop", "simpo", "orpo", "bco_pair", "aot", "aot_unpaired", "sft",
+    "apo_down", "discopop", "dpop", "simpo", "orpo", "bco_pair", "aot", "aot_unpaired", "aot_pair", "sft",
 ]  # fmt: skip
 
 
@@ -363,12 +363,13 @@ class TrainConfig(TrackingFields):
             raise ValueError(f"loss_weights weighs a list of losses; loss is {self.loss!r}")
         if any(w < 0 or not math.isfinite(w) for w in self.loss_weights or []):
             raise ValueError(f"loss_weights: must be finite numbers >= 0, found {self.loss_weights}")
-        if self.label_smoothing and not set(losses) & {"sigmoid", "robust", "exo_pair", "simpo", "aot", "aot_unpaired"}:
+        aot = {"aot", "aot_unpaired", "aot_pair"}
+        if self.label_smoothing and not set(losses) & {"sigmoid", "robust", "exo_pair", "simpo", *aot}:
             raise ValueError(
                 f"label_smoothing applies to the sigmoid, robust, exo_pair, simpo and aot losses, not {self.loss!r}"
             )
-        if {"aot", "aot_unpaired"} <= set(losses):
-            raise ValueError("loss: aot and aot_unpaired sort the batch differently; combine at most one of them")
+        if len(aot & set(losses)) > 1:
+            raise ValueError(f"loss: {sorted(aot & set(losses))} each sort the batch; combine at most one of them")
         if "exo_pair" in losses and not self.label_smoothing:
             raise ValueError("loss exo_pair needs label_smoothing > 0 (EXO's ε, e.g. 1e-3)")
         if self.f_divergence != "reverse_kl" and self.loss != "sigmoid":

@@ -118,6 +118,7 @@ def test_a_list_of_losses_with_weights():
         (["train.loss=[sigmoid, kto]"], "train.loss"),
         (["train.loss=[ipo, sft]", "train.dpop_lambda=3"], "dpop_lambda is a parameter of loss 'dpop'"),
         (["train.loss=[sigmoid, sft]", "train.f_divergence=js_divergence"], "applies to loss 'sigmoid' alone"),
+        (["train.loss=[aot, aot_pair]"], "each sort the batch; combine at most one"),
     ]
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message):

@@ -66,7 +66,7 @@ def _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average):
             loss = -_logsig(beta * (h - 50.0 * np.maximum(0.0, -cw)))
         elif name == "bco_pair":  # δ = 0 here (the default); test_bco_shift sets it
             loss = -_logsig(beta * cw) - _logsig(-beta * cl)
-        elif name in ("aot", "aot_unpaired"):  # sorted over the batch: the k-th smallest against the k-th
+        elif name in ("aot", "aot_unpaired", "aot_pair"):  # sorted over the batch: the k-th smallest against the k-th
             if name == "aot":
                 x, y = np.sort(pcs - prs), np.sort(rcs - rrs)  # policy margins vs reference margins
             else:
