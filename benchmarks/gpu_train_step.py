@@ -26,12 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpo_ray.batching import PairTokens, plan  # noqa: E402
+from dpo_ray.fused_head import enable_fused_head  # noqa: E402
 from dpo_ray.packing import enable_segment_attention  # noqa: E402
 from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step  # noqa: E402
 
 LENGTHS = Path(__file__).resolve().parent / "hh_lengths.json"
 MODES = ["padded", "packed", "prefix_shared"]
-VARIANTS = [*MODES, "padded-cudnn"]  # padded with cuDNN attention allowed (train_step excludes it)
+# padded with cuDNN attention allowed (train_step excludes it); the segment modes with the fused LM head
+VARIANTS = [*MODES, "padded-cudnn", "packed-fused", "prefix_shared-fused"]
 
 
 def write_lengths(max_length: int) -> None:
@@ -128,12 +130,15 @@ def main() -> None:
     print(f"{name}: bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (measured)", flush=True)
     rows, first_losses = [], {}
     for variant in args.modes:
-        mode = variant.removesuffix("-cudnn")
+        mode = variant.removesuffix("-cudnn").removesuffix("-fused")
+        fused = variant.endswith("-fused")
         torch.manual_seed(0)
         with torch.device(dev):
             model = LlamaForCausalLM(config)
         if mode != "padded":
             enable_segment_attention(model)
+        if fused:
+            enable_fused_head(model)
         n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
         opt = make_optimizer(model, "adamw", 1e-6, 0.0)
         sched = make_scheduler(opt, 0, steps, "constant")
@@ -142,6 +147,7 @@ def main() -> None:
             batching=mode,
             autocast_dtype=torch.bfloat16,
             cudnn_attention=variant.endswith("-cudnn"),
+            fused_head=fused,
         )
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -178,7 +184,7 @@ def main() -> None:
                 sum(waste) / len(waste),
             )
         )
-        print(f"{mode}: {rows[-1][1]:.1f} pairs/s", flush=True)
+        print(f"{variant}: {rows[-1][1]:.1f} pairs/s", flush=True)
         del model, opt
         if dev == "cuda":
             torch.cuda.empty_cache()

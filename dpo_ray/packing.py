@@ -328,20 +328,29 @@ def enable_segment_attention(model: Any) -> Any:
     return model
 
 
-def segment_token_logps(model: Any, batch: SegmentBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
+def segment_token_logps(
+    model: Any, batch: SegmentBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, fused: bool = False
+) -> Tensor:
     """One forward of `model` (segment attention enabled) over a packed / prefix-shared row → the float32
-    log-prob of every completion token, (N,) in the order of batch.targets."""
+    log-prob of every completion token, (N,) in the order of batch.targets. `fused`: through the fused LM
+    head (dpo_ray.fused_head, enabled on the model), which never holds more than a chunk's logits."""
     # A 4D placeholder mask: transformers passes a 4D mask through untouched instead of building an
     # L x L one from the restarting position ids; segment_attention ignores it when blocks are given.
     placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch.input_ids.device)
-    logits = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=placeholder,
-        logits_to_keep=batch.sources,
-        use_cache=False,
-        dpo_blocks=batch.blocks,
-    ).logits[0]
+    inputs = {
+        "input_ids": batch.input_ids,
+        "position_ids": batch.position_ids,
+        "attention_mask": placeholder,
+        "logits_to_keep": batch.sources,
+        "use_cache": False,
+        "dpo_blocks": batch.blocks,
+    }
+    if fused:
+        fused_logps: Tensor = model(
+            **inputs, dpo_logps_labels=batch.input_ids[0, batch.targets], dpo_logps_chunk=chunk_tokens
+        )
+        return fused_logps
+    logits = model(**inputs).logits[0]
     labels = batch.input_ids[0, batch.targets]
     use_checkpoint = torch.is_grad_enabled() and logits.requires_grad
     pieces = []
@@ -355,10 +364,12 @@ def segment_token_logps(model: Any, batch: SegmentBatch, chunk_tokens: int = DEF
     return torch.cat(pieces)
 
 
-def segment_logps(model: Any, batch: SegmentBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PairLogps:
+def segment_logps(
+    model: Any, batch: SegmentBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, fused: bool = False
+) -> PairLogps:
     """Summed completion log-probs of chosen and rejected from one forward over a packed / prefix-shared
-    row, as policy_logps gives for a padded batch."""
-    per_token = segment_token_logps(model, batch, chunk_tokens)
+    row, as policy_logps gives for a padded batch (`fused`: see segment_token_logps)."""
+    per_token = segment_token_logps(model, batch, chunk_tokens, fused)
     n = 2 * batch.num_pairs
     sums = torch.zeros(n, dtype=torch.float32, device=per_token.device).index_add(0, batch.seq, per_token)
     counts = torch.bincount(batch.seq, minlength=n)

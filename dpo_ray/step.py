@@ -85,6 +85,7 @@ class TrainSettings:
     pad_token_id: int = 0
     batching: str = "padded"  # padded | packed | prefix_shared (dpo_ray.batching.BATCHING); auto: resolve_batching
     cudnn_attention: bool = False  # allow cuDNN SDPA too (slower here: see dpo_ray.packing.SDPA_BACKENDS)
+    fused_head: bool = False  # segment modes: log-probs through dpo_ray.fused_head (enabled on the model)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,10 @@ def _micro_batch_logps(model: Any, batch: StepBatch, s: TrainSettings) -> PairLo
     autocast = torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else contextlib.nullcontext()
     backends = [*SDPA_BACKENDS, SDPBackend.CUDNN_ATTENTION] if s.cudnn_attention else SDPA_BACKENDS
     with autocast, sdpa_kernel(backends):
-        return mode.logps(model, mode.collate(batch.pairs, s.pad_token_id).to(device), s.chunk_tokens)
+        collated = mode.collate(batch.pairs, s.pad_token_id).to(device)
+        if s.fused_head and mode.segment_attention:
+            return segment_logps(model, collated, s.chunk_tokens, fused=True)
+        return mode.logps(model, collated, s.chunk_tokens)
 
 
 def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ import torch
 
 from dpo_ray.artifacts import ShardInfo
 from dpo_ray.batching import PairTokens
+from dpo_ray.fused_head import enable_fused_head
 from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
 from dpo_ray.losses import bco_update
 from dpo_ray.metrics import PAIR_METRICS, metric_means
@@ -353,6 +354,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     model = disable_dropout(load_causal_lm(cfg.model, "float32", cfg.trust_remote_code))
     if MODES[cfg.settings.batching].segment_attention:
         enable_segment_attention(model)
+        if cfg.settings.fused_head:
+            enable_fused_head(model)  # before LoRA and the DDP/FSDP wrappers (dpo_ray.fused_head)
     if use_gpu:
         model = model.cuda()
     problem = batching_mismatch(model, _check_pairs(train_rows), cfg.settings)

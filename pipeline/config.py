@@ -314,6 +314,11 @@ class TrainConfig(TrackingFields):
         "the device (packed on GPU, prefix_shared on CPU).",
     )
     token_budget: int = Field(16_384, ge=1, description="Max computed tokens per micro-batch (accumulation).")
+    fused_head: bool = Field(
+        False,
+        description="packed / prefix_shared: completion log-probs through a fused LM head that holds one chunk's "
+        "logits at a time (never tokens x vocab; dpo_ray.fused_head).",
+    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; default: epochs over the train split.")
     epochs: int = Field(1, ge=1, description="Passes over the train split when max_steps is not set.")
     seed: int = Field(0, description="Seed for initialisation order, dropout and RNG state.")
@@ -351,6 +356,8 @@ class TrainConfig(TrackingFields):
     def _divisible(self) -> TrainConfig:
         if self.batch_size % max(1, self.num_workers):
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
+        if self.fused_head and self.batching == "padded":
+            raise ValueError("fused_head works with batching packed, prefix_shared or auto, not padded")
         losses = self.losses
         if isinstance(self.loss, list):
             if not self.loss or len(set(self.loss)) != len(self.loss):

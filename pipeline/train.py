@@ -83,6 +83,7 @@ def _loop_config(
         orpo_lambda=params["orpo_lambda"],
         token_budget=cfg.token_budget,
         batching=cfg.batching,
+        fused_head=cfg.fused_head,
         max_grad_norm=cfg.max_grad_norm,
         autocast_dtype=torch.bfloat16 if bf16 else None,
         pad_token_id=int(load_tokenizer(cfg.model, cfg.trust_remote_code).pad_token_id),
@@ -187,6 +188,14 @@ def run(cfg: TrainConfig) -> Manifest:
     n_train, n_eval, total_steps = _steps(cfg, scored)
     console.header(_header(cfg, (n_train, n_eval, total_steps), batching, starts_from_reference))
     _check_placement(cfg)
+    if cfg.fused_head:  # refused before any work when the model's logits get a scale it does not apply
+        from transformers import AutoConfig
+
+        from dpo_ray.fused_head import check_fused_head
+
+        check_fused_head(
+            AutoConfig.from_pretrained(resolve_model_dir(cfg.model), trust_remote_code=cfg.trust_remote_code)
+        )
     loop = _loop_config(
         cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, scored.shards
     )

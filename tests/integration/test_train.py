@@ -401,3 +401,15 @@ def test_a_failed_step0_check_is_a_clear_error(setup, tmp_path, capsys):
     assert len(error_lines) == 1 and "step 0 check failed" in error_lines[0] and "Likely causes" in error_lines[0]
     assert not any("Traceback" in line for line in ours)
     assert not (Path(cfg.export) / "manifest.json").exists()
+
+
+def test_the_fused_head_trains_as_the_unfused_one(setup, two_workers):
+    """fused_head on two workers (prefix_shared, as `auto` picks on CPU): the same losses and margins at every
+    step as the unfused two-worker run."""
+    fused = _cfg(setup, "fused", num_workers=2, eval_every=1, batching="prefix_shared", fused_head=True)
+    train(fused)
+    assert two_workers.batching == "auto"
+    for a, b in zip(_history(two_workers), _history(fused), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), a["step"]
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-5), a["step"]
+        assert b["eval/loss"] == pytest.approx(a["eval/loss"], abs=1e-5), a["step"]

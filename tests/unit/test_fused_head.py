@@ -1,0 +1,96 @@
+"""dpo_ray.fused_head against the unfused path: the same per-token log-probs (float32) and the same gradients
+for every model family (tied and untied heads, Gemma's final soft-capping, sliding windows), for a
+LoRA-adapted head, with chunks smaller than the row; a model that scales its logits is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_ray.batching import PairTokens
+from dpo_ray.families import FAMILIES
+
+PAIRS = [
+    PairTokens([1, 5, 6, 7, 9], [7, 8, 10, 11, 2], [9, 12, 2]),
+    PairTokens([1, 4], [6, 13, 14, 15, 16, 17, 2], [5, 5, 5, 2]),
+    PairTokens([1, 9, 9, 9, 3, 4, 5], [3, 2], [4, 18, 19, 2]),
+]
+
+
+def _run(model, mode: str, fused: bool):
+    from dpo_ray.packing import collate_packed, collate_prefix_shared, segment_logps
+
+    collate = collate_packed if mode == "packed" else collate_prefix_shared
+    model.zero_grad(set_to_none=True)
+    lp = segment_logps(model, collate(PAIRS), chunk_tokens=3, fused=fused)  # chunks smaller than the row
+    (lp.chosen.sum() - 0.5 * lp.rejected.sum()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.cat([lp.chosen, lp.rejected]).detach(), grads
+
+
+def _compare(model, mode: str) -> None:
+    from dpo_ray.fused_head import enable_fused_head
+
+    want, want_grads = _run(model, mode, fused=False)
+    enable_fused_head(model)
+    got, got_grads = _run(model, mode, fused=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert set(got_grads) == set(want_grads)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["packed", "prefix_shared"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fused_head_gives_the_unfused_logps_and_gradients(family_dirs, family, mode):
+    from dpo_ray.models import disable_dropout, load_causal_lm
+    from dpo_ray.packing import enable_segment_attention
+
+    model = enable_segment_attention(disable_dropout(load_causal_lm(str(family_dirs[family]))))
+    model.train()  # as in training, dropout off (the train loop's disable_dropout)
+    _compare(model, mode)
+
+
+def test_a_lora_head_and_tied_embeddings(family_dirs):
+    from peft import LoraConfig, get_peft_model
+
+    from dpo_ray.models import load_causal_lm
+    from dpo_ray.packing import enable_segment_attention
+
+    model = enable_segment_attention(load_causal_lm(str(family_dirs["llama3"])))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    from dpo_ray.fused_head import enable_fused_head
+
+    want, want_grads = _run(model, "packed", fused=False)
+    enable_fused_head(model)
+    got, got_grads = _run(model, "packed", fused=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+
+    lora = enable_segment_attention(load_causal_lm(str(family_dirs["llama3"])))
+    enable_fused_head(lora)  # before peft wraps it, as the train loop does
+    peft = get_peft_model(lora, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 would hide a head the fused path skipped
+    got, got_grads = _run(peft, "packed", fused=True)
+    assert any("lm_head" in n for n in got_grads)
+    base = enable_segment_attention(load_causal_lm(str(family_dirs["llama3"])))
+    plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    plain.load_state_dict(peft.state_dict())
+    want, want_grads = _run(plain, "packed", fused=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_model_that_scales_its_logits_is_refused(family_dirs):
+    from dpo_ray.fused_head import UnsupportedHeadError, enable_fused_head
+    from dpo_ray.models import load_causal_lm
+
+    model = load_causal_lm(str(family_dirs["llama3"]))
+    model.config.logit_scale = 0.25
+    with pytest.raises(UnsupportedHeadError, match="llama scales its logits \\(logit_scale\\).*fused_head: false"):
+        enable_fused_head(model)
