@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from dpo_ray.errors import UserError
 from dpo_ray.logps import DEFAULT_CHUNK_TOKENS, gathered_logps
 
-__all__ = ["UnsupportedHeadError", "check_fused_head", "enable_fused_head", "fused_head_enabled"]
+__all__ = ["UnsupportedHeadError", "check_fused_head", "enable_fused_head"]
 
 # Config attributes by which some families scale their logits (Cohere, Granite, Falcon-H1, MiniCPM, ...).
 _SCALINGS = ("logit_scale", "output_multiplier", "logits_scaling", "lm_head_multiplier")
@@ -37,14 +37,8 @@ class UnsupportedHeadError(UserError, ValueError):
     """The model's logits are transformed in a way the fused head does not reproduce."""
 
 
-def _text_config(model: Any) -> Any:
-    config = model.config
+def _text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def fused_head_enabled(model: Any) -> bool:
-    inner = getattr(model, "module", model)  # DDP
-    return bool(getattr(inner, "_dpo_fused_head", False) or getattr(model, "_dpo_fused_head", False))
 
 
 def _chunk_logps(hidden: Tensor, labels: Tensor, head: Any, softcap: float | None) -> Tensor:
@@ -56,8 +50,7 @@ def _chunk_logps(hidden: Tensor, labels: Tensor, head: Any, softcap: float | Non
 
 def check_fused_head(config: Any) -> None:
     """Refuse (UnsupportedHeadError) a model config whose logits get a scale the fused head does not apply."""
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = _text_config(config)
     scaled = [a for a in _SCALINGS if getattr(config, a, None) not in (None, 1, 1.0)]
     if scaled:
         raise UnsupportedHeadError(
@@ -70,8 +63,7 @@ def enable_fused_head(model: Any) -> Any:
     """Patch `model` (a transformers causal LM, before LoRA or DDP/FSDP wrapping) as described in the module
     docstring; returns it. Refuses (UnsupportedHeadError) a model with a logit scale."""
     check_fused_head(model.config)
-    config = _text_config(model)
-    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = getattr(_text_config(model.config), "final_logit_softcapping", None)
     original = model.forward
 
     def forward(
@@ -100,5 +92,4 @@ def enable_fused_head(model: Any) -> Any:
         return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
     model.forward = types.MethodType(forward, model)
-    model._dpo_fused_head = True
     return model

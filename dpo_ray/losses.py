@@ -31,6 +31,8 @@ __all__ = [
     "aot_partners",
     "aot_values",
     "bco_update",
+    "loss_names",
+    "smoothed_logistic",
     "step_zero",
     "InitialLoss",
     "LossParams",
@@ -59,13 +61,19 @@ class LossOutput:
     rejected_rewards: Tensor
 
 
+def smoothed_logistic(z: Tensor, eps: float) -> Tensor:
+    """−(1−ε)·log σ(z) − ε·log σ(−z): the logistic loss with label smoothing ε that sigmoid (cDPO), simpo and
+    the aot losses apply to their own z."""
+    return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
 def sigmoid_loss(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
     """DPO (eq. 7 of Rafailov et al.), with conservative label smoothing (cDPO, Mitchell 2023).
 
     h: (B,) log-ratio difference. Returns (B,)
         −(1−ε)·log σ(β·h) − ε·log σ(−β·h);   ε = 0 is the paper's loss.
     """
-    return -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return smoothed_logistic(beta * h, label_smoothing)
 
 
 def robust_loss(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
@@ -192,8 +200,7 @@ def simpo_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
     """SimPO (Meng et al. 2024, eq. 6), reference-free: c, r are the policy's per-token mean log-probs,
     z = β·(c − r) − γ, loss −(1 − ε)·log σ(z) − ε·log σ(−z) (ε: label smoothing as TRL's CPO trainer; the
     paper's loss is ε = 0)."""
-    z = p.beta * (c - r) - p.simpo_gamma
-    return -(1.0 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+    return smoothed_logistic(p.beta * (c - r) - p.simpo_gamma, p.label_smoothing)
 
 
 ORPO_MAX_MEAN_LOGP = -1e-6  # ORPO's odds need P < 1: per-token means are capped here (odds <= ~1e6)
@@ -225,10 +232,6 @@ def bco_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
 AOT = ("aot", "aot_unpaired", "aot_pair")
 
 
-def _aot_ell(z: Tensor, eps: float) -> Tensor:
-    return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-
-
 def aot_values(name: str, c: Tensor, r: Tensor, ref_margin: Tensor) -> tuple[Tensor, Tensor]:
     """The two quantities AOT sorts (Melnyk et al. 2024, as in TRL): `aot`, the policy's margins
     log πθ(y_w) − log πθ(y_l) (= c − r + the reference's margin) and the reference's margins; `aot_unpaired`,
@@ -256,9 +259,9 @@ def aot_loss(x: Tensor, y: Tensor, partners: Tensor, p: LossParams) -> Tensor:
     when y also depends on the policy (aot_unpaired), a term with the value 0 and y_i's gradient."""
     eps = p.label_smoothing
     px, py = partners[:, 0].to(x.dtype), partners[:, 1].to(x.dtype)
-    loss = _aot_ell(p.beta * (x - px), eps)
+    loss = smoothed_logistic(p.beta * (x - px), eps)
     if y.requires_grad:
-        term = _aot_ell(p.beta * (py - y), eps)
+        term = smoothed_logistic(p.beta * (py - y), eps)
         loss = loss + term - term.detach()
     return loss
 
@@ -444,7 +447,7 @@ def preference_loss(
     to 1), where the member "sft" is the NLL of the chosen, −log πθ(y_w|x)/|y_w|; the rewards are those of
     the first member that is not "sft".
     """
-    names = [name] if isinstance(name, str) else list(name)
+    names = list(loss_names(name))
     w = [1.0] * len(names) if weights is None else [float(x) for x in weights]
     tensors = {
         "policy_chosen_logps": policy_chosen_logps,
@@ -455,10 +458,8 @@ def preference_loss(
         "rejected_lengths": rejected_lengths,
     }
     _validate_combination(names, w)
-    for n in names:
-        if n != SFT:
-            _validate(n, tensors, beta, label_smoothing, sft_weight)
-    _validate("sigmoid", tensors, beta, label_smoothing, sft_weight)  # shapes and β, also for ["sft"]
+    for n in names:  # "sft" has no checks of its own: the shared ones (shapes, β, ε) as for sigmoid
+        _validate("sigmoid" if n == SFT else n, tensors, beta, label_smoothing, sft_weight)
     params = LossParams(
         beta,
         label_smoothing,
@@ -488,6 +489,11 @@ def preference_loss(
     if sft_weight > 0:
         total = total + sft_weight * nll
     return LossOutput(losses=total, chosen_rewards=rewards[0].detach(), rejected_rewards=rewards[1].detach())
+
+
+def loss_names(loss: str | Sequence[str]) -> tuple[str, ...]:
+    """A loss name or a combination's list of names, as a tuple of names."""
+    return (loss,) if isinstance(loss, str) else tuple(loss)
 
 
 def _validate_combination(names: list[str], weights: list[float]) -> None:

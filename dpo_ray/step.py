@@ -35,7 +35,7 @@ from dpo_ray.batching import (
     policy_logps,
 )
 from dpo_ray.logps import DEFAULT_CHUNK_TOKENS
-from dpo_ray.losses import AOT, aot_partners, aot_values, preference_loss
+from dpo_ray.losses import AOT, aot_partners, aot_values, loss_names, preference_loss
 from dpo_ray.metrics import GRAD_NORM, LR, PAIR_METRICS, metric_means, pair_metric_sums, throughput
 from dpo_ray.packing import (
     SDPA_BACKENDS,
@@ -209,7 +209,7 @@ def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[T
 def all_reduce_sum(t: Tensor) -> Tensor:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(t)
     return t
 
@@ -276,7 +276,7 @@ def eval_sums(model: Any, batch: StepBatch, settings: TrainSettings) -> Tensor:
 
 
 def _aot_member(loss: str | tuple[str, ...]) -> str | None:
-    found = [n for n in ((loss,) if isinstance(loss, str) else loss) if n in AOT]
+    found = [n for n in loss_names(loss) if n in AOT]
     if len(found) > 1:
         raise ValueError(f"loss: at most one of {AOT} in a combination, found {found}")
     return found[0] if found else None
@@ -307,8 +307,7 @@ def _with_aot_partners(model: Any, batch: StepBatch, s: TrainSettings, groups: l
         chosen, rejected = chosen / lengths[0], rejected / lengths[1]
         ref_c, ref_r = ref_c / lengths[0], ref_r / lengths[1]
     x, y = aot_values(name, chosen - ref_c, rejected - ref_r, ref_c - ref_r)
-    everything = _gather_rows(torch.stack([x, y], dim=1))
-    start = _offset(n)
+    everything, start = _gather_rows(torch.stack([x, y], dim=1))
     partners = aot_partners(everything[:, 0], everything[:, 1])[start : start + n]
     return dataclasses.replace(batch, partners=partners)
 
@@ -319,26 +318,16 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _gather_rows(rows: Tensor) -> Tensor:
-    """Every rank's rows (float64, any count per rank), concatenated in rank order."""
+def _gather_rows(rows: Tensor) -> tuple[Tensor, int]:
+    """Every rank's rows (float64, any count per rank) concatenated in rank order, and where this rank's
+    rows start in it."""
     if not _distributed():
-        return rows
+        return rows, 0
     import torch.distributed as dist
 
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, rows.cpu())
-    return torch.cat(parts)
-
-
-def _offset(n: int) -> int:
-    """Where this rank's rows start in _gather_rows's concatenation."""
-    if not _distributed():
-        return 0
-    import torch.distributed as dist
-
-    counts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, n)
-    return int(sum(counts[: dist.get_rank()]))
+    return torch.cat(parts), sum(len(p) for p in parts[: dist.get_rank()])
 
 
 def _aligned(groups: list[list[int]], device: torch.device) -> list[list[int] | None]:

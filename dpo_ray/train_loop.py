@@ -25,7 +25,7 @@ from dpo_ray.artifacts import ShardInfo
 from dpo_ray.batching import PairTokens
 from dpo_ray.fused_head import enable_fused_head
 from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
-from dpo_ray.losses import bco_update
+from dpo_ray.losses import bco_update, loss_names
 from dpo_ray.metrics import PAIR_METRICS, metric_means
 from dpo_ray.packing import enable_segment_attention
 from dpo_ray.step import (
@@ -274,10 +274,6 @@ def _maybe_fail(spec: str | None, step: int, rank: int, output: str) -> None:
     os._exit(1)
 
 
-def _uses_bco(loss: str | tuple[str, ...]) -> bool:
-    return "bco_pair" in ((loss,) if isinstance(loss, str) else loss)
-
-
 def _evaluate(
     model: Any, columns: dict[str, Any], cfg: LoopConfig, rank: int, world: int, bco_delta: float = 0.0
 ) -> dict[str, float]:
@@ -386,7 +382,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             batch = StepBatch.from_columns(worker_slice(train_rows, rows, rank, world))
             settings = dataclasses.replace(cfg.settings, bco_delta=state.bco[0])
             metrics = train_step(model, optimizer, scheduler, batch, settings, cfg.batch_size, world)
-            if _uses_bco(cfg.settings.loss):  # metrics are global-batch means: every rank updates δ alike
+            if "bco_pair" in loss_names(cfg.settings.loss):  # global-batch means: every rank updates δ alike
                 metrics["bco/delta"] = state.bco[0]
                 state.bco = bco_update(*state.bco, metrics["rewards/chosen"], metrics["rewards/rejected"])
             state.step += 1

@@ -114,14 +114,15 @@ def _preference_accuracy(config: dict[str, Any]) -> dict[str, Any]:
     sums = np.array([sum(x) for x in logps])
     n = len(rows)
     if manifest.kind == "pairs":  # a reference-free loss's implicit reward: the per-token mean log-prob
+        implicit = "mean_logp"
         lengths = np.array([len(r["chosen_ids"]) for r in rows] + [len(r["rejected_ids"]) for r in rows])
         means = sums / lengths
         margins = means[:n] - means[n:]
     else:
+        implicit = "log_ratio"
         margins = (sums[:n] - np.array([r["ref_chosen_logp"] for r in rows])) - (
             sums[n:] - np.array([r["ref_rejected_logp"] for r in rows])
         )
-    implicit = "mean_logp" if manifest.kind == "pairs" else "log_ratio"  # which implicit reward was compared
     return {
         "pairs": n,
         "accuracy": float((margins > 0).mean()),
@@ -312,7 +313,8 @@ def _sample_both(
     check_feasible("evaluate's actors", bundle)
     options = actor_options(cfg)
     models = [cfg.policy, cfg.reference]
-    actors = acquire([engine_key(cfg, m) for m in models], options, bundle)
+    engines = [engine_key(cfg, m) for m in models]
+    actors = acquire(engines, options, bundle)
     ok = False
     try:
         policy_model, ref_model = ((a, {"cfg": config, "model": m}) for a, m in zip(actors, models, strict=True))
@@ -323,8 +325,8 @@ def _sample_both(
         ref_logps = ray.get(ref_model[0].call.remote(_Model, ref_model[1], "score", prompts, [s["ids"] for s in flat]))
         ok = True
     finally:
-        for a, m in zip(actors, models, strict=True):
-            give_back(engine_key(cfg, m), options, bundle, [a], ok)
+        for a, engine in zip(actors, engines, strict=True):
+            give_back(engine, options, bundle, [a], ok)
     return policy_samples, ref_samples, ref_logps
 
 

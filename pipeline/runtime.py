@@ -77,6 +77,19 @@ def unwrap_user_error(exc: BaseException, types: tuple[type[BaseException], ...]
     return None
 
 
+# The VllmConfig fields an engine is built from, besides the model and the seed (dpo_ray.engine.EngineSpec).
+_ENGINE_FIELDS = (
+    "dtype",
+    "max_model_len",
+    "gpu_memory_utilization",
+    "max_num_batched_tokens",
+    "tensor_parallel_size",
+    "trust_remote_code",
+    "enforce_eager",
+    "in_process",
+)
+
+
 def engine_spec(cfg: Any, model: str) -> Any:
     """A dpo_ray.engine.EngineSpec from a stage's VllmConfig fields. Prefix caching is off in every stage:
     cached prefixes can make prompt log-probs depend on request order (scoring), and one spec for all stages
@@ -84,36 +97,15 @@ def engine_spec(cfg: Any, model: str) -> Any:
     from dpo_ray.engine import EngineSpec
     from dpo_ray.models import resolve_model_dir
 
-    return EngineSpec(
-        model=str(resolve_model_dir(model)),
-        dtype=cfg.dtype,
-        max_model_len=cfg.max_model_len,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        seed=cfg.seed,
-        trust_remote_code=cfg.trust_remote_code,
-        enable_prefix_caching=False,
-        enforce_eager=cfg.enforce_eager,
-        in_process=cfg.in_process,
-    )
+    fields = {name: getattr(cfg, name) for name in _ENGINE_FIELDS}
+    return EngineSpec(model=str(resolve_model_dir(model)), seed=cfg.seed, enable_prefix_caching=False, **fields)
 
 
 def engine_key(cfg: Any, model: str) -> tuple[Any, ...]:
     """What makes two stages' engines the same one (pipeline.units shares actors by it): the model as
     configured and every engine_spec field but the seed (requests carry their own seeds). Computed in the
     driver without resolving the model (an s3:// model is copied on the actor's node, not here)."""
-    return (
-        model,
-        cfg.dtype,
-        cfg.max_model_len,
-        cfg.gpu_memory_utilization,
-        cfg.max_num_batched_tokens,
-        cfg.tensor_parallel_size,
-        cfg.trust_remote_code,
-        cfg.enforce_eager,
-        cfg.in_process,
-    )
+    return (model, *(getattr(cfg, name) for name in _ENGINE_FIELDS))
 
 
 def tracking_settings(cfg: Any, key: str) -> Any:

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,14 +152,19 @@ def actor_options(cfg: Any) -> dict[str, Any]:
     }
 
 
-def acquire(engines: list[tuple[Any, ...] | None], options: dict[str, Any], bundle: dict[str, float]) -> list[Any]:
+def _key(engine: tuple[Any, ...] | None, options: dict[str, Any]) -> tuple[Any, ...]:
+    """What a kept actor is matched by: the engine it holds and the Ray options it was started with."""
+    return (engine, tuple(sorted(options.items())))
+
+
+def acquire(engines: Sequence[tuple[Any, ...] | None], options: dict[str, Any], bundle: dict[str, float]) -> list[Any]:
     """One pool actor per entry of `engines` (runtime.engine_key of the engine it will hold; None: never
     shared): a kept actor holding that engine where there is one, else a new actor (after making room)."""
     import ray
 
     got: list[Any] = []
     for engine in engines:
-        key = (engine, tuple(sorted(options.items())))
+        key = _key(engine, options)
         kept = next((k for k in _kept or [] if engine is not None and k.key == key), None)
         if kept is not None and _kept is not None:
             _kept.remove(kept)
@@ -177,7 +182,7 @@ def give_back(
 
     for actor in actors:
         if _kept is not None and engine is not None and ok:
-            _kept.append(_Kept((engine, tuple(sorted(options.items()))), bundle, actor))
+            _kept.append(_Kept(_key(engine, options), bundle, actor))
         else:
             ray.kill(actor)
 
