@@ -9,11 +9,17 @@ prefix_shared: each pair as [prompt, chosen, rejected] in one segment, the promp
     rejected token's log-prob is read from the last prompt position's logits.
 
 Attention: a transformers attention function ("dpo_segments", registered by `enable_segment_attention`)
-that runs one scaled-dot-product attention per block: a causal block over one sequence (packed, or
-prompt + chosen), or the rejected block whose keys are the prompt's plus its own (causal within). Work is
-proportional to Σ block² instead of row², and no mask over the whole row is materialised. Without the
-`dpo_blocks` argument the function is transformers' SDPA attention, so padded batches and generation
-work unchanged on the same model.
+with two kernels for the same blocks (a causal block over one sequence, packed, or prompt + chosen; the
+rejected block whose keys are the prompt's plus its own, causal within):
+    blocks: one scaled-dot-product attention per block. Work is proportional to Σ block² instead of
+        row², and no mask over the whole row is materialised.
+    flex: one FlexAttention call over the whole row (torch.nn.attention.flex_attention, compiled) with a
+        block mask built once per micro-batch and window from the blocks: 128 x 128 tiles that no block
+        touches are skipped, tiles inside one block's causal region run unmasked. torch has no FlexAttention
+        backward on CPU, so training with it needs a GPU (refused otherwise, before any work).
+Without the `dpo_blocks` argument the function is transformers' SDPA attention, so padded batches and
+generation work unchanged on the same model. The function is opaque to torch.compile (a compiled decoder
+layer calls it eagerly), so a new layout per micro-batch does not recompile the layers.
 
 Logits: only at the positions that predict a completion token (`logits_to_keep` with indices), so the
 LM head is not applied to prompt positions. Log-probs are float32, chunked, through dpo_ray.logps' kernel.
@@ -39,6 +45,7 @@ from dpo_ray.errors import UserError
 from dpo_ray.logps import DEFAULT_CHUNK_TOKENS, gathered_logps
 
 __all__ = [
+    "ATTENTION_KERNELS",
     "ATTENTION_NAME",
     "SDPA_BACKENDS",
     "Block",
@@ -48,12 +55,14 @@ __all__ = [
     "collate_packed",
     "collate_prefix_shared",
     "enable_segment_attention",
+    "flex_block_mask",
     "segment_attention",
     "segment_logps",
     "segment_token_logps",
 ]
 
 ATTENTION_NAME = "dpo_segments"
+ATTENTION_KERNELS = ("blocks", "flex")
 
 # SDPA kernels used in training (every mode): not cuDNN attention, which builds a plan per distinct shape.
 # Every micro-batch (padded) and every block (packed, prefix_shared) has its own length; on an H100 with
@@ -213,6 +222,7 @@ def segment_attention(
     before the mask, as Gemma-2's eager attention). Any other attention argument is refused.
     """
     blocks: tuple[Block, ...] | None = kwargs.pop("dpo_blocks", None)
+    kernel: str = kwargs.pop("dpo_kernel", "blocks")
     window: int | None = kwargs.pop("sliding_window", None)
     softcap: float | None = kwargs.pop("softcap", None)
     if kwargs.pop("is_causal", None) is False:
@@ -239,6 +249,12 @@ def segment_attention(
         else:
             mask = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
         return _dense(query, key, value, mask, scaling, softcap, p).transpose(1, 2).contiguous(), None
+    if kernel == "flex":
+        if p > 0:
+            raise UnsupportedAttention("FlexAttention has no attention dropout; use train.attention: blocks")
+        return _flex(query, key, value, blocks, window, softcap, scaling), None
+    if kernel != "blocks":
+        raise ValueError(f"attention kernel: unknown {kernel!r}; expected one of {', '.join(ATTENTION_KERNELS)}")
     groups = query.shape[1] // key.shape[1]
     sizes, index = _pieces(blocks, query.shape[2])
     # One split per tensor (its backward is one concatenation), not a slice per block (whose backward
@@ -273,6 +289,125 @@ def segment_attention(
                 mask = _band(n, n_prefix, window, q.device)
                 outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+# FlexAttention's tile: the block mask says, per 128 queries x 128 keys, whether the tile is skipped, computed
+# without a mask (full) or computed with mask_mod (partial).
+FLEX_TILE = 128
+
+
+@functools.lru_cache(maxsize=2)
+def _flex_kernel(device_type: str) -> Any:
+    """flex_attention compiled (its eager form materialises every score and is for debugging only). On CPU
+    with static shapes: torch 2.13's CPU FlexAttention template emits C++ that does not compile once the
+    row length is dynamic (seen on the second row length); there it serves forwards only (no backward)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _softcap_mod(softcap: float) -> Any:
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
+def _flex(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    blocks: tuple[Block, ...],
+    window: int | None,
+    softcap: float | None,
+    scaling: float,
+) -> Tensor:
+    """The blocks' attention as one FlexAttention call: q (1, H, L, D), k/v (1, H_kv, L, D) → (1, L, H, D)."""
+    mask = flex_block_mask(blocks, query.shape[2], window, query.device)
+    out = _flex_kernel(query.device.type)(
+        query,
+        key,
+        value,
+        score_mod=None if softcap is None else _softcap_mod(softcap),
+        block_mask=mask,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous()  # type: ignore[no-any-return]
+
+
+def _token_tables(blocks: tuple[Block, ...], length: int, device: torch.device) -> dict[str, Tensor]:
+    """Per token of the row (padded with inert entries to whole tiles plus one): its block, its block's prefix
+    range [ps, pe) and its position within its sequence, as _band counts positions (a block's tokens follow
+    its prefix's)."""
+    n = (length + FLEX_TILE - 1) // FLEX_TILE * FLEX_TILE + FLEX_TILE
+    blk = torch.full((n,), -1, dtype=torch.int64)
+    ps = torch.zeros(n, dtype=torch.int64)
+    pe = torch.zeros(n, dtype=torch.int64)
+    pos = torch.zeros(n, dtype=torch.int64)
+    for i, b in enumerate(blocks):
+        blk[b.start : b.end] = i
+        n_prefix = 0
+        if b.prefix is not None:
+            ps[b.start : b.end], pe[b.start : b.end] = b.prefix
+            n_prefix = b.prefix[1] - b.prefix[0]
+        pos[b.start : b.end] = torch.arange(n_prefix, n_prefix + b.end - b.start)
+    starts = {b.start for b in blocks}
+    if int(blk[:length].min()) < 0 or any(b.prefix is not None and b.prefix[0] not in starts for b in blocks):
+        # _band counts a prefix's positions from 0, so a prefix must open the block it lies in
+        raise ValueError("segment blocks must tile the row, each prefix opening a block")
+    return {k: v.to(device) for k, v in {"blk": blk, "ps": ps, "pe": pe, "pos": pos}.items()}
+
+
+def _allowed(t: dict[str, Tensor], q: Tensor, k: Tensor, window: int | None) -> Tensor:
+    """Whether query q may attend to key k (row indices, broadcastable): the Block semantics, plus the window."""
+    same = (t["blk"][q] == t["blk"][k]) & (k <= q)
+    prefix = (k >= t["ps"][q]) & (k < t["pe"][q])
+    allowed = same | prefix
+    if window is not None:
+        allowed = allowed & (t["pos"][q] - t["pos"][k] < window)
+    return allowed
+
+
+@functools.lru_cache(maxsize=8)
+def flex_block_mask(
+    blocks: tuple[Block, ...], length: int, window: int | None, device: torch.device, max_entries: int = 1 << 22
+) -> Any:
+    """The FlexAttention BlockMask of `blocks` over a row of `length` tokens (cached: every layer of one
+    micro-batch with the same window reuses it). Tiles are classified from the mask evaluated a band of
+    query tiles at a time (about `max_entries` query-key pairs), so no length x length tensor exists."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    t = _token_tables(blocks, length, device)
+    tiles = (length + FLEX_TILE - 1) // FLEX_TILE
+    keys = torch.arange(tiles * FLEX_TILE, device=device)
+    key_real = keys < length
+    band = max(1, max_entries // (tiles * FLEX_TILE * FLEX_TILE))  # query tiles per band
+    partial, full = [], []
+    for first in range(0, tiles, band):
+        rows = torch.arange(first * FLEX_TILE, min(first + band, tiles) * FLEX_TILE, device=device)
+        m = _allowed(t, rows[:, None], keys[None, :], window) & key_real[None, :] & (rows < length)[:, None]
+        m = m.view(-1, FLEX_TILE, tiles, FLEX_TILE)
+        any_, all_ = m.any(dim=(1, 3)), m.all(dim=(1, 3))
+        partial.append(any_ & ~all_)
+        full.append(all_)
+
+    def ordered(tile_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(1, 1, tiles) counts and (1, 1, tiles, tiles) indices, each row's tiles first, in order."""
+        counts = tile_mask.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~tile_mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[None, None], order[None, None]
+
+    kv_num, kv_idx = ordered(torch.cat(partial))
+    full_num, full_idx = ordered(torch.cat(full))
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return _allowed(t, q, k, window)
+
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_TILE, mask_mod=mask_mod, seq_lengths=(length, length)
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -316,24 +451,36 @@ def _pieces(blocks: tuple[Block, ...], length: int) -> tuple[list[int], dict[int
     return [e - s for s, e in zip(bounds, bounds[1:], strict=False)], {x: i for i, x in enumerate(bounds)}
 
 
+@functools.lru_cache(maxsize=1)
+def _opaque_attention() -> Any:
+    """segment_attention, run eagerly inside compiled code: dynamo would otherwise guard on every block's
+    bounds and recompile the decoder layers for each new micro-batch layout."""
+    return torch.compiler.disable(segment_attention)
+
+
 def enable_segment_attention(model: Any) -> Any:
     """Register the "dpo_segments" attention (and SDPA's mask function under that name) and switch `model`
     to it; padded inputs keep working (they take the SDPA path). Returns the model."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(ATTENTION_NAME, segment_attention)
+    AttentionInterface.register(ATTENTION_NAME, _opaque_attention())
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
     model.set_attn_implementation(ATTENTION_NAME)
     return model
 
 
 def segment_token_logps(
-    model: Any, batch: SegmentBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, fused: bool = False
+    model: Any,
+    batch: SegmentBatch,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    fused: bool = False,
+    kernel: str = "blocks",
 ) -> Tensor:
     """One forward of `model` (segment attention enabled) over a packed / prefix-shared row → the float32
     log-prob of every completion token, (N,) in the order of batch.targets. `fused`: through the fused LM
-    head (dpo_ray.fused_head, enabled on the model), which never holds more than a chunk's logits."""
+    head (dpo_ray.fused_head, enabled on the model), which never holds more than a chunk's logits.
+    `kernel`: the attention kernel (ATTENTION_KERNELS; see the module docstring)."""
     # A 4D placeholder mask: transformers passes a 4D mask through untouched instead of building an
     # L x L one from the restarting position ids; segment_attention ignores it when blocks are given.
     placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch.input_ids.device)
@@ -344,6 +491,7 @@ def segment_token_logps(
         "logits_to_keep": batch.sources,
         "use_cache": False,
         "dpo_blocks": batch.blocks,
+        "dpo_kernel": kernel,
     }
     if fused:
         fused_logps: Tensor = model(
@@ -365,11 +513,15 @@ def segment_token_logps(
 
 
 def segment_logps(
-    model: Any, batch: SegmentBatch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, fused: bool = False
+    model: Any,
+    batch: SegmentBatch,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    fused: bool = False,
+    kernel: str = "blocks",
 ) -> PairLogps:
     """Summed completion log-probs of chosen and rejected from one forward over a packed / prefix-shared
-    row, as policy_logps gives for a padded batch (`fused`: see segment_token_logps)."""
-    per_token = segment_token_logps(model, batch, chunk_tokens, fused)
+    row, as policy_logps gives for a padded batch (`fused`, `kernel`: see segment_token_logps)."""
+    per_token = segment_token_logps(model, batch, chunk_tokens, fused, kernel)
     n = 2 * batch.num_pairs
     sums = torch.zeros(n, dtype=torch.float32, device=per_token.device).index_add(0, batch.seq, per_token)
     counts = torch.bincount(batch.seq, minlength=n)

@@ -86,6 +86,7 @@ class TrainSettings:
     batching: str = "padded"  # padded | packed | prefix_shared (dpo_ray.batching.BATCHING); auto: resolve_batching
     cudnn_attention: bool = False  # allow cuDNN SDPA too (slower here: see dpo_ray.packing.SDPA_BACKENDS)
     fused_head: bool = False  # segment modes: log-probs through dpo_ray.fused_head (enabled on the model)
+    attention: str = "blocks"  # segment modes: blocks | flex (dpo_ray.packing); auto: resolve_batching
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,14 @@ class StepBatch:
 
 
 def resolve_batching(settings: TrainSettings, use_gpu: bool) -> TrainSettings:
-    """`batching: auto` → the mode measured fastest on this kind of device: packed on GPU (1.26x padded on
-    an H100), prefix_shared on CPU (2.7x TRL; benchmarks/, README)."""
-    if settings.batching != "auto":
-        return settings
-    return dataclasses.replace(settings, batching="packed" if use_gpu else "prefix_shared")
+    """`auto` settings → what was measured fastest on this kind of device (README, "Choosing the train path"):
+    batching packed on GPU (1.26x padded on an H100), prefix_shared on CPU (2.7x TRL; benchmarks/);
+    attention: blocks (CPU: FlexAttention has no backward there; GPU: flex is not yet measured)."""
+    if settings.batching == "auto":
+        settings = dataclasses.replace(settings, batching="packed" if use_gpu else "prefix_shared")
+    if settings.attention == "auto":
+        settings = dataclasses.replace(settings, attention="blocks")
+    return settings
 
 
 def _sync(model: Any, enabled: bool) -> contextlib.AbstractContextManager[Any]:
@@ -172,8 +176,8 @@ def _micro_batch_logps(model: Any, batch: StepBatch, s: TrainSettings) -> PairLo
     backends = [*SDPA_BACKENDS, SDPBackend.CUDNN_ATTENTION] if s.cudnn_attention else SDPA_BACKENDS
     with autocast, sdpa_kernel(backends):
         collated = mode.collate(batch.pairs, s.pad_token_id).to(device)
-        if s.fused_head and mode.segment_attention:
-            return segment_logps(model, collated, s.chunk_tokens, fused=True)
+        if mode.segment_attention:
+            return segment_logps(model, collated, s.chunk_tokens, fused=s.fused_head, kernel=s.attention)
         return mode.logps(model, collated, s.chunk_tokens)
 
 

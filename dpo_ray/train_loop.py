@@ -23,6 +23,7 @@ import torch
 
 from dpo_ray.artifacts import ShardInfo
 from dpo_ray.batching import PairTokens
+from dpo_ray.errors import UserError
 from dpo_ray.fused_head import enable_fused_head
 from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
 from dpo_ray.losses import bco_update, loss_names
@@ -122,6 +123,7 @@ class LoopConfig:
     initial_slope: float  # |d loss / d margin| at h = 0 (dpo_ray.losses.initial_loss)
     check_initial_margin: bool
     initial_tolerance: float
+    compile: bool = False  # torch.compile each decoder layer (compile_layers)
     reference_logps: bool = True  # False: a `pairs` artifact for a reference-free loss (reference log-probs 0)
     fault_injection: str | None = None
     trust_remote_code: bool = False
@@ -143,18 +145,30 @@ class _State:
         self.bco = (0.0, 0)  # BCO's δ and the steps it averages (dpo_ray.losses.bco_update)
 
 
-def decoder_layers(model: Any) -> list[Any]:
-    """The modules FSDP2 shards one by one: those of a class the model names in `_no_split_modules` (its
-    decoder layers, in every transformers family: LlamaDecoderLayer, Gemma2DecoderLayer, GPT2Block, ...)."""
+def decoder_layers(model: Any, purpose: str = "FSDP", fix: str = "use train.parallelism: ddp") -> list[Any]:
+    """The modules FSDP2 shards (and train.compile compiles) one by one: those of a class the model names in
+    `_no_split_modules` (its decoder layers, in every transformers family: LlamaDecoderLayer,
+    Gemma2DecoderLayer, GPT2Block, ...)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT (LoRA) or plain
     names = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in base.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(
-            f"FSDP: {type(base).__name__} names no decoder layer class in _no_split_modules ({sorted(names)}); "
-            "use train.parallelism: ddp"
+        raise UserError(
+            f"{purpose}: {type(base).__name__} names no decoder layer class in _no_split_modules ({sorted(names)}); "
+            + fix
         )
     return layers
+
+
+def compile_layers(model: Any) -> int:
+    """torch.compile every decoder layer in place (nn.Module.compile: the module stays itself, so LoRA, DDP,
+    FSDP2 and checkpoints see the same names); returns how many. The padding-free attention is opaque to the
+    compiler (dpo_ray.packing), so layouts that change every micro-batch cost no recompilation; a row length
+    that changes does once (dynamic shapes from the second length on)."""
+    layers = decoder_layers(model, "train.compile", "set train.compile: false")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def _wrap(model: Any, parallelism: str, world_size: int, use_gpu: bool) -> Any:
@@ -354,7 +368,13 @@ def worker_loop(config: dict[str, Any]) -> None:
             enable_fused_head(model)  # before LoRA and the DDP/FSDP wrappers (dpo_ray.fused_head)
     if use_gpu:
         model = model.cuda()
-    problem = batching_mismatch(model, _check_pairs(train_rows), cfg.settings)
+    problem = None
+    if cfg.compile:  # before the check below, so that it checks the compiled layers
+        try:
+            compile_layers(model)
+        except UserError as e:
+            problem = str(e)
+    problem = problem or batching_mismatch(model, _check_pairs(train_rows), cfg.settings)
     if problem is not None:
         if rank == 0:
             write_error(cfg.output, problem)

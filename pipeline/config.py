@@ -316,6 +316,15 @@ class TrainConfig(TrackingFields):
         description="packed / prefix_shared: completion log-probs through a fused LM head that holds one chunk's "
         "logits at a time (never tokens x vocab; dpo_ray.fused_head).",
     )
+    attention: Literal["auto", "blocks", "flex"] = Field(
+        "auto",
+        description="packed / prefix_shared attention kernel: blocks (one SDPA call per sequence block) or flex "
+        "(one FlexAttention call per row with a block mask; GPU only: torch has no FlexAttention backward on CPU); "
+        "auto: blocks (the measured choice; README).",
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (the padding-free attention runs eagerly inside)."
+    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; default: epochs over the train split.")
     epochs: int = Field(1, ge=1, description="Passes over the train split when max_steps is not set.")
     seed: int = Field(0, description="Seed for initialisation order, dropout and RNG state.")
@@ -355,6 +364,12 @@ class TrainConfig(TrackingFields):
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
         if self.fused_head and self.batching == "padded":
             raise ValueError("fused_head works with batching packed, prefix_shared or auto, not padded")
+        if self.attention == "flex" and self.batching == "padded":
+            raise ValueError("attention: flex works with batching packed, prefix_shared or auto, not padded")
+        if self.attention == "flex" and not self.use_gpu:
+            raise ValueError(
+                "attention: flex needs use_gpu: true (torch has no FlexAttention backward on CPU); use blocks or auto"
+            )
         losses = self.losses
         if isinstance(self.loss, list):
             if not self.loss or len(set(self.loss)) != len(self.loss):
