@@ -225,8 +225,11 @@ def _header(cfg: TrainConfig, counts: tuple[int, int, int], batching: str, from_
     n_train, n_eval, total_steps = counts
     return (
         f"train: {cfg.scored} ({n_train} train / {n_eval} eval pairs) -> {cfg.export}; {total_steps} steps of "
-        f"{cfg.batch_size} pairs, loss {_loss_name(cfg)} (beta {cfg.beta:g}), batching {batching}, "
-        f"{max(1, cfg.num_workers)} worker(s) x {{{describe(_worker_bundle(cfg))}}}; "
+        f"{cfg.batch_size} pairs, loss {_loss_name(cfg)} (beta {cfg.beta:g}), batching {batching}"
+        + (f" ({cfg.attention} attention)" if cfg.attention != "auto" and batching != "padded" else "")
+        + (", fused head" if cfg.fused_head else "")
+        + (", compiled layers" if cfg.compile else "")
+        + f", {max(1, cfg.num_workers)} worker(s) x {{{describe(_worker_bundle(cfg))}}}; "
         + (
             "reference-free (no reference log-probs)"
             if cfg.reference_free

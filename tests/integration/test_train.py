@@ -413,3 +413,14 @@ def test_the_fused_head_trains_as_the_unfused_one(setup, two_workers):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), a["step"]
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-5), a["step"]
         assert b["eval/loss"] == pytest.approx(a["eval/loss"], abs=1e-5), a["step"]
+
+
+def test_compiled_layers_train_as_eager_ones(setup, two_workers):
+    """train.compile on two FSDP2 workers (prefix_shared, as `auto` picks on CPU): the losses and margins of
+    the uncompiled two-worker DDP run at every step, within inductor's float32 reassociation."""
+    compiled = _cfg(setup, "compiled", num_workers=2, eval_every=1, parallelism="fsdp", compile=True)
+    train(compiled)
+    for a, b in zip(_history(two_workers), _history(compiled), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), a["step"]
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-4), a["step"]
+        assert b["eval/loss"] == pytest.approx(a["eval/loss"], abs=1e-4), a["step"]

@@ -123,3 +123,15 @@ def test_a_list_of_losses_with_weights():
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["train.model=m", *overrides])
+
+
+def test_attention_kernel_and_compile_keys():
+    cfg = load_config(None, ["train.model=m", "train.attention=flex", "train.use_gpu=true", "train.compile=true"])
+    assert cfg.train.attention == "flex" and cfg.train.compile is True
+    assert load_config(None, ["train.model=m"]).train.attention == "auto"
+    with pytest.raises(ConfigError, match="attention: flex needs use_gpu: true"):
+        load_config(None, ["train.model=m", "train.attention=flex"])
+    with pytest.raises(ConfigError, match="attention: flex works with batching packed, prefix_shared or auto"):
+        load_config(None, ["train.model=m", "train.attention=flex", "train.use_gpu=true", "train.batching=padded"])
+    with pytest.raises(ConfigError, match="train.attention"):
+        load_config(None, ["train.model=m", "train.attention=triton"])

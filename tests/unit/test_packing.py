@@ -243,3 +243,7 @@ def test_auto_batching_picks_the_measured_fastest_mode_per_device():
     assert resolve_batching(TrainSettings(batching="auto"), use_gpu=True).batching == "packed"
     assert resolve_batching(TrainSettings(batching="auto"), use_gpu=False).batching == "prefix_shared"
     assert resolve_batching(TrainSettings(batching="padded"), use_gpu=True).batching == "padded"
+    # attention: blocks on both (FlexAttention has no CPU backward and is not yet measured on a GPU)
+    for gpu in (True, False):
+        assert resolve_batching(TrainSettings(attention="auto"), use_gpu=gpu).attention == "blocks"
+    assert resolve_batching(TrainSettings(attention="flex"), use_gpu=True).attention == "flex"
