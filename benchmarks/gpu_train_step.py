@@ -1,39 +1,123 @@
-"""Train-step throughput of each batching mode on one GPU: a ~1B-parameter Llama in bf16 autocast.
+"""Train-step throughput and peak memory on one GPU: every path of dpo-ray's train step beside TRL's
+DPOTrainer (precompute_ref_log_probs=True, and with its Liger option), same card, same run, same data,
+same initial weights, bf16 autocast with float32 AdamW.
 
-Self-contained: torch + transformers and this repository's dpo_ray (no Ray, no vLLM, no downloads).
-The model is randomly initialised (speed does not depend on the weights); pairs have the prompt and
-completion lengths of the HH-RLHF sample tokenized at max_length 512 (benchmarks/hh_lengths.json,
-written by --write-lengths on a machine that has ../shared/data) with random token ids. For each mode:
-warm-up steps, then timed optimizer steps (AdamW, float32 master weights, bf16 autocast), reporting
-pairs/s, tokens/s (real tokens of both sequences), peak GPU memory, model FLOP/s (6 · N · T over real
-tokens, N = parameters without the input embedding) against the measured bf16 matmul peak, and each
-mode's first-step loss (modes must agree to bf16 precision).
+Self-contained: torch + transformers and this repository's dpo_ray (no Ray, no vLLM, no downloads); TRL
+and Liger-Kernel rows run when those import (on the GPU machine they travel as wheels:
+benchmarks/gpu_wheels.txt, and the one command below). Models are randomly initialised (speed does not
+depend on the weights): `llama` a 0.79B-non-embedding Llama (hidden 2048, 16 layers, GQA 32/8, vocab
+32000) and `qwen152k` a Qwen2 (hidden 1536, 16 layers, GQA 12/2, vocab 152064, tied embeddings). Pairs
+have the prompt / chosen / rejected token lengths of the HH-RLHF sample at max_length 512
+(benchmarks/hh_lengths.json, written by --write-lengths on a machine that has ../shared/data) with random
+token ids; `--lengths 2048` scales every length by 4 (the longer-context variant: mean prompt / chosen /
+rejected 480 / 168 / 208 tokens).
 
-    python benchmarks/gpu_train_step.py            # ~3-5 minutes on one H100
+Each row: warm-up steps (compilation happens there), then timed optimizer steps; pairs/s, tokens/s (real
+tokens of both sequences), model TFLOP/s = 6 · N · T_real / time (N = parameters without the input
+embedding; the same numerator for every row, TRL's included) against the measured bf16 matmul peak, peak
+GPU memory, and the first step's loss: every row starts with the policy equal to the reference (the
+reference log-probs are the initial model's, computed once, not timed; TRL precomputes its own), so every
+first loss is ln 2 to bf16 precision. Variants are a batching mode with +flags: +fused (fused LM head),
++flex (FlexAttention block masks), +compile (torch.compile per decoder layer), +liger (Liger-Kernel's fused
+linear cross-entropy in place of the fused head, benchmark only: its per-token log-probs are compared with
+ours on the first batch and the largest difference printed), +cudnn (cuDNN SDPA allowed, which training
+excludes). Rows that fail print the error and the run
+goes on; rows past --budget seconds are skipped, named.
+
+    python benchmarks/gpu_train_step.py       # the whole suite; rows stop starting after --budget (450 s)
+    python benchmarks/gpu_train_step.py --device cpu --models tiny --lengths 512 --steps 2 --warmup 1
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import random
 import sys
+import tempfile
 import time
+import types
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpo_ray.batching import PairTokens, plan  # noqa: E402
+from dpo_ray.batching import PairTokens, completion_logps  # noqa: E402
 from dpo_ray.fused_head import enable_fused_head  # noqa: E402
 from dpo_ray.packing import enable_segment_attention  # noqa: E402
 from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step  # noqa: E402
+from dpo_ray.train_loop import compile_layers  # noqa: E402
 
 LENGTHS = Path(__file__).resolve().parent / "hh_lengths.json"
-MODES = ["padded", "packed", "prefix_shared"]
-# padded with cuDNN attention allowed (train_step excludes it); the segment modes with the fused LM head
-VARIANTS = [*MODES, "padded-cudnn", "packed-fused", "prefix_shared-fused"]
+FLAGS = ("fused", "flex", "compile", "liger", "cudnn")
+# (model, max_length) → variants, in the order run; "trl" / "trl+liger" are TRL's DPOTrainer rows.
+SUITE: dict[tuple[str, int], list[str]] = {
+    ("llama", 512): [
+        "padded",
+        "packed",
+        "prefix_shared",
+        "packed+fused",
+        "prefix_shared+fused",
+        "packed+flex",
+        "prefix_shared+flex",
+        "packed+compile",
+        "packed+flex+fused+compile",
+        "prefix_shared+flex+fused+compile",
+        "packed+liger",
+        "trl",
+        "trl+liger",
+    ],
+    ("qwen152k", 512): ["packed", "packed+fused", "prefix_shared+flex+fused", "packed+liger", "trl", "trl+liger"],
+    ("llama", 2048): ["padded", "packed", "packed+flex", "prefix_shared+flex", "prefix_shared+flex+fused", "trl"],
+}
+MODELS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "class": "LlamaConfig",
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 32000,
+    },
+    "qwen152k": {
+        "class": "Qwen2Config",
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 152064,
+        "tie_word_embeddings": True,
+    },
+    # CPU rows (float32): the basis of `auto` on CPU, measured beside TRL on this machine's 2 cores
+    "cpu": {
+        "class": "LlamaConfig",
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "vocab_size": 8000,
+    },
+    # for checking the script on a CPU
+    "tiny": {
+        "class": "LlamaConfig",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "vocab_size": 1000,
+    },
+}
 
 
 def write_lengths(max_length: int) -> None:
@@ -66,8 +150,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(dtype: torch.dtype, device: str, n: int = 8192, seconds: float = 3.0) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+def peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+
+def reset_peak(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def matmul_peak(device: str, n: int, dtype: torch.dtype, seconds: float = 3.0) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b)
     sync(device)
@@ -79,130 +175,300 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 8192, seconds: float =
     return 2 * n**3 * count / (time.perf_counter() - t0)
 
 
+def build_model(name: str, device: str) -> Any:
+    import transformers
+
+    spec = dict(MODELS[name])
+    config = getattr(transformers, spec.pop("class"))(
+        **spec, max_position_embeddings=8192, attn_implementation="sdpa", use_cache=False
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+def make_batches(vocab: int, batch: int, steps: int, scale: int) -> list[list[PairTokens]]:
+    lengths = json.loads(LENGTHS.read_text())
+    rng = random.Random(0)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    out = []
+    for _ in range(steps):
+        triples = [rng.choice(lengths) for _ in range(batch)]
+        out.append([PairTokens(ids(p * scale), ids(c * scale), ids(r * scale)) for p, c, r in triples])
+    return out
+
+
+def reference_sums(
+    model_name: str, batches: list[list[PairTokens]], device: str, precision: str
+) -> list[tuple[Any, Any]]:
+    """The initial model's summed completion log-probs (padded, no grad): the reference."""
+    model = build_model(model_name, device).eval()
+    out = []
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for pairs in batches:
+            prompts = [p.prompt_ids for p in pairs] * 2
+            comps = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+            sums = torch.tensor([sum(x) for x in completion_logps(model, prompts, comps, 0, token_budget=16_384)])
+            out.append((sums[: len(pairs)].double(), sums[len(pairs) :].double()))
+    del model
+    return out
+
+
+def enable_liger_head(model: Any) -> Any:
+    """Benchmark only: the fused-head forward with Liger-Kernel's fused linear cross-entropy (reduction none;
+    log-prob = −cross-entropy) in place of dpo_ray.fused_head's chunks. No logit soft-capping (Llama, Qwen2)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+    original = model.forward
+
+    def forward(self: Any, *args: Any, dpo_logps_labels: Any = None, dpo_logps_chunk: int = 0, **kwargs: Any) -> Any:
+        if dpo_logps_labels is None:
+            return original(*args, **kwargs)
+        keep = kwargs.pop("logits_to_keep")
+        hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state[0, keep]
+        return -loss(self.get_output_embeddings().weight, hidden, dpo_logps_labels).float()
+
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def run_ours(variant: str, model_name: str, batches: list, refs: list, args: argparse.Namespace) -> dict:
+    mode, *flags = variant.split("+")
+    unknown = set(flags) - set(FLAGS)
+    if unknown:
+        raise ValueError(f"unknown flags {sorted(unknown)} in {variant!r}; expected {FLAGS}")
+    model = build_model(model_name, args.device)
+    if mode != "padded":
+        enable_segment_attention(model)
+    if "fused" in flags:
+        enable_fused_head(model)
+    liger_diff = None
+    if "liger" in flags:
+        from dpo_ray.packing import collate_packed, segment_token_logps
+
+        ours = enable_fused_head(build_model(model_name, args.device))
+        enable_segment_attention(ours)
+        enable_liger_head(model)
+        row = collate_packed(batches[0][:8]).to(args.device)
+        with torch.no_grad():
+            a = segment_token_logps(ours, row, fused=True)
+            b = segment_token_logps(model, row, fused=True)
+        liger_diff = float((a - b).abs().max())
+        del ours
+    if "compile" in flags:
+        compile_layers(model)
+    opt = make_optimizer(model, "adamw", 1e-6, 0.0)
+    sched = make_scheduler(opt, 0, len(batches), "constant")
+    settings = TrainSettings(
+        token_budget=args.token_budget,
+        batching=mode,
+        autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
+        fused_head="fused" in flags or "liger" in flags,
+        attention="flex" if "flex" in flags else "blocks",
+        cudnn_attention="cudnn" in flags,
+    )
+    reset_peak(args.device)
+    times, first_loss = [], None
+    for k, (pairs, (rc, rr)) in enumerate(zip(batches, refs, strict=True)):
+        sync(args.device)
+        t0 = time.perf_counter()
+        metrics = train_step(model, opt, sched, StepBatch(pairs, rc, rr), settings, global_batch_size=len(pairs))
+        sync(args.device)
+        times.append(time.perf_counter() - t0)
+        first_loss = metrics["loss"] if k == 0 else first_loss
+    out = {"times": times, "first_loss": first_loss, "peak_gib": peak_gib(args.device)}
+    if liger_diff is not None:
+        out["liger_max_abs_logp_diff"] = liger_diff
+    del model, opt
+    return out
+
+
+def run_trl(liger: bool, model_name: str, batches: list, args: argparse.Namespace, max_length: int) -> dict:
+    import datasets
+    import transformers
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_ray.models import load_tokenizer, train_bpe_tokenizer
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    work = Path(tempfile.mkdtemp(prefix="trl-bench-"))
+    train_bpe_tokenizer(["a b c d e f"] * 8, vocab_size=64).save_pretrained(work / "tok")
+    tok = load_tokenizer(work / "tok")
+    rows = [
+        {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
+        for pairs in batches
+        for p in pairs
+    ]
+    config = DPOConfig(
+        output_dir=str(work / "out"),
+        per_device_train_batch_size=len(batches[0]),
+        gradient_accumulation_steps=1,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        max_steps=len(batches),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        beta=0.1,
+        max_length=max_length * 2,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=len(batches[0]),
+        use_liger_kernel=liger,
+        bf16=args.precision == "bf16",
+        use_cpu=args.device == "cpu",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    model = build_model(model_name, args.device)
+    placeholder = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    trainer = DPOTrainer(model=model, args=config, train_dataset=placeholder, processing_class=tok)
+    data = Dataset.from_list(rows)  # exactly our token ids
+    t_pre = time.perf_counter()
+    trainer.train_dataset = trainer._precompute_ref_logps(data, "train", len(batches[0]))
+    precompute = time.perf_counter() - t_pre
+    trainer._get_train_sampler = lambda *a, **k: SequentialSampler(trainer.train_dataset)  # type: ignore[method-assign]
+    times: list[float] = []
+    marks: dict[str, float] = {}
+
+    class Timer(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            sync(args.device)
+            marks["t"] = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            sync(args.device)
+            times.append(time.perf_counter() - marks["t"])
+
+    trainer.add_callback(Timer())
+    reset_peak(args.device)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    out = {"times": times, "first_loss": losses[0] if losses else None, "peak_gib": peak_gib(args.device)}
+    out["precompute_seconds"] = precompute
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--intermediate", type=int, default=5632)
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--models", nargs="*", default=None, choices=list(MODELS), help="default: the suite's")
+    ap.add_argument("--lengths", nargs="*", type=int, default=None, choices=[512, 2048])
+    ap.add_argument("--variants", nargs="*", default=None, help="override the suite's rows, e.g. packed packed+flex")
     ap.add_argument("--batch", type=int, default=32, help="pairs per optimizer step")
     ap.add_argument("--token-budget", type=int, default=16_384, help="computed tokens per micro-batch")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--modes", nargs="*", default=VARIANTS, choices=VARIANTS)
-    ap.add_argument("--profile", action="store_true", help="print the top ops (torch.profiler) of one step per mode")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu only to check the script with a tiny --hidden")
+    ap.add_argument("--budget", type=float, default=450.0, help="seconds; rows that would start later are skipped")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu to check the script (--models tiny)")
+    ap.add_argument("--precision", choices=["bf16", "float32"], help="default: bf16 on cuda, else float32")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--write-lengths", action="store_true", help="(CPU machine) write hh_lengths.json and exit")
     args = ap.parse_args()
     if args.write_lengths:
         write_lengths(512)
         return
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    lengths = json.loads(LENGTHS.read_text())
-    rng = random.Random(0)
-    steps = args.warmup + args.steps
-
-    def ids(n: int) -> list[int]:
-        return [rng.randrange(3, args.vocab) for _ in range(n)]
-
-    batches = []
-    for _ in range(steps):
-        triples = [rng.choice(lengths) for _ in range(args.batch)]
-        pairs = [PairTokens(ids(p), ids(c), ids(r)) for p, c, r in triples]
-        ref = torch.tensor([-1.5 * (c + r) for _, c, r in triples], dtype=torch.float64)
-        batches.append(StepBatch(pairs, ref, ref - 1.0))
-
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(1, args.hidden // 256),
-        head_dim=64,
-        max_position_embeddings=4096,
-        attn_implementation="sdpa",
-    )
+    started = time.perf_counter()
     dev = args.device
-    peak = matmul_peak(torch.bfloat16, dev, n=8192 if dev == "cuda" else 512)
+    args.precision = args.precision or ("bf16" if dev == "cuda" else "float32")
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = matmul_peak(dev, 8192 if dev == "cuda" else 1024, dtype)
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    print(f"{name}: bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (measured)", flush=True)
-    rows, first_losses = [], {}
-    for variant in args.modes:
-        mode = variant.removesuffix("-cudnn").removesuffix("-fused")
-        fused = variant.endswith("-fused")
-        torch.manual_seed(0)
-        with torch.device(dev):
-            model = LlamaForCausalLM(config)
-        if mode != "padded":
-            enable_segment_attention(model)
-        if fused:
-            enable_fused_head(model)
-        n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-        opt = make_optimizer(model, "adamw", 1e-6, 0.0)
-        sched = make_scheduler(opt, 0, steps, "constant")
-        settings = TrainSettings(
-            token_budget=args.token_budget,
-            batching=mode,
-            autocast_dtype=torch.bfloat16,
-            cudnn_attention=variant.endswith("-cudnn"),
-            fused_head=fused,
-        )
-        if dev == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times, waste = [], []
-        for k, batch in enumerate(batches):
-            waste.append(plan(batch.pairs, args.token_budget, mode).padding_fraction)
-            sync(dev)
-            t0 = time.perf_counter()
-            metrics = train_step(model, opt, sched, batch, settings, global_batch_size=args.batch)
-            sync(dev)
-            times.append(time.perf_counter() - t0)
-            if k == 0:
-                first_losses[variant] = metrics["loss"]
-        if args.profile:
-            from torch.profiler import ProfilerActivity, profile
+    import transformers
 
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
-            with profile(activities=acts) as prof:
-                train_step(model, opt, sched, batches[-1], settings, global_batch_size=args.batch)
-                sync(dev)
-            key = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
-            print(f"--- profile {variant}\n" + prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
-        seconds = sum(times[args.warmup :])
-        timed = batches[args.warmup :]
-        real = sum(b.tokens for b in timed)
-        flops = 6 * n_params * real / seconds
-        rows.append(
-            (
-                variant,
-                args.batch * len(timed) / seconds,
-                real / seconds,
-                flops,
-                torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0,
-                sum(waste) / len(waste),
-            )
-        )
-        print(f"{variant}: {rows[-1][1]:.1f} pairs/s", flush=True)
-        del model, opt
-        if dev == "cuda":
-            torch.cuda.empty_cache()
     print(
-        f"\n{name}; Llama {n_params / 1e9:.2f}B non-embedding params (hidden {args.hidden}, {args.layers} layers, "
-        f"GQA {args.hidden // 64}/{max(1, args.hidden // 256)} heads), bf16 autocast, {args.batch} pairs/step, "
-        f"token budget {args.token_budget}, {args.steps} timed steps after {args.warmup} warm-up\n"
+        f"{name}: {args.precision} matmul peak {peak / 1e12:.2f} TFLOP/s (measured); torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+        flush=True,
     )
-    base = rows[0][1] if rows and rows[0][0] == "padded" else None
-    print("| mode | pairs/s | tokens/s | model TFLOP/s (% of bf16 matmul peak) | peak GPU GiB | padding | vs padded |")
-    print("|---|---|---|---|---|---|---|")
-    for mode, pps, tps, flops, mem, pad in rows:
-        rel = f"{pps / base:.2f}x" if base else ""
+    plan = [
+        (m, n, args.variants or variants)
+        for (m, n), variants in SUITE.items()
+        if (args.models is None or m in args.models) and (args.lengths is None or n in args.lengths)
+    ]
+    if args.models and not plan:  # a model outside the suite (tiny): the llama-512 rows
+        plan = [(m, n, args.variants or SUITE[("llama", 512)]) for m in args.models for n in (args.lengths or [512])]
+    results: dict[str, dict[str, Any]] = {}
+    for model_name, max_length, variants in plan:
+        scale = max_length // 512
+        vocab = MODELS[model_name]["vocab_size"]
+        batches = make_batches(vocab, args.batch, args.warmup + args.steps, scale)
+        refs = reference_sums(model_name, batches, dev, args.precision)
+        probe = build_model(model_name, dev)
+        n_params = sum(p.numel() for p in probe.parameters()) - probe.get_input_embeddings().weight.numel()
+        del probe
+        key = f"{model_name}@{max_length}"
+        results[key] = {"n_params": n_params, "rows": {}}
+        print(f"\n== {key}: {n_params / 1e9:.2f}B non-embedding parameters", flush=True)
+        for variant in variants:
+            if time.perf_counter() - started > args.budget:
+                results[key]["rows"][variant] = {"skipped": "time budget"}
+                print(f"{variant}: skipped (time budget)", flush=True)
+                continue
+            try:
+                if variant.startswith("trl"):
+                    row = run_trl("liger" in variant, model_name, batches, args, max_length)
+                else:
+                    row = run_ours(variant, model_name, batches, refs, args)
+            except Exception as e:  # a row that cannot run says why; the others still run
+                row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            reset_peak(dev)
+            if "times" in row:
+                timed = row["times"][args.warmup :]
+                tokens = sum(p.num_tokens for b in batches[args.warmup :] for p in b)
+                seconds = sum(timed)
+                row |= {
+                    "pairs_per_s": args.batch * len(timed) / seconds,
+                    "tokens_per_s": tokens / seconds,
+                    "tflops": 6 * n_params * tokens / seconds / 1e12,
+                }
+                print(f"{variant}: {row['pairs_per_s']:.1f} pairs/s, peak {row['peak_gib']:.1f} GiB", flush=True)
+            else:
+                print(f"{variant}: {row['error']}", flush=True)
+            results[key]["rows"][variant] = row
+    print(
+        f"\n{name}, {'bf16 autocast' if args.precision == 'bf16' else 'float32'}, float32 AdamW, "
+        f"{args.batch} pairs/step, token budget {args.token_budget}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up; "
+        f"measured {args.precision} matmul peak {peak / 1e12:.2f} TFLOP/s; "
+        f"{time.perf_counter() - started:.0f} s in all"
+    )
+    for key, res in results.items():
+        rows = res["rows"]
+        trl = rows.get("trl", {}).get("pairs_per_s")
+        trl_mem = rows.get("trl", {}).get("peak_gib")
+        print(f"\n{key} ({res['n_params'] / 1e9:.2f}B non-embedding)\n")
         print(
-            f"| {mode} | {pps:.1f} | {tps:.0f} | {flops / 1e12:.0f} ({100 * flops / peak:.0f}%) | {mem:.1f} "
-            f"| {100 * pad:.0f}% | {rel} |"
+            "| variant | pairs/s | tokens/s | model TFLOP/s (% of peak) | peak GiB | vs TRL | memory vs TRL "
+            "| first loss |\n|---|---|---|---|---|---|---|---|"
         )
-    print("\nfirst-step loss by mode:", {m: round(v, 5) for m, v in first_losses.items()})
+        for variant, row in rows.items():
+            if "pairs_per_s" not in row:
+                print(f"| {variant} | {row.get('error') or row.get('skipped')} | | | | | | |")
+                continue
+            vs = f"{row['pairs_per_s'] / trl:.2f}x" if trl else ""
+            mem = f"{row['peak_gib'] / trl_mem:.2f}" if trl_mem and not math.isnan(row["peak_gib"]) else ""
+            first = "" if row["first_loss"] is None else f"{row['first_loss']:.4f}"
+            print(
+                f"| {variant} | {row['pairs_per_s']:.1f} | {row['tokens_per_s']:.0f} | {row['tflops']:.2f} "
+                f"({100 * row['tflops'] * 1e12 / peak:.0f}%) | {row['peak_gib']:.1f} | {vs} | {mem} | {first} |"
+            )
+        for variant, row in rows.items():
+            if "liger_max_abs_logp_diff" in row:
+                diff = row["liger_max_abs_logp_diff"]
+                print(f"{variant}: Liger vs fused head, max |per-token log-prob diff| {diff:.2e}")
+            if "precompute_seconds" in row:
+                print(f"{variant}: TRL's reference precompute pass {row['precompute_seconds']:.1f} s (not timed)")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "peak_tflops": peak / 1e12, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
