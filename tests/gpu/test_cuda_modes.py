@@ -13,7 +13,7 @@ import torch
 
 from dpo_ray.batching import BATCHING
 from dpo_ray.packing import enable_segment_attention
-from tests.unit.test_families import _batched, _pairs, _perturbed, _unbatched
+from tests.unit.test_families import _assert_same_grads, _batched, _pairs, _perturbed, _unbatched, _weighted_grads
 
 pytestmark = [
     pytest.mark.gpu,
@@ -86,11 +86,5 @@ def test_flex_on_cuda_equals_unbatched_eager(family_dirs, family: str, mode: str
         got = [per_token[batch.seq == s] for s in range(2 * len(pairs))]
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g.detach().cpu(), w.detach().cpu(), atol=1e-4, rtol=0)
-        weights = torch.linspace(0.5, 1.5, len(want), device="cuda")
-        grads = []
-        for m, per_seq in ((eager, want), (model, got)):
-            m.zero_grad(set_to_none=True)
-            sum(w * s.sum() for w, s in zip(weights, per_seq, strict=True)).backward()
-            grads.append({n: p.grad.cpu() for n, p in m.named_parameters() if p.grad is not None})
-        for name, g in grads[0].items():
-            torch.testing.assert_close(grads[1][name], g, atol=1e-4, rtol=1e-3, msg=f"{family}/{mode}: {name}")
+        want_grads = _weighted_grads(eager, want)
+        _assert_same_grads(_weighted_grads(model, got), want_grads, f"{family}/{mode}", atol=1e-4, rtol=1e-3)

@@ -23,7 +23,7 @@ from dpo_ray.packing import (
     flex_block_mask,
     segment_token_logps,
 )
-from tests.unit.test_families import _pairs, _perturbed, _unbatched
+from tests.unit.test_families import _assert_same_grads, _pairs, _perturbed, _unbatched, _weighted_grads
 
 MODES = ["packed", "prefix_shared"]
 
@@ -161,15 +161,5 @@ def eager_flex_with_backward(monkeypatch):
 def test_flex_gradients_equal_unbatched_eager(flex_models, eager_flex_with_backward, family: str, mode: str) -> None:
     eager, model = flex_models[family]
     pairs = _pairs(eager.config.vocab_size, long=True, seed=11)
-    weights = torch.linspace(0.5, 1.5, 2 * len(pairs))
-
-    def grads(m: torch.nn.Module, per_seq: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        m.zero_grad(set_to_none=True)
-        sum(w * s.sum() for w, s in zip(weights, per_seq, strict=True)).backward()
-        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-
-    want = grads(eager, _unbatched(eager, pairs))
-    got = grads(model, _flex_per_sequence(model, pairs, mode))
-    assert want.keys() == got.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-4, msg=f"{family}/{mode}: {name}")
+    want = _weighted_grads(eager, _unbatched(eager, pairs))
+    _assert_same_grads(_weighted_grads(model, _flex_per_sequence(model, pairs, mode)), want, f"{family}/{mode}")
