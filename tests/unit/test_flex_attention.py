@@ -7,7 +7,6 @@ lifted; on a GPU, tests/gpu runs the compiled backward."""
 
 from __future__ import annotations
 
-import copy
 import random
 
 import pytest
@@ -19,11 +18,10 @@ from dpo_ray.packing import (
     FLEX_TILE,
     collate_packed,
     collate_prefix_shared,
-    enable_segment_attention,
     flex_block_mask,
     segment_token_logps,
 )
-from tests.unit.test_families import _assert_same_grads, _pairs, _perturbed, _unbatched, _weighted_grads
+from tests.unit.test_families import _assert_same_grads, _pairs, _unbatched, _weighted_grads, prepared  # noqa: F401
 
 MODES = ["packed", "prefix_shared"]
 
@@ -102,15 +100,9 @@ def test_block_mask_is_the_layout(mode: str, window: int | None) -> None:
 
 
 @pytest.fixture(scope="module")
-def flex_models(family_dirs):
+def flex_models(prepared):  # noqa: F811 (the families fixture, imported above)
     """family → (eager reference model, the same weights with segment attention)."""
-    out = {}
-    for name, path in family_dirs.items():
-        base = _perturbed(path)
-        eager = copy.deepcopy(base)
-        eager.set_attn_implementation("eager")
-        out[name] = (eager, enable_segment_attention(base))
-    return out
+    return {name: (eager, models["packed"]) for name, (eager, models) in prepared.items()}
 
 
 def _flex_per_sequence(model, pairs: list[PairTokens], mode: str) -> list[torch.Tensor]:
