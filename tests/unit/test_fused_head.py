@@ -94,3 +94,31 @@ def test_a_model_that_scales_its_logits_is_refused(family_dirs):
     model.config.logit_scale = 0.25
     with pytest.raises(UnsupportedHeadError, match="llama scales its logits \\(logit_scale\\).*fused_head: false"):
         enable_fused_head(model)
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma2"])
+def test_under_bf16_autocast(family_dirs, family):
+    """Under bf16 autocast (as training on a GPU runs): the head's matmul in bf16, gather − logsumexp in float32,
+    float32 log-probs out. Fused and unfused round differently (the fused head's weight gradient is summed
+    chunk by chunk), so both are held to the float32 path: the fused head's error is no larger than the
+    unfused path's (within 1.5x, plus float32 noise), for the log-probs and every gradient."""
+    from dpo_ray.fused_head import enable_fused_head
+    from dpo_ray.models import disable_dropout, load_causal_lm
+    from dpo_ray.packing import enable_segment_attention
+
+    model = enable_segment_attention(disable_dropout(load_causal_lm(str(family_dirs[family]))))
+    exact, exact_grads = _run(model, "packed", fused=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unfused, unfused_grads = _run(model, "packed", fused=False)
+    enable_fused_head(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, fused_grads = _run(model, "packed", fused=True)
+    assert fused.dtype == torch.float32
+    assert not torch.equal(unfused, exact)  # autocast was in effect
+
+    def err(a, b):
+        return float((a - b).abs().max())
+
+    assert err(fused, exact) <= 1.5 * err(unfused, exact) + 1e-5
+    for name, g in exact_grads.items():
+        assert err(fused_grads[name], g) <= 1.5 * err(unfused_grads[name], g) + 1e-5 * float(g.abs().max()), name
