@@ -231,7 +231,11 @@ def enable_liger_head(model: Any) -> Any:
             return original(*args, **kwargs)
         keep = kwargs.pop("logits_to_keep")
         hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state[0, keep]
-        return -loss(self.get_output_embeddings().weight, hidden, dpo_logps_labels).float()
+        weight = self.get_output_embeddings().weight
+        if torch.is_autocast_enabled(hidden.device.type):  # as autocast runs our head's matmul (Triton ignores it)
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        return -loss(weight, hidden, dpo_logps_labels).float()
 
     model.forward = types.MethodType(forward, model)
     return model
