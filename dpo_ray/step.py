@@ -121,7 +121,7 @@ class StepBatch:
 
 
 def resolve_batching(settings: TrainSettings, use_gpu: bool) -> TrainSettings:
-    """`auto` settings → what was measured fastest on this kind of device (README, "Choosing the train path"):
+    """`auto` settings → what was measured fastest on this kind of device (README, "Train-step efficiency"):
     batching packed on GPU (1.26x padded on an H100), prefix_shared on CPU (2.7x TRL; benchmarks/);
     attention: blocks (CPU: FlexAttention has no backward there; GPU: flex is not yet measured)."""
     if settings.batching == "auto":

@@ -138,6 +138,11 @@ def _batching(cfg: TrainConfig) -> str:
     if not features:
         return cfg.batching
     if cfg.batching == "auto":
+        if cfg.attention == "flex":
+            raise ConfigError(
+                f"train.attention 'flex' needs a padding-free batching mode, which cannot apply "
+                f"{config.model_type} {', '.join(features)}; use attention auto or blocks"
+            )
         return "padded"
     if cfg.batching != "padded":
         raise ConfigError(

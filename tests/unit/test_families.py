@@ -234,6 +234,8 @@ def test_train_refuses_a_known_unsupported_feature_before_any_work(family_dirs, 
     with pytest.raises(ConfigError, match="batching 'packed' cannot apply gemma3_text bidirectional attention"):
         _batching(TrainConfig(model=str(model), batching="packed"))
     assert _batching(TrainConfig(model=str(model), batching="auto")) == "padded"
+    with pytest.raises(ConfigError, match="attention 'flex' needs a padding-free batching mode.*bidirectional"):
+        _batching(TrainConfig(model=str(model), batching="auto", attention="flex", use_gpu=True))
     assert _batching(TrainConfig(model=str(family_dirs["gemma2"]), batching="auto")) == "auto"
 
 
