@@ -91,3 +91,15 @@ def test_a_model_without_named_layers_is_refused(family_dirs) -> None:
     model._no_split_modules = []
     with pytest.raises(UserError, match="train.compile: .* names no decoder layer class.*train.compile: false"):
         compile_layers(model)
+
+
+def test_the_train_config_reaches_the_worker(family_dirs) -> None:
+    """train.compile, train.attention and train.fused_head travel from the config into the worker's loop config."""
+    from pipeline.config import TrainConfig
+    from pipeline.train import _loop_config
+
+    cfg = TrainConfig(model=str(family_dirs["llama3"]), compile=True, attention="flex", use_gpu=True, fused_head=True)
+    loop = _loop_config(cfg, 3, True, False, [])
+    assert loop.compile is True and loop.settings.attention == "flex" and loop.settings.fused_head is True
+    plain = _loop_config(TrainConfig(model=str(family_dirs["llama3"])), 3, True, False, [])
+    assert plain.compile is False and plain.settings.attention == "auto" and plain.settings.fused_head is False
