@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from dpo_ray.errors import UserError
-from dpo_ray.logps import DEFAULT_CHUNK_TOKENS, gathered_logps
+from dpo_ray.logps import DEFAULT_CHUNK_TOKENS, chunked_logps, gathered_logps
 
 __all__ = ["UnsupportedHeadError", "check_fused_head", "enable_fused_head"]
 
@@ -80,16 +79,10 @@ def enable_fused_head(model: Any) -> Any:
         backbone = getattr(self, self.base_model_prefix)
         hidden = backbone(*args, **kwargs).last_hidden_state[0, keep]  # (N, H): one row, its kept positions
         head = self.get_output_embeddings()
-        use_checkpoint = torch.is_grad_enabled()
-        pieces = []
-        step = max(1, dpo_logps_chunk)
-        for s in range(0, hidden.shape[0], step):
-            h, lab = hidden[s : s + step], dpo_logps_labels[s : s + step]
-            if use_checkpoint:
-                pieces.append(checkpoint(_chunk_logps, h, lab, head, softcap, use_reentrant=False))
-            else:
-                pieces.append(_chunk_logps(h, lab, head, softcap))
-        return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        # recomputed whenever autograd records: the head's weights take gradients even where the hidden states do not
+        return chunked_logps(
+            _chunk_logps, hidden, dpo_logps_labels, dpo_logps_chunk, head, softcap, recompute=torch.is_grad_enabled()
+        )
 
     model.forward = types.MethodType(forward, model)
     return model

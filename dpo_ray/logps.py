@@ -11,11 +11,14 @@ torch only: importable without Ray, vLLM or transformers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "gathered_logps", "sequence_logps", "token_logps"]
+__all__ = ["DEFAULT_CHUNK_TOKENS", "chunked_logps", "gathered_logps", "sequence_logps", "token_logps"]
 
 DEFAULT_CHUNK_TOKENS = 4096
 
@@ -26,6 +29,21 @@ def gathered_logps(logits: Tensor, labels: Tensor) -> Tensor:
     logits32 = logits.float()
     picked = torch.gather(logits32, -1, labels.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits32, dim=-1)
+
+
+def chunked_logps(
+    fn: Callable[..., Tensor], x: Tensor, labels: Tensor, chunk_tokens: int, *args: Any, recompute: bool
+) -> Tensor:
+    """fn(x[s:e], labels[s:e], *args) over chunks of `chunk_tokens` rows of x (N, ...), concatenated (N,);
+    with `recompute`, each chunk is recomputed in backward (activation checkpointing) instead of kept."""
+    step = max(1, chunk_tokens)
+    pieces = [
+        checkpoint(fn, x[s : s + step], labels[s : s + step], *args, use_reentrant=False)
+        if recompute
+        else fn(x[s : s + step], labels[s : s + step], *args)
+        for s in range(0, x.shape[0], step)
+    ]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, dtype=torch.float32)
 
 
 def token_logps(

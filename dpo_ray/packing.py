@@ -38,11 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
 
 from dpo_ray.batching import PairLogps, PairTokens
 from dpo_ray.errors import UserError
-from dpo_ray.logps import DEFAULT_CHUNK_TOKENS, gathered_logps
+from dpo_ray.logps import DEFAULT_CHUNK_TOKENS, chunked_logps, gathered_logps
 
 __all__ = [
     "ATTENTION_KERNELS",
@@ -500,16 +499,8 @@ def segment_token_logps(
         return fused_logps
     logits = model(**inputs).logits[0]
     labels = batch.input_ids[0, batch.targets]
-    use_checkpoint = torch.is_grad_enabled() and logits.requires_grad
-    pieces = []
-    for s in range(0, logits.shape[0], max(1, chunk_tokens)):
-        chunk, lab = logits[s : s + chunk_tokens], labels[s : s + chunk_tokens]
-        pieces.append(
-            checkpoint(gathered_logps, chunk, lab, use_reentrant=False)
-            if use_checkpoint
-            else gathered_logps(chunk, lab)
-        )
-    return torch.cat(pieces)
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+    return chunked_logps(gathered_logps, logits, labels, chunk_tokens, recompute=recompute)
 
 
 def segment_logps(
