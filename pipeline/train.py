@@ -125,15 +125,22 @@ def _loop_config(
     )
 
 
-def _batching(cfg: TrainConfig) -> str:
-    """The configured batching mode, refused before any work when the model has a feature that the padding-free
-    modes cannot compute exactly; `auto` then means padded (on a GPU packed, on a CPU prefix_shared otherwise)."""
+def _model_config(cfg: TrainConfig) -> Any:
+    """The policy's transformers config (config.json only, no weights)."""
     from transformers import AutoConfig
 
     from dpo_ray.models import resolve_model_dir
+
+    return AutoConfig.from_pretrained(str(resolve_model_dir(cfg.model)), trust_remote_code=cfg.trust_remote_code)
+
+
+def _batching(cfg: TrainConfig, config: Any = None) -> str:
+    """The configured batching mode, refused before any work when the model (`config`: its transformers config,
+    read when not given) has a feature that the padding-free modes cannot compute exactly; `auto` then means
+    padded (on a GPU packed, on a CPU prefix_shared otherwise)."""
     from dpo_ray.packing import unsupported_features
 
-    config = AutoConfig.from_pretrained(str(resolve_model_dir(cfg.model)), trust_remote_code=cfg.trust_remote_code)
+    config = config if config is not None else _model_config(cfg)
     features = unsupported_features(config)
     if not features:
         return cfg.batching
@@ -188,7 +195,8 @@ def run(cfg: TrainConfig) -> Manifest:
     if isinstance(build, Manifest):
         return build
     tok_fp = matching_tokenizer(cfg.model, scored, cfg.scored, cfg.trust_remote_code)
-    batching = _batching(cfg)
+    model_config = _model_config(cfg)
+    batching = _batching(cfg, model_config)
     starts_from_reference = model_fingerprint(resolve_model_dir(cfg.model)) == scored.fingerprints.get("model")
     fix = "choose another train.run_name or delete that directory"
     stage.claim(artifacts.join(_storage(cfg), cfg.run_name), build.config, build.upstream, "checkpoints", fix)
@@ -196,13 +204,9 @@ def run(cfg: TrainConfig) -> Manifest:
     console.header(_header(cfg, (n_train, n_eval, total_steps), batching, starts_from_reference))
     _check_placement(cfg)
     if cfg.fused_head:  # refused before any work when the model's logits get a scale it does not apply
-        from transformers import AutoConfig
-
         from dpo_ray.fused_head import check_fused_head
 
-        check_fused_head(
-            AutoConfig.from_pretrained(resolve_model_dir(cfg.model), trust_remote_code=cfg.trust_remote_code)
-        )
+        check_fused_head(model_config)
     loop = _loop_config(
         cfg.model_copy(update={"batching": batching}), total_steps, starts_from_reference, n_eval > 0, scored.shards
     )
