@@ -148,21 +148,28 @@ def model_device(model: Any) -> torch.device:
 class BatchingMode:
     """How one batching mode lays out and computes a micro-batch (dpo_ray.batching's module docstring).
 
-    collate: (pairs, pad_token_id) → a batch with `.to(device)`; logps: (model, batch, chunk_tokens) →
-    PairLogps; segment_attention: the model needs dpo_ray.packing's attention function switched on. Each
-    mode's cost (tokens a forward computes, the planner's budget unit) is dpo_ray.batching.computed_tokens.
+    collate: (pairs, pad_token_id) → a batch with `.to(device)`; logps: (model, batch, settings) →
+    PairLogps (the segment modes through the configured fused head and attention kernel);
+    segment_attention: the model needs dpo_ray.packing's attention function switched on. Each mode's cost
+    (tokens a forward computes, the planner's budget unit) is dpo_ray.batching.computed_tokens.
     """
 
     collate: Callable[[Sequence[PairTokens], int], Any]
-    logps: Callable[[Any, Any, int], PairLogps]
+    logps: Callable[[Any, Any, TrainSettings], PairLogps]
     segment_attention: bool
 
 
+def _segment_logps(model: Any, batch: Any, s: TrainSettings) -> PairLogps:
+    return segment_logps(model, batch, s.chunk_tokens, fused=s.fused_head, kernel=s.attention)
+
+
 MODES: dict[str, BatchingMode] = {
-    "padded": BatchingMode(collate_padded, policy_logps, segment_attention=False),
-    "packed": BatchingMode(lambda pairs, pad: collate_packed(pairs), segment_logps, segment_attention=True),
+    "padded": BatchingMode(
+        collate_padded, lambda model, batch, s: policy_logps(model, batch, s.chunk_tokens), segment_attention=False
+    ),
+    "packed": BatchingMode(lambda pairs, pad: collate_packed(pairs), _segment_logps, segment_attention=True),
     "prefix_shared": BatchingMode(
-        lambda pairs, pad: collate_prefix_shared(pairs), segment_logps, segment_attention=True
+        lambda pairs, pad: collate_prefix_shared(pairs), _segment_logps, segment_attention=True
     ),
 }
 assert tuple(MODES) == BATCHING
@@ -175,10 +182,7 @@ def _micro_batch_logps(model: Any, batch: StepBatch, s: TrainSettings) -> PairLo
     autocast = torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else contextlib.nullcontext()
     backends = [*SDPA_BACKENDS, SDPBackend.CUDNN_ATTENTION] if s.cudnn_attention else SDPA_BACKENDS
     with autocast, sdpa_kernel(backends):
-        collated = mode.collate(batch.pairs, s.pad_token_id).to(device)
-        if mode.segment_attention:
-            return segment_logps(model, collated, s.chunk_tokens, fused=s.fused_head, kernel=s.attention)
-        return mode.logps(model, collated, s.chunk_tokens)
+        return mode.logps(model, mode.collate(batch.pairs, s.pad_token_id).to(device), s)
 
 
 def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[Tensor, Tensor]:
