@@ -49,7 +49,7 @@ def build(uri: str, pairs: int, rows_per_shard: int) -> artifacts.Manifest:
         rows.append(
             {
                 "pair_id": pid,
-                "split": split_of(pid, 0.05),
+                "split": split_of(prompt, 0.05),
                 "prompt_ids": rng.integers(0, 128_000, lp).tolist(),
                 "chosen_ids": rng.integers(0, 128_000, lc).tolist(),
                 "rejected_ids": rng.integers(0, 128_000, lr).tolist(),

@@ -89,13 +89,17 @@ def resolve_model_dir(ref: str | os.PathLike[str], cache_dir: str | os.PathLike[
 
         import fsspec
 
-        target = cache / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        fs, root = fsspec.core.url_to_fs(ref)
+        root = root.rstrip("/")
+        files = sorted(f for f in fs.find(root) if not f.endswith("/"))
+        if not files:
+            raise ModelNotFoundError(f"model {ref!r}: no files found under that URI")
+        # The copy is named by the URI and the version of every file under it (name, size, the storage's
+        # change key: an ETag on S3): a model rewritten at the same URI (a retrained export) is copied anew,
+        # never served from an older copy.
+        version = json.dumps([ref] + [[f, fs.size(f), str(fs.ukey(f))] for f in files])
+        target = cache / hashlib.sha256(version.encode()).hexdigest()[:16]
         if not (target / ".complete").exists():
-            fs, root = fsspec.core.url_to_fs(ref)
-            root = root.rstrip("/")
-            files = [f for f in fs.find(root) if not f.endswith("/")]
-            if not files:
-                raise ModelNotFoundError(f"model {ref!r}: no files found under that URI")
             # Copied into a private directory, then renamed into place: processes of one node that copy at
             # once never read each other's half-written files.
             tmp = cache / f".tmp-{target.name}-{os.getpid()}"

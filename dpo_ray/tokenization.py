@@ -35,6 +35,7 @@ __all__ = [
     "encode_many",
     "end_of_turn_id",
     "pair_id",
+    "prompt_id",
     "record_to_pair",
     "records_to_pairs",
     "split_of",
@@ -90,9 +91,19 @@ def pair_id(prompt: str, chosen: str, rejected: str) -> str:
     return hashlib.sha256(json.dumps([prompt, chosen, rejected]).encode("utf-8")).hexdigest()[:32]
 
 
-def split_of(pid: str, eval_fraction: float) -> str:
-    """Deterministic train/eval assignment from the pair_id hash."""
-    return "eval" if int(pid[:8], 16) / 0x1_0000_0000 < eval_fraction else "train"
+def prompt_id(prompt: str) -> str:
+    """Content hash of a prompt's text (32 hex chars): how prompts are ordered, seeded and split."""
+    return pair_id(prompt, "", "")
+
+
+def split_of(prompt: str, eval_fraction: float) -> str:
+    """Deterministic train/eval assignment of a prompt, from its prompt_id hash.
+
+    A function of the prompt, not of the pair: every pair of one prompt lands in the same split, so eval
+    metrics and evaluate's held-out prompts never measure a prompt the model trained on (a dataset with
+    several pairs per prompt, or generate's all_pairs, would otherwise put most eval prompts in train too).
+    """
+    return "eval" if int(prompt_id(prompt)[:8], 16) / 0x1_0000_0000 < eval_fraction else "train"
 
 
 def _check_text(value: Any, column: str, max_chars: int) -> str:

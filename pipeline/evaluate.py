@@ -29,6 +29,7 @@ from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
 from pipeline import console, stage
 from pipeline.config import EvaluateConfig
+from pipeline.inputs import stage_inputs
 from pipeline.progress import gather
 from pipeline.runtime import (
     check_pool_fits,
@@ -180,7 +181,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
     inputs = _inputs(cfg, prompts_manifest)
     # The models' fingerprints are part of the identity: a retrained policy at the same path is evaluated anew.
-    build = stage.begin("eval", cfg, {k: v for k, v in inputs.items() if v is not None}, cfg.output)
+    build = stage.begin("eval", cfg, inputs, cfg.output)
     if isinstance(build, Manifest):
         return build.stats
     prompts = _prompts(cfg, prompts_manifest)
@@ -204,9 +205,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     result["plots"] = _write_files(
         cfg, result, ids, prompt_texts, flat, ref_samples, ref_logps, pol_rewards, ref_rewards
     )
-    stage.finish(
-        build, {"policy": build.upstream["policy"], "reference": build.upstream["reference"]}, result, shards=[]
-    )
+    stage.finish(build, {"policy": inputs["model:policy"], "reference": inputs["model:reference"]}, result, shards=[])
     _track(cfg, tracking, result)
     console.result(result_line(result) + f" -> {cfg.output}/eval.json")
     return result
@@ -277,20 +276,15 @@ def _write_files(
     return plots
 
 
-def _inputs(cfg: EvaluateConfig, prompts_manifest: Manifest) -> dict[str, str | None]:
-    """The evaluation's identity: both models' fingerprints, the prompts and the scored pairs (manifest hashes)."""
-    from dpo_ray.models import model_fingerprint, resolve_model_dir
-
+def _inputs(cfg: EvaluateConfig, prompts_manifest: Manifest) -> dict[str, str]:
+    """The evaluation's identity (pipeline.inputs): both models and their tokenizers by fingerprint, the prompts
+    and the scored pairs by manifest hash; both tokenizers must be the prompts'."""
     if cfg.max_eval_pairs:
         artifacts.require_complete(cfg.scored, ("scored", "pairs"))  # verified before any work (shard sizes and hashes)
-    for model in (cfg.policy, cfg.reference):
-        matching_tokenizer(model, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
-    return {
-        "policy": model_fingerprint(resolve_model_dir(cfg.policy)),
-        "reference": model_fingerprint(resolve_model_dir(cfg.reference)),
-        "prompts": artifacts.manifest_sha256(cfg.prompts),
-        "scored": artifacts.manifest_sha256(cfg.scored) if cfg.max_eval_pairs else None,
-    }
+    inputs = stage_inputs("evaluate", cfg)
+    for field in ("policy", "reference"):
+        matching_tokenizer(inputs[f"tokenizer:{field}"], getattr(cfg, field), prompts_manifest, cfg.prompts)
+    return inputs
 
 
 def _resources(cfg: EvaluateConfig) -> dict[str, Any]:

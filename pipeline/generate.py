@@ -23,6 +23,7 @@ from dpo_ray.artifacts import Manifest
 from dpo_ray.schema import GENERATIONS_SCHEMA, PAIRS_SCHEMA
 from pipeline import console, stage
 from pipeline.config import GenerateConfig
+from pipeline.inputs import stage_inputs
 from pipeline.runtime import engine_key, engine_spec, ensure_ray, matching_tokenizer, unique_prompts
 from pipeline.units import actor_bundle, describe, run_units
 
@@ -152,7 +153,7 @@ def _pair(c: GenerateConfig, gens: list[dict[str, Any]]) -> tuple[list[dict[str,
             out.append(
                 {
                     "pair_id": pid,
-                    "split": split_of(pid, c.eval_fraction),
+                    "split": split_of(chosen["prompt"], c.eval_fraction),
                     "prompt_ids": chosen["prompt_ids"],
                     "chosen_ids": chosen["completion_ids"],
                     "rejected_ids": rejected["completion_ids"],
@@ -168,15 +169,13 @@ def _pair(c: GenerateConfig, gens: list[dict[str, Any]]) -> tuple[list[dict[str,
 def run(cfg: GenerateConfig) -> Manifest:
     """Sample, score, pair, unit by unit; resumes an interrupted run (only the missing units are generated),
     skips a complete one."""
-    from dpo_ray.models import model_fingerprint, resolve_model_dir
-
     prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
-    upstream = {"prompts": artifacts.manifest_sha256(cfg.prompts)}
+    upstream = stage_inputs("generate", cfg)
     build = stage.begin("pairs", cfg, upstream, cfg.output, resumable=True, also_clear=(cfg.generations,))
     if isinstance(build, Manifest):
         return build
-    tok_fp = matching_tokenizer(cfg.policy, prompts_manifest, cfg.prompts, cfg.trust_remote_code)
-    fingerprints = {"tokenizer": tok_fp, "model": model_fingerprint(resolve_model_dir(cfg.policy))}
+    tok_fp = matching_tokenizer(upstream["tokenizer:policy"], cfg.policy, prompts_manifest, cfg.prompts)
+    fingerprints = {"tokenizer": tok_fp, "model": upstream["model:policy"]}
     prompts = unique_prompts(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
     size = cfg.prompts_per_unit
     units = [

@@ -26,9 +26,10 @@ from dpo_ray.errors import UserError
 from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
 from pipeline import console, stage
 from pipeline.config import PrepareConfig
+from pipeline.inputs import stage_inputs
 from pipeline.progress import gather, remote_progress
 from pipeline.runtime import check_pool_fits, ensure_ray, unwrap_user_error
-from pipeline.sources import InputError, inputs_fingerprint, read_records, resolve_inputs
+from pipeline.sources import InputError, read_records, resolve_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Tokenize:
                 out.update(
                     kind="pair",
                     pair_id=pid,
-                    split=split_of(pid, self.cfg.eval_fraction),
+                    split=split_of(p.prompt, self.cfg.eval_fraction),
                     prompt=p.prompt,
                     chosen=p.chosen,
                     rejected=p.rejected,
@@ -241,16 +242,17 @@ def _summary(manifest: Manifest, rows_in: int, output: str) -> str:
 
 def run(cfg: PrepareConfig) -> Manifest:
     """Run the prepare stage (skipped when a complete artifact with this config and these inputs exists)."""
-    from dpo_ray.models import load_tokenizer, tokenizer_fingerprint
+    from dpo_ray.models import load_tokenizer
 
     files = resolve_inputs(cfg.inputs, cfg.input_type)
-    build = stage.begin("pairs", cfg, {"inputs": inputs_fingerprint(files)}, cfg.output)
+    upstream = stage_inputs("prepare", cfg)
+    build = stage.begin("pairs", cfg, upstream, cfg.output)
     if isinstance(build, Manifest):
         return build
     tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     if cfg.format == "conversational" and not getattr(tokenizer, "chat_template", None):
         raise PrepareError(f"prepare.format is conversational but tokenizer {cfg.tokenizer} has no chat template")
-    fingerprints = {"tokenizer": tokenizer_fingerprint(tokenizer)}
+    fingerprints = {"tokenizer": upstream["tokenizer:tokenizer"]}
     ensure_ray()
     check_pool_fits("prepare.num_actors", cfg.num_actors, 1, needs_free_cpu=True)
     console.header(

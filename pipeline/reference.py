@@ -29,6 +29,7 @@ from dpo_ray.errors import UserError
 from dpo_ray.schema import REJECTS_SCHEMA, SCORED_SCHEMA
 from pipeline import console, stage
 from pipeline.config import ReferenceConfig
+from pipeline.inputs import stage_inputs
 from pipeline.runtime import engine_key, engine_spec, ensure_ray, matching_tokenizer
 from pipeline.units import UnitsResult, actor_bundle, describe, run_units
 
@@ -180,15 +181,14 @@ def _parity_sample(output: str, k: int) -> list[dict[str, Any]]:
 
 def run(cfg: ReferenceConfig) -> Manifest:
     """Run the reference stage; resumes an interrupted run, skips a complete one."""
-    from dpo_ray.models import model_fingerprint, resolve_model_dir
-
     pairs_manifest = artifacts.require_complete(cfg.pairs, "pairs")
-    build = stage.begin("scored", cfg, {"pairs": artifacts.manifest_sha256(cfg.pairs)}, cfg.output, resumable=True)
+    upstream = stage_inputs("reference", cfg)
+    build = stage.begin("scored", cfg, upstream, cfg.output, resumable=True)
     if isinstance(build, Manifest):
         return build
     fingerprints = {
-        "tokenizer": matching_tokenizer(cfg.model, pairs_manifest, cfg.pairs, cfg.trust_remote_code),
-        "model": model_fingerprint(resolve_model_dir(cfg.model)),
+        "tokenizer": matching_tokenizer(upstream["tokenizer:model"], cfg.model, pairs_manifest, cfg.pairs),
+        "model": upstream["model:model"],
     }
     units = _units(pairs_manifest, cfg.rows_per_unit)
     done = set(artifacts.list_shards(cfg.output))

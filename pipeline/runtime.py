@@ -126,12 +126,11 @@ def tracking_settings(cfg: Any, key: str) -> Any:
     return TrackingSettings.from_env(cfg.report_to, cfg.tracking_dir.removeprefix("file://"), cfg.experiment, key, name)
 
 
-def matching_tokenizer(model: str, manifest: Any, artifact: str, trust_remote_code: bool = False) -> str:
-    """The fingerprint of `model`'s tokenizer, which must be the one `artifact` (its manifest) was made with."""
+def matching_tokenizer(found: str, model: str, manifest: Any, artifact: str) -> str:
+    """`found`, the fingerprint of `model`'s tokenizer, which must be the one `artifact` (its manifest) was made
+    with."""
     from dpo_ray.artifacts import ArtifactError
-    from dpo_ray.models import load_tokenizer, tokenizer_fingerprint
 
-    found = tokenizer_fingerprint(load_tokenizer(model, trust_remote_code))
     expected = manifest.fingerprints.get("tokenizer")
     if found != expected:
         raise ArtifactError(
@@ -144,13 +143,16 @@ def matching_tokenizer(model: str, manifest: Any, artifact: str, trust_remote_co
 def unique_prompts(uri: str, manifest: Any, split: str, limit: int | None) -> list[dict[str, Any]]:
     """Unique prompts (by text) of one split of a `pairs` artifact, ordered by prompt id; 3 columns are read."""
     from dpo_ray import artifacts
-    from dpo_ray.tokenization import pair_id
+    from dpo_ray.tokenization import prompt_id
 
     seen: dict[str, dict[str, Any]] = {}
     for shard in manifest.shards:
         for row in artifacts.read_shard(uri, shard, ["prompt", "prompt_ids", "split"]).to_pylist():
             if row["split"] == split and row["prompt"] not in seen:
-                pid = pair_id(row["prompt"], "", "")
-                seen[row["prompt"]] = {"prompt_id": pid, "prompt": row["prompt"], "prompt_ids": row["prompt_ids"]}
+                seen[row["prompt"]] = {
+                    "prompt_id": prompt_id(row["prompt"]),
+                    "prompt": row["prompt"],
+                    "prompt_ids": row["prompt_ids"],
+                }
     prompts = sorted(seen.values(), key=lambda r: r["prompt_id"])
     return prompts[:limit] if limit else prompts

@@ -85,24 +85,40 @@ def stamp(directory: str, config: dict[str, Any], upstream: dict[str, str]) -> N
         json.dump({"config": config, "upstream": upstream}, f)
 
 
-def stamped(directory: str, config: dict[str, Any], upstream: dict[str, str]) -> bool | None:
-    """Whether `directory`'s stamp is this config and upstream; None when it has no stamp."""
+def _stamp_of(directory: str) -> dict[str, Any] | None:
     fs, path = artifacts.artifact_fs(directory)
     progress = artifacts.join(path, _PROGRESS)
     if not fs.exists(progress):
         return None
     with fs.open(progress, "r") as f:
-        return bool(json.load(f) == json.loads(json.dumps({"config": config, "upstream": upstream})))
+        return dict(json.load(f))
+
+
+def stamped(directory: str, config: dict[str, Any], upstream: dict[str, str]) -> bool | None:
+    """Whether `directory`'s stamp is this config and upstream; None when it has no stamp."""
+    found = _stamp_of(directory)
+    if found is None:
+        return None
+    return bool(found == json.loads(json.dumps({"config": config, "upstream": upstream})))
 
 
 def claim(directory: str, config: dict[str, Any], upstream: dict[str, str], what: str, fix: str) -> None:
-    """`directory` (e.g. a training run's checkpoints) holds the work of one config and upstream: stamp it, or
-    refuse with ArtifactError when another run's stamp is there."""
-    found = stamped(directory, config, upstream)
-    if found is False:
-        raise artifacts.ArtifactError(f"{directory} holds {what} of a run with another config or inputs; {fix}")
-    if found is None:
-        stamp(directory, config, upstream)
+    """`directory` (e.g. a training run's checkpoints) holds the work of one config and upstream: stamp it; when the
+    work there is of this config but older inputs (a retrained model, new pairs: the stage is being redone), remove
+    it first and say so; refuse with ArtifactError when another config's stamp is there (another run's work)."""
+    found = _stamp_of(directory)
+    current = json.loads(json.dumps({"config": config, "upstream": upstream}))
+    if found == current:
+        return
+    if found is not None and found.get("config") != current["config"]:
+        raise artifacts.ArtifactError(f"{directory} holds {what} of a run with another config; {fix}")
+    if found is not None:
+        changed = sorted(
+            k for k in set(found.get("upstream", {})) | set(upstream) if found["upstream"].get(k) != upstream.get(k)
+        )
+        console.result(f"{directory}: {what} of this config from older inputs ({', '.join(changed)} changed); removed")
+        artifacts.remove_artifact(directory)
+    stamp(directory, config, upstream)
 
 
 def _same_identity(output: str, config: dict[str, Any], upstream: dict[str, str], also: tuple[str, ...]) -> bool:

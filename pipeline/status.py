@@ -4,32 +4,38 @@
 β-sweep point) and reads each one's output: a `manifest.json` (complete, with rows, shards, fingerprints
 and upstream identities; for evaluate, the evaluation's headline numbers). Lineage: each upstream identity and model
 fingerprint is matched to the artifact of this run that has it, so the printout says which artifact
-(and which trained policy) each one was made from. Nothing is computed or started; Ray is not needed.
+(and which trained policy) each one was made from. A complete output whose config or inputs
+(`pipeline.inputs`: upstream artifacts, models and tokenizers by fingerprint) differ from what its stage would
+read now is "stale", with the reason, e.g. "policy model of round-0/train changed since this artifact was
+written": `run` redoes it. Nothing is fetched, computed or started (models at URIs or hub ids are not
+compared); Ray is not needed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from dpo_ray import artifacts
 from pipeline import console
 from pipeline.config import PipelineConfig
+from pipeline.plan import PlannedStage
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["collect", "run"]
 
 
-def _outputs(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
-    """(label, stage, artifact URI) of every output of every planned stage, in order."""
+def _outputs(cfg: PipelineConfig) -> list[tuple[str, PlannedStage, str]]:
+    """(label, planned stage, artifact URI) of every output of every planned stage, in order."""
     from pipeline.plan import plan
 
-    found: list[tuple[str, str, str]] = []
+    found: list[tuple[str, PlannedStage, str]] = []
     for p in plan(cfg):
         if p.stage == "generate":
-            found.append((p.label.replace("/generate", "/generations"), p.stage, p.outputs[0]))
-        found.append((p.label, p.stage, p.output))
+            found.append((p.label.replace("/generate", "/generations"), p, p.outputs[0]))
+        found.append((p.label, p, p.output))
     return found
 
 
@@ -53,10 +59,13 @@ def _initial_models(cfg: PipelineConfig) -> dict[str, str]:
 
 def collect(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """One dict per stage output: label, uri, state (complete / incomplete / absent) and, when complete,
-    kind, rows, shards, fingerprints, upstream (name → identity) and lineage (name → producing label)."""
+    kind, rows, shards, fingerprints, upstream (name → identity) and lineage (name → producing label); a complete
+    output whose stage would now read another config or other inputs is "stale", with `why`."""
     rows: list[dict[str, Any]] = []
-    for label, stage, uri in _outputs(cfg):
-        row: dict[str, Any] = {"label": label, "stage": stage, "uri": uri}
+    planned: dict[str, PlannedStage] = {}
+    for label, p, uri in _outputs(cfg):
+        planned[label] = p
+        row: dict[str, Any] = {"label": label, "stage": p.stage, "uri": uri}
         manifest = artifacts.read_manifest(uri)
         fs, path = artifacts.artifact_fs(uri)
         if manifest is None:
@@ -82,11 +91,17 @@ def collect(cfg: PipelineConfig) -> list[dict[str, Any]]:
     # Lineage: which artifact of this run has each upstream identity / which export has each model fingerprint.
     by_identity = {r["identity"]: r["label"] for r in rows if "identity" in r}
     by_model = _initial_models(cfg) | {r["fingerprints"]["model"]: r["label"] for r in rows if r.get("kind") == "model"}
+    producers = {r["uri"]: r["label"] for r in rows}  # which stage of this run writes each URI
+    for r in rows:
+        if r["state"] == "complete":
+            _check_current(r, planned[r["label"]], producers)
     for r in rows:
         lineage = {}
         for k, v in r.get("upstream", {}).items():
-            if k in ("policy", "reference"):  # an eval artifact's models, by fingerprint
-                lineage[k] = by_model.get(v, f"{v[:12]} (a model from outside this run)")
+            if k.startswith("tokenizer:"):
+                continue  # shown with the fingerprints; a tokenizer has no producing stage
+            if k.startswith("model:"):  # a model read, by fingerprint
+                lineage[k.removeprefix("model:")] = by_model.get(v, f"{v[:12]} (a model from outside this run)")
             else:
                 lineage[k] = by_identity.get(
                     v, f"{v[:12]} ({'the input files' if k == 'inputs' else 'not from this run'})"
@@ -99,6 +114,28 @@ def collect(cfg: PipelineConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def _check_current(row: dict[str, Any], p: PlannedStage, producers: dict[str, str]) -> None:
+    """Mark a complete output "stale" (with `why`) when its manifest's config or inputs are not what its stage
+    would read now (the comparison `pipeline.stage.begin` makes before it skips); `producers`: URI → the label
+    of the stage of this run that writes it."""
+    from pipeline.inputs import changes, known_inputs, reads
+    from pipeline.stage import identity
+
+    manifest = artifacts.read_manifest(row["uri"])
+    assert manifest is not None
+    config = identity(p.config)
+    now = json.loads(json.dumps(config))
+    keys = sorted(set(now) | set(manifest.config))
+    why = [f"config key {k} changed" for k in keys if now.get(k) != manifest.config.get(k)]
+    try:
+        sources = {k: producers[ref] for k, ref in reads(p.stage, p.config).items() if ref in producers}
+        why += changes(manifest.upstream, known_inputs(p.stage, p.config), sources)
+    except Exception as e:  # an input that cannot be read now: the stage would fail on it too
+        why.append(f"its inputs cannot be read ({type(e).__name__}: {e})")
+    if why:
+        row |= {"state": "stale", "why": why}
+
+
 def run(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """Print the status of every stage of this config's run; returns collect()'s rows."""
     rows = collect(cfg)
@@ -109,11 +146,13 @@ def run(cfg: PipelineConfig) -> list[dict[str, Any]]:
         line = f"  {r['label']:<{width}}  {r['state']:<10}"
         if r["state"] == "complete" and r.get("kind") == "eval":
             line += f"  {r['summary']}"
-        elif r["state"] == "complete":
+        elif r["state"] in ("complete", "stale"):
             fps = ", ".join(f"{k} {v[:12]}" for k, v in sorted(r["fingerprints"].items()))
             line += f"  {r['kind']:<11} {r['rows']:>8} rows {r['shards']:>3} shards  [{fps}]"
         line += f"  {r['uri']}"
         console.result(line)
         if r.get("lineage"):
             console.result(" " * (width + 4) + "from: " + ", ".join(f"{k} <- {v}" for k, v in r["lineage"].items()))
+        for why in r.get("why", []):
+            console.result(" " * (width + 4) + f"stale: {why}; `run` redoes it")
     return rows

@@ -20,6 +20,7 @@ from dpo_ray.artifacts import ArtifactError, Manifest, ShardInfo
 from dpo_ray.errors import UserError
 from pipeline import console, stage
 from pipeline.config import REFERENCE_FREE_LOSSES, ConfigError, TrainConfig
+from pipeline.inputs import stage_inputs
 from pipeline.progress import remote_progress
 from pipeline.runtime import check_pool_fits, ensure_ray, matching_tokenizer, tracking_settings
 from pipeline.units import actor_bundle, check_feasible, describe
@@ -191,13 +192,14 @@ def run(cfg: TrainConfig) -> Manifest:
     hint = f" (a 'pairs' artifact serves a reference-free loss only: {', '.join(REFERENCE_FREE_LOSSES)})"
     scored = artifacts.require_complete(cfg.scored, kinds, hint)
     # The export is rewritten whole by rank 0 at the end; checkpoints resume by run name (stage.claim).
-    build = stage.begin("model", cfg, {"scored": artifacts.manifest_sha256(cfg.scored)}, cfg.export)
+    upstream = stage_inputs("train", cfg)
+    build = stage.begin("model", cfg, upstream, cfg.export)
     if isinstance(build, Manifest):
         return build
-    tok_fp = matching_tokenizer(cfg.model, scored, cfg.scored, cfg.trust_remote_code)
+    tok_fp = matching_tokenizer(upstream["tokenizer:model"], cfg.model, scored, cfg.scored)
     model_config = _model_config(cfg)
     batching = _batching(cfg, model_config)
-    starts_from_reference = model_fingerprint(resolve_model_dir(cfg.model)) == scored.fingerprints.get("model")
+    starts_from_reference = upstream["model:model"] == scored.fingerprints.get("model")
     fix = "choose another train.run_name or delete that directory"
     stage.claim(artifacts.join(_storage(cfg), cfg.run_name), build.config, build.upstream, "checkpoints", fix)
     n_train, n_eval, total_steps = _steps(cfg, scored)

@@ -63,6 +63,7 @@ def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path, monkeypatch
         max_tokens=10,
         max_model_len=128,
         gpu_memory_utilization=0.1,
+        reward="length",  # characters: wins, losses and ties all occur between two models' samples
         report_to=trackers,
         tracking_dir=str(tmp_path / "tracking"),
         tracking_name="policy",
@@ -89,7 +90,8 @@ def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path, monkeypatch
 
     manifest = read_manifest(str(tmp_path / "eval"))
     assert manifest is not None and manifest.kind == "eval" and manifest.stats["kl"] == pytest.approx(result["kl"])
-    assert set(manifest.upstream) == {"policy", "reference", "prompts", "scored"}
+    models = {f"{kind}:{field}" for kind in ("model", "tokenizer") for field in ("policy", "reference")}
+    assert set(manifest.upstream) == {"prompts", "scored"} | models
     assert evaluate(cfg) == manifest.stats
 
     policy, ref = load_causal_lm(policy_dir), load_causal_lm(ref_dir)
@@ -104,6 +106,28 @@ def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path, monkeypatch
         assert s["ref_logp"] == pytest.approx(lr, abs=1e-3)
         direct.append(lp - lr)
     assert result["kl"] == pytest.approx(float(np.mean(direct)), abs=1e-3)
+
+    # Rewards, win rate, positive fractions and standard errors, computed here from the samples' texts (the win
+    # rate used to be checked only to lie in [0, 1]): the i-th policy sample against the reference's i-th (same
+    # prompt), a tie counts half; a prompt's n = 2 samples are one observation for the standard errors.
+    pol_w = np.array([float(len(s["completion"])) for s in samples])
+    ref_w = np.array([float(len(r["completion"])) for r in references])
+    assert [s["reward"] for s in samples] == list(pol_w) and [r["reward"] for r in references] == list(ref_w)
+    win = np.where(pol_w > ref_w, 1.0, np.where(pol_w == ref_w, 0.5, 0.0))
+    assert 0 < np.mean(win == 1.0) < 1, "samples of two models: some win, some do not"
+
+    def stderr(values):
+        means = values.reshape(12, 2).mean(axis=1)
+        return means.std(ddof=1) / np.sqrt(12)
+
+    assert result["win_rate"] == pytest.approx(win.mean(), abs=1e-12)
+    assert result["win_rate_stderr"] == pytest.approx(stderr(win), rel=1e-9)
+    for side, values in (("policy", pol_w), ("reference", ref_w)):
+        assert result[side]["reward_mean"] == pytest.approx(values.mean(), rel=1e-12)
+        assert result[side]["reward_std"] == pytest.approx(values.std(), rel=1e-9)
+        assert result[side]["reward_stderr"] == pytest.approx(stderr(values), rel=1e-9)
+        assert result[side]["positive_fraction"] == pytest.approx(np.mean(values > 0), abs=1e-12)
+    assert result["kl_stderr"] == pytest.approx(stderr(np.array(direct)), rel=1e-2, abs=1e-3)
 
     rows = [r for r in read_artifact(tmp_path / "scored").to_pylist() if r["split"] == "eval"]
     margins = [

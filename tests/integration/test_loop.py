@@ -65,8 +65,9 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
     assert "7/7 stage outputs complete" in printed, printed
     rows = {r["label"]: r for r in status_rows(load_config(path))}
     assert rows["round-0/reference"]["lineage"]["pairs"] == "round-0/prepare"
-    assert rows["round-0/train"]["lineage"] == {"scored": "round-0/reference"}
+    assert rows["round-0/train"]["lineage"] == {"scored": "round-0/reference", "model": f"model {assets / 'model'}"}
     assert rows["round-1/generations"]["lineage"]["model"] == "round-0/train"  # sampled by round 0's policy
+    assert rows["round-1/generate"]["lineage"]["policy"] == "round-0/train"
     assert rows["round-1/reference"]["lineage"]["pairs"] == "round-1/generate"
     assert rows["round-1/train"]["rows"] == 0 and rows["round-1/train"]["kind"] == "model"
 
@@ -79,3 +80,45 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("skipped") == 4  # prepare, reference and train of round 0; generate of round 1
     assert (d / "round-1" / "export" / "manifest.json").exists()
+
+    # An unchanged rerun skips every stage.
+    run(load_config(path))
+    assert capsys.readouterr().out.count("skipped") == 6
+
+    # Another lr and run name: round 0's train is redone, and so is every stage of round 1, since each reads
+    # round 0's export (generate samples from it, its pairs are scored, train starts from it).
+    # Failed before models entered a stage's identity by fingerprint: round 1's generate and reference were
+    # skipped ("complete for this config and these inputs") and round 1 trained on the old policy's samples.
+    cfg["train"] |= {"lr": 2e-3, "run_name": "b"}
+    path.write_text(json.dumps(cfg))
+    stale = {r["label"]: r.get("why") for r in status_rows(load_config(path)) if r["state"] == "stale"}
+    assert stale == {"round-0/train": ["config key lr changed", "config key run_name changed"]} | {
+        "round-1/train": ["config key lr changed", "config key run_name changed"]
+    }
+    old_export = json.loads((d / "export" / "manifest.json").read_text())["fingerprints"]["model"]
+    run(load_config(path))
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 2, out  # prepare and reference of round 0
+    new_export = json.loads((d / "export" / "manifest.json").read_text())["fingerprints"]["model"]
+    trained = json.loads((d / "round-1" / "export" / "manifest.json").read_text())
+    assert trained["upstream"]["model:model"] == new_export and trained["config"]["lr"] == 2e-3
+    gen = json.loads((d / "round-1" / "generated_pairs" / "manifest.json").read_text())
+    assert gen["upstream"]["model:policy"] == new_export != old_export
+
+    # round 0's export edited in place: status names what changed and where it came from, and `run` redoes
+    # every stage that read it (and nothing else).
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(d / "export" / "model.safetensors"))
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(d / "export" / "model.safetensors"), {"format": "pt"})
+    stale = {r["label"]: r.get("why") for r in status_rows(load_config(path)) if r["state"] == "stale"}
+    changed = ["policy model of round-0/train changed since this artifact was written"]
+    assert stale == {
+        "round-1/generations": changed,
+        "round-1/generate": changed,
+        "round-1/train": ["model of round-0/train changed since this artifact was written"],
+    }
+    assert main(["status", "--config", str(path)]) == 0
+    assert "stale: policy model of round-0/train changed since this artifact was written" in capsys.readouterr().out
+    run(load_config(path))
+    assert capsys.readouterr().out.count("skipped") == 3  # prepare, reference and train of round 0

@@ -297,3 +297,32 @@ def test_many_shards_in_input_order_the_first_duplicate_kept_and_the_same_every_
     }
     again = run(_cfg(tiny_model_dir, paths, tmp_path / "b", **kw))
     assert [(s.file, s.sha256) for s in again.shards] == [(s.file, s.sha256) for s in m.shards]
+
+
+def test_split_is_by_prompt_so_no_eval_prompt_has_a_train_pair(tiny_model_dir, tmp_path):
+    """300 HH prompts with 3 pairs each at eval_fraction 0.3: every prompt's pairs are in one split.
+
+    Failed before the split was a function of the prompt: it was drawn per pair_id, and 188 of the 193 eval
+    prompts also had train pairs."""
+    records = []
+    with gzip.open(HH_SAMPLE, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i >= 300:
+                break
+            rec = json.loads(line)
+            cut = rec["chosen"].rfind("Assistant:") + len("Assistant:")
+            prompt = rec["chosen"][:cut]
+            records += [
+                {"prompt": prompt, "chosen": f" answer {k} {rec['chosen'][cut:]}", "rejected": f" no {k}"}
+                for k in range(3)
+            ]
+    (tmp_path / "three.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    run(_cfg(tiny_model_dir, [tmp_path / "three.jsonl"], tmp_path / "pairs", eval_fraction=0.3))
+    rows = read_artifact(tmp_path / "pairs").select(["prompt", "split"]).to_pylist()
+    splits: dict[str, set[str]] = {}
+    for r in rows:
+        splits.setdefault(r["prompt"], set()).add(r["split"])
+    eval_prompts = {p for p, s in splits.items() if "eval" in s}
+    assert len(rows) >= 3 * 250 and len(splits) >= 250  # a few HH prompts repeat; most are unique
+    assert 0.2 * len(splits) < len(eval_prompts) < 0.4 * len(splits)
+    assert all(len(s) == 1 for s in splits.values()), [p for p, s in splits.items() if len(s) > 1][:3]

@@ -81,6 +81,27 @@ def test_resolve_copies_uri_to_cache(tiny_model_dir: Path, tmp_path: Path):
         fs.pipe(f"/model/{f.name}", f.read_bytes())
     cached = resolve_model_dir("memory://model", cache_dir=tmp_path / "cache")
     assert model_fingerprint(cached) == model_fingerprint(tiny_model_dir)
+    assert resolve_model_dir("memory://model", cache_dir=tmp_path / "cache") == cached  # copied once
+
+
+def test_a_model_rewritten_at_its_uri_is_copied_anew(tiny_model_dir: Path, tmp_path: Path):
+    """A retrained export at the same URI is the new model, not the cached copy of the old one.
+
+    Failed before the cache was keyed by the files' versions: the first copy of a URI was served forever."""
+    import fsspec
+    from safetensors.torch import load_file, save_file
+
+    fs = fsspec.filesystem("memory")
+    for f in tiny_model_dir.iterdir():
+        fs.pipe(f"/retrained/{f.name}", f.read_bytes())
+    old = resolve_model_dir("memory://retrained", cache_dir=tmp_path / "cache")
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    edited = {k: v + 1.0 for k, v in weights.items()}
+    save_file(edited, str(tmp_path / "edited.safetensors"), metadata={"format": "pt"})
+    fs.pipe("/retrained/model.safetensors", (tmp_path / "edited.safetensors").read_bytes())
+    new = resolve_model_dir("memory://retrained", cache_dir=tmp_path / "cache")
+    assert new != old and model_fingerprint(new) != model_fingerprint(old)
+    assert load_file(str(new / "model.safetensors")).keys() == edited.keys()
 
 
 def test_a_chat_template_change_changes_the_tokenizer_fingerprint(family_dirs):

@@ -107,3 +107,33 @@ def test_reward_model_scores_batched_like_one_by_one(tiny_model_dir, tmp_path):
             single = float(model(**tok(p + c, return_tensors="pt")).logits[0, 0])
         assert b == pytest.approx(single, abs=1e-4)
     assert len(set(batched)) == 3
+
+
+def test_generated_pairs_of_one_prompt_share_a_split():
+    """all_pairs gives up to 6 pairs per prompt; every pair of a prompt lands in one split (eval_fraction 0.5).
+
+    Failed before the split was a function of the prompt (drawn per pair_id, most prompts had pairs in both)."""
+    from pipeline.config import GenerateConfig
+    from pipeline.generate import _pair
+
+    cfg = GenerateConfig(policy="p", prompts="x", strategy="all_pairs", max_pairs_per_prompt=6, eval_fraction=0.5)
+    gens = [
+        {
+            "prompt_id": f"id{p}",
+            "prompt": f"prompt {p}",
+            "prompt_ids": [p],
+            "sample_index": s,
+            "completion_ids": [p, s],
+            "completion": f"sample {s}",
+            "reward": float(s),
+        }
+        for p in range(40)
+        for s in range(4)
+    ]
+    pairs, _ = _pair(cfg, gens)
+    splits: dict[str, set[str]] = {}
+    for row in pairs:
+        splits.setdefault(row["prompt"], set()).add(row["split"])
+    assert len(pairs) == 40 * 6 and len(splits) == 40
+    assert all(len(s) == 1 for s in splits.values())
+    assert 5 < sum(s == {"eval"} for s in splits.values()) < 35

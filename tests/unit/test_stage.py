@@ -8,6 +8,7 @@ import pytest
 
 from dpo_ray import artifacts
 from dpo_ray.artifacts import Manifest
+from pipeline import stage
 from pipeline.config import ReferenceConfig
 from pipeline.stage import Build, begin, finish
 
@@ -45,3 +46,23 @@ def test_skip_resume_and_fresh(tmp_path, capsys):
     assert isinstance(other, Build) and not other.resumed and not (out / "part-00000.parquet").exists()
     fresh = begin("scored", cfg, {"pairs": "def"}, cfg.output)
     assert isinstance(fresh, Build) and not fresh.resumed
+
+
+def test_claim_keeps_resumable_work_clears_outdated_work_and_refuses_another_configs(tmp_path, capsys):
+    """Checkpoints of this config and inputs are kept (resume); of this config but older inputs (the stage is redone
+    because a model it reads changed) removed with a line that says why; of another config refused.
+
+    Failed before the inputs' fingerprints entered the identity in two ways: a retrained upstream model did not
+    reach the stamp at all, and then older inputs were refused like another run's work, so no rerun could redo it."""
+    from dpo_ray.artifacts import ArtifactError
+
+    ckpt = tmp_path / "checkpoints" / "dpo"
+    stage.claim(str(ckpt), {"lr": 1}, {"model:model": "a"}, "checkpoints", "fix")
+    (ckpt / "checkpoint_0").mkdir()
+    stage.claim(str(ckpt), {"lr": 1}, {"model:model": "a"}, "checkpoints", "fix")
+    assert (ckpt / "checkpoint_0").exists()  # the same work: kept for the resume
+    stage.claim(str(ckpt), {"lr": 1}, {"model:model": "b"}, "checkpoints", "fix")
+    assert not (ckpt / "checkpoint_0").exists() and stage.stamped(str(ckpt), {"lr": 1}, {"model:model": "b"})
+    assert "checkpoints of this config from older inputs (model:model changed); removed" in capsys.readouterr().out
+    with pytest.raises(ArtifactError, match="holds checkpoints of a run with another config; fix"):
+        stage.claim(str(ckpt), {"lr": 2}, {"model:model": "b"}, "checkpoints", "fix")

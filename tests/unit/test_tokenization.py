@@ -7,7 +7,7 @@ import random
 import pytest
 
 from dpo_ray.models import load_tokenizer
-from dpo_ray.tokenization import REASONS, PairTokenizer, RowRejected, pair_id, record_to_pair, split_of
+from dpo_ray.tokenization import REASONS, PairTokenizer, RowRejected, pair_id, prompt_id, record_to_pair, split_of
 
 COLS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 
@@ -168,10 +168,11 @@ def test_truncation_modes(tok):
 def test_pair_id_and_split_are_deterministic():
     a = pair_id("p", "c", "r")
     assert a == pair_id("p", "c", "r") and a != pair_id("p", "r", "c") and len(a) == 32
-    ids = [pair_id(str(i), "c", "r") for i in range(4000)]
-    frac = sum(split_of(i, 0.1) == "eval" for i in ids) / len(ids)
+    prompts = [f"prompt {i}" for i in range(4000)]
+    frac = sum(split_of(p, 0.1) == "eval" for p in prompts) / len(prompts)
     assert 0.08 < frac < 0.12
-    assert all(split_of(i, 0.0) == "train" for i in ids)
+    assert all(split_of(p, 0.0) == "train" for p in prompts)
+    assert split_of("p", 0.5) == split_of("p", 0.5) and prompt_id("p") == pair_id("p", "", "")
 
 
 # ---- the rule across model families (dpo_ray.families) --------------------------------------------------------

@@ -1,0 +1,115 @@
+"""What each stage reads, by identity: the half of a stage's identity that is not its config.
+
+An output is complete for a stage (`pipeline.stage.begin` skips it) only when its manifest's `upstream` equals
+what the stage reads now:
+- each upstream artifact by its manifest hash (`artifacts.manifest_sha256`): key "prompts", "pairs", "scored";
+- each model by its fingerprint (`models.model_fingerprint`: config.json, the weights' headers and sampled
+  bytes): key "model:<config field>", e.g. generate's "model:policy";
+- each model's tokenizer by its fingerprint (`models.tokenizer_fingerprint`): key "tokenizer:<config field>";
+- prepare's input files by URI, size and modification key (`sources.inputs_fingerprint`): key "inputs".
+
+A path string is not an identity: round 0's export retrained in place, a model directory edited in place,
+`round_reference: previous` after the previous round changed, a tokenizer re-templated in place: each gives
+another fingerprint, so the stages that read it are redone. `status` reads the same function to say why an
+output is stale (`changes`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["MODEL_FIELDS", "changes", "known_inputs", "reads", "stage_inputs"]
+
+# The config fields naming the models (and their tokenizers) each stage reads.
+MODEL_FIELDS: dict[str, tuple[str, ...]] = {
+    "prepare": (),
+    "generate": ("policy",),
+    "reference": ("model",),
+    "train": ("model",),
+    "evaluate": ("policy", "reference"),
+}
+# The config fields naming the upstream artifacts each stage reads (evaluate's scored: only with max_eval_pairs).
+_ARTIFACT_FIELDS: dict[str, tuple[str, ...]] = {
+    "prepare": (),
+    "generate": ("prompts",),
+    "reference": ("pairs",),
+    "train": ("scored",),
+    "evaluate": ("prompts", "scored"),
+}
+
+
+def reads(stage: str, cfg: Any) -> dict[str, str]:
+    """Each input key of `stage` (see the module docstring) → the path, URI or id it reads ("inputs": prepare's
+    configured inputs, joined)."""
+    out: dict[str, str] = {}
+    if stage == "prepare":
+        out |= {"inputs": ", ".join(map(str, cfg.inputs)), "tokenizer:tokenizer": cfg.tokenizer}
+    fields = _ARTIFACT_FIELDS[stage]
+    if stage == "evaluate" and not cfg.max_eval_pairs:
+        fields = ("prompts",)  # the scored pairs are read only for the preference accuracy
+    out |= {field: getattr(cfg, field) for field in fields}
+    for field in MODEL_FIELDS[stage]:
+        out |= {f"model:{field}": getattr(cfg, field), f"tokenizer:{field}": getattr(cfg, field)}
+    return out
+
+
+def stage_inputs(stage: str, cfg: Any) -> dict[str, str]:
+    """The identity of everything `stage` (prepare, generate, reference, train, evaluate) reads with `cfg`;
+    models at URIs or hub ids are fetched into the cache to be fingerprinted (the stage loads them next)."""
+    return {k: v for k, v in _inputs(stage, cfg, local_only=False).items() if v is not None}
+
+
+def known_inputs(stage: str, cfg: Any) -> dict[str, str | None]:
+    """stage_inputs without fetching anything (status): a model or tokenizer that is not a local directory, or
+    an upstream artifact that is not complete, is None (unknown)."""
+    return _inputs(stage, cfg, local_only=True)
+
+
+def _inputs(stage: str, cfg: Any, local_only: bool) -> dict[str, str | None]:
+    from pathlib import Path
+
+    from dpo_ray import artifacts
+    from dpo_ray.models import load_tokenizer, model_fingerprint, ref_kind, resolve_model_dir, tokenizer_fingerprint
+
+    def known(ref: str) -> bool:
+        return not local_only or (ref_kind(ref) == "local" and Path(ref.removeprefix("file://")).expanduser().is_dir())
+
+    out: dict[str, str | None] = {}
+    for key, ref in reads(stage, cfg).items():
+        kind = key.partition(":")[0]
+        if key == "inputs":
+            from pipeline.sources import inputs_fingerprint, resolve_inputs
+
+            out[key] = inputs_fingerprint(resolve_inputs(cfg.inputs, cfg.input_type))
+        elif kind == "model":
+            out[key] = model_fingerprint(resolve_model_dir(ref)) if known(ref) else None
+        elif kind == "tokenizer":
+            out[key] = tokenizer_fingerprint(load_tokenizer(ref, cfg.trust_remote_code)) if known(ref) else None
+        else:  # an upstream artifact
+            complete = not local_only or artifacts.read_manifest(ref) is not None
+            out[key] = artifacts.manifest_sha256(ref) if complete else None
+    return out
+
+
+def _what(key: str) -> str:
+    """ "model:policy" → "policy model", "tokenizer:model" → "tokenizer", "scored" → "scored"."""
+    kind, _, field = key.partition(":")
+    if not field:
+        return key
+    return kind if field in ("model", "tokenizer") else f"{field} {kind}"
+
+
+def changes(recorded: dict[str, str], now: dict[str, str | None], sources: dict[str, str]) -> list[str]:
+    """Why an output whose manifest recorded `recorded` inputs is stale against `now` (unknown values are not
+    compared), e.g. "policy model of round-0/train changed since this artifact was written". `sources` maps an
+    input key to the label of the stage of this run that writes what it reads."""
+    why = []
+    for key in sorted(set(recorded) | set(now)):
+        if key in now and now[key] is None:
+            continue
+        if recorded.get(key) == now.get(key):
+            continue
+        source = f" of {sources[key]}" if key in sources else ""
+        verb = "changed" if key in recorded and key in now else "is read now" if key in now else "is no longer read"
+        why.append(f"{_what(key)}{source} {verb} since this artifact was written")
+    return why
