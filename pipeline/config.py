@@ -387,6 +387,14 @@ class TrainConfig(TrackingFields):
             raise ValueError(
                 f"label_smoothing applies to the sigmoid, robust, exo_pair, simpo and aot losses, not {self.loss!r}"
             )
+        free = sorted(set(losses) & set(REFERENCE_FREE_LOSSES))
+        if "bco_pair" in losses and free:
+            # The loop updates δ from the batch's rewards, which a combination takes from its first member: a
+            # reference-free member's are β·mean log-probs, not the β·log-ratios δ averages.
+            raise ValueError(
+                f"loss: bco_pair's reward shift δ averages β·log-ratio rewards, which {free} do not give; "
+                "combine bco_pair with reference-based losses only"
+            )
         if len(aot & set(losses)) > 1:
             raise ValueError(f"loss: {sorted(aot & set(losses))} each sort the batch; combine at most one of them")
         if "exo_pair" in losses and not self.label_smoothing:
@@ -451,12 +459,26 @@ class EvaluateConfig(VllmConfig, TrackingFields):
     max_prompts: int = Field(64, ge=1, description="Held-out prompts sampled.")
     max_eval_pairs: int = Field(256, ge=0, description="Eval pairs for preference accuracy (0: skip).")
     n: int = Field(1, ge=1, description="Samples per prompt from each model.")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (1.0 for an unbiased KL estimate).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    temperature: float = Field(
+        1.0, ge=0, description="Sampling temperature; 1.0 only: KL(π‖πref) is estimated from π's own samples."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1.0 only, as temperature.")
     max_tokens: int = Field(48, ge=1, description="Max completion tokens.")
     reward: str = Field("lexicon", description="lexicon | model:<dir> | <module>:<function>.")
     train_metrics: str = Field("", description="metrics.jsonl of the train stage, plotted; default <run_dir>/train.")
     output: str = Field("", description="Directory for eval.json, samples and plots; default <run_dir>/eval.")
+
+    @model_validator(mode="after")
+    def _unmodified_sampling(self) -> EvaluateConfig:
+        # KL(π‖πref) = E_{y~π}[log π(y) − log πref(y)]: the mean log-ratio is that only for samples of π itself.
+        # Tempered or truncated samples would give another number, still plotted and gated on as KL.
+        for key, value in (("temperature", self.temperature), ("top_p", self.top_p)):
+            if value != 1.0:
+                raise ValueError(
+                    f"evaluate.{key} {value}: the KL(π‖πref) estimate (the mean log-ratio of the policy's samples) "
+                    f"is unbiased only for samples of the policy itself; use {key}: 1.0"
+                )
+        return self
 
 
 class DemoConfig(StrictModel):

@@ -146,10 +146,12 @@ def _batching(cfg: TrainConfig, config: Any = None) -> str:
     if not features:
         return cfg.batching
     if cfg.batching == "auto":
-        if cfg.attention == "flex":
+        # A setting of the padding-free modes would be dropped silently by the fall-back to padded: refused.
+        dropped = [k for k, on in (("attention 'flex'", cfg.attention == "flex"), ("fused_head", cfg.fused_head)) if on]
+        if dropped:
             raise ConfigError(
-                f"train.attention 'flex' needs a padding-free batching mode, which cannot apply "
-                f"{config.model_type} {', '.join(features)}; use attention auto or blocks"
+                f"train.{' and train.'.join(dropped)} needs a padding-free batching mode, which cannot apply "
+                f"{config.model_type} {', '.join(features)}; use attention auto or blocks and fused_head: false"
             )
         return "padded"
     if cfg.batching != "padded":

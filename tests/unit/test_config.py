@@ -119,7 +119,12 @@ def test_a_list_of_losses_with_weights():
         (["train.loss=[ipo, sft]", "train.dpop_lambda=3"], "dpop_lambda is a parameter of loss 'dpop'"),
         (["train.loss=[sigmoid, sft]", "train.f_divergence=js_divergence"], "applies to loss 'sigmoid' alone"),
         (["train.loss=[aot, aot_pair]"], "each sort the batch; combine at most one"),
+        # Failed before: BCO's δ was updated from simpo's / orpo's β·mean log-prob rewards.
+        (["train.loss=[simpo, bco_pair]", "train.simpo_gamma=1"], r"bco_pair's reward shift .* \['simpo'\]"),
+        (["train.loss=[orpo, bco_pair]"], r"bco_pair's reward shift .* \['orpo'\]"),
     ]
+    ok = load_config(None, ["train.model=m", "train.loss=[sigmoid, bco_pair, sft]"])
+    assert ok.train is not None and ok.train.losses == ("sigmoid", "bco_pair", "sft")
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["train.model=m", *overrides])
@@ -135,3 +140,14 @@ def test_attention_kernel_and_compile_keys():
         load_config(None, ["train.model=m", "train.attention=flex", "train.use_gpu=true", "train.batching=padded"])
     with pytest.raises(ConfigError, match="train.attention"):
         load_config(None, ["train.model=m", "train.attention=triton"])
+
+
+def test_evaluate_samples_the_policy_unmodified_for_its_kl_estimate():
+    """The mean log-ratio of the policy's samples is KL(π‖πref) only for samples of π itself.
+
+    Failed before: temperature 0.7 / top_p 0.9 were accepted and the number was still reported as KL."""
+    for key, value in (("temperature", 0.7), ("top_p", 0.9)):
+        with pytest.raises(ConfigError, match=f"evaluate.{key} {value}: the KL.*unbiased only for samples"):
+            load_config(None, ["evaluate.reference=m", f"evaluate.{key}={value}"])
+    cfg = load_config(None, ["evaluate.reference=m", "evaluate.temperature=1.0"])
+    assert cfg.evaluate is not None and cfg.evaluate.temperature == 1.0

@@ -236,6 +236,9 @@ def test_train_refuses_a_known_unsupported_feature_before_any_work(family_dirs, 
     assert _batching(TrainConfig(model=str(model), batching="auto")) == "padded"
     with pytest.raises(ConfigError, match="attention 'flex' needs a padding-free batching mode.*bidirectional"):
         _batching(TrainConfig(model=str(model), batching="auto", attention="flex", use_gpu=True))
+    # Failed before: auto fell back to padded and the fused head was silently not used (tokens x vocab logits).
+    with pytest.raises(ConfigError, match="train.fused_head needs a padding-free batching mode.*bidirectional"):
+        _batching(TrainConfig(model=str(model), batching="auto", fused_head=True))
     assert _batching(TrainConfig(model=str(family_dirs["gemma2"]), batching="auto")) == "auto"
 
 

@@ -1,0 +1,171 @@
+"""Every config key that is accepted changes what the stage does, or is refused with a message.
+
+The train config is where keys are copied into the worker's settings (a key can be read, then dropped on the way):
+for each of its keys, walked from the pydantic model, some valid value other than the default must change what the
+driver hands to Ray Train (the workers' loop config, the trainer's arguments, the placement bundle, the step count,
+the batching mode). The other stages' configs reach their handlers whole; for them the walk proves that each key is
+read somewhere in the stage code.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import typing
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pipeline.config import (
+    ColumnMap,
+    DemoConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    LoraConfig,
+    PipelineConfig,
+    PrepareConfig,
+    ReferenceConfig,
+    TrainConfig,
+    VllmConfig,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Keys that only take effect with another key set (the base), each with the values to try. Everything else is
+# tried with values derived from its type and default (_candidates).
+_NEEDS: dict[str, tuple[dict[str, Any], list[Any]]] = {
+    "loss_weights": ({"loss": ["sigmoid", "sft"]}, [[1.0, 0.5]]),
+    "discopop_tau": ({"loss": "discopop"}, [0.2]),
+    "dpop_lambda": ({"loss": "dpop"}, [5.0]),
+    "simpo_gamma": ({"loss": "simpo"}, [1.0]),
+    "orpo_lambda": ({"loss": "orpo"}, [0.3]),
+    "f_alpha": ({"f_divergence": "alpha_divergence"}, [0.3]),
+    "attention": ({"use_gpu": True}, ["flex"]),
+    "lora": ({}, [LoraConfig().model_dump()]),
+    "report_to": ({}, [["tensorboard"]]),
+    "tracking_dir": ({"report_to": ["tensorboard"]}, ["other-tracking"]),
+    "experiment": ({"report_to": ["tensorboard"]}, ["another"]),
+    "tracking_name": ({"report_to": ["tensorboard"]}, ["named"]),
+    "resources_per_worker": ({}, [{"CPU": 2}]),
+    "accelerator_type": ({}, ["H100"]),
+    "fault_injection": ({}, ["3:0"]),
+    "loss": ({}, ["ipo", ["sigmoid", "sft"]]),
+    "num_workers": ({"batch_size": 8}, [2, 0]),
+}
+
+
+def _candidates(name: str, field: Any, default: Any) -> list[Any]:
+    """Values other than the default to try for a key, from its annotation."""
+    annotation = field.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is bool:
+        return [not default]
+    if typing.get_origin(annotation) is typing.Literal:
+        return [c for c in typing.get_args(annotation) if c != default]
+    if annotation is str or str in args:
+        return [f"/elsewhere/{name}"]
+    numbers = [default * 2, default + 1, 0.3, 3] if isinstance(default, int | float) else [0.3, 3, 1e-3]
+    if annotation is int or int in args:
+        return [int(v) for v in numbers if float(v).is_integer()] + [5]
+    return numbers
+
+
+def _behaviour(cfg: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What the driver hands on for `cfg`: the loop config (minus the tracker's copy of the whole config), the
+    trainer's arguments, the worker bundle, the step count and the resolved batching."""
+    import ray.train.torch
+
+    from pipeline import train
+
+    monkeypatch.setattr("dpo_ray.order.split_counts", lambda uri, shards: {"train": 64, "eval": 8})
+    n_train, n_eval, steps = train._steps(cfg, SimpleNamespace(shards=[]))  # type: ignore[arg-type]
+    batching = train._batching(cfg)
+    loop = train._loop_config(cfg.model_copy(update={"batching": batching}), steps, True, n_eval > 0, [])
+    recorded: dict[str, Any] = {}
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **kw: recorded.update(kw))
+    train._trainer(cfg, loop)
+    recorded.pop("train_loop_config")
+    return repr((dataclasses.replace(loop, tracking_params=None), recorded, train._worker_bundle(cfg), steps))
+
+
+def test_every_train_key_changes_what_the_workers_get(tiny_model_dir, tmp_path, monkeypatch):
+    """Each TrainConfig key (and LoRA's) with some valid non-default value changes what the driver hands to Ray Train.
+
+    Checked to fail: with `fused_head=cfg.fused_head` removed from _loop_config, the walk names fused_head."""
+    import shutil
+
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other_model)
+    tok = other_model / "tokenizer_config.json"
+    tok.write_text(tok.read_text().replace('"<pad>"', '"</s>"', 1))  # another pad token: another model's settings
+    monkeypatch.chdir(tmp_path)
+    required = {"model": str(tiny_model_dir), "scored": "s", "output": "o", "export": "e", "storage_path": "c"}
+    dropped, tried = [], 0
+    for name, field in TrainConfig.model_fields.items():
+        base, values = _NEEDS.get(name, ({}, _candidates(name, field, field.default)))
+        if name == "model":
+            values = [str(other_model)]
+        before = _behaviour(TrainConfig(**required | base), monkeypatch)
+        changed = False
+        for value in values:
+            try:
+                cfg = TrainConfig(**required | base | {name: value})
+            except ValueError:
+                continue  # refused with a message: not a value this key takes
+            tried += 1
+            if _behaviour(cfg, monkeypatch) != before:
+                changed = True
+                break
+        if not changed:
+            dropped.append(name)
+    for name, field in LoraConfig.model_fields.items():
+        lora = LoraConfig().model_dump()
+        before = _behaviour(TrainConfig(**required, lora=lora), monkeypatch)
+        values = [["q_proj"]] if name == "target_modules" else _candidates(name, field, field.default)
+        cfgs = []
+        for value in values:
+            try:
+                cfgs.append(TrainConfig(**required, lora=lora | {name: value}))
+            except ValueError:
+                continue  # refused with a message
+        if all(_behaviour(c, monkeypatch) == before for c in cfgs):
+            dropped.append(f"lora.{name}")
+    assert not dropped, f"accepted train keys that change nothing the workers get: {dropped}"
+    assert tried >= len(TrainConfig.model_fields)
+
+
+def _properties(path: Path) -> list[ast.AST]:
+    """The bodies of pipeline/config.py's properties (a key read there, e.g. parity_tolerance, acts through it)."""
+    return [
+        node
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef) and any(getattr(d, "id", None) == "property" for d in node.decorator_list)
+    ]
+
+
+def _attributes_read(trees: list[ast.AST]) -> set[str]:
+    names: set[str] = set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                names.add(node.attr)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names.add(node.value)  # read by name: getattr(cfg, "field"), model_dump()[...]
+    return names
+
+
+@pytest.mark.parametrize(
+    "model",
+    [ColumnMap, PrepareConfig, ReferenceConfig, GenerateConfig, EvaluateConfig, VllmConfig, DemoConfig, PipelineConfig],
+)
+def test_every_other_stage_key_is_read(model):
+    """Each key of the other stages' configs is read by the code outside pipeline/config.py, or by one of its
+    properties (their configs reach the handlers whole, so a key that is read there acts). Checked to fail with a
+    field added to ReferenceConfig."""
+    code = [p for p in (ROOT / "pipeline").rglob("*.py") if p.name != "config.py"]
+    code += list((ROOT / "dpo_ray").glob("*.py"))
+    read = _attributes_read([ast.parse(p.read_text()) for p in code] + _properties(ROOT / "pipeline" / "config.py"))
+    unread = [name for name in model.model_fields if name not in read]
+    assert not unread, f"{model.__name__} keys that no code reads: {unread}"
