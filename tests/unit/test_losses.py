@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_ray.losses import AOT, LOSSES, preference_loss
+from dpo_ray.losses import LOSSES, preference_loss
 
 
 def _logsig(x: np.ndarray) -> np.ndarray:
@@ -67,13 +67,12 @@ def _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average):
         elif name == "bco_pair":  # δ = 0 here (the default); test_bco_shift sets it
             loss = -_logsig(beta * cw) - _logsig(-beta * cl)
         elif name in ("aot", "aot_unpaired", "aot_pair"):  # sorted over the batch: the k-th smallest against the k-th
-            if name == "aot":
-                x, y = np.sort(pcs - prs), np.sort(rcs - rrs)  # policy margins vs reference margins
-            else:
-                x, y = np.sort(cw), np.sort(cl)
-            z = beta * (x - y)
-            total = -(1 - eps) * _logsig(z) - eps * _logsig(-z)
-            loss = total  # per position k; only the batch's sum (and mean) is defined
+            # aot: the policy's margins against the reference's; aot_unpaired: chosen against rejected log-ratios.
+            x, y = (pcs - prs, rcs - rrs) if name == "aot" else (cw, cl)
+            # Σ_k ℓ(β·(x_(k) − y_(k))), written per pair: pair i carries the term of its x's rank k.
+            rank = np.argsort(np.argsort(x, kind="stable"), kind="stable")
+            z = beta * (x - np.sort(y)[rank])
+            loss = -(1 - eps) * _logsig(z) - eps * _logsig(-z)
     loss = loss + sft * (-pc / lc)
     return loss, beta * (pcs - rcs), beta * (prs - rrs)
 
@@ -100,11 +99,8 @@ def test_variants_match_float64_reference(name, average, eps, sft):
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
     out = preference_loss(name, *t, beta=beta, label_smoothing=eps, sft_weight=sft, average_logps=average)
     got_losses = out.losses.numpy()
-    if name in AOT:  # defined per sorted position: pair i carries position rank(i)'s term (same sum, same values)
-        np.testing.assert_allclose(got_losses.sum(), expected[0].sum(), rtol=1e-9)
-        if not sft:
-            np.testing.assert_allclose(np.sort(got_losses), np.sort(expected[0]), rtol=1e-9)
-        got_losses, expected = expected[0], expected
+    # Every loss pair by pair, AOT's too (with an sft term its per-pair losses used to be checked only through
+    # their sum, which a wrong pairing of the NLL terms keeps).
     for got, want in zip((got_losses, out.chosen_rewards.numpy(), out.rejected_rewards.numpy()), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
 
@@ -142,14 +138,17 @@ def test_sigmoid_gradient_matches_closed_form():
     assert not out.chosen_rewards.requires_grad
 
 
-@pytest.mark.parametrize("name", ["robust"])
+@pytest.mark.parametrize("name", ["robust", "sigmoid"])
 def test_zero_smoothing_reduces_to_dpo(name):
-    t = [torch.tensor(x) for x in _random_inputs(5)]
-    plain = preference_loss("sigmoid", *t, beta=0.1)
-    other = preference_loss(name, *t, beta=0.1, label_smoothing=0.0)
-    cdpo = preference_loss("sigmoid", *t, beta=0.1, label_smoothing=0.0)
-    torch.testing.assert_close(other.losses, plain.losses, rtol=1e-12, atol=0)
-    torch.testing.assert_close(cdpo.losses, plain.losses, rtol=1e-12, atol=0)
+    """rDPO and cDPO at ε = 0 are the paper's DPO, −log σ(β·h), written here in float64 (h from the inputs).
+
+    The cDPO line used to compare sigmoid at ε = 0 with sigmoid itself (the same call: it could not fail); each
+    line now fails when the loss at ε = 0 is not DPO's (checked: sigmoid_loss with its ε fixed at 0.1)."""
+    pc, pr, rc, rr, lc, lr = _random_inputs(5)
+    t = [torch.tensor(x) for x in (pc, pr, rc, rr, lc, lr)]
+    dpo = -_logsig(0.1 * ((pc - rc) - (pr - rr)))
+    smoothed = preference_loss(name, *t, beta=0.1, label_smoothing=0.0)
+    np.testing.assert_allclose(smoothed.losses.numpy(), dpo, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,6 @@ CORPUS = [
     for w in ("good", "bad", "fine", "awful", "great", "dull")
     for v in ("worked", "failed", "dragged", "flew")
 ]
-# Chosen completions of equal length: TRL's "sft" term averages over all chosen tokens of the batch, this
-# project's over each pair's tokens, then over pairs (ORPO/RPO's per-sequence form); equal lengths make them one.
 ROWS = [
     {
         "prompt": f"review {i}: the movie",
@@ -26,6 +24,12 @@ ROWS = [
     }
     for i in range(6)
 ]
+# Chosen completions of several lengths, for the cases with an sft member: TRL's "sft" term averages over all chosen
+# tokens of the batch, this project's over each pair's tokens, then over pairs (ORPO/RPO's per-sequence form). On
+# ROWS (chosen of one length) the two are one, and the MPO case could not see how its sft member is normalised.
+# (Not for every case: longer chosen completions give larger log-ratios, where TRL's float32 error in the losses
+# that exponentiate them exceeds RTOL; measured 8e-4 on forward_kl's gradient norm, this project's 1.4e-6.)
+MIXED_ROWS = [row | {"chosen": " was good" + " and the plot worked" * (i % 4)} for i, row in enumerate(ROWS)]
 # (TRL loss_type list, TRL config extras, this project's TrainSettings extras)
 CASES: dict[str, tuple[list[str], dict[str, Any], dict[str, Any]]] = {
     "sigmoid": (["sigmoid"], {}, {}),
@@ -50,7 +54,9 @@ CASES: dict[str, tuple[list[str], dict[str, Any], dict[str, Any]]] = {
         {"f_divergence": "alpha_divergence", "f_alpha": 0.3},
     ),
     "mpo": (["sigmoid", "nca_pair", "sft"], {"loss_weights": [0.8, 0.3, 1.0]}, {"loss_weights": (0.8, 0.3, 1.0)}),
+    "weighted": (["sigmoid", "nca_pair"], {"loss_weights": [0.8, 0.3]}, {"loss_weights": (0.8, 0.3)}),
 }
+SFT_WEIGHT = {"mpo": 1.0}  # the weight of each case's sft member; these cases train on MIXED_ROWS
 BETA = 0.3
 DTYPE = torch.float32
 # The bound is TRL's float32 error: on these models its sigmoid loss is 1.9e-5 from a float64 computation
@@ -100,7 +106,7 @@ def test_first_step_matches_trl(models, case):
         model=load_causal_lm(str(models["policy"])).to(DTYPE),
         ref_model=load_causal_lm(str(models["reference"])).to(DTYPE),
         args=args,
-        train_dataset=Dataset.from_list(ROWS),
+        train_dataset=Dataset.from_list(MIXED_ROWS if case in SFT_WEIGHT else ROWS),
         processing_class=tok,
     )
     trainer.model.train()
@@ -133,8 +139,23 @@ def test_first_step_matches_trl(models, case):
         settings,
         n,
     )
-    assert metrics["loss"] == pytest.approx(float(trl_loss), rel=RTOL), case
-    assert metrics["grad_norm"] == pytest.approx(trl_grad, rel=RTOL), case
+    expected = float(trl_loss)
+    if case in SFT_WEIGHT:  # the sft members' definitions differ (ROWS): compare the rest, and the difference is real
+        with torch.no_grad():
+            chosen = completion_logps(
+                load_causal_lm(str(models["policy"])).to(DTYPE),
+                [p.prompt_ids for p in pairs],
+                [p.chosen_ids for p in pairs],
+                0,
+            )
+        ours_nll = sum(-sum(x) / len(x) for x in chosen) / n
+        trl_nll = -sum(sum(x) for x in chosen) / sum(len(x) for x in chosen)
+        # the difference is far above the bound, so a project sft normalised as TRL's would fail here
+        assert SFT_WEIGHT[case] * abs(ours_nll - trl_nll) > 5 * RTOL * abs(expected)
+        expected += SFT_WEIGHT[case] * (ours_nll - trl_nll)
+    assert metrics["loss"] == pytest.approx(expected, rel=RTOL), case
+    if case not in SFT_WEIGHT:  # the sft members' gradients differ by the same definition ("weighted" is MPO without)
+        assert metrics["grad_norm"] == pytest.approx(trl_grad, rel=RTOL), case
 
 
 REFERENCE_FREE_CASES = {
