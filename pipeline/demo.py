@@ -67,14 +67,23 @@ def build_assets(
     sft_steps: int = 0,
 ) -> Path:
     """Write <root>/pairs.jsonl and a tiny Llama at <root>/model, SFT-trained on the review corpus for
-    `sft_steps` steps (once; reused when present)."""
+    `sft_steps` steps (once; reused when present and built with these arguments, rebuilt otherwise)."""
+    import shutil
+
     from dpo_ray.models import build_tiny_llama
     from dpo_ray.sft import sft_train
 
     root = Path(root)
     done = root / ".complete"
-    if done.exists():
+    made_with = json.dumps(
+        {"pairs": pairs, "seed": seed, "model": model, "conditional": conditional, "sft_steps": sft_steps},
+        sort_keys=True,
+    )
+    if done.exists() and done.read_text() == made_with:
         return root
+    if done.exists():  # built for another demo config (seed, size, model): never reused for this one
+        console.result(f"demo: {root} was built with {done.read_text() or 'other settings'}; rebuilding")
+        shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     console.header(f"demo: {pairs} review prefixes and a tiny Llama, SFT-trained for {sft_steps} steps -> {root}")
     with (root / "pairs.jsonl").open("w") as f:
@@ -83,6 +92,6 @@ def build_assets(
     build_tiny_llama(root / "model", corpus, seed=seed, **(model or {}))
     if sft_steps:
         sft_train(root / "model", corpus, sft_steps, seed=seed)
-    done.touch()
+    done.write_text(made_with)
     console.result(f"demo: assets at {root}")
     return root

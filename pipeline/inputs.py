@@ -6,7 +6,9 @@ what the stage reads now:
 - each model by its fingerprint (`models.model_fingerprint`: config.json, the weights' headers and sampled
   bytes): key "model:<config field>", e.g. generate's "model:policy";
 - each model's tokenizer by its fingerprint (`models.tokenizer_fingerprint`): key "tokenizer:<config field>";
-- prepare's input files by URI, size and modification key (`sources.inputs_fingerprint`): key "inputs".
+- prepare's input files by URI, size and modification key (`sources.inputs_fingerprint`): key "inputs";
+- generate's and evaluate's reward: a reward model (`model:<dir>`) by fingerprint, key "model:reward"; a
+  `<module>:<function>` by its module's source file, key "code:reward" (the built-in rewards are the config's).
 
 A path string is not an identity: round 0's export retrained in place, a model directory edited in place,
 `round_reference: previous` after the previous round changed, a tokenizer re-templated in place: each gives
@@ -16,6 +18,7 @@ output is stale (`changes`).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __all__ = ["MODEL_FIELDS", "changes", "known_inputs", "reads", "stage_inputs"]
@@ -50,6 +53,11 @@ def reads(stage: str, cfg: Any) -> dict[str, str]:
     out |= {field: getattr(cfg, field) for field in fields}
     for field in MODEL_FIELDS[stage]:
         out |= {f"model:{field}": getattr(cfg, field), f"tokenizer:{field}": getattr(cfg, field)}
+    reward = getattr(cfg, "reward", "") if stage in ("generate", "evaluate") else ""
+    if reward.startswith("model:"):
+        out["model:reward"] = reward.removeprefix("model:")
+    elif ":" in reward:
+        out["code:reward"] = reward
     return out
 
 
@@ -85,10 +93,32 @@ def _inputs(stage: str, cfg: Any, local_only: bool) -> dict[str, str | None]:
             out[key] = model_fingerprint(resolve_model_dir(ref)) if known(ref) else None
         elif kind == "tokenizer":
             out[key] = tokenizer_fingerprint(load_tokenizer(ref, cfg.trust_remote_code)) if known(ref) else None
+        elif kind == "code":
+            out[key] = _source_fingerprint(ref.partition(":")[0], local_only)
         else:  # an upstream artifact
             complete = not local_only or artifacts.read_manifest(ref) is not None
             out[key] = artifacts.manifest_sha256(ref) if complete else None
     return out
+
+
+def _source_fingerprint(module: str, local_only: bool) -> str | None:
+    """sha256 of a reward module's source file (a `<module>:<function>` reward edited in place scores anew); None
+    when status cannot find it (the stage itself then fails loading the reward, naming it)."""
+    import hashlib
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        if local_only:
+            return None
+        from dpo_ray.rewards import RewardError
+
+        raise RewardError(f"reward {module!r}: no such module (expected '<module>:<function>' importable here)")
+    with open(spec.origin, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _what(key: str) -> str:

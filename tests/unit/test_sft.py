@@ -35,3 +35,18 @@ def test_demo_assets_with_sft(tmp_path):
     tuned = build_assets(tmp_path / "tuned", pairs=20, seed=0, sft_steps=20)
     assert model_fingerprint(plain / "model") != model_fingerprint(tuned / "model")
     assert (plain / "pairs.jsonl").read_text() == (tuned / "pairs.jsonl").read_text()
+
+
+def test_demo_assets_are_reused_only_for_the_same_settings(tmp_path, capsys):
+    """Assets built for another demo config are rebuilt, not reused (failed before: `.complete` alone meant reuse,
+    so `run demo.seed=1` over a seed-0 run dir trained seed 0's model and pairs)."""
+    from pipeline.demo import build_assets
+
+    first = build_assets(tmp_path / "assets", pairs=20, seed=0)
+    print_before = model_fingerprint(first / "model")
+    assert model_fingerprint(build_assets(tmp_path / "assets", pairs=20, seed=0) / "model") == print_before
+    capsys.readouterr()
+    other = build_assets(tmp_path / "assets", pairs=30, seed=1)
+    assert "rebuilding" in capsys.readouterr().out
+    assert model_fingerprint(other / "model") != print_before
+    assert len((other / "pairs.jsonl").read_text().splitlines()) == 30
