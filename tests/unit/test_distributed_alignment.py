@@ -68,6 +68,7 @@ def _rank(rank: int, port: int, out: str, loss: str = "sigmoid") -> None:
     if rank == 0:
         weight = full["model.layers.0.self_attn.q_proj.weight"]
         result = {"loss": metrics["loss"], "eval_pairs": float(sums[-1]), "q": weight.flatten()[:20].tolist()}
+        result["grad_norm"] = metrics["grad_norm"]
         with open(out, "w") as f:
             json.dump(result, f)
     dist.barrier()  # both ranks done with every collective before gloo is torn down
@@ -94,6 +95,8 @@ def test_uneven_micro_batches_under_fsdp_do_not_hang_and_match_one_process(tmp_p
     sched = make_scheduler(opt, 0, 1, "constant")
     single = train_step(model, opt, sched, _batch(PAIRS), _settings(1000, loss), 4)
     assert got["loss"] == pytest.approx(single["loss"], abs=1e-6)
+    # The loss is computed before the step, so only the gradient shows a wrong sum over the ranks: its norm.
+    assert got["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
     expected = model.model.layers[0].self_attn.q_proj.weight.detach().flatten()[:20]
     assert torch.allclose(torch.tensor(got["q"]), expected, atol=1e-6)
     assert got["eval_pairs"] == 4  # rank 1 had none and still took part in every forward

@@ -18,7 +18,7 @@ NEW = [
 @pytest.mark.parametrize("name", NEW)
 def test_train_step_loss_is_the_variant_with_its_parameters(name):
     from dpo_ray.batching import completion_logps
-    from dpo_ray.losses import preference_loss
+    from dpo_ray.losses import LossParams, preference_loss
     from dpo_ray.packing import enable_segment_attention
     from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
 
@@ -56,16 +56,22 @@ def test_train_step_loss_is_the_variant_with_its_parameters(name):
     opt = make_optimizer(model, "adamw", 1e-3, 0.0)
     metrics = train_step(model, opt, make_scheduler(opt, 0, 1, "constant"), batch, settings, n)
     assert abs(metrics["loss"] - float(expected)) < 1e-5, (metrics["loss"], float(expected))
-    # the parameter matters: another τ / λ / ε gives another loss (where the variant has one)
+    # The parameter reaches the step: with it dropped on the way, the step would compute the loss at the loss's
+    # default (EXO's ε has none: 0 is refused), and that loss is far from `expected` (> 1e-4, the bound is 1e-5).
+    # The defaults here used to differ from the losses' own for simpo (1.0) and bco_pair (-0.5): a dropped γ or δ
+    # would have passed.
     if name in ("discopop", "dpop", "exo_pair", "simpo", "orpo", "bco_pair"):
         other = {
             "discopop": {"discopop_tau": 0.05},
             "dpop": {"dpop_lambda": 50.0},
             "exo_pair": {"label_smoothing": 0.2},
-            "simpo": {"simpo_gamma": 1.0},
+            "simpo": {"simpo_gamma": 0.5},
             "orpo": {"orpo_lambda": 0.1},
-            "bco_pair": {"bco_delta": -0.5},
+            "bco_pair": {"bco_delta": 0.0},
         }
+        defaults = LossParams(beta)
+        for key, value in other[name].items():
+            assert key == "label_smoothing" or getattr(defaults, key) == value, (key, value)
         moved = preference_loss(
             name, sums[:n], sums[n:], batch.ref_chosen, batch.ref_rejected, lengths[:n], lengths[n:], beta=beta,
             **(params | other[name]),

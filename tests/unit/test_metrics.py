@@ -8,25 +8,27 @@ from dpo_ray.metrics import PAIR_METRICS, metric_means, pair_metric_sums, throug
 
 
 def test_means_by_hand_and_additivity():
-    out = LossOutput(torch.tensor([1.0, 3.0]), torch.tensor([0.5, -1.0]), torch.tensor([0.1, 1.0]))
-    sums = pair_metric_sums(out, torch.tensor([-4.0, -6.0]), torch.tensor([-8.0, -2.0]))
+    """Values by hand, chosen and rejected kept apart (their means differ: a swap fails; they used to be equal, so it
+    could not), and a tied pair, which is not counted as accurate (the reward must be strictly above)."""
+    out = LossOutput(torch.tensor([1.0, 3.0, 2.0]), torch.tensor([0.5, -1.0, 0.2]), torch.tensor([0.1, 1.0, 0.2]))
+    sums = pair_metric_sums(out, torch.tensor([-4.0, -6.0, -5.0]), torch.tensor([-8.0, -4.0, -9.0]))
     m = metric_means(sums)
     assert m == pytest.approx(
         {
             "loss": 2.0,
-            "rewards/chosen": -0.25,
-            "rewards/rejected": 0.55,
-            "rewards/accuracies": 0.5,
-            "rewards/margins": (0.4 - 2.0) / 2,
+            "rewards/chosen": -0.3 / 3,
+            "rewards/rejected": 1.3 / 3,
+            "rewards/accuracies": 1 / 3,
+            "rewards/margins": (0.4 - 2.0 + 0.0) / 3,
             "logps/chosen": -5.0,
-            "logps/rejected": -5.0,
+            "logps/rejected": -7.0,
         }
     )
-    # Two halves added give the same means as the whole (what an all-reduce does).
+    # Two parts added give the same means as the whole (what an all-reduce does).
     half = LossOutput(out.losses[:1], out.chosen_rewards[:1], out.rejected_rewards[:1])
     rest = LossOutput(out.losses[1:], out.chosen_rewards[1:], out.rejected_rewards[1:])
     added = pair_metric_sums(half, torch.tensor([-4.0]), torch.tensor([-8.0])) + pair_metric_sums(
-        rest, torch.tensor([-6.0]), torch.tensor([-2.0])
+        rest, torch.tensor([-6.0, -5.0]), torch.tensor([-4.0, -9.0])
     )
     assert metric_means(added, prefix="eval/") == pytest.approx({"eval/" + k: v for k, v in m.items()})
     assert set(m) == set(PAIR_METRICS)

@@ -109,8 +109,10 @@ def test_standard_errors_are_over_prompts():
     rng = np.random.default_rng(0)
     n_prompts, n = 7, 3
     cfg = EvaluateConfig(reference="r", policy="p", n=n)
-    pol = rng.normal(0.5, 0.4, n_prompts * n).tolist()
-    ref = rng.normal(0.0, 0.4, n_prompts * n).tolist()
+    # Rounded to tenths: ties (a tie counts half) and zeros (not positive) occur, as with real rewards.
+    pol = np.round(rng.normal(0.2, 0.4, n_prompts * n), 1).tolist()
+    ref = np.round(rng.normal(0.0, 0.4, n_prompts * n), 1).tolist()
+    assert any(a == b for a, b in zip(pol, ref, strict=True)) and 0.0 in pol + ref
     logp, ref_logp = rng.normal(-20, 2, n_prompts * n), rng.normal(-22, 2, n_prompts * n)
     flat = [{"logp": float(x)} for x in logp]
     out = _evaluation(cfg, n_prompts, flat, ref_logp.tolist(), pol, ref)
@@ -123,6 +125,9 @@ def test_standard_errors_are_over_prompts():
     assert out["kl_stderr"] == pytest.approx(se(logp - ref_logp), rel=1e-12)
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(pol, ref, strict=True)]
     assert out["win_rate"] == pytest.approx(np.mean(wins)) and out["win_rate_stderr"] == pytest.approx(se(wins))
+    for side, values in (("policy", pol), ("reference", ref)):
+        assert out[side]["positive_fraction"] == pytest.approx(np.mean(np.array(values) > 0), abs=1e-12)
+        assert out[side]["reward_mean"] == pytest.approx(np.mean(values), rel=1e-12)
     out["preference"] = {"pairs": 40, "accuracy": 0.75}
     line = result_line(out)
     assert f"KL {out['kl']:.2f} ± {out['kl_stderr']:.2f}" in line

@@ -30,6 +30,17 @@ ROWS = [
 # (Not for every case: longer chosen completions give larger log-ratios, where TRL's float32 error in the losses
 # that exponentiate them exceeds RTOL; measured 8e-4 on forward_kl's gradient norm, this project's 1.4e-6.)
 MIXED_ROWS = [row | {"chosen": " was good" + " and the plot worked" * (i % 4)} for i, row in enumerate(ROWS)]
+# For AOT, pairs whose margins the two models order differently: on ROWS (and MIXED_ROWS) both rank the margins by
+# length, sorting pairs each margin with its own, and AOT was DPO (1e-5 apart: a sort-free AOT passed).
+_W, _V = ("good", "bad", "fine", "awful", "great", "dull"), ("worked", "failed", "dragged", "flew")
+WORD_ROWS = [
+    {
+        "prompt": f"review {i}: the movie",
+        "chosen": f" was {_W[i % 6]} and the plot {_V[i % 4]}",
+        "rejected": f" was {_W[(i + 3) % 6]} and the plot {_V[(i + 1) % 4]}",
+    }
+    for i in range(6)
+]
 # (TRL loss_type list, TRL config extras, this project's TrainSettings extras)
 CASES: dict[str, tuple[list[str], dict[str, Any], dict[str, Any]]] = {
     "sigmoid": (["sigmoid"], {}, {}),
@@ -56,7 +67,10 @@ CASES: dict[str, tuple[list[str], dict[str, Any], dict[str, Any]]] = {
     "mpo": (["sigmoid", "nca_pair", "sft"], {"loss_weights": [0.8, 0.3, 1.0]}, {"loss_weights": (0.8, 0.3, 1.0)}),
     "weighted": (["sigmoid", "nca_pair"], {"loss_weights": [0.8, 0.3]}, {"loss_weights": (0.8, 0.3)}),
 }
-SFT_WEIGHT = {"mpo": 1.0}  # the weight of each case's sft member; these cases train on MIXED_ROWS
+SFT_WEIGHT = {"mpo": 1.0}  # the weight of each case's sft member
+CASE_ROWS = {"mpo": MIXED_ROWS, "aot": WORD_ROWS, "aot_unpaired": WORD_ROWS}
+# AOT against the pairwise loss it reduces to when sorting pairs each margin with its own: (loss, ε)
+UNSORTED = {"aot": ("sigmoid", 0.0), "aot_unpaired": ("sigmoid", 0.1)}
 BETA = 0.3
 DTYPE = torch.float32
 # The bound is TRL's float32 error: on these models its sigmoid loss is 1.9e-5 from a float64 computation
@@ -106,7 +120,7 @@ def test_first_step_matches_trl(models, case):
         model=load_causal_lm(str(models["policy"])).to(DTYPE),
         ref_model=load_causal_lm(str(models["reference"])).to(DTYPE),
         args=args,
-        train_dataset=Dataset.from_list(MIXED_ROWS if case in SFT_WEIGHT else ROWS),
+        train_dataset=Dataset.from_list(CASE_ROWS.get(case, ROWS)),
         processing_class=tok,
     )
     trainer.model.train()
@@ -140,6 +154,22 @@ def test_first_step_matches_trl(models, case):
         n,
     )
     expected = float(trl_loss)
+    if case in UNSORTED:  # the sort matters on these pairs: AOT is far (> 5 x the bound) from its unsorted form
+        from dpo_ray.losses import preference_loss
+
+        with torch.no_grad():
+            pol = completion_logps(
+                load_causal_lm(str(models["policy"])).to(DTYPE),
+                [p.prompt_ids for p in pairs] * 2,
+                [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+                0,
+            )
+        lp = torch.tensor([sum(x) for x in pol], dtype=torch.float64)
+        lengths = torch.tensor([len(x) for x in pol], dtype=torch.float64)
+        args = (lp[:n], lp[n:], sums[:n], sums[n:], lengths[:n], lengths[n:])
+        name, eps = UNSORTED[case]
+        unsorted = float(preference_loss(name, *args, beta=BETA, label_smoothing=eps).losses.mean())
+        assert abs(unsorted - expected) > 5 * RTOL * abs(expected)
     if case in SFT_WEIGHT:  # the sft members' definitions differ (ROWS): compare the rest, and the difference is real
         with torch.no_grad():
             chosen = completion_logps(
