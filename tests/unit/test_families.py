@@ -1,6 +1,7 @@
 """Model-family conformance: for every family of dpo_ray.families and every batching mode, per-token
 completion log-probs and their gradients equal a plain unbatched forward of each sequence with the
-model's eager attention (1e-5, float32), for sequences shorter and longer than the sliding window.
+model's eager attention (within float32 rounding relative to their scale: tests/numerics.py), for sequences
+shorter and longer than the sliding window.
 
 The independent computation is transformers' own eager attention, one sequence at a time, no padding.
 Guards show the data exercise the features: dropping the window or the softcap changes the result.
@@ -19,6 +20,7 @@ from dpo_ray.families import FAMILIES
 from dpo_ray.logps import token_logps
 from dpo_ray.models import exact_attention, load_causal_lm
 from dpo_ray.packing import collate_packed, collate_prefix_shared, enable_segment_attention, segment_token_logps
+from tests.numerics import GRADS, LOGPS, assert_close_to_scale, relative_error
 
 WINDOW = 8
 
@@ -75,11 +77,12 @@ def _weighted_grads(model: torch.nn.Module, per_seq: list[torch.Tensor]) -> dict
 
 
 def _assert_same_grads(
-    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str, atol: float = 2e-5, rtol: float = 1e-4
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str, bound: float = GRADS
 ) -> None:
+    """Every parameter's gradient within `bound` of want's, relative to its norm (tests/numerics.py)."""
     assert got.keys() == want.keys(), what
     for name, g in want.items():
-        torch.testing.assert_close(got[name].cpu(), g.cpu(), atol=atol, rtol=rtol, msg=f"{what}: {name}")
+        assert_close_to_scale(got[name], g, bound, f"{what}: {name}")
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +107,8 @@ def test_log_probs_equal_unbatched_eager(prepared, family: str, mode: str, long:
     with torch.no_grad():
         want = _unbatched(eager, pairs)
         got = _batched(models[mode], pairs, mode, pad=0)
-    for w, g in zip(want, got, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        assert_close_to_scale(g, w, LOGPS, f"{family}/{mode} sequence {i}")
 
 
 @pytest.mark.parametrize("mode", BATCHING)
@@ -149,6 +152,7 @@ def test_the_features_matter(prepared, family: str) -> None:
         want = torch.cat(_unbatched(eager, pairs))
         wrong = torch.cat(_batched(model, pairs, "packed", pad=0))
     assert (wrong - want).abs().max() > 1e-3
+    assert relative_error(wrong, want) > 10 * LOGPS  # far outside float32 rounding (tests/numerics.py)
     if spec.softcap:  # transformers' own SDPA path drops the softcap too: the padded mode must not use it
         assert exact_attention(eager.config) == "eager"
         sdpa = copy.deepcopy(models["padded"])
@@ -156,6 +160,7 @@ def test_the_features_matter(prepared, family: str) -> None:
         with torch.no_grad():
             dropped = torch.cat(_batched(sdpa, pairs, "padded", pad=0))
         assert (dropped - want).abs().max() > 1e-3
+        assert relative_error(dropped, want) > 10 * LOGPS
 
 
 def test_every_family_builds_with_its_conventions(family_dirs) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from dpo_ray.batching import PairTokens
 from dpo_ray.families import FAMILIES
+from tests.numerics import GRADS, LOGPS, assert_close_to_scale
 
 PAIRS = [
     PairTokens([1, 5, 6, 7, 9], [7, 8, 10, 11, 2], [9, 12, 2]),
@@ -34,10 +35,10 @@ def _compare(model, mode: str) -> None:
     want, want_grads = _run(model, mode, fused=False)
     enable_fused_head(model)
     got, got_grads = _run(model, mode, fused=True)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert_close_to_scale(got, want, LOGPS, "log-probs")
     assert set(got_grads) == set(want_grads)
     for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+        assert_close_to_scale(got_grads[name], g, GRADS, name)
 
 
 @pytest.mark.parametrize("mode", ["packed", "prefix_shared"])
@@ -65,9 +66,9 @@ def test_a_lora_head_and_tied_embeddings(family_dirs):
     want, want_grads = _run(model, "packed", fused=False)
     enable_fused_head(model)
     got, got_grads = _run(model, "packed", fused=True)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert_close_to_scale(got, want, LOGPS, "log-probs")
     for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+        assert_close_to_scale(got_grads[name], g, GRADS, name)
 
     lora = enable_segment_attention(load_causal_lm(str(family_dirs["llama3"])))
     enable_fused_head(lora)  # before peft wraps it, as the train loop does
@@ -81,9 +82,9 @@ def test_a_lora_head_and_tied_embeddings(family_dirs):
     plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
     plain.load_state_dict(peft.state_dict())
     want, want_grads = _run(plain, "packed", fused=False)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert_close_to_scale(got, want, LOGPS, "log-probs")
     for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+        assert_close_to_scale(got_grads[name], g, GRADS, name)
 
 
 def test_a_model_that_scales_its_logits_is_refused(family_dirs):

@@ -24,6 +24,7 @@ from dpo_ray.packing import (
     segment_logps,
     segment_token_logps,
 )
+from tests.numerics import GRADS, LOGPS, assert_close_to_scale
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +104,10 @@ def test_modes_match_unbatched_forwards_per_token(gqa_model, mode):
     completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompts = [p.prompt_ids for p in pairs] * 2
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        expected = single_token_logps(gqa_model, prompt, completion)
-        assert got[i] == pytest.approx(expected, abs=1e-5), (mode, i)
+        expected = torch.tensor(single_token_logps(gqa_model, prompt, completion), dtype=torch.float64)
+        assert_close_to_scale(torch.tensor(got[i], dtype=torch.float64), expected, LOGPS, f"{mode} sequence {i}")
         side = sums.chosen if i < len(pairs) else sums.rejected
-        assert side[i % len(pairs)].item() == pytest.approx(sum(expected), abs=1e-5 * len(expected))
+        assert_close_to_scale(side[i % len(pairs)], expected.sum(), LOGPS, f"{mode} sum {i}")
 
 
 def test_gradients_agree_across_modes(gqa_model):
@@ -120,8 +121,8 @@ def test_gradients_agree_across_modes(gqa_model):
         grads[mode] = [p.grad.clone() for p in gqa_model.parameters()]
     gqa_model.zero_grad(set_to_none=True)
     for mode in ("packed", "prefix_shared"):
-        for a, b in zip(grads["padded"], grads[mode], strict=True):
-            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (mode, float((a - b).abs().max()))
+        for i, (a, b) in enumerate(zip(grads["padded"], grads[mode], strict=True)):
+            assert_close_to_scale(b, a, GRADS, f"{mode} parameter {i}")
 
 
 def test_layouts_by_hand():
@@ -196,10 +197,14 @@ def test_train_steps_agree_across_modes_and_micro_batchings(gqa_model):
         runs[(mode, budget)] = (losses, [p.detach().clone() for p in model.parameters()])
     base_losses, base_params = runs[("padded", 100_000)]
     assert base_losses[0] != pytest.approx(base_losses[2], abs=1e-3)  # the steps did change the model
+    initial = [p.detach() for p in gqa_model.parameters()]
     for key, (losses, params) in runs.items():
         assert losses == pytest.approx(base_losses, abs=1e-5), key
-        for a, b in zip(base_params, params, strict=True):
-            assert torch.allclose(a, b, atol=1e-5), (key, float((a - b).abs().max()))
+        # The updates, relative to their size: AdamW moves an element by ~lr whatever its gradient's size, so a
+        # near-zero gradient element whose sign differs by rounding moves by 2·lr more; that is a few elements of
+        # thousands (~1e-2 of the update's norm at most), while a wrong gradient changes the update by O(1).
+        for i, (a, b, w) in enumerate(zip(base_params, params, initial, strict=True)):
+            assert_close_to_scale(b - w, a - w, 1e-2, f"{key} update of parameter {i}")
 
 
 def test_lora_trains_only_adapters_and_merges_exactly(tiny_model_dir):
