@@ -96,8 +96,10 @@ def resolve_model_dir(ref: str | os.PathLike[str], cache_dir: str | os.PathLike[
             raise ModelNotFoundError(f"model {ref!r}: no files found under that URI")
         # The copy is named by the URI and the version of every file under it (name, size, the storage's
         # change key: an ETag on S3): a model rewritten at the same URI (a retrained export) is copied anew,
-        # never served from an older copy.
-        version = json.dumps([ref] + [[f, fs.size(f), str(fs.ukey(f))] for f in files])
+        # never served from an older copy. An export's manifest.json (written after the model, by the stage
+        # that checks the model) is not part of the model: it would make a second copy of the same weights.
+        model_files = [f for f in files if f[len(root) :].lstrip("/") != "manifest.json"]
+        version = json.dumps([ref] + [[f, fs.size(f), str(fs.ukey(f))] for f in model_files])
         target = cache / hashlib.sha256(version.encode()).hexdigest()[:16]
         if not (target / ".complete").exists():
             # Copied into a private directory, then renamed into place: processes of one node that copy at
@@ -212,12 +214,15 @@ def _safetensors_digest(path: Path) -> bytes:
 
 
 def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
-    """sha256 of config.json plus each safetensors file's name, size, header and sampled tensor bytes."""
+    """sha256 of config.json, generation_config.json (its stop tokens end generate's samples) and each
+    safetensors file's name, size, header and sampled tensor bytes."""
     root = Path(model_dir)
     weights = sorted(root.glob("*.safetensors"))
     if not (root / "config.json").exists() or not weights:
         raise ModelNotFoundError(f"model_fingerprint: {root} needs config.json and *.safetensors weights")
     h = hashlib.sha256((root / "config.json").read_bytes())
+    generation = root / "generation_config.json"
+    h.update(generation.read_bytes() if generation.exists() else b"no generation_config.json")
     for w in weights:
         h.update(w.name.encode())
         h.update(str(w.stat().st_size).encode())

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 __all__ = [
     "REASONS",
+    "SPLIT_RULE",
     "PairTokenizer",
     "RowRejected",
     "TokenizedPair",
@@ -96,14 +97,22 @@ def prompt_id(prompt: str) -> str:
     return pair_id(prompt, "", "")
 
 
-def split_of(prompt: str, eval_fraction: float) -> str:
-    """Deterministic train/eval assignment of a prompt, from its prompt_id hash.
+# The split rule, part of the identity of the stages that split (pipeline.inputs): artifacts split by an older
+# rule (per pair, before 2026-12) are redone, not reused.
+SPLIT_RULE = "prompt-sha256"
+
+
+def split_of(prompt: str, eval_fraction: float, salt: str = "") -> str:
+    """Deterministic train/eval assignment of a prompt, from the hash of its text (and `salt`).
 
     A function of the prompt, not of the pair: every pair of one prompt lands in the same split, so eval
     metrics and evaluate's held-out prompts never measure a prompt the model trained on (a dataset with
     several pairs per prompt, or generate's all_pairs, would otherwise put most eval prompts in train too).
+    `salt` draws an independent split of the same prompts: generate splits prompts that were all in prepare's
+    train split (hash ≥ prepare's fraction), and with prepare's hash it would put none in eval.
     """
-    return "eval" if int(prompt_id(prompt)[:8], 16) / 0x1_0000_0000 < eval_fraction else "train"
+    key = prompt_id(prompt) if not salt else pair_id(prompt, salt, "")
+    return "eval" if int(key[:8], 16) / 0x1_0000_0000 < eval_fraction else "train"
 
 
 def _check_text(value: Any, column: str, max_chars: int) -> str:

@@ -253,6 +253,24 @@ class ReferenceConfig(VllmConfig):
             return self.parity_tolerance
         return 1e-4 if self.dtype == "float32" else 0.15
 
+    @model_validator(mode="after")
+    def _backend_keys(self) -> ReferenceConfig:
+        # Keys of the vLLM engine and its parity gate, set for a transformers forward, would change nothing.
+        ignored = sorted(k for k in _VLLM_ONLY if k in self.model_fields_set) if self.backend == "hf" else []
+        if ignored:
+            raise ValueError(
+                f"reference.backend hf runs a transformers forward: {', '.join(ignored)} apply to backend vllm "
+                "only; remove them or use backend: vllm"
+            )
+        return self
+
+
+# ReferenceConfig keys that only the vLLM backend reads (the engine, its seed, and the parity gate against hf).
+_VLLM_ONLY = (
+    "gpu_memory_utilization", "max_num_batched_tokens", "tensor_parallel_size", "enforce_eager", "in_process",
+    "seed", "parity_samples", "parity_tolerance",
+)  # fmt: skip
+
 
 class LoraConfig(StrictModel):
     r: int = Field(16, ge=1, description="Adapter rank.")
@@ -387,13 +405,13 @@ class TrainConfig(TrackingFields):
             raise ValueError(
                 f"label_smoothing applies to the sigmoid, robust, exo_pair, simpo and aot losses, not {self.loss!r}"
             )
-        free = sorted(set(losses) & set(REFERENCE_FREE_LOSSES))
-        if "bco_pair" in losses and free:
-            # The loop updates δ from the batch's rewards, which a combination takes from its first member: a
-            # reference-free member's are β·mean log-probs, not the β·log-ratios δ averages.
+        first = next((n for n in losses if n != "sft"), None)
+        if "bco_pair" in losses and first in REFERENCE_FREE_LOSSES:
+            # The loop updates δ from the batch's rewards, which a combination takes from its first member that
+            # is not sft: a reference-free member's are β·mean log-probs, not the β·log-ratios δ averages.
             raise ValueError(
-                f"loss: bco_pair's reward shift δ averages β·log-ratio rewards, which {free} do not give; "
-                "combine bco_pair with reference-based losses only"
+                f"loss: bco_pair's reward shift δ averages β·log-ratio rewards, which {first!r} (the first member, "
+                "whose rewards the loop reads) does not give; put bco_pair or another reference-based loss first"
             )
         if len(aot & set(losses)) > 1:
             raise ValueError(f"loss: {sorted(aot & set(losses))} each sort the batch; combine at most one of them")
@@ -445,6 +463,19 @@ class GenerateConfig(VllmConfig):
     prompts_per_unit: int = Field(64, ge=1, description="Prompts per unit of work; a unit is the resume granularity.")
     generations: str = Field("", description="Output `generations` artifact; default <run_dir>/generations.")
     output: str = Field("", description="Output `pairs` artifact; default <run_dir>/generated_pairs.")
+
+    @model_validator(mode="after")
+    def _strategy_keys(self) -> GenerateConfig:
+        # Keys of another pairing strategy would change nothing (dpo_ray.pairing).
+        ignored = [k for k in ("margin",) if k in self.model_fields_set and self.strategy != "margin"]
+        if self.strategy == "best_vs_worst" and "max_pairs_per_prompt" in self.model_fields_set:
+            ignored.append("max_pairs_per_prompt")
+        if ignored:
+            raise ValueError(
+                f"generate.strategy {self.strategy} does not read {', '.join(ignored)} (margin: strategy margin; "
+                "max_pairs_per_prompt: margin or all_pairs); remove them or change the strategy"
+            )
+        return self
 
 
 class EvaluateConfig(VllmConfig, TrackingFields):

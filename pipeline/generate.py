@@ -153,7 +153,7 @@ def _pair(c: GenerateConfig, gens: list[dict[str, Any]]) -> tuple[list[dict[str,
             out.append(
                 {
                     "pair_id": pid,
-                    "split": split_of(chosen["prompt"], c.eval_fraction),
+                    "split": split_of(chosen["prompt"], c.eval_fraction, salt="generate"),
                     "prompt_ids": chosen["prompt_ids"],
                     "chosen_ids": chosen["completion_ids"],
                     "rejected_ids": rejected["completion_ids"],

@@ -101,7 +101,7 @@ prepare:
   columns: {{prompt: {prompt}, chosen: {chosen}, rejected: {rejected}}}
   max_length: 1024            # prompt + completion tokens; longer pairs are truncated (see truncation)
   max_prompt_length: 512
-  eval_fraction: 0.05         # held-out pairs, chosen by hash of the pair
+  eval_fraction: 0.05         # held-out prompts (with all their pairs), chosen by hash of the prompt
 
 reference:
   model: {model}              # the frozen reference (usually the SFT model you start from)

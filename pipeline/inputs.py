@@ -7,8 +7,10 @@ what the stage reads now:
   bytes): key "model:<config field>", e.g. generate's "model:policy";
 - each model's tokenizer by its fingerprint (`models.tokenizer_fingerprint`): key "tokenizer:<config field>";
 - prepare's input files by URI, size and modification key (`sources.inputs_fingerprint`): key "inputs";
-- generate's and evaluate's reward: a reward model (`model:<dir>`) by fingerprint, key "model:reward"; a
-  `<module>:<function>` by its module's source file, key "code:reward" (the built-in rewards are the config's).
+- generate's and evaluate's reward: a reward model (`model:<dir>`) and its tokenizer by fingerprint, keys
+  "model:reward" and "tokenizer:reward"; a `<module>:<function>` by its module's source file, key "code:reward"
+  (the built-in rewards are named by the config);
+- prepare's and generate's split rule (`tokenization.SPLIT_RULE`): key "split".
 
 A path string is not an identity: round 0's export retrained in place, a model directory edited in place,
 `round_reference: previous` after the previous round changed, a tokenizer re-templated in place: each gives
@@ -55,7 +57,7 @@ def reads(stage: str, cfg: Any) -> dict[str, str]:
         out |= {f"model:{field}": getattr(cfg, field), f"tokenizer:{field}": getattr(cfg, field)}
     reward = getattr(cfg, "reward", "") if stage in ("generate", "evaluate") else ""
     if reward.startswith("model:"):
-        out["model:reward"] = reward.removeprefix("model:")
+        out["model:reward"] = out["tokenizer:reward"] = reward.removeprefix("model:")
     elif ":" in reward:
         out["code:reward"] = reward
     return out
@@ -94,16 +96,20 @@ def _inputs(stage: str, cfg: Any, local_only: bool) -> dict[str, str | None]:
         elif kind == "tokenizer":
             out[key] = tokenizer_fingerprint(load_tokenizer(ref, cfg.trust_remote_code)) if known(ref) else None
         elif kind == "code":
-            out[key] = _source_fingerprint(ref.partition(":")[0], local_only)
+            out[key] = _source_fingerprint(ref.partition(":")[0])
         else:  # an upstream artifact
             complete = not local_only or artifacts.read_manifest(ref) is not None
             out[key] = artifacts.manifest_sha256(ref) if complete else None
+    if stage in ("prepare", "generate"):  # the rule that assigns the splits they write
+        from dpo_ray.tokenization import SPLIT_RULE
+
+        out["split"] = SPLIT_RULE
     return out
 
 
-def _source_fingerprint(module: str, local_only: bool) -> str | None:
+def _source_fingerprint(module: str) -> str | None:
     """sha256 of a reward module's source file (a `<module>:<function>` reward edited in place scores anew); None
-    when status cannot find it (the stage itself then fails loading the reward, naming it)."""
+    when it has no source file of its own (only that file is read: helper modules and data files are not)."""
     import hashlib
     import importlib.util
 
@@ -112,11 +118,7 @@ def _source_fingerprint(module: str, local_only: bool) -> str | None:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-        if local_only:
-            return None
-        from dpo_ray.rewards import RewardError
-
-        raise RewardError(f"reward {module!r}: no such module (expected '<module>:<function>' importable here)")
+        return None  # not a plain source file (a zip, a namespace): loading the reward says what is wrong
     with open(spec.origin, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -140,6 +142,10 @@ def changes(recorded: dict[str, str], now: dict[str, str | None], sources: dict[
         if recorded.get(key) == now.get(key):
             continue
         source = f" of {sources[key]}" if key in sources else ""
-        verb = "changed" if key in recorded and key in now else "is read now" if key in now else "is no longer read"
-        why.append(f"{_what(key)}{source} {verb} since this artifact was written")
+        if key in recorded and key in now:
+            why.append(f"{_what(key)}{source} changed since this artifact was written")
+        elif key in now:
+            why.append(f"{_what(key)}{source} was not recorded when this artifact was written (an older dpo-ray)")
+        else:
+            why.append(f"{_what(key)}{source} is no longer read")
     return why

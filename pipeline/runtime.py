@@ -103,8 +103,8 @@ def engine_spec(cfg: Any, model: str) -> Any:
 
 def engine_key(cfg: Any, model: str) -> tuple[Any, ...]:
     """What makes two stages' engines the same one (pipeline.units shares actors by it): the model as
-    configured and every engine_spec field but the seed (requests carry their own seeds). Computed in the
-    driver without resolving the model (an s3:// model is copied on the actor's node, not here)."""
+    configured and every engine_spec field but the seed (requests carry their own seeds). Computed without
+    resolving the model; kept actors never outlive a train stage, so a path names one model within a run."""
     return (model, *(getattr(cfg, name) for name in _ENGINE_FIELDS))
 
 

@@ -95,6 +95,7 @@ def collect(cfg: PipelineConfig) -> list[dict[str, Any]]:
     for r in rows:
         if r["state"] == "complete":
             _check_current(r, planned[r["label"]], producers)
+    _propagate(rows, planned)
     for r in rows:
         lineage = {}
         for k, v in r.get("upstream", {}).items():
@@ -134,6 +135,23 @@ def _check_current(row: dict[str, Any], p: PlannedStage, producers: dict[str, st
         why.append(f"its inputs cannot be read ({type(e).__name__}: {e})")
     if why:
         row |= {"state": "stale", "why": why}
+
+
+def _propagate(rows: list[dict[str, Any]], planned: dict[str, PlannedStage]) -> None:
+    """A complete output that reads an output of this run that `run` redoes (stale, incomplete or absent) is
+    stale too: `run` redoes it after that one (rows are in plan order, so what a row reads comes before it)."""
+    from pipeline.inputs import reads
+
+    by_uri = {r["uri"]: r for r in rows}
+    for r in rows:
+        if r["state"] not in ("complete", "stale"):
+            continue
+        p = planned[r["label"]]
+        sources = {by_uri[ref]["label"]: by_uri[ref] for ref in reads(p.stage, p.config).values() if ref in by_uri}
+        for label, src in sources.items():
+            if src is not r and src["state"] in ("stale", "incomplete", "absent"):
+                r["state"] = "stale"
+                r.setdefault("why", []).append(f"it reads {label} ({src['state']}), which `run` redoes first")
 
 
 def run(cfg: PipelineConfig) -> list[dict[str, Any]]:

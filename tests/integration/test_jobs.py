@@ -173,7 +173,7 @@ def test_submit_stop_resubmit_and_noop(ray_head, job_client, tmp_path):
             "max_prompt_length": 48,
             "eval_fraction": 0.1,
         },
-        "reference": {"model": str(d / "assets" / "model"), "backend": "hf", "parity_samples": 0},
+        "reference": {"model": str(d / "assets" / "model"), "backend": "hf"},
         "train": {"model": str(d / "assets" / "model"), "num_workers": 1, "batch_size": 8, "max_steps": 6, "lr": 1e-3},
     }
     config = tmp_path / "job.yaml"

@@ -92,8 +92,17 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
     cfg["train"] |= {"lr": 2e-3, "run_name": "b"}
     path.write_text(json.dumps(cfg))
     stale = {r["label"]: r.get("why") for r in status_rows(load_config(path)) if r["state"] == "stale"}
-    assert stale == {"round-0/train": ["config key lr changed", "config key run_name changed"]} | {
-        "round-1/train": ["config key lr changed", "config key run_name changed"]
+    keys = ["config key lr changed", "config key run_name changed"]
+
+    def redone(label: str) -> str:
+        return f"it reads {label} (stale), which `run` redoes first"
+
+    assert stale == {  # status names every stage `run` redoes, and why
+        "round-0/train": keys,
+        "round-1/generations": [redone("round-0/train")],
+        "round-1/generate": [redone("round-0/train")],
+        "round-1/reference": [redone("round-1/generate")],
+        "round-1/train": [*keys, redone("round-1/reference"), redone("round-0/train")],
     }
     old_export = json.loads((d / "export" / "manifest.json").read_text())["fingerprints"]["model"]
     run(load_config(path))
@@ -116,7 +125,11 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
     assert stale == {
         "round-1/generations": changed,
         "round-1/generate": changed,
-        "round-1/train": ["model of round-0/train changed since this artifact was written"],
+        "round-1/reference": [redone("round-1/generate")],
+        "round-1/train": [
+            "model of round-0/train changed since this artifact was written",
+            redone("round-1/reference"),
+        ],
     }
     assert main(["status", "--config", str(path)]) == 0
     assert "stale: policy model of round-0/train changed since this artifact was written" in capsys.readouterr().out

@@ -29,7 +29,9 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def _ref_cfg(model, pairs, output, **kw) -> ReferenceConfig:
-    base = {"max_model_len": 160, "gpu_memory_utilization": 0.1, "rows_per_unit": 40}
+    base = {"max_model_len": 160, "rows_per_unit": 40}
+    if kw.get("backend", "vllm") == "vllm":
+        base["gpu_memory_utilization"] = 0.1
     return ReferenceConfig(model=str(model), pairs=str(pairs), output=str(output), **{**base, **kw})
 
 

@@ -120,11 +120,13 @@ def test_a_list_of_losses_with_weights():
         (["train.loss=[sigmoid, sft]", "train.f_divergence=js_divergence"], "applies to loss 'sigmoid' alone"),
         (["train.loss=[aot, aot_pair]"], "each sort the batch; combine at most one"),
         # Failed before: BCO's δ was updated from simpo's / orpo's β·mean log-prob rewards.
-        (["train.loss=[simpo, bco_pair]", "train.simpo_gamma=1"], r"bco_pair's reward shift .* \['simpo'\]"),
-        (["train.loss=[orpo, bco_pair]"], r"bco_pair's reward shift .* \['orpo'\]"),
+        (["train.loss=[simpo, bco_pair]", "train.simpo_gamma=1"], r"bco_pair's reward shift .* 'simpo' \(the first"),
+        (["train.loss=[sft, orpo, bco_pair]"], r"bco_pair's reward shift .* 'orpo' \(the first"),
     ]
     ok = load_config(None, ["train.model=m", "train.loss=[sigmoid, bco_pair, sft]"])
     assert ok.train is not None and ok.train.losses == ("sigmoid", "bco_pair", "sft")
+    first = load_config(None, ["train.model=m", "train.loss=[bco_pair, simpo]"])  # bco_pair's rewards: δ is right
+    assert first.train is not None and first.train.losses == ("bco_pair", "simpo")
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["train.model=m", *overrides])
@@ -151,3 +153,19 @@ def test_evaluate_samples_the_policy_unmodified_for_its_kl_estimate():
             load_config(None, ["evaluate.reference=m", f"evaluate.{key}={value}"])
     cfg = load_config(None, ["evaluate.reference=m", "evaluate.temperature=1.0"])
     assert cfg.evaluate is not None and cfg.evaluate.temperature == 1.0
+
+
+def test_keys_another_backend_or_strategy_would_read_are_refused():
+    """Accepted and ignored before: vLLM engine keys with reference.backend hf, margin / max_pairs_per_prompt with a
+    pairing strategy that does not read them."""
+    with pytest.raises(ConfigError, match="backend hf runs a transformers forward: gpu_memory_utilization, seed"):
+        load_config(None, ["reference.model=m", "reference.backend=hf", "reference.gpu_memory_utilization=0.1",
+                           "reference.seed=3"])  # fmt: skip
+    ok = load_config(None, ["reference.model=m", "reference.backend=hf", "reference.max_model_len=128"])
+    assert ok.reference is not None and ok.reference.max_model_len == 128  # hf rejects longer pairs by it too
+    with pytest.raises(ConfigError, match="strategy best_vs_worst does not read margin, max_pairs_per_prompt"):
+        load_config(None, ["generate.policy=p", "generate.margin=0.5", "generate.max_pairs_per_prompt=3"])
+    with pytest.raises(ConfigError, match="strategy all_pairs does not read margin"):
+        load_config(None, ["generate.policy=p", "generate.strategy=all_pairs", "generate.margin=0.5"])
+    cfg = load_config(None, ["generate.policy=p", "generate.strategy=margin", "generate.margin=0.5"])
+    assert cfg.generate is not None and cfg.generate.margin == 0.5

@@ -38,8 +38,8 @@ def test_models_tokenizers_and_rewards_are_read_by_content(tiny_model_dir, tmp_p
     by_code = GenerateConfig(policy=str(policy), prompts=prompts, reward="my_reward:score")
 
     before, code_before = stage_inputs("generate", by_model), stage_inputs("generate", by_code)
-    assert set(before) == {"prompts", "model:policy", "tokenizer:policy", "model:reward"}
-    assert set(code_before) == {"prompts", "model:policy", "tokenizer:policy", "code:reward"}
+    assert set(before) == {"prompts", "model:policy", "tokenizer:policy", "model:reward", "tokenizer:reward", "split"}
+    assert set(code_before) == {"prompts", "model:policy", "tokenizer:policy", "code:reward", "split"}
     assert stage_inputs("generate", by_model) == before  # unchanged inputs: the same identity
 
     _edit_weights(policy)  # the policy edited in place (a retrained export at the same path)
@@ -63,5 +63,9 @@ def test_status_compares_only_what_it_can_read_without_fetching(tiny_model_dir, 
     """A hub id or URI model and an incomplete upstream are unknown to status (None), never fetched."""
     cfg = GenerateConfig(policy="s3://bucket/model", prompts=str(tmp_path / "absent"))
     known = known_inputs("generate", cfg)
-    assert known == {"prompts": None, "model:policy": None, "tokenizer:policy": None}
-    assert changes({"prompts": "a", "model:policy": "b"}, known, {}) == []
+    assert known == {"prompts": None, "model:policy": None, "tokenizer:policy": None, "split": "prompt-sha256"}
+    assert changes({"prompts": "a", "model:policy": "b", "split": "prompt-sha256"}, known, {}) == []
+    # an artifact split by the older per-pair rule (no "split" recorded) is stale
+    assert changes({"prompts": "a"}, known, {}) == [
+        "split was not recorded when this artifact was written (an older dpo-ray)"
+    ]

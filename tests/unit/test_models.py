@@ -45,6 +45,11 @@ def test_fingerprints_are_stable_and_sensitive(tiny_model_dir: Path, tmp_path: P
     cfg["rms_norm_eps"] = 1e-3
     (copy / "config.json").write_text(json.dumps(cfg))
     assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
+    # Other stop tokens (generation_config.json: generate ends samples at them) are another model for the stages.
+    stops = tmp_path / "stops"
+    shutil.copytree(tiny_model_dir, stops)
+    (stops / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert model_fingerprint(stops) != model_fingerprint(tiny_model_dir)
 
     # Same architecture and tokenizer, other weights (as after fine-tuning): another fingerprint.
     from tests.conftest import CHAT_TEMPLATE, small_corpus

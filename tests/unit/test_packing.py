@@ -187,15 +187,19 @@ def test_train_steps_agree_across_modes_and_micro_batchings(gqa_model):
     gen = torch.Generator().manual_seed(0)
     ref_c, ref_r = -30 + 5 * torch.rand(12, generator=gen), -30 + 5 * torch.rand(12, generator=gen)
     batch = StepBatch(pairs, ref_c.double(), ref_r.double())
-    runs = {}
+    runs, grad_norms = {}, {}
     for mode, budget in (("padded", 100_000), ("packed", 100_000), ("prefix_shared", 100_000), ("packed", 60)):
         model = copy.deepcopy(gqa_model).train()
         opt = make_optimizer(model, "adamw", 1e-3, 0.0)
         sched = make_scheduler(opt, 0, 3, "constant")
         settings = TrainSettings(beta=0.1, token_budget=budget, batching=mode, chunk_tokens=50)
-        losses = [train_step(model, opt, sched, batch, settings, global_batch_size=12)["loss"] for _ in range(3)]
+        steps = [train_step(model, opt, sched, batch, settings, global_batch_size=12) for _ in range(3)]
+        losses = [m["loss"] for m in steps]
+        grad_norms[(mode, budget)] = [m["grad_norm"] for m in steps]
         runs[(mode, budget)] = (losses, [p.detach().clone() for p in model.parameters()])
     base_losses, base_params = runs[("padded", 100_000)]
+    for key, norms in grad_norms.items():  # the accumulated gradient's scale (AdamW's update hides it)
+        assert norms == pytest.approx(grad_norms[("padded", 100_000)], rel=GRADS), key
     assert base_losses[0] != pytest.approx(base_losses[2], abs=1e-3)  # the steps did change the model
     initial = [p.detach() for p in gqa_model.parameters()]
     for key, (losses, params) in runs.items():

@@ -110,30 +110,35 @@ def test_reward_model_scores_batched_like_one_by_one(tiny_model_dir, tmp_path):
 
 
 def test_generated_pairs_of_one_prompt_share_a_split():
-    """all_pairs gives up to 6 pairs per prompt; every pair of a prompt lands in one split (eval_fraction 0.5).
+    """Prompts as generate gets them (prepare's train split), all_pairs with up to 6 pairs per prompt: every pair
+    of a prompt lands in one split, and about eval_fraction of the prompts in eval.
 
-    Failed before the split was a function of the prompt (drawn per pair_id, most prompts had pairs in both)."""
+    Failed before the split was a function of the prompt (drawn per pair_id, most prompts had pairs in both);
+    and with prepare's own hash, no prompt of prepare's train split could land in generate's eval split at an
+    eval_fraction ≤ prepare's (the demo's and the defaults): generate's split is salted."""
+    from dpo_ray.tokenization import split_of
     from pipeline.config import GenerateConfig
     from pipeline.generate import _pair
 
-    cfg = GenerateConfig(policy="p", prompts="x", strategy="all_pairs", max_pairs_per_prompt=6, eval_fraction=0.5)
+    prompts = [f"prompt {p}" for p in range(400) if split_of(f"prompt {p}", 0.3) == "train"]
+    cfg = GenerateConfig(policy="p", prompts="x", strategy="all_pairs", max_pairs_per_prompt=6, eval_fraction=0.3)
     gens = [
         {
             "prompt_id": f"id{p}",
-            "prompt": f"prompt {p}",
+            "prompt": prompt,
             "prompt_ids": [p],
             "sample_index": s,
             "completion_ids": [p, s],
             "completion": f"sample {s}",
             "reward": float(s),
         }
-        for p in range(40)
+        for p, prompt in enumerate(prompts)
         for s in range(4)
     ]
     pairs, _ = _pair(cfg, gens)
     splits: dict[str, set[str]] = {}
     for row in pairs:
         splits.setdefault(row["prompt"], set()).add(row["split"])
-    assert len(pairs) == 40 * 6 and len(splits) == 40
+    assert len(pairs) == len(prompts) * 6 and len(splits) == len(prompts)
     assert all(len(s) == 1 for s in splits.values())
-    assert 5 < sum(s == {"eval"} for s in splits.values()) < 35
+    assert 0.2 * len(prompts) < sum(s == {"eval"} for s in splits.values()) < 0.4 * len(prompts)
