@@ -255,8 +255,10 @@ class ReferenceConfig(VllmConfig):
 
     @model_validator(mode="after")
     def _backend_keys(self) -> ReferenceConfig:
-        # Keys of the vLLM engine and its parity gate, set for a transformers forward, would change nothing.
-        ignored = sorted(k for k in _VLLM_ONLY if k in self.model_fields_set) if self.backend == "hf" else []
+        # Keys of the vLLM engine and its parity gate, set for a transformers forward, would change nothing. By
+        # value, not by whether they were set: the handlers validate the dumped config (every key set) again.
+        fields = type(self).model_fields
+        ignored = [k for k in _VLLM_ONLY if getattr(self, k) != fields[k].default] if self.backend == "hf" else []
         if ignored:
             raise ValueError(
                 f"reference.backend hf runs a transformers forward: {', '.join(ignored)} apply to backend vllm "
@@ -466,9 +468,10 @@ class GenerateConfig(VllmConfig):
 
     @model_validator(mode="after")
     def _strategy_keys(self) -> GenerateConfig:
-        # Keys of another pairing strategy would change nothing (dpo_ray.pairing).
-        ignored = [k for k in ("margin",) if k in self.model_fields_set and self.strategy != "margin"]
-        if self.strategy == "best_vs_worst" and "max_pairs_per_prompt" in self.model_fields_set:
+        # Keys of another pairing strategy would change nothing (dpo_ray.pairing); by value, as reference's.
+        fields = type(self).model_fields
+        ignored = [k for k in ("margin",) if self.strategy != "margin" and self.margin != fields[k].default]
+        if self.strategy == "best_vs_worst" and self.max_pairs_per_prompt != fields["max_pairs_per_prompt"].default:
             ignored.append("max_pairs_per_prompt")
         if ignored:
             raise ValueError(

@@ -163,6 +163,11 @@ def test_keys_another_backend_or_strategy_would_read_are_refused():
                            "reference.seed=3"])  # fmt: skip
     ok = load_config(None, ["reference.model=m", "reference.backend=hf", "reference.max_model_len=128"])
     assert ok.reference is not None and ok.reference.max_model_len == 128  # hf rejects longer pairs by it too
+    # The stage's handlers validate the dumped config again (every key set, at its default): still accepted.
+    from pipeline.config import GenerateConfig, ReferenceConfig
+
+    assert ReferenceConfig.model_validate(ok.reference.model_dump()).backend == "hf"
+    assert GenerateConfig.model_validate(GenerateConfig(policy="p").model_dump()).strategy == "best_vs_worst"
     with pytest.raises(ConfigError, match="strategy best_vs_worst does not read margin, max_pairs_per_prompt"):
         load_config(None, ["generate.policy=p", "generate.margin=0.5", "generate.max_pairs_per_prompt=3"])
     with pytest.raises(ConfigError, match="strategy all_pairs does not read margin"):
