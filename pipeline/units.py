@@ -13,6 +13,10 @@ engine and resources reuses them, engine loaded: one engine start where each sta
 Placement is bounded. Before any work, a request that no node type of the cluster's autoscaler offers is
 refused, naming the resources and the node types; on a cluster whose node types cannot be found (no
 autoscaler), or when nodes do not come, the stage fails once `start_timeout_s` passed with no actor placed.
+
+Testing only: with DPO_RAY_TEST_HOLD_FIRST_UNIT set to a directory every node can reach, the first unit any
+actor starts is held (`_hold_first_unit`) so that a test can kill that actor's node while a unit is certainly in
+flight (tests/cluster), instead of guessing the moment from outside.
 """
 
 from __future__ import annotations
@@ -85,11 +89,36 @@ class _Worker:
         return self._handler
 
     def run(self, handler: type, config: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self._get(handler, config)(unit)
+        work = self._get(handler, config)
+        _hold_first_unit()
+        result: dict[str, Any] = work(unit)
         return result
 
     def call(self, handler: type, config: dict[str, Any], method: str, *args: Any) -> Any:
         return getattr(self._get(handler, config), method)(*args)
+
+
+def _hold_first_unit() -> None:
+    """Testing only (module docstring): the first caller of a run writes <DPO_RAY_TEST_HOLD_FIRST_UNIT>/held
+    (its node id; atomically, so exactly one caller does) and then holds its unit for at most
+    DPO_RAY_TEST_HOLD_S seconds (default 300) before going on; every later unit runs at once."""
+    directory = os.environ.get("DPO_RAY_TEST_HOLD_FIRST_UNIT")
+    if not directory:
+        return
+    import ray
+
+    tmp = os.path.join(directory, f".held-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(str(ray.get_runtime_context().get_node_id()))
+    try:
+        os.link(tmp, os.path.join(directory, "held"))  # fails when another unit was held first
+    except FileExistsError:
+        return
+    finally:
+        os.remove(tmp)
+    deadline = time.monotonic() + float(os.environ.get("DPO_RAY_TEST_HOLD_S", "300"))
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 @dataclass
