@@ -23,23 +23,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["MODEL_FIELDS", "changes", "known_inputs", "reads", "stage_inputs"]
+__all__ = ["changes", "known_inputs", "reads", "stage_inputs"]
 
-# The config fields naming the models (and their tokenizers) each stage reads.
-MODEL_FIELDS: dict[str, tuple[str, ...]] = {
-    "prepare": (),
-    "generate": ("policy",),
-    "reference": ("model",),
-    "train": ("model",),
-    "evaluate": ("policy", "reference"),
-}
-# The config fields naming the upstream artifacts each stage reads (evaluate's scored: only with max_eval_pairs).
-_ARTIFACT_FIELDS: dict[str, tuple[str, ...]] = {
-    "prepare": (),
-    "generate": ("prompts",),
-    "reference": ("pairs",),
-    "train": ("scored",),
-    "evaluate": ("prompts", "scored"),
+# The config fields naming what each stage reads: (upstream artifacts, models with their tokenizers). Evaluate
+# reads its scored pairs only with max_eval_pairs (the preference accuracy).
+_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prepare": ((), ()),
+    "generate": (("prompts",), ("policy",)),
+    "reference": (("pairs",), ("model",)),
+    "train": (("scored",), ("model",)),
+    "evaluate": (("prompts", "scored"), ("policy", "reference")),
 }
 
 
@@ -49,11 +42,11 @@ def reads(stage: str, cfg: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     if stage == "prepare":
         out |= {"inputs": ", ".join(map(str, cfg.inputs)), "tokenizer:tokenizer": cfg.tokenizer}
-    fields = _ARTIFACT_FIELDS[stage]
+    artifact_fields, model_fields = _FIELDS[stage]
     if stage == "evaluate" and not cfg.max_eval_pairs:
-        fields = ("prompts",)  # the scored pairs are read only for the preference accuracy
-    out |= {field: getattr(cfg, field) for field in fields}
-    for field in MODEL_FIELDS[stage]:
+        artifact_fields = ("prompts",)
+    out |= {field: getattr(cfg, field) for field in artifact_fields}
+    for field in model_fields:
         out |= {f"model:{field}": getattr(cfg, field), f"tokenizer:{field}": getattr(cfg, field)}
     reward = getattr(cfg, "reward", "") if stage in ("generate", "evaluate") else ""
     if reward.startswith("model:"):

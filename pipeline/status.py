@@ -124,8 +124,7 @@ def _check_current(row: dict[str, Any], p: PlannedStage, producers: dict[str, st
 
     manifest = artifacts.read_manifest(row["uri"])
     assert manifest is not None
-    config = identity(p.config)
-    now = json.loads(json.dumps(config))
+    now = json.loads(json.dumps(identity(p.config)))  # as the manifest stored it
     keys = sorted(set(now) | set(manifest.config))
     why = [f"config key {k} changed" for k in keys if now.get(k) != manifest.config.get(k)]
     try:
