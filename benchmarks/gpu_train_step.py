@@ -281,7 +281,9 @@ def run_ours(variant: str, model_name: str, batches: list, refs: list, args: arg
     for k, (pairs, (rc, rr)) in enumerate(zip(batches, refs, strict=True)):
         sync(args.device)
         t0 = time.perf_counter()
-        metrics = train_step(model, opt, sched, StepBatch(pairs, rc, rr), settings, global_batch_size=len(pairs))
+        metrics = train_step(
+            model, opt, sched, StepBatch(pairs, rc, rr), settings, global_batch_size=len(pairs)
+        ).metrics
         sync(args.device)
         times.append(time.perf_counter() - t0)
         first_loss = metrics["loss"] if k == 0 else first_loss

@@ -74,6 +74,7 @@ def reference_logps(model_dir: Path, pairs: list[dict]) -> tuple[torch.Tensor, t
 
 def run_ours(mode: str, work: Path, args: argparse.Namespace) -> dict:
     from dpo_ray.batching import PairTokens
+    from dpo_ray.loss_spec import LossSpec
     from dpo_ray.models import load_causal_lm, load_tokenizer
     from dpo_ray.packing import enable_segment_attention
     from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
@@ -86,7 +87,7 @@ def run_ours(mode: str, work: Path, args: argparse.Namespace) -> dict:
     opt = make_optimizer(model, "adamw", args.lr, 0.0)
     sched = make_scheduler(opt, 0, 10_000, "constant")
     pad = int(load_tokenizer(work / "model").pad_token_id)
-    settings = TrainSettings(beta=0.1, token_budget=args.token_budget, batching=mode, pad_token_id=pad)
+    settings = TrainSettings(LossSpec(beta=0.1), token_budget=args.token_budget, batching=mode, pad_token_id=pad)
     losses, times = [], []
     for step in range(args.warmup + args.steps):
         lo, hi = step * args.batch, (step + 1) * args.batch
@@ -96,7 +97,7 @@ def run_ours(mode: str, work: Path, args: argparse.Namespace) -> dict:
             ref_r[lo:hi],
         )
         t0 = time.perf_counter()
-        losses.append(train_step(model, opt, sched, batch, settings, global_batch_size=args.batch)["loss"])
+        losses.append(train_step(model, opt, sched, batch, settings, global_batch_size=args.batch).metrics["loss"])
         times.append(time.perf_counter() - t0)
     return {"losses": losses, "step_times": times}
 

@@ -8,35 +8,36 @@ Rafailov et al. 2023 ("DPO", arXiv:2305.18290):
 
 and the implicit reward of a completion is r(x, y) = β·(log πθ(y|x) − log πref(y|x))  (DPO eq. 5).
 
-Only torch is imported here: this module must stay importable without Ray, vLLM or transformers.
+Each loss reads β and its own parameters from a dpo_ray.loss_spec.LossSpec (whose ENTRIES say what each
+needs), and batch-level state (BCO's δ, AOT's partners) from a BatchState beside it.
+
+Only torch (and the torch-free spec) is imported here: this module must stay importable without Ray, vLLM or
+transformers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpo_ray.loss_spec import ENTRIES, F_DIVERGENCES, SFT, LossSpec
+
 __all__ = [
     "LOSSES",
-    "REFERENCE_FREE",
-    "SFT",
-    "SMOOTHED",
-    "AOT",
+    "BatchState",
+    "LossState",
     "StepZero",
     "aot_partners",
     "aot_values",
     "bco_update",
-    "loss_names",
     "smoothed_logistic",
     "step_zero",
     "InitialLoss",
-    "LossParams",
-    "F_DIVERGENCES",
     "f_scores",
     "initial_loss",
     "LossOutput",
@@ -54,11 +55,14 @@ class LossOutput:
 
     losses: (B,) the loss of each pair (the optimiser's objective is their mean).
     chosen_rewards, rejected_rewards: (B,) β·(log πθ − log πref), detached.
+    shift_rewards: (2, B) the rewards BCO's δ averages (its chosen and rejected β·log-ratios), detached, when a
+        member reads δ (LossState); None otherwise.
     """
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+    shift_rewards: Tensor | None = None
 
 
 def smoothed_logistic(z: Tensor, eps: float) -> Tensor:
@@ -88,7 +92,7 @@ def robust_loss(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
 def ipo_loss(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
     """IPO (Azar et al. 2023, eq. 17): regress the log-ratio difference onto 1/(2β).
 
-    h: (B,). Returns (B,) (h − 1/(2β))². `label_smoothing` does not apply (pipeline.config rejects it).
+    h: (B,). Returns (B,) (h − 1/(2β))². `label_smoothing` does not apply (LossSpec refuses it).
     The IPO paper sums token log-probs; TRL averages them per token: choose with `average_logps`.
     """
     del label_smoothing
@@ -105,23 +109,15 @@ def hinge_loss(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
 
 
 @dataclass(frozen=True)
-class LossParams:
-    """β, ε (cDPO/rDPO/EXO label smoothing) and the parameters a few variants have (validated by
-    pipeline.config, which names the loss that needs them)."""
+class BatchState:
+    """What a loss reads besides its spec that is not configuration: BCO's reward shift δ (LossState, kept by
+    the loop) and AOT's partners, (B, 2) in the sorted order of the global batch (aot_partners; None: sorted
+    over the pairs given)."""
 
-    beta: float
-    label_smoothing: float = 0.0
-    discopop_tau: float = 0.05
-    dpop_lambda: float = 50.0
-    f_divergence: str = "reverse_kl"
-    f_alpha: float = 0.5
-    simpo_gamma: float = 0.5
-    orpo_lambda: float = 0.1
     bco_delta: float = 0.0
-    aot_partners: Tensor | None = None  # (B, 2): each pair's partners in AOT's sorted order (aot_partners)
+    aot_partners: Tensor | None = None
 
 
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 _EXP_CAP = 80.0  # exponents are capped here (as TRL does), so exp() stays finite in float32
 
 
@@ -145,7 +141,7 @@ def f_scores(logratio: Tensor, divergence: str, alpha: float = 0.5) -> Tensor:
     raise ValueError(f"f_divergence: unknown {divergence!r}; expected one of {F_DIVERGENCES}")
 
 
-def exo_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def exo_pair_loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
     """EXO-pref (Ji et al. 2024, eq. 16, K = 2): KL(p_θ ‖ p_ε) between the policy's softmax over
     {chosen, rejected} of β·log-ratios and the smoothed label distribution (1 − ε, ε); needs ε > 0.
 
@@ -158,31 +154,31 @@ def exo_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
     )
 
 
-def nca_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def nca_pair_loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
     """NCA (Chen et al. 2024, pairwise form as in TRL): per-completion rewards rθ = β·log-ratio,
     −log σ(r_w) − ½·log σ(−r_w) − ½·log σ(−r_l)."""
     rw, rl = p.beta * c, p.beta * r
     return -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
 
 
-def sppo_hard_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def sppo_hard_loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
     """SPPO (Wu et al. 2024, eq. 4.7 with hard win probabilities 1 and 0):
     (log-ratio_w − 1/(2β))² + (log-ratio_l + 1/(2β))²."""
     return (c - 0.5 / p.beta) ** 2 + (r + 0.5 / p.beta) ** 2
 
 
-def apo_zero_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def apo_zero_loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
     """APO-zero (D'Oosterlinck et al. 2024, eq. 7): raise the chosen likelihood, lower the rejected one:
     (1 − σ(β·c)) + σ(β·r)."""
     return 1.0 - torch.sigmoid(p.beta * c) + torch.sigmoid(p.beta * r)
 
 
-def apo_down_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def apo_down_loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
     """APO-down (D'Oosterlinck et al. 2024, eq. 8): lower both, the rejected more: σ(β·c) + (1 − σ(β·(c − r)))."""
     return torch.sigmoid(p.beta * c) + 1.0 - torch.sigmoid(p.beta * (c - r))
 
 
-def discopop_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def discopop_loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
     """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, eq. 5), with z = β·(c − r), m = σ(z/τ):
     (1 − m)·(−log σ(z)) + m·e^(−z); m·e^(−z) is computed as e^(−z + log σ(z/τ)), finite for any z."""
     z = p.beta * (c - r)
@@ -190,13 +186,13 @@ def discopop_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
     return torch.sigmoid(-z / tau) * -F.logsigmoid(z) + torch.exp(-z + F.logsigmoid(z / tau))
 
 
-def dpop_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def dpop_loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
     """DPO-Positive (Pal et al. 2024, eq. 3): −log σ(β·(c − r − λ·max(0, −c))); the penalty keeps the chosen
     completion's likelihood from falling below the reference's."""
     return -F.logsigmoid(p.beta * (c - r - p.dpop_lambda * torch.relu(-c)))
 
 
-def simpo_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def simpo_loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
     """SimPO (Meng et al. 2024, eq. 6), reference-free: c, r are the policy's per-token mean log-probs,
     z = β·(c − r) − γ, loss −(1 − ε)·log σ(z) − ε·log σ(−z) (ε: label smoothing as TRL's CPO trainer; the
     paper's loss is ε = 0)."""
@@ -211,7 +207,7 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def orpo_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def orpo_loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
     """ORPO (Hong et al. 2024, eqs. 2-7), reference-free: c, r are the policy's per-token mean log-probs (the
     paper's length-normalised P(y|x) = e^c); odds(y) = P/(1 − P); loss = NLL of the chosen (−c, eq. 2)
     + λ·(−log σ(log odds(y_w) − log odds(y_l))). c and r are capped at ORPO_MAX_MEAN_LOGP (a completion of
@@ -222,14 +218,10 @@ def orpo_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
     return -c - p.orpo_lambda * F.logsigmoid(log_odds)
 
 
-def bco_pair_loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def bco_pair_loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
     """BCO (Jung et al. 2024, eq. 10, paired data as in TRL): −log σ(β·c − δ) − log σ(−(β·r − δ)), δ the
-    reward shift: a running mean of the rewards β·log-ratio (bco_update), passed in as state."""
-    return -F.logsigmoid(p.beta * c - p.bco_delta) - F.logsigmoid(-(p.beta * r - p.bco_delta))
-
-
-# Losses of the batch's sorted order (aot_partners pairs them up); aot_pair is older TRL's name of aot_unpaired.
-AOT = ("aot", "aot_unpaired", "aot_pair")
+    reward shift: a running mean of the rewards β·log-ratio (bco_update, LossState), passed in as batch state."""
+    return -F.logsigmoid(p.beta * c - state.bco_delta) - F.logsigmoid(-(p.beta * r - state.bco_delta))
 
 
 def aot_values(name: str, c: Tensor, r: Tensor, ref_margin: Tensor) -> tuple[Tensor, Tensor]:
@@ -252,7 +244,7 @@ def aot_partners(x: Tensor, y: Tensor) -> Tensor:
     return torch.stack([y[order_y][rank_x], x[order_x][rank_y]], dim=1)
 
 
-def aot_loss(x: Tensor, y: Tensor, partners: Tensor, p: LossParams) -> Tensor:
+def aot_loss(x: Tensor, y: Tensor, partners: Tensor, p: LossSpec) -> Tensor:
     """AOT per pair (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
     the sorted-quantile loss; ε label smoothing as TRL): the batch's loss Σ_k ℓ(β·(x_(k) − y_(k))),
     ℓ(z) = −(1 − ε)·log σ(z) − ε·log σ(−z), written per pair as ℓ(β·(x_i − y*)) (y* = the y of x_i's rank) plus,
@@ -275,11 +267,34 @@ def bco_update(delta: float, steps: int, chosen_reward_mean: float, rejected_rew
     return delta + (batch - delta) / (steps + 1), steps + 1
 
 
-PairLossFn = Callable[[Tensor, Tensor, LossParams], Tensor]
+@dataclass(frozen=True)
+class LossState:
+    """State a loss carries from one optimizer step to the next, kept by the loop and checkpointed: BCO's δ and
+    the number of steps it averages (bco_update). Each step reads `batch` and returns the state after it."""
+
+    bco_delta: float = 0.0
+    bco_steps: int = 0
+
+    @property
+    def batch(self) -> BatchState:
+        return BatchState(bco_delta=self.bco_delta)
+
+    def after(self, chosen_reward_mean: float, rejected_reward_mean: float) -> LossState:
+        """The state after a step whose global batch had these mean shift rewards (LossOutput.shift_rewards)."""
+        return LossState(*bco_update(self.bco_delta, self.bco_steps, chosen_reward_mean, rejected_reward_mean))
+
+
+def sigmoid_norm_loss(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """TRL's length-normalised DPO: the sigmoid loss −log σ(β·h) of h from per-token mean log-ratios
+    (preference_loss divides each side by its length, with or without average_logps)."""
+    return sigmoid_loss(h, beta, label_smoothing)
+
+
+PairLossFn = Callable[[Tensor, Tensor, LossSpec, BatchState], Tensor]
 
 
 def _of_margin(fn: Callable[[Tensor, float, float], Tensor]) -> PairLossFn:
-    def loss(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+    def loss(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
         return fn(c - r, p.beta, p.label_smoothing)
 
     loss.__doc__ = fn.__doc__
@@ -293,7 +308,7 @@ LOSSES: dict[str, PairLossFn] = {
     "robust": _of_margin(robust_loss),
     "ipo": _of_margin(ipo_loss),
     "hinge": _of_margin(hinge_loss),
-    "sigmoid_norm": _of_margin(sigmoid_loss),
+    "sigmoid_norm": _of_margin(sigmoid_norm_loss),
     "exo_pair": exo_pair_loss,
     "nca_pair": nca_pair_loss,
     "sppo_hard": sppo_hard_loss,
@@ -307,24 +322,26 @@ LOSSES: dict[str, PairLossFn] = {
 }
 
 
-def _aot_of_logratios(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
-    """`aot` on the given batch of log-ratios when the reference's margins are 0 (initial_loss's case);
-    preference_loss computes AOT itself (aot_values, aot_partners, aot_loss)."""
+def _aot_of_logratios(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
+    """AOT, paired (Melnyk et al. 2024, as TRL's `aot`): the policy's margins log πθ(y_w) − log πθ(y_l) and the
+    reference's margins, each sorted over the global batch, pushed apart rank by rank with the (ε-smoothed)
+    logistic loss of β·(difference) (aot_values, aot_partners, aot_loss). Called on log-ratios alone, as here,
+    the reference's margins are taken as 0 (initial_loss's case); preference_loss has the reference's."""
     x, y = c - r, torch.zeros_like(r)
     return aot_loss(x, y, aot_partners(x, y), p)
 
 
-def _aot_unpaired_of_logratios(c: Tensor, r: Tensor, p: LossParams) -> Tensor:
+def _aot_unpaired_of_logratios(c: Tensor, r: Tensor, p: LossSpec, state: BatchState) -> Tensor:
+    """AOT, unpaired (Melnyk et al. 2024, as TRL's `aot_unpaired`; `aot_pair` is older TRL's name): the chosen
+    log-ratios and the rejected log-ratios, each sorted over the global batch, pushed apart rank by rank with
+    the (ε-smoothed) logistic loss of β·(difference) (aot_values, aot_partners, aot_loss)."""
     return aot_loss(c, r, aot_partners(c, r), p)
 
 
 LOSSES["aot"] = _aot_of_logratios
 LOSSES["aot_unpaired"] = LOSSES["aot_pair"] = _aot_unpaired_of_logratios
-SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo", *AOT)  # the variants label_smoothing applies to
-# Losses of the policy alone: LOSSES[name] gets the policy's per-token mean log-probs (the reference's are
-# not used, and the train stage needs no reference pass for them).
-REFERENCE_FREE = ("simpo", "orpo")
-SFT = "sft"  # a member of a combination (preference_loss): the NLL of the chosen completion
+if set(LOSSES) != set(ENTRIES):  # one function per spec entry (dpo_ray.loss_spec.ENTRIES), and no other
+    raise ImportError(f"dpo_ray.losses: functions {sorted(LOSSES)} but spec entries {sorted(ENTRIES)}")
 
 
 @dataclass(frozen=True)
@@ -337,21 +354,23 @@ class InitialLoss:
     slope: float
 
 
-def initial_loss(name: str, beta: float, label_smoothing: float = 0.0, **params: float | str) -> InitialLoss:
-    """The value and margin slope of LOSSES[name] when policy == reference (both log-ratios 0), from the loss
-    function itself (float64 autograd). The slope is the largest |dL/d(β·log-ratio)| of the two sides.
+def initial_loss(name: str, spec: LossSpec) -> InitialLoss:
+    """The value and margin slope of LOSSES[name] when policy == reference (both log-ratios 0), with the
+    parameters of `spec`, from the loss function itself (float64 autograd). The slope is the largest
+    |dL/d(β·log-ratio)| of the two sides.
 
     sigmoid: ln 2 and (1 − 2ε)/2; robust: ln 2 and 1/(2(1 − 2ε)); ipo: 1/(4β²) and 1/β²; hinge: 1 and 1.
     """
-    _validate(name, {"h": torch.zeros(1)}, beta, label_smoothing, 0.0)
-    if name in REFERENCE_FREE:
+    if name not in LOSSES:
+        raise ValueError(f"loss: unknown variant {name!r}; expected one of {sorted(LOSSES)}")
+    if ENTRIES[name].reference_free:
         raise ValueError(f"loss {name!r} is reference-free: it has no value at policy == reference")
     c = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     r = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    p = LossParams(beta, label_smoothing, **params)  # type: ignore[arg-type]
-    value = LOSSES[name](f_scores(c, p.f_divergence, p.f_alpha), f_scores(r, p.f_divergence, p.f_alpha), p)
+    f, alpha = spec.f_divergence, spec.f_alpha
+    value = LOSSES[name](f_scores(c, f, alpha), f_scores(r, f, alpha), spec, BatchState())
     grads = torch.autograd.grad(value.sum(), (c, r))
-    return InitialLoss(float(value.item()), max(abs(float(g.item())) for g in grads) / beta)
+    return InitialLoss(float(value.item()), max(abs(float(g.item())) for g in grads) / spec.beta)
 
 
 @dataclass(frozen=True)
@@ -365,90 +384,50 @@ class StepZero:
     margins_zero: bool
 
 
-def step_zero(
-    names: Sequence[str],
-    weights: Sequence[float] | None,
-    beta: float,
-    label_smoothing: float = 0.0,
-    sft_weight: float = 0.0,
-    **params: float | str,
-) -> StepZero:
-    """StepZero of preference_loss(names, weights=weights, ...): Σ weights·initial_loss over the members."""
-    w = [1.0] * len(names) if weights is None else list(weights)
-    first = next((n for n in names if n != SFT), None)
-    known = [(n, x) for n, x in zip(names, w, strict=True) if n != SFT and n not in REFERENCE_FREE]
-    inits = [(initial_loss(n, beta, label_smoothing, **params), x) for n, x in known]
-    exact = len(known) == len(names) and not sft_weight
+def step_zero(spec: LossSpec) -> StepZero:
+    """StepZero of preference_loss(spec, ...): Σ weights·initial_loss over the members."""
+    names = spec.names
+    w = [1.0] * len(names) if spec.weights is None else list(spec.weights)
+    known = [(n, x) for n, x in zip(names, w, strict=True) if n != SFT and not ENTRIES[n].reference_free]
+    inits = [(initial_loss(n, spec), x) for n, x in known]
+    exact = len(known) == len(names) and not spec.sft_weight
+    first = spec.rewards_from
     return StepZero(
         value=sum(i.value * x for i, x in inits) if exact else None,
         slope=sum(i.slope * x for i, x in inits),
-        margins_zero=first is not None and first not in REFERENCE_FREE,
+        margins_zero=first is not None and not ENTRIES[first].reference_free,
     )
 
 
-def _validate(
-    name: str,
-    tensors: dict[str, Tensor],
-    beta: float,
-    label_smoothing: float,
-    sft_weight: float,
-) -> None:
-    if name not in LOSSES:
-        raise ValueError(f"loss: unknown variant {name!r}; expected one of {sorted(LOSSES)}")
-    if not (isinstance(beta, int | float) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta: must be a finite number > 0, found {beta!r}")
-    if not (0.0 <= label_smoothing < 0.5):
-        raise ValueError(f"label_smoothing: must be in [0, 0.5), found {label_smoothing!r}")
-    if name == "exo_pair" and not label_smoothing > 0:
-        raise ValueError("label_smoothing: exo_pair needs ε > 0 (the smoothed labels' log ε), e.g. 1e-3")
-    if not (math.isfinite(sft_weight) and sft_weight >= 0):
-        raise ValueError(f"sft_weight: must be a finite number >= 0, found {sft_weight!r}")
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    first = next(iter(shapes.values()))
-    if len(first) != 1 or any(s != first for s in shapes.values()):
-        raise ValueError(f"shapes: every log-prob and length tensor must be (B,) with the same B; found {shapes}")
-
-
 def preference_loss(
-    name: str | Sequence[str],
+    spec: LossSpec,
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    sft_weight: float = 0.0,
-    average_logps: bool = False,
-    discopop_tau: float = 0.05,
-    dpop_lambda: float = 50.0,
-    f_divergence: str = "reverse_kl",
-    f_alpha: float = 0.5,
-    simpo_gamma: float = 0.5,
-    orpo_lambda: float = 0.1,
-    bco_delta: float = 0.0,
-    weights: Sequence[float] | None = None,
-    aot_partners: Tensor | None = None,
+    state: BatchState | None = None,
 ) -> LossOutput:
-    """Loss variant `name` of LOSSES, plus an optional NLL term on the chosen completion.
+    """The loss of `spec` per pair: one loss of LOSSES or a weighted combination, plus an optional NLL term.
 
     policy_*_logps, ref_*_logps: (B,) summed log-probs of the completion tokens.
     *_lengths: (B,) completion token counts (>= 1), used for `average_logps` and the NLL term.
-    average_logps: use per-token mean log-probs (length-normalised, as in IPO-as-in-TRL and SimPO)
+    spec.average_logps: use per-token mean log-probs (length-normalised, as in IPO-as-in-TRL and SimPO)
         instead of sums, for both the log-ratios and the rewards.
-    sft_weight: λ of RPO (Pang et al. 2024, eq. 3): adds λ·(−log πθ(y_w|x) / |y_w|) to each pair's loss.
+    spec.sft_weight: λ of RPO (Pang et al. 2024, eq. 3): adds λ·(−log πθ(y_w|x) / |y_w|) to each pair's loss.
+    state: BCO's δ and AOT's global-batch partners (BatchState; default δ = 0, partners from these pairs).
     Returns LossOutput with (B,) tensors; rewards use the same (summed or averaged) log-probs as the loss.
-    A REFERENCE_FREE loss gets the policy's per-token mean log-probs whatever `average_logps` (the reference's
+    A reference-free loss gets the policy's per-token mean log-probs whatever `average_logps` (the reference's
     are ignored: pass zeros); its rewards are β·(per-token mean log-prob), as in TRL's CPO and ORPO trainers.
 
     A list of names is a weighted combination (TRL's MPO form): Σ weights[i]·loss_i per pair (weights default
     to 1), where the member "sft" is the NLL of the chosen, −log πθ(y_w|x)/|y_w|; the rewards are those of
     the first member that is not "sft".
     """
-    names = list(loss_names(name))
-    w = [1.0] * len(names) if weights is None else [float(x) for x in weights]
+    state = state or BatchState()
+    names = spec.names
+    w = [1.0] * len(names) if spec.weights is None else [float(x) for x in spec.weights]
     tensors = {
         "policy_chosen_logps": policy_chosen_logps,
         "policy_rejected_logps": policy_rejected_logps,
@@ -457,57 +436,33 @@ def preference_loss(
         "chosen_lengths": chosen_lengths,
         "rejected_lengths": rejected_lengths,
     }
-    _validate_combination(names, w)
-    for n in names:  # "sft" has no checks of its own: the shared ones (shapes, β, ε) as for sigmoid
-        _validate("sigmoid" if n == SFT else n, tensors, beta, label_smoothing, sft_weight)
-    params = LossParams(
-        beta,
-        label_smoothing,
-        discopop_tau,
-        dpop_lambda,
-        f_divergence,
-        f_alpha,
-        simpo_gamma,
-        orpo_lambda,
-        bco_delta,
-        aot_partners,
-    )
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    first = next(iter(shapes.values()))
+    if len(first) != 1 or any(s != first for s in shapes.values()):
+        raise ValueError(f"shapes: every log-prob and length tensor must be (B,) with the same B; found {shapes}")
     nll = -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)
     total: Tensor | None = None
     rewards: tuple[Tensor, Tensor] | None = None
+    shift: Tensor | None = None
     for n, weight in zip(names, w, strict=True):
         if n == SFT:
             part = nll
         else:
-            part, chosen_rewards, rejected_rewards = _member(n, tensors, average_logps, params)
+            part, chosen_rewards, rejected_rewards = _member(n, tensors, spec, state)
             rewards = rewards or (chosen_rewards, rejected_rewards)
+            if ENTRIES[n].shift:
+                shift = torch.stack([chosen_rewards, rejected_rewards]).detach()
         total = weight * part if total is None else total + weight * part
     assert total is not None
     if rewards is None:  # ["sft"] alone: the DPO rewards of the same log-probs, for the metrics
-        _, *both = _member("sigmoid", tensors, average_logps, params)
+        _, *both = _member("sigmoid", tensors, spec, state)
         rewards = (both[0], both[1])
-    if sft_weight > 0:
-        total = total + sft_weight * nll
-    return LossOutput(losses=total, chosen_rewards=rewards[0].detach(), rejected_rewards=rewards[1].detach())
+    if spec.sft_weight > 0:
+        total = total + spec.sft_weight * nll
+    return LossOutput(total, rewards[0].detach(), rewards[1].detach(), shift)
 
 
-def loss_names(loss: str | Sequence[str]) -> tuple[str, ...]:
-    """A loss name or a combination's list of names, as a tuple of names."""
-    return (loss,) if isinstance(loss, str) else tuple(loss)
-
-
-def _validate_combination(names: list[str], weights: list[float]) -> None:
-    if not names:
-        raise ValueError("loss: an empty list of losses")
-    if len(set(names)) != len(names):
-        raise ValueError(f"loss: each loss at most once in a combination, found {names}")
-    if len(weights) != len(names):
-        raise ValueError(f"weights: {len(weights)} weights for {len(names)} losses {names}")
-    if not all(math.isfinite(x) and x >= 0 for x in weights):
-        raise ValueError(f"weights: must be finite numbers >= 0, found {weights}")
-
-
-def _member(name: str, t: dict[str, Tensor], average_logps: bool, params: LossParams) -> tuple[Tensor, Tensor, Tensor]:
+def _member(name: str, t: dict[str, Tensor], spec: LossSpec, state: BatchState) -> tuple[Tensor, Tensor, Tensor]:
     """One loss of LOSSES per pair, and its chosen and rejected rewards (see preference_loss)."""
     policy_chosen_logps, policy_rejected_logps = t["policy_chosen_logps"], t["policy_rejected_logps"]
     dtype = policy_chosen_logps.dtype
@@ -515,24 +470,24 @@ def _member(name: str, t: dict[str, Tensor], average_logps: bool, params: LossPa
     ref_rejected = t["ref_rejected_logps"].to(dtype)
     chosen_len = t["chosen_lengths"].to(dtype)
     rejected_len = t["rejected_lengths"].to(dtype)
-    beta = params.beta
-    if name in REFERENCE_FREE:
+    beta = spec.beta
+    if ENTRIES[name].reference_free:
         c, r = policy_chosen_logps / chosen_len, policy_rejected_logps / rejected_len
-        return LOSSES[name](c, r, params), beta * c, beta * r
+        return LOSSES[name](c, r, spec, state), beta * c, beta * r
     pol_chosen, pol_rejected = policy_chosen_logps, policy_rejected_logps
-    if average_logps:
+    if spec.average_logps:
         pol_chosen, ref_chosen = pol_chosen / chosen_len, ref_chosen / chosen_len
         pol_rejected, ref_rejected = pol_rejected / rejected_len, ref_rejected / rejected_len
     chosen_logratios = pol_chosen - ref_chosen
     rejected_logratios = pol_rejected - ref_rejected
-    if name in AOT:  # sorted over the batch: partners from the caller (the global batch), else from this batch
+    if ENTRIES[name].sorts_batch:  # partners of the global batch from the caller, else of this batch
         x, y = aot_values(name, chosen_logratios, rejected_logratios, ref_chosen - ref_rejected)
-        partners = params.aot_partners if params.aot_partners is not None else aot_partners(x, y)
-        return aot_loss(x, y, partners, params), beta * chosen_logratios, beta * rejected_logratios
-    if name == "sigmoid_norm" and not average_logps:  # TRL's length-normalised DPO: the loss on per-token means
+        partners = state.aot_partners if state.aot_partners is not None else aot_partners(x, y)
+        return aot_loss(x, y, partners, spec), beta * chosen_logratios, beta * rejected_logratios
+    if name == "sigmoid_norm" and not spec.average_logps:  # TRL's length-normalised DPO: the loss on per-token means
         c, r = chosen_logratios / chosen_len, rejected_logratios / rejected_len
     else:
         c, r = chosen_logratios, rejected_logratios
-    f, alpha = params.f_divergence, params.f_alpha
-    losses = LOSSES[name](f_scores(c, f, alpha), f_scores(r, f, alpha), params)
+    f, alpha = spec.f_divergence, spec.f_alpha
+    losses = LOSSES[name](f_scores(c, f, alpha), f_scores(r, f, alpha), spec, state)
     return losses, beta * chosen_logratios, beta * rejected_logratios

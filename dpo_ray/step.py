@@ -35,7 +35,8 @@ from dpo_ray.batching import (
     policy_logps,
 )
 from dpo_ray.logps import DEFAULT_CHUNK_TOKENS
-from dpo_ray.losses import AOT, aot_partners, aot_values, loss_names, preference_loss
+from dpo_ray.loss_spec import LossSpec
+from dpo_ray.losses import BatchState, LossState, aot_partners, aot_values, preference_loss
 from dpo_ray.metrics import GRAD_NORM, LR, PAIR_METRICS, metric_means, pair_metric_sums, throughput
 from dpo_ray.packing import (
     SDPA_BACKENDS,
@@ -49,6 +50,7 @@ __all__ = [
     "MODES",
     "BatchingMode",
     "StepBatch",
+    "StepResult",
     "TrainSettings",
     "all_reduce_sum",
     "batching_mismatch",
@@ -56,37 +58,39 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "model_device",
-    "resolve_batching",
     "train_step",
 ]
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """What one optimizer step needs to know (a subset of pipeline.config.TrainConfig)."""
+    """What one optimizer step needs to know: the loss, whole, and how to compute it. The batching mode and
+    attention kernel arrive resolved (pipeline.train decides `auto` once, before the workers start)."""
 
-    loss: str | tuple[str, ...] = "sigmoid"  # a tuple: a weighted combination (dpo_ray.losses.preference_loss)
-    loss_weights: tuple[float, ...] | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-    average_logps: bool = False
-    discopop_tau: float = 0.05
-    dpop_lambda: float = 50.0
-    simpo_gamma: float = 0.5
-    orpo_lambda: float = 0.1
-    bco_delta: float = 0.0  # BCO's reward shift δ, loop state (dpo_ray.losses.bco_update)
-    f_divergence: str = "reverse_kl"
-    f_alpha: float = 0.5
+    loss: LossSpec = LossSpec()
     token_budget: int = 16_384
     max_grad_norm: float | None = 1.0
     autocast_dtype: torch.dtype | None = None
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     pad_token_id: int = 0
-    batching: str = "padded"  # padded | packed | prefix_shared (dpo_ray.batching.BATCHING); auto: resolve_batching
+    batching: str = "padded"  # padded | packed | prefix_shared (dpo_ray.batching.BATCHING)
     cudnn_attention: bool = False  # allow cuDNN SDPA too (slower here: see dpo_ray.packing.SDPA_BACKENDS)
     fused_head: bool = False  # segment modes: log-probs through dpo_ray.fused_head (enabled on the model)
-    attention: str = "blocks"  # segment modes: blocks | flex (dpo_ray.packing); auto: resolve_batching
+    attention: str = "blocks"  # segment modes: blocks | flex (dpo_ray.packing)
+
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHING:
+            raise ValueError(f"TrainSettings.batching {self.batching!r}: expected one resolved mode of {BATCHING}")
+        if self.attention not in ("blocks", "flex"):
+            raise ValueError(f"TrainSettings.attention {self.attention!r}: expected a resolved kernel, blocks or flex")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step: its metrics (global: all-reduced) and the loss state after it (LossState)."""
+
+    metrics: dict[str, float]
+    loss_state: LossState
 
 
 @dataclass(frozen=True)
@@ -118,17 +122,6 @@ class StepBatch:
     @property
     def tokens(self) -> int:
         return sum(p.num_tokens for p in self.pairs)
-
-
-def resolve_batching(settings: TrainSettings, use_gpu: bool) -> TrainSettings:
-    """`auto` settings → what was measured fastest on this kind of device (README, "Train-step efficiency"):
-    batching packed on GPU (1.26x padded on an H100), prefix_shared on CPU (2.7x TRL; benchmarks/);
-    attention: blocks (CPU: FlexAttention has no backward there; GPU: flex is not yet measured)."""
-    if settings.batching == "auto":
-        settings = dataclasses.replace(settings, batching="packed" if use_gpu else "prefix_shared")
-    if settings.attention == "auto":
-        settings = dataclasses.replace(settings, attention="blocks")
-    return settings
 
 
 def _sync(model: Any, enabled: bool) -> contextlib.AbstractContextManager[Any]:
@@ -185,10 +178,12 @@ def _micro_batch_logps(model: Any, batch: StepBatch, s: TrainSettings) -> PairLo
         return mode.logps(model, mode.collate(batch.pairs, s.pad_token_id).to(device), s)
 
 
-def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[Tensor, Tensor]:
-    """Summed loss of the batch's pairs (graph attached) and its metric sums."""
+def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings, delta: float) -> tuple[Tensor, Tensor]:
+    """Summed loss of the batch's pairs (graph attached), and its metric sums followed by the sums of the
+    two shift rewards (LossOutput.shift_rewards; zeros when no member reads BCO's δ)."""
     device = model_device(model)
     lp = _micro_batch_logps(model, batch, s)
+    partners = None if batch.partners is None else batch.partners.to(device)
     out = preference_loss(
         s.loss,
         lp.chosen,
@@ -197,21 +192,12 @@ def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings) -> tuple[T
         batch.ref_rejected.to(device),
         lp.chosen_lengths,
         lp.rejected_lengths,
-        beta=s.beta,
-        label_smoothing=s.label_smoothing,
-        sft_weight=s.sft_weight,
-        average_logps=s.average_logps,
-        discopop_tau=s.discopop_tau,
-        dpop_lambda=s.dpop_lambda,
-        simpo_gamma=s.simpo_gamma,
-        orpo_lambda=s.orpo_lambda,
-        weights=s.loss_weights,
-        bco_delta=s.bco_delta,
-        aot_partners=None if batch.partners is None else batch.partners.to(device),
-        f_divergence=s.f_divergence,
-        f_alpha=s.f_alpha,
+        BatchState(bco_delta=delta, aot_partners=partners),
     )
-    return out.losses.sum(), pair_metric_sums(out, lp.chosen, lp.rejected)
+    shift = torch.zeros(2, dtype=torch.float64, device=device)
+    if out.shift_rewards is not None:
+        shift = out.shift_rewards.double().sum(dim=1)
+    return out.losses.sum(), torch.cat([pair_metric_sums(out, lp.chosen, lp.rejected), shift])
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
@@ -222,6 +208,9 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+_SUMS = len(PAIR_METRICS) + 1  # pair_metric_sums' width (the pair count last); two shift-reward sums follow
+
+
 def train_step(
     model: Any,
     optimizer: torch.optim.Optimizer,
@@ -230,27 +219,31 @@ def train_step(
     settings: TrainSettings,
     global_batch_size: int,
     world_size: int = 1,
-) -> dict[str, float]:
+    loss_state: LossState | None = None,
+) -> StepResult:
     """One optimizer step on this worker's pairs of a global batch; metrics are global (all-reduced).
 
     batch: this worker's share (>= 1 pair) of a global batch of `global_batch_size` pairs.
-    Returns the metrics of dpo_ray.metrics for the whole global batch, plus grad_norm and lr.
+    loss_state: what the loss carries between steps (BCO's δ; default: the first step's).
+    Returns the metrics of dpo_ray.metrics for the whole global batch, plus grad_norm and lr, and the loss
+    state after this step (for BCO, δ updated with this global batch's mean rewards: the same on every rank).
     """
     if not batch.pairs:
-        raise ValueError("train_step: this worker got no pairs; global batch_size must be >= num_workers")
+        raise ValueError("train_step: this worker got no pairs; global batch_size must be >= the worker count")
+    state = loss_state or LossState()
     model.train()
     t0 = time.perf_counter()
     groups = _aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), model_device(model))
     scale = world_size / global_batch_size
     batch = _with_aot_partners(model, batch, settings, groups)
-    sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
+    sums = torch.zeros(_SUMS + 2, dtype=torch.float64)
     for k, index in enumerate(groups):
         with _sync(model, enabled=k == len(groups) - 1):
             if index is None:  # keeps this rank's collectives in step with ranks that have more micro-batches
-                loss_sum, _ = _micro_batch_loss(model, _placeholder(settings), settings)
+                loss_sum, _ = _micro_batch_loss(model, _placeholder(settings), settings, state.bco_delta)
                 (loss_sum * 0.0).backward()
                 continue
-            loss_sum, metric_sums = _micro_batch_loss(model, batch.select(index), settings)
+            loss_sum, metric_sums = _micro_batch_loss(model, batch.select(index), settings, state.bco_delta)
             (loss_sum * scale).backward()
         sums += metric_sums.cpu()
     max_norm = settings.max_grad_norm if settings.max_grad_norm else math.inf
@@ -262,32 +255,30 @@ def train_step(
     tokens = torch.tensor([float(batch.tokens)], dtype=torch.float64)
     reduced = all_reduce_sum(torch.cat([sums, tokens]).to(model_device(model))).cpu()
     seconds = time.perf_counter() - t0
-    metrics = metric_means(reduced[:-1])
+    metrics = metric_means(reduced[:_SUMS])
     metrics.update({GRAD_NORM: float(grad_norm), LR: lr})
-    metrics.update(throughput(int(reduced[-1]), int(reduced[-2]), seconds))
-    return metrics
+    pairs = int(reduced[_SUMS - 1])
+    metrics.update(throughput(int(reduced[-1]), pairs, seconds))
+    if settings.loss.shifted:
+        metrics["bco/delta"] = state.bco_delta  # the δ this step used
+        state = state.after(float(reduced[_SUMS]) / pairs, float(reduced[_SUMS + 1]) / pairs)
+    return StepResult(metrics, state)
 
 
-def eval_sums(model: Any, batch: StepBatch, settings: TrainSettings) -> Tensor:
-    """Metric sums (not yet all-reduced) of a batch without gradients."""
+def eval_sums(model: Any, batch: StepBatch, settings: TrainSettings, loss_state: LossState | None = None) -> Tensor:
+    """pair_metric_sums (not yet all-reduced) of a batch without gradients, with the loss state's δ."""
+    delta = (loss_state or LossState()).bco_delta
     model.eval()
-    sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
+    sums = torch.zeros(_SUMS, dtype=torch.float64)
     groups = _aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), model_device(model))
     batch = _with_aot_partners(model, batch, settings, groups)
     with torch.no_grad():
         for index in groups:
             if index is None:
-                _micro_batch_loss(model, _placeholder(settings), settings)
+                _micro_batch_loss(model, _placeholder(settings), settings, delta)
             else:
-                sums += _micro_batch_loss(model, batch.select(index), settings)[1].cpu()
+                sums += _micro_batch_loss(model, batch.select(index), settings, delta)[1][:_SUMS].cpu()
     return sums
-
-
-def _aot_member(loss: str | tuple[str, ...]) -> str | None:
-    found = [n for n in loss_names(loss) if n in AOT]
-    if len(found) > 1:
-        raise ValueError(f"loss: at most one of {AOT} in a combination, found {found}")
-    return found[0] if found else None
 
 
 def _with_aot_partners(model: Any, batch: StepBatch, s: TrainSettings, groups: list[list[int] | None]) -> StepBatch:
@@ -295,7 +286,7 @@ def _with_aot_partners(model: Any, batch: StepBatch, s: TrainSettings, groups: l
     forward without gradients over this rank's micro-batches (the same count on every rank, see _aligned)
     gives its pairs' values; every rank gathers all of them (rank order), so the loss is the same for any
     number of workers or micro-batches. Other losses: `batch` as it is."""
-    name = _aot_member(s.loss)
+    name = s.loss.sorting
     if name is None:
         return batch
     n = len(batch.pairs)
@@ -311,7 +302,7 @@ def _with_aot_partners(model: Any, batch: StepBatch, s: TrainSettings, groups: l
                 lengths[0, index] = lp.chosen_lengths.double().cpu()
                 lengths[1, index] = lp.rejected_lengths.double().cpu()
     ref_c, ref_r = batch.ref_chosen.double(), batch.ref_rejected.double()
-    if s.average_logps:
+    if s.loss.average_logps:
         chosen, rejected = chosen / lengths[0], rejected / lengths[1]
         ref_c, ref_r = ref_c / lengths[0], ref_r / lengths[1]
     x, y = aot_values(name, chosen - ref_c, rejected - ref_r, ref_c - ref_r)
@@ -426,5 +417,5 @@ def batching_mismatch(
     return (
         f"batching {settings.batching!r} is not exact for this model ({model.config.model_type}): completion "
         f"log-probs differ from unbatched eager forwards by up to {worst:.4g} nats (tolerance {tolerance:g}) on "
-        f"{len(pairs)} of the longest train pairs. Use train.batching: padded (or auto)."
+        f"{len(pairs)} of the longest train pairs. Use train.batching.mode: padded."
     )

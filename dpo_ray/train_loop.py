@@ -26,7 +26,7 @@ from dpo_ray.batching import PairTokens
 from dpo_ray.errors import UserError
 from dpo_ray.fused_head import enable_fused_head
 from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
-from dpo_ray.losses import bco_update, loss_names
+from dpo_ray.losses import LossState, step_zero
 from dpo_ray.metrics import PAIR_METRICS, metric_means
 from dpo_ray.packing import enable_segment_attention
 from dpo_ray.step import (
@@ -39,7 +39,6 @@ from dpo_ray.step import (
     make_optimizer,
     make_scheduler,
     model_device,
-    resolve_batching,
     train_step,
 )
 from dpo_ray.tracking import Tracker, TrackingSettings, train_names
@@ -119,9 +118,7 @@ class LoopConfig:
     export: str
     scored: str
     scored_shards: tuple[ShardInfo, ...]
-    initial_loss: float | None  # expected step-0 loss when the policy starts from the reference (None: unknown)
-    initial_slope: float  # |d loss / d margin| at h = 0 (dpo_ray.losses.initial_loss)
-    check_initial_margin: bool
+    check_initial_margin: bool  # the policy starts at the reference and the loss's rewards are log-ratios
     initial_tolerance: float
     compile: bool = False  # torch.compile each decoder layer (compile_layers)
     reference_logps: bool = True  # False: a `pairs` artifact for a reference-free loss (reference log-probs 0)
@@ -142,11 +139,11 @@ class _State:
         self.batch_in_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
-        self.bco = (0.0, 0)  # BCO's δ and the steps it averages (dpo_ray.losses.bco_update)
+        self.loss = LossState()  # what the loss carries between steps (BCO's δ)
 
 
-def decoder_layers(model: Any, purpose: str = "FSDP", fix: str = "use train.parallelism: ddp") -> list[Any]:
-    """The modules FSDP2 shards (and train.compile compiles) one by one: those of a class the model names in
+def decoder_layers(model: Any, purpose: str = "FSDP", fix: str = "use train.workers.parallelism: ddp") -> list[Any]:
+    """The modules FSDP2 shards (and train.batching.compile compiles) one by one: those of a class the model names in
     `_no_split_modules` (its decoder layers, in every transformers family: LlamaDecoderLayer,
     Gemma2DecoderLayer, GPT2Block, ...)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT (LoRA) or plain
@@ -165,7 +162,7 @@ def compile_layers(model: Any) -> int:
     FSDP2 and checkpoints see the same names); returns how many. The padding-free attention is opaque to the
     compiler (dpo_ray.packing), so layouts that change every micro-batch cost no recompilation; a row length
     that changes does once (dynamic shapes from the second length on)."""
-    layers = decoder_layers(model, "train.compile", "set train.compile: false")
+    layers = decoder_layers(model, "train.batching.compile", "set train.batching.compile: false")
     for layer in layers:
         layer.compile()
     return len(layers)
@@ -199,8 +196,9 @@ def _save_checkpoint(model: Any, optimizer: Any, scheduler: Any, state: _State, 
     torch.save(rng_state(), os.path.join(path, f"rng-rank{rank}.pt"))
     if rank == 0:
         torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
-        trainer = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "bco": state.bco}
-        save_json(os.path.join(path, "trainer.json"), {**trainer, "history": state.history})
+        trainer = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch}
+        loss_state = {"bco": [state.loss.bco_delta, state.loss.bco_steps]}
+        save_json(os.path.join(path, "trainer.json"), {**trainer, **loss_state, "history": state.history})
     return path
 
 
@@ -220,7 +218,7 @@ def _load_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any, stat
         saved = json.load(f)
     state.step, state.epoch, state.batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
     state.history = saved["history"]
-    state.bco = (float(saved["bco"][0]), int(saved["bco"][1])) if "bco" in saved else (0.0, 0)
+    state.loss = LossState(float(saved["bco"][0]), int(saved["bco"][1])) if "bco" in saved else LossState()
 
 
 def _write_metrics(output: str, history: list[dict[str, Any]]) -> None:
@@ -237,12 +235,13 @@ def _check_initial(metrics: dict[str, float], cfg: LoopConfig) -> str | None:
     tolerance (the loss's scaled by its slope, so IPO with a small β or a bf16 run is not stopped).
     Returns what failed, or None."""
     tol = cfg.initial_tolerance
+    expected = step_zero(cfg.settings.loss)  # value None: an NLL term or a reference-free member (margins only)
     loss, margin = metrics["loss"], metrics["rewards/margins"]
-    loss_tol = tol + cfg.initial_slope * tol
-    bad_loss = cfg.initial_loss is not None and abs(loss - cfg.initial_loss) > loss_tol
+    loss_tol = tol + expected.slope * tol
+    bad_loss = expected.value is not None and abs(loss - expected.value) > loss_tol
     if not bad_loss and abs(margin) <= tol:
         return None
-    want = f"loss {cfg.initial_loss:.6f} (±{loss_tol:g}) and " if cfg.initial_loss is not None else ""
+    want = f"loss {expected.value:.6f} (±{loss_tol:g}) and " if expected.value is not None else ""
     return (
         f"step 0 check failed: the policy starts from the reference weights, so {want}margins 0 (±{tol:g}) are "
         f"expected; found loss {loss:.6f}, margins {margin:.6f}. The stored reference log-probs do not match this "
@@ -289,16 +288,16 @@ def _maybe_fail(spec: str | None, step: int, rank: int, output: str) -> None:
 
 
 def _evaluate(
-    model: Any, columns: dict[str, Any], cfg: LoopConfig, rank: int, world: int, bco_delta: float = 0.0
+    model: Any, columns: dict[str, Any], cfg: LoopConfig, rank: int, world: int, loss_state: LossState
 ) -> dict[str, float]:
-    settings = dataclasses.replace(cfg.settings, bco_delta=bco_delta)
     sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
     n_rows = len(columns["prompt_ids"])
     for start in range(0, n_rows, cfg.batch_size):
         rows = np.arange(start, min(start + cfg.batch_size, n_rows))
         mine = rows[rank::world] if len(rows) >= world else (rows if rank == 0 else rows[:0])
         # Every rank calls eval_sums for every batch, with its pairs or none (see _aligned).
-        sums += eval_sums(model, StepBatch.from_columns({k: v[mine] for k, v in columns.items()}), settings)
+        pairs = StepBatch.from_columns({k: v[mine] for k, v in columns.items()})
+        sums += eval_sums(model, pairs, cfg.settings, loss_state)
     return metric_means(all_reduce_sum(sums.to(model_device(model))).cpu(), prefix="eval/")
 
 
@@ -353,7 +352,6 @@ def worker_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = torch.cuda.is_available()
-    cfg = dataclasses.replace(cfg, settings=resolve_batching(cfg.settings, use_gpu))
     seed_everything(cfg.seed)
     columns = TRAIN_COLUMNS if cfg.reference_logps else [c for c in TRAIN_COLUMNS if not c.startswith("ref_")]
     splits = read_splits(cfg.scored, cfg.scored_shards, ["train", "eval"] if cfg.eval_every else ["train"], columns)
@@ -400,11 +398,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         batches = epoch_batches(len(train_rows["pair_id"]), cfg.batch_size, cfg.seed, state.epoch)
         for rows in batches[state.batch_in_epoch :]:
             batch = StepBatch.from_columns(worker_slice(train_rows, rows, rank, world))
-            settings = dataclasses.replace(cfg.settings, bco_delta=state.bco[0])
-            metrics = train_step(model, optimizer, scheduler, batch, settings, cfg.batch_size, world)
-            if "bco_pair" in loss_names(cfg.settings.loss):  # global-batch means: every rank updates δ alike
-                metrics["bco/delta"] = state.bco[0]
-                state.bco = bco_update(*state.bco, metrics["rewards/chosen"], metrics["rewards/rejected"])
+            step = train_step(model, optimizer, scheduler, batch, cfg.settings, cfg.batch_size, world, state.loss)
+            metrics, state.loss = step.metrics, step.loss_state
             state.step += 1
             state.batch_in_epoch += 1
             if rank == 0 and cfg.progress is not None:
@@ -421,7 +416,7 @@ def worker_loop(config: dict[str, Any]) -> None:
                 metrics["resumed_from_step"] = state.resumed_from
             last = state.step >= cfg.total_steps
             if cfg.eval_every and eval_rows is not None and (state.step % cfg.eval_every == 0 or last):
-                metrics.update(_evaluate(model, eval_rows, cfg, rank, world, state.bco[0]))
+                metrics.update(_evaluate(model, eval_rows, cfg, rank, world, state.loss))
             if tracker is not None:
                 tracker.metrics(train_names(metrics), state.step)
             if state.step % cfg.log_every == 0 or last or "eval/loss" in metrics:

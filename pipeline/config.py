@@ -7,7 +7,6 @@ Configs are frozen and reject unknown keys; they are validated once, at the edge
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import types
 import typing
@@ -18,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dpo_ray.errors import UserError
+from dpo_ray.loss_spec import ENTRIES, SFT, LossSpec
 
 __all__ = [
     "ColumnMap",
@@ -36,20 +36,12 @@ class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix; the message names the key."""
 
 
-# The losses of the policy alone (dpo_ray.losses.REFERENCE_FREE, kept equal by a test; not imported here,
-# so that loading a config needs no torch): train reads a `pairs` artifact and run has no reference stage.
-REFERENCE_FREE_LOSSES = ("simpo", "orpo")
-LossName = Literal[
-    "sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
-    "apo_down", "discopop", "dpop", "simpo", "orpo", "bco_pair", "aot", "aot_unpaired", "aot_pair",
-]  # fmt: skip
-CombinedLoss = LossName | Literal["sft"]  # a member of a list of losses: "sft" is the chosen's NLL
-
-
 def reference_free(loss: Any) -> bool:
-    """Whether train.loss (a name or a list of names, "sft" included) needs no reference log-probs."""
-    names = [loss] if isinstance(loss, str) else list(loss or [])
-    return bool(names) and all(n in REFERENCE_FREE_LOSSES or n == "sft" for n in names)
+    """Whether a raw `train.loss` section (a dict, before validation) needs no reference log-probs."""
+    raw = loss.get("name", "sigmoid") if isinstance(loss, dict) else None
+    names = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
+    known = all(isinstance(n, str) and (n == SFT or n in ENTRIES) for n in names)
+    return bool(known and names) and all(n == SFT or ENTRIES[n].reference_free for n in names)
 
 
 # (section, key, artifact name under run_dir) filled in when a config leaves the path empty.
@@ -61,7 +53,7 @@ _DEFAULT_PATHS = [
     ("train", "scored", "scored"),
     ("train", "output", "train"),
     ("train", "export", "export"),
-    ("train", "storage_path", "checkpoints"),
+    ("train", "checkpoint.storage_path", "checkpoints"),
     ("generate", "prompts", "pairs"),
     ("generate", "generations", "generations"),
     ("generate", "output", "generated_pairs"),
@@ -70,8 +62,8 @@ _DEFAULT_PATHS = [
     ("evaluate", "scored", "scored"),
     ("evaluate", "train_metrics", "train"),
     ("evaluate", "output", "eval"),
-    ("train", "tracking_dir", "tracking"),
-    ("evaluate", "tracking_dir", "tracking"),
+    ("train", "tracking.dir", "tracking"),
+    ("evaluate", "tracking.dir", "tracking"),
 ]
 
 
@@ -80,10 +72,10 @@ _PATH_KEYS = {
     "demo": {"paths": {"assets"}, "refs": set()},
     "prepare": {"paths": {"output"}, "refs": {"tokenizer"}},
     "reference": {"paths": {"pairs", "output"}, "refs": {"model"}},
-    "train": {"paths": {"scored", "output", "export", "storage_path", "tracking_dir"}, "refs": {"model"}},
+    "train": {"paths": {"scored", "output", "export", "checkpoint.storage_path", "tracking.dir"}, "refs": {"model"}},
     "generate": {"paths": {"prompts", "generations", "output"}, "refs": {"policy"}},
     "evaluate": {
-        "paths": {"prompts", "scored", "train_metrics", "output", "tracking_dir"},
+        "paths": {"prompts", "scored", "train_metrics", "output", "tracking.dir"},
         "refs": {"policy", "reference"},
     },
 }
@@ -107,8 +99,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class TrackingFields(StrictModel):
-    """Experiment tracking keys (train and evaluate; `run` gives evaluate the train stage's when unset)."""
+class TrackingConfig(StrictModel):
+    """Experiment tracking (`train.tracking`, `evaluate.tracking`; under `run`, evaluate without report_to uses
+    its train stage's)."""
 
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] | None = Field(
         None,
@@ -116,23 +109,23 @@ class TrackingFields(StrictModel):
         "default none (evaluate under `run`: train's). Train logs from rank 0: the config, every step's metrics, "
         "the export; evaluate logs its numbers and plots to the same tracker run.",
     )
-    tracking_dir: str = Field(
+    dir: str = Field(
         "",
         description="Local directory for TensorBoard events, the MLflow file store and W&B files; default "
         "<run_dir>/tracking.",
     )
     experiment: str = Field("dpo-ray", description="MLflow experiment and W&B project name.")
-    tracking_name: str = Field(
+    name: str = Field(
         "", description="Tracker run name; default: the parent directory of the export (train) or policy (evaluate)."
     )
 
     @model_validator(mode="after")
-    def _local_tracking(self) -> TrackingFields:
-        if self.report_to and "://" in self.tracking_dir and not self.tracking_dir.startswith("file://"):
+    def _local_tracking(self) -> TrackingConfig:
+        if self.report_to and "://" in self.dir and not self.dir.startswith("file://"):
             raise ValueError(
-                f"tracking_dir {self.tracking_dir} is not a local directory: TensorBoard event files, the MLflow file "
-                "store and W&B's run files are written as they come; set tracking_dir to a local path (an object-store "
-                "run_dir gives no local default)"
+                f"tracking.dir {self.dir} is not a local directory: TensorBoard event files, the MLflow file "
+                "store and W&B's run files are written as they come; set tracking.dir to a local path (an "
+                "object-store run_dir gives no local default)"
             )
         return self
 
@@ -284,7 +277,66 @@ class LoraConfig(StrictModel):
     save_adapter: bool = Field(False, description="Also save the adapter alone under <export>/adapter/.")
 
 
-class TrainConfig(TrackingFields):
+class OptimConfig(StrictModel):
+    name: Literal["adamw", "rmsprop"] = Field("adamw", description="AdamW, or RMSprop (the DPO paper's).")
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="After warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+
+
+class BatchingConfig(StrictModel):
+    """How the policy's log-probs are computed (docs/explanation/batching.md); `auto` is decided once, by the
+    train stage before any work, from the device and the model (pipeline.train._batching)."""
+
+    mode: Literal["auto", "padded", "packed", "prefix_shared"] = Field(
+        "auto",
+        description="packed: padding-free rows of whole sequences; prefix_shared: padding-free, each pair as "
+        "[prompt, chosen, rejected] with the prompt computed once; padded rows; auto: the fastest measured on "
+        "the device (packed on GPU, prefix_shared on CPU), padded for a model the padding-free modes cannot "
+        "compute exactly.",
+    )
+    attention: Literal["auto", "blocks", "flex"] = Field(
+        "auto",
+        description="packed / prefix_shared attention kernel: blocks (one SDPA call per sequence block) or flex "
+        "(one FlexAttention call per row with a block mask; GPU only: torch has no FlexAttention backward on CPU); "
+        "auto: blocks (the measured choice; benchmarks/RESULTS.md).",
+    )
+    fused_head: bool = Field(
+        False,
+        description="packed / prefix_shared: completion log-probs through a fused LM head that holds one chunk's "
+        "logits at a time (never tokens x vocab; dpo_ray.fused_head).",
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (the padding-free attention runs eagerly inside)."
+    )
+    token_budget: int = Field(16_384, ge=1, description="Max computed tokens per micro-batch (accumulation).")
+
+    @model_validator(mode="after")
+    def _segment_only(self) -> BatchingConfig:
+        for key, on in (("fused_head", self.fused_head), ("attention: flex", self.attention == "flex")):
+            if on and self.mode == "padded":
+                raise ValueError(f"batching.{key} works with mode packed, prefix_shared or auto, not padded")
+        return self
+
+
+class WorkersConfig(StrictModel):
+    count: int = Field(1, ge=0, description="Ray Train workers (0: local mode in the driver process).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU with gloo.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Per worker, e.g. {CPU: 8, GPU: 1}.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type for workers, e.g. H100.")
+    parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="DDP, or FSDP2 (fully_shard) per layer.")
+    max_failures: int = Field(2, ge=-1, description="Worker-failure restarts from the last checkpoint (-1: no limit).")
+
+
+class CheckpointConfig(StrictModel):
+    storage_path: str = Field("", description="Ray Train storage for checkpoints; default <run_dir>/checkpoints.")
+    every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep: int = Field(2, ge=1, description="Checkpoints kept (the latest K).")
+
+
+class TrainConfig(StrictModel):
     model: str = Field(description="Initial policy: local dir, URI or hub id (usually the reference model).")
     scored: str = Field(
         "",
@@ -293,70 +345,19 @@ class TrainConfig(TrackingFields):
     )
     output: str = Field("", description="Run directory for metrics.jsonl; default <run_dir>/train.")
     export: str = Field("", description="Exported HF model dir; default <run_dir>/export.")
-    storage_path: str = Field("", description="Ray Train storage for checkpoints; default <run_dir>/checkpoints.")
     run_name: str = Field("dpo", description="Ray Train run name; a restart with the same name resumes.")
-    loss: LossName | list[CombinedLoss] = Field(
-        "sigmoid",
-        description='Loss variant (dpo_ray.losses; README: the loss table), or a list of them ("sft": the NLL of '
-        "the chosen) combined with loss_weights (TRL's MPO form).",
-    )
-    loss_weights: list[float] | None = Field(
-        None, description="Weights of a list of losses, one each (>= 0; default 1 each)."
-    )
-    beta: float = Field(0.1, gt=0, description="β: strength of the KL constraint.")
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="ε of cDPO (sigmoid), rDPO (robust) and EXO (exo_pair, which needs ε > 0)."
-    )
-    discopop_tau: float | None = Field(None, gt=0, description="τ of the discopop loss (default 0.05).")
-    dpop_lambda: float | None = Field(None, ge=0, description="λ of the dpop loss's penalty (default 50).")
-    simpo_gamma: float | None = Field(None, ge=0, description="γ, the target margin of the simpo loss (default 0.5).")
-    orpo_lambda: float | None = Field(None, ge=0, description="λ of the orpo loss's odds-ratio term (default 0.1).")
-    f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
-        "reverse_kl", description="f-DPO (Wang et al. 2023): the divergence of the sigmoid loss (reverse_kl: DPO)."
-    )
-    f_alpha: float | None = Field(None, gt=0, description="α of alpha_divergence, TRL's convention (default 0.5).")
-    sft_weight: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen completion (RPO).")
-    average_logps: bool = Field(False, description="Per-token mean log-probs instead of sums.")
-    optimizer: Literal["adamw", "rmsprop"] = Field("adamw", description="AdamW, or RMSprop (the DPO paper's).")
-    lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
-    schedule: Literal["constant", "cosine"] = Field("constant", description="After warmup.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    loss: LossSpec = Field(default_factory=LossSpec, description="The loss: docs/reference/losses.md.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and learning-rate schedule.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="How log-probs are computed.")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train workers and resources.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints (resume).")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment trackers.")
     batch_size: int = Field(32, ge=1, description="Global batch: pairs per optimizer step, across workers.")
-    batching: Literal["auto", "padded", "packed", "prefix_shared"] = Field(
-        "auto",
-        description="packed: padding-free rows of whole sequences; prefix_shared: padding-free, each pair as "
-        "[prompt, chosen, rejected] with the prompt computed once; padded rows; auto: the fastest measured on "
-        "the device (packed on GPU, prefix_shared on CPU).",
-    )
-    token_budget: int = Field(16_384, ge=1, description="Max computed tokens per micro-batch (accumulation).")
-    fused_head: bool = Field(
-        False,
-        description="packed / prefix_shared: completion log-probs through a fused LM head that holds one chunk's "
-        "logits at a time (never tokens x vocab; dpo_ray.fused_head).",
-    )
-    attention: Literal["auto", "blocks", "flex"] = Field(
-        "auto",
-        description="packed / prefix_shared attention kernel: blocks (one SDPA call per sequence block) or flex "
-        "(one FlexAttention call per row with a block mask; GPU only: torch has no FlexAttention backward on CPU); "
-        "auto: blocks (the measured choice; README).",
-    )
-    compile: bool = Field(
-        False, description="torch.compile each decoder layer (the padding-free attention runs eagerly inside)."
-    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; default: epochs over the train split.")
     epochs: int = Field(1, ge=1, description="Passes over the train split when max_steps is not set.")
     seed: int = Field(0, description="Seed for initialisation order, dropout and RNG state.")
     log_every: int = Field(1, ge=1, description="Log and record metrics every N steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate on the eval split every N steps (0: at the end only).")
-    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the latest K).")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers (0: local mode in the driver process).")
-    use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU with gloo.")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="e.g. {CPU: 8, GPU: 1}.")
-    accelerator_type: str | None = Field(None, description="Ray accelerator type for workers, e.g. H100.")
-    parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="DDP, or FSDP2 (fully_shard) per layer.")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, float32 on CPU."
     )
@@ -364,7 +365,6 @@ class TrainConfig(TrackingFields):
     lora: LoraConfig | None = Field(
         None, description="Train LoRA adapters only (peft); the export is merged (vLLM loads it as a plain model)."
     )
-    max_failures: int = Field(2, ge=-1, description="Worker-failure restarts from the last checkpoint (-1: no limit).")
     initial_check_tolerance: float | None = Field(
         None,
         gt=0,
@@ -379,72 +379,22 @@ class TrainConfig(TrackingFields):
     )
 
     @model_validator(mode="after")
-    def _divisible(self) -> TrainConfig:
-        if self.batch_size % max(1, self.num_workers):
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
-        if self.fused_head and self.batching == "padded":
-            raise ValueError("fused_head works with batching packed, prefix_shared or auto, not padded")
-        if self.attention == "flex" and self.batching == "padded":
-            raise ValueError("attention: flex works with batching packed, prefix_shared or auto, not padded")
-        if self.attention == "flex" and not self.use_gpu:
+    def _consistent(self) -> TrainConfig:
+        if self.batch_size % max(1, self.workers.count):
             raise ValueError(
-                "attention: flex needs use_gpu: true (torch has no FlexAttention backward on CPU); use blocks or auto"
+                f"batch_size ({self.batch_size}) must be divisible by workers.count ({self.workers.count})"
             )
-        losses = self.losses
-        if isinstance(self.loss, list):
-            if not self.loss or len(set(self.loss)) != len(self.loss):
-                raise ValueError(f"loss: a list names each loss once (at least one), found {self.loss}")
-            if self.loss_weights is not None and len(self.loss_weights) != len(self.loss):
-                raise ValueError(
-                    f"loss_weights: {len(self.loss_weights)} weights for {len(self.loss)} losses {self.loss}"
-                )
-        elif self.loss_weights is not None:
-            raise ValueError(f"loss_weights weighs a list of losses; loss is {self.loss!r}")
-        if any(w < 0 or not math.isfinite(w) for w in self.loss_weights or []):
-            raise ValueError(f"loss_weights: must be finite numbers >= 0, found {self.loss_weights}")
-        aot = {"aot", "aot_unpaired", "aot_pair"}
-        if self.label_smoothing and not set(losses) & {"sigmoid", "robust", "exo_pair", "simpo", *aot}:
+        if self.batching.attention == "flex" and not self.workers.use_gpu:
             raise ValueError(
-                f"label_smoothing applies to the sigmoid, robust, exo_pair, simpo and aot losses, not {self.loss!r}"
+                "batching.attention: flex needs workers.use_gpu: true (torch has no FlexAttention backward on CPU); "
+                "use blocks or auto"
             )
-        first = next((n for n in losses if n != "sft"), None)
-        if "bco_pair" in losses and first in REFERENCE_FREE_LOSSES:
-            # The loop updates δ from the batch's rewards, which a combination takes from its first member that
-            # is not sft: a reference-free member's are β·mean log-probs, not the β·log-ratios δ averages.
-            raise ValueError(
-                f"loss: bco_pair's reward shift δ averages β·log-ratio rewards, which {first!r} (the first member, "
-                "whose rewards the loop reads) does not give; put bco_pair or another reference-based loss first"
-            )
-        if len(aot & set(losses)) > 1:
-            raise ValueError(f"loss: {sorted(aot & set(losses))} each sort the batch; combine at most one of them")
-        if "exo_pair" in losses and not self.label_smoothing:
-            raise ValueError("loss exo_pair needs label_smoothing > 0 (EXO's ε, e.g. 1e-3)")
-        if self.f_divergence != "reverse_kl" and self.loss != "sigmoid":
-            raise ValueError(
-                f"f_divergence {self.f_divergence} applies to loss 'sigmoid' alone, but loss is {self.loss!r}"
-            )
-        if self.f_alpha is not None and self.f_divergence != "alpha_divergence":
-            raise ValueError(f"f_alpha is a parameter of f_divergence alpha_divergence, not {self.f_divergence}")
-        params = (
-            ("discopop_tau", "discopop"),
-            ("dpop_lambda", "dpop"),
-            ("simpo_gamma", "simpo"),
-            ("orpo_lambda", "orpo"),
-        )
-        for key, loss in params:
-            if getattr(self, key) is not None and loss not in losses:
-                raise ValueError(f"{key} is a parameter of loss {loss!r}, but loss is {self.loss!r}")
         return self
 
     @property
-    def losses(self) -> tuple[str, ...]:
-        """train.loss as a tuple of names (one for a single loss)."""
-        return (self.loss,) if isinstance(self.loss, str) else tuple(self.loss)
-
-    @property
     def reference_free(self) -> bool:
-        """No member of train.loss needs reference log-probs (simpo, orpo, sft)."""
-        return reference_free(self.loss)
+        """No member of the loss needs reference log-probs (simpo, orpo, sft)."""
+        return self.loss.reference_free
 
 
 class GenerateConfig(VllmConfig):
@@ -481,7 +431,7 @@ class GenerateConfig(VllmConfig):
         return self
 
 
-class EvaluateConfig(VllmConfig, TrackingFields):
+class EvaluateConfig(VllmConfig):
     policy: str = Field("", description="Policy to evaluate (HF dir); default <run_dir>/export.")
     reference: str = Field(description="Reference model (the KL anchor and the baseline of the win rate).")
     prompts: str = Field(
@@ -500,6 +450,7 @@ class EvaluateConfig(VllmConfig, TrackingFields):
     max_tokens: int = Field(48, ge=1, description="Max completion tokens.")
     reward: str = Field("lexicon", description="lexicon | model:<dir> | <module>:<function>.")
     train_metrics: str = Field("", description="metrics.jsonl of the train stage, plotted; default <run_dir>/train.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment trackers.")
     output: str = Field("", description="Directory for eval.json, samples and plots; default <run_dir>/eval.")
 
     @model_validator(mode="after")
@@ -554,7 +505,8 @@ class PipelineConfig(StrictModel):
             raise ValueError("rounds > 1 needs a 'train:' section")
         if self.rounds > 1 and self.reference is None and self.train is not None:
             if not self.train.reference_free:
-                raise ValueError(f"rounds > 1 needs a 'reference:' section (train.loss {self.train.loss} uses one)")
+                label = self.train.loss.label
+                raise ValueError(f"rounds > 1 needs a 'reference:' section (train.loss {label} uses one)")
         if self.beta_sweep and (self.train is None or self.evaluate is None):
             raise ValueError("beta_sweep needs 'train:' and 'evaluate:' sections")
         if any(b <= 0 for b in self.beta_sweep):
@@ -572,23 +524,40 @@ class PipelineConfig(StrictModel):
         free = isinstance(train, dict) and reference_free(train.get("loss"))
         for section, key, name in _DEFAULT_PATHS:
             stage = data.get(section)
-            if isinstance(stage, dict) and not stage.get(key):
+            if isinstance(stage, dict) and not _get(stage, key):
                 if free and key == "scored":  # a reference-free loss trains (and is evaluated) on the pairs
                     name = "pairs"
-                data = {**data, section: {**stage, key: f"{run_dir}/{name}"}}
+                data = {**data, section: _set(stage, key, f"{run_dir}/{name}")}
         # Ray workers run in other directories: relative local paths are made absolute here, at the edge.
         for section, keys in _PATH_KEYS.items():
             stage = data.get(section)
             if not isinstance(stage, dict):
                 continue
-            fixed: dict[str, Any] = {
-                k: _absolute(v) for k, v in stage.items() if k in keys["paths"] and isinstance(v, str)
-            }
-            fixed |= {k: _absolute_ref(v) for k, v in stage.items() if k in keys["refs"] and isinstance(v, str)}
+            for key in keys["paths"] | keys["refs"]:
+                value = _get(stage, key)
+                if isinstance(value, str):
+                    stage = _set(stage, key, _absolute(value) if key in keys["paths"] else _absolute_ref(value))
             if isinstance(stage.get("inputs"), list):
-                fixed["inputs"] = [_absolute_ref(v) if isinstance(v, str) else v for v in stage["inputs"]]
-            data = {**data, section: {**stage, **fixed}}
+                stage = {**stage, "inputs": [_absolute_ref(v) if isinstance(v, str) else v for v in stage["inputs"]]}
+            data = {**data, section: stage}
         return data
+
+
+def _get(section: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key of a raw section ("checkpoint.storage_path"), None where absent."""
+    node: Any = section
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _set(section: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of a raw section with `value` at a dotted key (sub-sections created as needed, none mutated)."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return {**section, head: value}
+    child = section.get(head)
+    return {**section, head: _set(child if isinstance(child, dict) else {}, rest, value)}
 
 
 def model_of(annotation: Any) -> type[BaseModel] | None:
@@ -603,16 +572,41 @@ def model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+_TRACKING_MOVES = {"report_to": "report_to", "tracking_dir": "dir", "experiment": "experiment", "tracking_name": "name"}
+# Keys of the flat train config that moved into its sections: refused with the new key, never read as aliases.
+MOVED_KEYS: dict[str, str] = {
+    **{f"train.{k}": f"train.loss.{k}" for k in LossSpec.model_fields if k not in ("name", "weights")},
+    "train.loss_weights": "train.loss.weights",
+    "train.optimizer": "train.optim.name",
+    **{f"train.{k}": f"train.optim.{k}" for k in OptimConfig.model_fields if k != "name"},
+    **{f"train.{k}": f"train.batching.{k}" for k in BatchingConfig.model_fields if k != "mode"},
+    "train.num_workers": "train.workers.count",
+    "train.resources_per_worker": "train.workers.resources",
+    **{f"train.{k}": f"train.workers.{k}" for k in ("use_gpu", "accelerator_type", "parallelism", "max_failures")},
+    "train.storage_path": "train.checkpoint.storage_path",
+    "train.checkpoint_every": "train.checkpoint.every",
+    "train.keep_checkpoints": "train.checkpoint.keep",
+    **{f"{s}.{old}": f"{s}.tracking.{new}" for s in ("train", "evaluate") for old, new in _TRACKING_MOVES.items()},
+}
+# Sections that once were a single value: the key the value now goes to.
+_SECTION_VALUE = {"train.loss": "name", "train.batching": "mode"}
+
+
 def _check_keys(data: Any, model: type[BaseModel], prefix: str = "") -> None:
     if not isinstance(data, dict):
         return
     fields = model.model_fields
     for key, value in data.items():
+        if f"{prefix}{key}" in MOVED_KEYS:
+            raise ConfigError(f"config key '{prefix}{key}' is now '{MOVED_KEYS[f'{prefix}{key}']}'")
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         sub = model_of(fields[key].annotation)
+        if sub is not None and f"{prefix}{key}" in _SECTION_VALUE and not isinstance(value, dict | None):
+            moved = f"{prefix}{key}.{_SECTION_VALUE[f'{prefix}{key}']}"
+            raise ConfigError(f"'{prefix}{key}' is a section: its value {value!r} is now '{moved}'")
         if sub is not None:
             _check_keys(value, sub, f"{prefix}{key}.")
 

@@ -190,7 +190,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         f"evaluate: policy {cfg.policy} vs reference {cfg.reference} on {len(prompts)} prompts x {cfg.n} samples, "
         f"reward {cfg.reward} -> {cfg.output}; 2 actors x {{{describe(bundle)}}}"
     )
-    tracking = tracking_settings(cfg, key=cfg.policy)  # refuses a tracker that is not installed, before work
+    tracking = tracking_settings(cfg.tracking, key=cfg.policy)  # refuses a tracker that is not installed, before work
     ensure_ray()
     ids = [p["prompt_ids"] for p in prompts]
     policy_samples, ref_samples, ref_logps = _sample_both(cfg, build.config, ids)

@@ -113,14 +113,18 @@ reference:
 
 train:
   model: {model}
-  loss: sigmoid               # `dpo-ray train --help` lists the losses
-  beta: 0.1
-  lr: 5.0e-7
+  loss:
+    name: sigmoid             # `dpo-ray train --help` lists the losses
+    beta: 0.1
+  optim:
+    lr: 5.0e-7
+  workers:
+    count: 1                  # Ray Train workers (GPUs with use_gpu)
+    use_gpu: true             # false on CPU
+  checkpoint:
+    every: 50
   batch_size: 32              # pairs per optimizer step, across workers
   epochs: 1
-  num_workers: 1              # Ray Train workers (GPUs with use_gpu)
-  use_gpu: true               # false on CPU
-  checkpoint_every: 50
 
 evaluate:
   reference: {model}

@@ -5,7 +5,7 @@ Round r >= 1 (artifacts under <run_dir>/round-<r>/): generate from round r−1's
 prompts → reference (the initial model, or the previous policy with round_reference: previous) → train
 (starting from the previous policy) → evaluate (against the configured reference).
 beta_sweep: after the rounds, round 0's scored pairs are trained again with each listed β other than
-train.beta (under <run_dir>/beta-<β>/) and evaluated. The evaluate stages run last, in that order, after
+train.loss.beta (under <run_dir>/beta-<β>/) and evaluated. The evaluate stages run last, in that order, after
 every train (same results; back to back they share the reference's vLLM engine).
 
 With a reference-free train.loss (simpo, orpo) there is no reference stage: train and evaluate read the
@@ -75,7 +75,7 @@ def _round(cfg: PipelineConfig, r: int, previous_export: str | None) -> list[tup
                 "model": previous_export,
                 "output": f"{d}/train",
                 "export": f"{d}/export",
-                "storage_path": f"{d}/checkpoints",
+                "checkpoint": trn.checkpoint.model_copy(update={"storage_path": f"{d}/checkpoints"}),
             }
         )
         if ev is not None:
@@ -104,11 +104,11 @@ def _sweep(cfg: PipelineConfig, beta: float, scored: str) -> list[tuple[str, Any
     d = f"{cfg.run_dir}/beta-{beta:g}"
     trn = cfg.train.model_copy(
         update={
-            "beta": beta,
+            "loss": cfg.train.loss.with_beta(beta),
             "scored": scored,
             "output": f"{d}/train",
             "export": f"{d}/export",
-            "storage_path": f"{d}/checkpoints",
+            "checkpoint": cfg.train.checkpoint.model_copy(update={"storage_path": f"{d}/checkpoints"}),
         }
     )
     ev = cfg.evaluate.model_copy(
@@ -122,17 +122,17 @@ def _tracked(cfg: PipelineConfig, name: str, c: Any, group: str) -> Any:
     without its own report_to uses train's trackers."""
     if name not in ("train", "evaluate"):
         return c
-    update: dict[str, Any] = {"tracking_name": c.tracking_name or f"{cfg.run_dir.rstrip('/').split('/')[-1]}/{group}"}
-    if name == "evaluate" and c.report_to is None and cfg.train is not None:
-        update |= {"report_to": cfg.train.report_to, "tracking_dir": cfg.train.tracking_dir}
-        update["experiment"] = cfg.train.experiment
-    return c.model_copy(update=update)
+    tracking = c.tracking
+    if name == "evaluate" and tracking.report_to is None and cfg.train is not None:
+        tracking = cfg.train.tracking.model_copy(update={"name": tracking.name})
+    run = cfg.run_dir.rstrip("/").split("/")[-1]
+    return c.model_copy(update={"tracking": tracking.model_copy(update={"name": tracking.name or f"{run}/{group}"})})
 
 
 def plan(cfg: PipelineConfig) -> list[PlannedStage]:
     """Every stage `run` executes for this config, in order (see the module docstring)."""
     out: list[PlannedStage] = []
-    beta = cfg.train.beta if cfg.train is not None else None
+    beta = cfg.train.loss.beta if cfg.train is not None else None
     previous_export: str | None = None
     first_scored = ""
     for r in range(cfg.rounds):
@@ -144,7 +144,7 @@ def plan(cfg: PipelineConfig) -> list[PlannedStage]:
                 first_scored = first_scored or c.scored
     if cfg.train is not None and cfg.evaluate is not None:
         for b in dict.fromkeys(cfg.beta_sweep):
-            if b == cfg.train.beta:
+            if b == cfg.train.loss.beta:
                 continue  # the main run is that point
             for name, c in _sweep(cfg, b, first_scored):
                 c = _tracked(cfg, name, c, f"beta {b:g}")

@@ -61,9 +61,9 @@ def _summary_tracking(cfg: PipelineConfig, stages: list[Any]) -> Any:
     from pipeline.runtime import tracking_settings
 
     evals = [p.config for p in stages if p.stage == "evaluate"]
-    if not evals or not evals[0].report_to:
+    if not evals or not evals[0].tracking.report_to:
         return None
     if len(evals) == 1:
-        return tracking_settings(evals[0], key=evals[0].policy)
+        return tracking_settings(evals[0].tracking, key=evals[0].policy)
     name = f"{cfg.run_dir.rstrip('/').split('/')[-1]}/summary"
-    return tracking_settings(evals[0].model_copy(update={"tracking_name": name}), key=cfg.run_dir)
+    return tracking_settings(evals[0].tracking.model_copy(update={"name": name}), key=cfg.run_dir)

@@ -109,8 +109,8 @@ def engine_key(cfg: Any, model: str) -> tuple[Any, ...]:
 
 
 def tracking_settings(cfg: Any, key: str) -> Any:
-    """dpo_ray.tracking.TrackingSettings of a train or evaluate config (None without report_to); refuses, before
-    any work, a tracker whose library is not installed."""
+    """dpo_ray.tracking.TrackingSettings of a train or evaluate `tracking` section (None without report_to);
+    refuses, before any work, a tracker whose library is not installed."""
     from dpo_ray.tracking import TrackingSettings, missing_backends
     from pipeline.config import ConfigError
 
@@ -119,11 +119,11 @@ def tracking_settings(cfg: Any, key: str) -> Any:
     missing = missing_backends(cfg.report_to)
     if missing:
         raise ConfigError(
-            f"report_to asks for {', '.join(missing)}, not installed here: pip install 'dpo-ray[tracking]' "
+            f"tracking.report_to asks for {', '.join(missing)}, not installed here: pip install 'dpo-ray[tracking]' "
             "(tensorboard, mlflow-skinny, wandb)"
         )
-    name = cfg.tracking_name or "/".join(key.rstrip("/").split("/")[-2:-1]) or key
-    return TrackingSettings.from_env(cfg.report_to, cfg.tracking_dir.removeprefix("file://"), cfg.experiment, key, name)
+    name = cfg.name or "/".join(key.rstrip("/").split("/")[-2:-1]) or key
+    return TrackingSettings.from_env(cfg.report_to, cfg.dir.removeprefix("file://"), cfg.experiment, key, name)
 
 
 def matching_tokenizer(found: str, model: str, manifest: Any, artifact: str) -> str:

@@ -3,7 +3,7 @@
 - begin(kind, cfg, upstream, output): when `output` is already a complete artifact for this stage config
   and these upstream identities, the stage is skipped (its manifest is returned). Otherwise a Build: a
   fresh output directory, or — for a resumable stage whose interrupted run had the same config and
-  upstream (a `.progress.json` stamp says so) — the shards already written, kept.
+  upstream (a `_progress.json` stamp says so) — the shards already written, kept.
 - finish(build, ...): checks `rows_in == rows_out + rows_rejected` when the stage accounts rows, then writes
   the manifest last (an artifact without one is incomplete) and returns it.
 
@@ -69,7 +69,7 @@ def begin(
 
 
 # Keys that say where and how a stage reports, not what it computes: changing them never redoes work.
-REPORTING_KEYS = frozenset({"report_to", "tracking_dir", "experiment", "tracking_name"})
+REPORTING_KEYS = frozenset({"tracking"})
 
 
 def identity(cfg: BaseModel) -> dict[str, Any]:

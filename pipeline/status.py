@@ -115,6 +115,14 @@ def collect(cfg: PipelineConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def _dotted(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's values by dotted key ("optim.lr"), sections expanded."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        out |= _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}
+    return out
+
+
 def _check_current(row: dict[str, Any], p: PlannedStage, producers: dict[str, str]) -> None:
     """Mark a complete output "stale" (with `why`) when its manifest's config or inputs are not what its stage
     would read now (the comparison `pipeline.stage.begin` makes before it skips); `producers`: URI → the label
@@ -125,8 +133,8 @@ def _check_current(row: dict[str, Any], p: PlannedStage, producers: dict[str, st
     manifest = artifacts.read_manifest(row["uri"])
     assert manifest is not None
     now = json.loads(json.dumps(identity(p.config)))  # as the manifest stored it
-    keys = sorted(set(now) | set(manifest.config))
-    why = [f"config key {k} changed" for k in keys if now.get(k) != manifest.config.get(k)]
+    now, then = _dotted(now), _dotted(manifest.config)
+    why = [f"config key {k} changed" for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
     try:
         sources = {k: producers[ref] for k, ref in reads(p.stage, p.config).items() if ref in producers}
         why += changes(manifest.upstream, known_inputs(p.stage, p.config), sources)

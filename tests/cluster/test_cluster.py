@@ -216,9 +216,10 @@ def _config(run_dir: str, model: str, data: str, accelerator: str | None = "H100
         "reference": {"model": model, "backend": "vllm", "max_model_len": 128, "gpu_memory_utilization": 0.1,
                       "rows_per_unit": 64, "num_actors": 1, "num_cpus_per_actor": 1, "num_gpus_per_actor": 0,
                       "accelerator_type": accelerator},
-        "train": {"model": model, "num_workers": 2, "batch_size": 16, "max_steps": 6, "lr": 1.0e-3,
-                  "token_budget": 4096, "checkpoint_every": 3, "resources_per_worker": {"CPU": 1},
-                  "accelerator_type": accelerator, "fault_injection": fault},
+        "train": {"model": model, "batch_size": 16, "max_steps": 6, "optim": {"lr": 1.0e-3},
+                  "batching": {"token_budget": 4096}, "checkpoint": {"every": 3},
+                  "workers": {"count": 2, "resources": {"CPU": 1}, "accelerator_type": accelerator},
+                  "fault_injection": fault},
     }  # fmt: skip
 
 
@@ -363,8 +364,8 @@ def test_pipeline_on_an_autoscaling_cluster_with_s3(cluster, s3, tmp_path, monke
     env["DPO_RAY_CACHE"] = str(tmp_path / "driver-cache")
     for stage, args in (
         ("reference", ["reference.accelerator_type=A100", f"reference.output={run_dir}/scored-a100"]),
-        ("train", ["train.accelerator_type=A100", f"train.output={run_dir}/train-a100",
-                   f"train.export={run_dir}/export-a100", f"train.storage_path={run_dir}/checkpoints-a100"]),
+        ("train", ["train.workers.accelerator_type=A100", f"train.output={run_dir}/train-a100",
+                   f"train.export={run_dir}/export-a100", f"train.checkpoint.storage_path={run_dir}/checkpoints-a100"]),
     ):  # fmt: skip
         t1 = time.monotonic()
         done = subprocess.run(

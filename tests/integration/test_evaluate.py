@@ -64,9 +64,7 @@ def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path, monkeypatch
         max_model_len=128,
         gpu_memory_utilization=0.1,
         reward="length",  # characters: wins, losses and ties all occur between two models' samples
-        report_to=trackers,
-        tracking_dir=str(tmp_path / "tracking"),
-        tracking_name="policy",
+        tracking={"report_to": trackers, "dir": str(tmp_path / "tracking"), "name": "policy"},
     )
     result = evaluate(cfg)
     if trackers:  # the numbers and plots, in the policy's tracker run, at the train's last step (4)

@@ -174,7 +174,13 @@ def test_submit_stop_resubmit_and_noop(ray_head, job_client, tmp_path):
             "eval_fraction": 0.1,
         },
         "reference": {"model": str(d / "assets" / "model"), "backend": "hf"},
-        "train": {"model": str(d / "assets" / "model"), "num_workers": 1, "batch_size": 8, "max_steps": 6, "lr": 1e-3},
+        "train": {
+            "model": str(d / "assets" / "model"),
+            "workers": {"count": 1},
+            "batch_size": 8,
+            "max_steps": 6,
+            "optim": {"lr": 1e-3},
+        },
     }
     config = tmp_path / "job.yaml"
     config.write_text(json.dumps(cfg))

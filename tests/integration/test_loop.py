@@ -29,7 +29,13 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
             "eval_fraction": 0.0,
         },
         "reference": {"model": str(assets / "model"), "backend": "hf", "max_model_len": 128},
-        "train": {"model": str(assets / "model"), "num_workers": 0, "batch_size": 8, "max_steps": 2, "lr": 1e-3},
+        "train": {
+            "model": str(assets / "model"),
+            "workers": {"count": 0},
+            "batch_size": 8,
+            "max_steps": 2,
+            "optim": {"lr": 1e-3},
+        },
         "generate": {
             "policy": str(assets / "model"),
             "n": 4,
@@ -89,10 +95,10 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
     # round 0's export (generate samples from it, its pairs are scored, train starts from it).
     # Failed before models entered a stage's identity by fingerprint: round 1's generate and reference were
     # skipped ("complete for this config and these inputs") and round 1 trained on the old policy's samples.
-    cfg["train"] |= {"lr": 2e-3, "run_name": "b"}
+    cfg["train"] |= {"optim": {"lr": 2e-3}, "run_name": "b"}
     path.write_text(json.dumps(cfg))
     stale = {r["label"]: r.get("why") for r in status_rows(load_config(path)) if r["state"] == "stale"}
-    keys = ["config key lr changed", "config key run_name changed"]
+    keys = ["config key optim.lr changed", "config key run_name changed"]
 
     def redone(label: str) -> str:
         return f"it reads {label} (stale), which `run` redoes first"
@@ -110,7 +116,7 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
     assert out.count("skipped") == 2, out  # prepare and reference of round 0
     new_export = json.loads((d / "export" / "manifest.json").read_text())["fingerprints"]["model"]
     trained = json.loads((d / "round-1" / "export" / "manifest.json").read_text())
-    assert trained["upstream"]["model:model"] == new_export and trained["config"]["lr"] == 2e-3
+    assert trained["upstream"]["model:model"] == new_export and trained["config"]["optim"]["lr"] == 2e-3
     gen = json.loads((d / "round-1" / "generated_pairs" / "manifest.json").read_text())
     assert gen["upstream"]["model:policy"] == new_export != old_export
 

@@ -35,19 +35,27 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 
 def _cfg(setup, name: str, **kw) -> TrainConfig:
+    """The test's train config; a keyword `section__key` sets train.section.key."""
     base = {
         "model": str(setup["model"]),
         "scored": str(setup["scored"]),
         "output": str(setup["root"] / name / "train"),
         "export": str(setup["root"] / name / "export"),
-        "storage_path": str(setup["root"] / name / "checkpoints"),
+        "checkpoint__storage_path": str(setup["root"] / name / "checkpoints"),
         "batch_size": 16,
         "max_steps": 5,
-        "lr": 5e-3,
-        "token_budget": 100_000,
-        "checkpoint_every": 100,
+        "optim__lr": 5e-3,
+        "batching__token_budget": 100_000,
+        "checkpoint__every": 100,
     }
-    return TrainConfig(**{**base, **kw})
+    data: dict = {}
+    for key, value in {**base, **kw}.items():
+        *sections, leaf = key.split("__")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return TrainConfig.model_validate(data)
 
 
 def single_sequence_logps(model, prompts, completions) -> list[np.ndarray]:
@@ -73,12 +81,16 @@ def two_workers(setup) -> TrainConfig:
     from dpo_ray.tracking import missing_backends
 
     trackers = [] if missing_backends(TRACKERS) else TRACKERS
-    kw = {"report_to": trackers, "tracking_dir": str(setup["root"] / "two" / "tracking"), "experiment": "t"}
+    kw = {
+        "tracking__report_to": trackers,
+        "tracking__dir": str(setup["root"] / "two" / "tracking"),
+        "tracking__experiment": "t",
+    }
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        cfg = _cfg(setup, "two", num_workers=2, eval_every=1, **kw)
+        cfg = _cfg(setup, "two", workers__count=2, eval_every=1, **kw)
         train(cfg)
     return cfg
 
@@ -88,10 +100,10 @@ def test_trackers_get_every_step_from_rank_0_under_trl_names(two_workers):
     only), the resolved config as params, the export path."""
     from tests.tracking_readers import mlflow_run, tensorboard_scalars, wandb_offline
 
-    if not two_workers.report_to:
+    if not two_workers.tracking.report_to:
         pytest.skip("tracking libraries not installed")
     hist = _history(two_workers)
-    root = Path(two_workers.tracking_dir)
+    root = Path(two_workers.tracking.dir)
     event_dirs = list((root / "tensorboard").iterdir())
     assert len(event_dirs) == 1 and len(list(event_dirs[0].glob("events.out.tfevents.*"))) == 1  # rank 0 only
     tb = tensorboard_scalars(str(event_dirs[0]))
@@ -99,7 +111,7 @@ def test_trackers_get_every_step_from_rank_0_under_trl_names(two_workers):
         assert [s for s, _ in tb[name]] == [h["step"] for h in hist] == [1, 2, 3, 4, 5]
         assert [v for _, v in tb[name]] == pytest.approx([h[key] for h in hist], rel=1e-6)
     ml = mlflow_run(f"file:{root / 'mlruns'}", "t", two_workers.export)
-    assert ml["params"]["train.beta"] == "0.1" and ml["params"]["train.num_workers"] == "2"
+    assert ml["params"]["train.loss.beta"] == "0.1" and ml["params"]["train.workers.count"] == "2"
     assert ml["tags"]["export"] == two_workers.export
     assert [v for _, v in ml["metrics"]["train/rewards/chosen"]] == pytest.approx(
         [h["rewards/chosen"] for h in hist], rel=1e-6
@@ -113,8 +125,10 @@ def test_trackers_get_every_step_from_rank_0_under_trl_names(two_workers):
 
 def test_first_loss_is_ln2_and_the_split_does_not_change_the_updates(setup, two_workers):
     """Same global batch of 16 pairs: local mode (1 process, 1 micro-batch) vs 2 workers vs 16 micro-batches."""
-    local = _cfg(setup, "local", num_workers=0)
-    micro = _cfg(setup, "micro", num_workers=0, token_budget=200)  # ~1 pair per micro-batch: 16 x 1 vs 1 x 16
+    local = _cfg(setup, "local", workers__count=0)
+    micro = _cfg(
+        setup, "micro", workers__count=0, batching__token_budget=200
+    )  # ~1 pair per micro-batch: 16 x 1 vs 1 x 16
     train(local)
     train(micro)
     runs = {"local": _history(local), "two": _history(two_workers), "micro": _history(micro)}
@@ -135,7 +149,7 @@ def test_first_loss_is_ln2_and_the_split_does_not_change_the_updates(setup, two_
 
 def test_learns_the_preference(setup):
     """Prompt-conditional preferences: eval accuracy starts near chance and must reach >= 0.9."""
-    cfg = _cfg(setup, "learn", num_workers=0, max_steps=40, eval_every=4, lr=2e-3, batch_size=32)
+    cfg = _cfg(setup, "learn", workers__count=0, max_steps=40, eval_every=4, optim__lr=2e-3, batch_size=32)
     train(cfg)
     hist = [h for h in _history(cfg) if "eval/loss" in h]
     first, last = hist[0], hist[-1]
@@ -159,7 +173,9 @@ def test_export_loads_in_transformers_and_vllm_and_matches_the_last_checkpoint(s
     assert manifest["kind"] == "model" and manifest["upstream"]["scored"]
     trained = load_causal_lm(export)
     # The trainer's last-step policy, read back from the last checkpoint (DCP) into a fresh model.
-    checkpoint = sorted(p for p in Path(two_workers.storage_path, "dpo").glob("checkpoint_*") if p.is_dir())[-1]
+    checkpoint = sorted(p for p in Path(two_workers.checkpoint.storage_path, "dpo").glob("checkpoint_*") if p.is_dir())[
+        -1
+    ]
     policy = load_causal_lm(setup["model"])
     state = {"model": policy.state_dict()}
     dcp.load(state, checkpoint_id=str(checkpoint / "state"))
@@ -187,13 +203,19 @@ def test_export_loads_in_transformers_and_vllm_and_matches_the_last_checkpoint(s
 def test_bco_shift_is_the_same_for_any_split_and_survives_a_restart(setup):
     """BCO's δ is loop state: 1 process, 16 micro-batches, 2 workers, and 2 workers that lose one after the
     step-2 checkpoint all give the same δ and losses at every step (δ from the checkpoint after the restart)."""
-    kw = {"loss": "bco_pair", "lr": 5e-3}
+    kw = {"loss__name": "bco_pair", "optim__lr": 5e-3}
     runs = {
-        "local": _cfg(setup, "bco-local", num_workers=0, **kw),
-        "micro": _cfg(setup, "bco-micro", num_workers=0, token_budget=200, **kw),
-        "two": _cfg(setup, "bco-two", num_workers=2, **kw),
+        "local": _cfg(setup, "bco-local", workers__count=0, **kw),
+        "micro": _cfg(setup, "bco-micro", workers__count=0, batching__token_budget=200, **kw),
+        "two": _cfg(setup, "bco-two", workers__count=2, **kw),
         "fault": _cfg(
-            setup, "bco-fault", num_workers=2, checkpoint_every=2, fault_injection="3:1", max_failures=1, **kw
+            setup,
+            "bco-fault",
+            workers__count=2,
+            checkpoint__every=2,
+            fault_injection="3:1",
+            workers__max_failures=1,
+            **kw,
         ),
     }
     hist = {}
@@ -212,7 +234,7 @@ def test_bco_shift_is_the_same_for_any_split_and_survives_a_restart(setup):
 
 
 def test_worker_failure_resumes_from_last_checkpoint(setup):
-    cfg = _cfg(setup, "fault", num_workers=2, checkpoint_every=2, fault_injection="3:1", max_failures=1)
+    cfg = _cfg(setup, "fault", workers__count=2, checkpoint__every=2, fault_injection="3:1", workers__max_failures=1)
     train(cfg)
     hist = _history(cfg)
     assert [h["step"] for h in hist] == [1, 2, 3, 4, 5]
@@ -223,7 +245,7 @@ def test_worker_failure_resumes_from_last_checkpoint(setup):
 
 @pytest.mark.cluster
 def test_restarted_job_with_same_run_name_continues(setup):
-    cfg = _cfg(setup, "restart", num_workers=1, checkpoint_every=2, fault_injection="3:0", max_failures=0)
+    cfg = _cfg(setup, "restart", workers__count=1, checkpoint__every=2, fault_injection="3:0", workers__max_failures=0)
     with pytest.raises(Exception, match="(?i)fail|error"):
         train(cfg)
     assert not (Path(cfg.export) / "manifest.json").exists()
@@ -237,7 +259,7 @@ def test_restarted_job_with_same_run_name_continues(setup):
     assert (Path(cfg.export) / "manifest.json").stat().st_mtime_ns == mtime
     # Reusing the run name with another config is refused instead of resuming foreign checkpoints.
     with pytest.raises(ArtifactError, match="holds checkpoints of a run with another config"):
-        train(_cfg(setup, "restart", num_workers=1, checkpoint_every=2, lr=1e-3))
+        train(_cfg(setup, "restart", workers__count=1, checkpoint__every=2, optim__lr=1e-3))
 
 
 def test_refusals(setup, tmp_path):
@@ -260,7 +282,7 @@ def test_fsdp2_gives_the_ddp_updates(setup, two_workers):
     A 300-token budget gives the two ranks different micro-batch counts (and the eval split's last batch
     may leave a rank without pairs): FSDP all-gathers in every forward, so this hangs unless the ranks'
     forward counts are aligned (train_loop._aligned)."""
-    cfg = _cfg(setup, "fsdp", num_workers=2, parallelism="fsdp", token_budget=300, eval_every=5)
+    cfg = _cfg(setup, "fsdp", workers__count=2, workers__parallelism="fsdp", batching__token_budget=300, eval_every=5)
     train(cfg)
     fsdp, ddp = _history(cfg), _history(two_workers)
     for a, b in zip(fsdp, ddp, strict=True):
@@ -280,9 +302,9 @@ def test_lora_with_prefix_sharing_exports_a_merged_model_vllm_loads(setup, two_w
     cfg = _cfg(
         setup,
         "lora",
-        num_workers=2,
-        batching="prefix_shared",
-        lr=2e-2,
+        workers__count=2,
+        batching__mode="prefix_shared",
+        optim__lr=2e-2,
         lora={"r": 8, "alpha": 16, "save_adapter": True},
     )
     train(cfg)
@@ -355,11 +377,11 @@ def test_order_depends_on_the_artifact_and_seed_only(setup, sharded):
     """Two runs on a many-shard artifact, and a run killed mid-epoch then resumed by a new job, give the same
     weights; the run crosses an epoch boundary (64-pair batches: 4 steps an epoch), so the per-epoch order
     and its resume are exercised. Another seed gives other weights (the order matters)."""
-    common = {"scored": str(sharded), "batch_size": 64, "max_steps": 7, "checkpoint_every": 2, "num_workers": 1}
+    common = {"scored": str(sharded), "batch_size": 64, "max_steps": 7, "checkpoint__every": 2, "workers__count": 1}
     first = _cfg(setup, "order-a", **common)
     train(first)
     train(second := _cfg(setup, "order-b", **common))
-    killed = _cfg(setup, "order-c", **common, fault_injection="5:0", max_failures=0)
+    killed = _cfg(setup, "order-c", **common, fault_injection="5:0", workers__max_failures=0)
     with pytest.raises(Exception, match="(?i)fail|error"):
         train(killed)
     train(killed)
@@ -394,7 +416,7 @@ def test_a_failed_step0_check_is_a_clear_error(setup, tmp_path, capsys):
             bad / shard.file,
         )
     artifacts.write_manifest(str(bad), "scored", source.config, source.fingerprints, source.upstream, source.stats)
-    cfg = _cfg(setup, "step0", scored=str(bad), num_workers=1)
+    cfg = _cfg(setup, "step0", scored=str(bad), workers__count=1)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "train": cfg.model_dump(mode="json")}))
     assert main(["train", "--config", str(path)]) == 2
@@ -410,9 +432,11 @@ def test_a_failed_step0_check_is_a_clear_error(setup, tmp_path, capsys):
 def test_the_fused_head_trains_as_the_unfused_one(setup, two_workers):
     """fused_head on two workers (prefix_shared, as `auto` picks on CPU): the same losses and margins at every
     step as the unfused two-worker run."""
-    fused = _cfg(setup, "fused", num_workers=2, eval_every=1, batching="prefix_shared", fused_head=True)
+    fused = _cfg(
+        setup, "fused", workers__count=2, eval_every=1, batching__mode="prefix_shared", batching__fused_head=True
+    )
     train(fused)
-    assert two_workers.batching == "auto"
+    assert two_workers.batching.mode == "auto"
     for a, b in zip(_history(two_workers), _history(fused), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), a["step"]
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-5), a["step"]
@@ -423,7 +447,9 @@ def test_the_fused_head_trains_as_the_unfused_one(setup, two_workers):
 def test_compiled_layers_train_as_eager_ones(setup, two_workers):
     """train.compile on two FSDP2 workers (prefix_shared, as `auto` picks on CPU): the losses and margins of
     the uncompiled two-worker DDP run at every step, within inductor's float32 reassociation."""
-    compiled = _cfg(setup, "compiled", num_workers=2, eval_every=1, parallelism="fsdp", compile=True)
+    compiled = _cfg(
+        setup, "compiled", workers__count=2, eval_every=1, workers__parallelism="fsdp", batching__compile=True
+    )
     train(compiled)
     for a, b in zip(_history(two_workers), _history(compiled), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), a["step"]

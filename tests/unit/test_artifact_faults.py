@@ -235,7 +235,7 @@ def test_train_takes_a_pairs_artifact_for_a_reference_free_loss_only(tmp_path, c
     assert f"{pairs}: expected a 'scored' artifact, found 'pairs'" in err
     assert "a 'pairs' artifact serves a reference-free loss only: simpo, orpo" in err
     # simpo accepts it: the stage gets past the artifact to the (missing) model
-    args = ["train.loss=simpo", "train.model=/nonexistent/model", f"train.scored={pairs}"]
+    args = ["train.loss.name=simpo", "train.model=/nonexistent/model", f"train.scored={pairs}"]
     assert main(["train", f"run_dir={tmp_path / 'run'}", *args]) == 2
     err = _error_line(capsys.readouterr().err)
     assert "expected a" not in err and "/nonexistent/model" in err, err

@@ -74,14 +74,14 @@ def requests(cfg: PipelineConfig) -> list[Request]:
         if c.accelerator_type:
             bundle[f"accelerator_type:{c.accelerator_type}"] = 0.001
         out.append(Request(stage, bundle, 1 if stage == "evaluate" else c.num_actors))
-    t = cfg.train
-    if t is not None and t.num_workers > 0:
-        bundle = {k: float(v) for k, v in (t.resources_per_worker or {"CPU": 1}).items()}
+    t = cfg.train.workers if cfg.train is not None else None
+    if t is not None and t.count > 0:
+        bundle = {k: float(v) for k, v in (t.resources or {"CPU": 1}).items()}
         if t.use_gpu:
             bundle.setdefault("GPU", 1.0)
         if t.accelerator_type:
             bundle[f"accelerator_type:{t.accelerator_type}"] = 0.001
-        out.append(Request("train", bundle, t.num_workers))
+        out.append(Request("train", bundle, t.count))
     return out
 
 
@@ -121,7 +121,7 @@ def test_there_are_gpu_configs_for_real_tasks():
     ]
     small = load_config(CONFIGS[[p.name for p in CONFIGS].index("qwen2.5-0.5b-hh.yaml")])
     assert small.prepare is not None and small.prepare.format == "implicit" and small.train is not None
-    assert small.train.num_workers == 1 and not small.run_dir.startswith("s3://")  # one GPU, local disk
+    assert small.train.workers.count == 1 and not small.run_dir.startswith("s3://")  # one GPU, local disk
     assert small.evaluate is not None and 2 * small.evaluate.num_gpus_per_actor <= 1  # both engines on one card
     uf = load_config(CONFIGS[[p.name for p in CONFIGS].index("llama3-8b-ultrafeedback-lora.yaml")])
     assert uf.prepare is not None and uf.prepare.format == "conversational" and uf.prepare.columns.prompt is None
@@ -150,7 +150,7 @@ def test_configs_are_consistent(path):
 def test_there_is_a_gpu_config_for_a_real_model():
     cfg = load_config(CONFIGS[[p.name for p in CONFIGS].index("llama3-8b.yaml")])
     assert cfg.run_dir.startswith("s3://")  # object storage: no shared disk assumed
-    assert cfg.train is not None and cfg.train.parallelism == "fsdp" and cfg.train.use_gpu
+    assert cfg.train is not None and cfg.train.workers.parallelism == "fsdp" and cfg.train.workers.use_gpu
     assert cfg.reference is not None and cfg.reference.tensor_parallel_size > 1
     assert cfg.reference.num_gpus_per_actor >= cfg.reference.tensor_parallel_size
 
@@ -169,7 +169,8 @@ def test_the_resource_check_can_fail():
     assert unsatisfied(requests(wrong_card), nodes) == [
         "reference: no node type offers {'CPU': 8.0, 'GPU': 2.0, 'accelerator_type:A100': 0.001}"
     ]
-    too_many = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 32, "batch_size": 64})})
+    workers = cfg.train.workers.model_copy(update={"count": 32})
+    too_many = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": workers, "batch_size": 64})})
     assert "train: 32 x" in unsatisfied(requests(too_many), nodes)[0]
 
 

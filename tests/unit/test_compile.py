@@ -1,4 +1,4 @@
-"""train.compile (torch.compile of each decoder layer) against unbatched eager forwards: the same per-token
+"""train.batching.compile (torch.compile of each decoder layer) against unbatched eager forwards: the same per-token
 log-probs and gradients in every batching mode (within float32 rounding relative to their scale, which also
 bounds inductor's reassociation: tests/numerics.py), no recompilation
 when only the layout of a micro-batch changes, gradient checkpointing and LoRA on compiled layers, and a
@@ -93,17 +93,20 @@ def test_gradient_checkpointing_and_lora_on_compiled_layers(family_dirs) -> None
 def test_a_model_without_named_layers_is_refused(family_dirs) -> None:
     model = _perturbed(family_dirs["llama3"])
     model._no_split_modules = []
-    with pytest.raises(UserError, match="train.compile: .* names no decoder layer class.*train.compile: false"):
+    with pytest.raises(UserError, match="train.batching.compile: .* names no decoder layer class.*compile: false"):
         compile_layers(model)
 
 
 def test_the_train_config_reaches_the_worker(family_dirs) -> None:
-    """train.compile, train.attention and train.fused_head travel from the config into the worker's loop config."""
+    """train.batching.compile, .attention and .fused_head travel from the config into the worker's loop config."""
     from pipeline.config import TrainConfig
-    from pipeline.train import _loop_config
+    from pipeline.train import _batching, _loop_config
 
-    cfg = TrainConfig(model=str(family_dirs["llama3"]), compile=True, attention="flex", use_gpu=True, fused_head=True)
-    loop = _loop_config(cfg, 3, True, False, [])
+    model = str(family_dirs["llama3"])
+    batching = {"compile": True, "attention": "flex", "fused_head": True}
+    cfg = TrainConfig.model_validate({"model": model, "batching": batching, "workers": {"use_gpu": True}})
+    loop = _loop_config(cfg, 3, _batching(cfg), True, False, [])
     assert loop.compile is True and loop.settings.attention == "flex" and loop.settings.fused_head is True
-    plain = _loop_config(TrainConfig(model=str(family_dirs["llama3"])), 3, True, False, [])
-    assert plain.compile is False and plain.settings.attention == "auto" and plain.settings.fused_head is False
+    plain_cfg = TrainConfig(model=model)
+    plain = _loop_config(plain_cfg, 3, _batching(plain_cfg), True, False, [])
+    assert plain.compile is False and plain.settings.attention == "blocks" and plain.settings.fused_head is False

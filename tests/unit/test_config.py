@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import pydantic
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, PipelineConfig, load_config, model_of
 
 
 def _write(tmp_path, text):
@@ -64,18 +67,18 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["train.loss=exo_pair"], "loss exo_pair needs label_smoothing > 0"),
-        (["train.loss=nca_pair", "train.label_smoothing=0.1"], "label_smoothing applies to the sigmoid, robust"),
-        (["train.discopop_tau=0.1"], "discopop_tau is a parameter of loss 'discopop', but loss is 'sigmoid'"),
-        (["train.loss=apo_zero", "train.dpop_lambda=5"], "dpop_lambda is a parameter of loss 'dpop'"),
-        (["train.loss=dpop", "train.dpop_lambda=-1"], "train.dpop_lambda"),
-        (["train.loss=orpo", "train.simpo_gamma=1"], "simpo_gamma is a parameter of loss 'simpo', but loss is 'orpo'"),
-        (["train.loss=simpo", "train.orpo_lambda=1"], "orpo_lambda is a parameter of loss 'orpo'"),
+        (["train.loss.name=exo_pair"], "loss exo_pair needs loss.label_smoothing > 0"),
+        (["train.loss.name=nca_pair", "train.loss.label_smoothing=0.1"], "label_smoothing applies to sigmoid, robust"),
+        (["train.loss.discopop_tau=0.1"], "discopop_tau is a parameter of loss 'discopop', but loss.name is 'sigmoid'"),
+        (["train.loss.name=apo_zero", "train.loss.dpop_lambda=5"], "dpop_lambda is a parameter of loss 'dpop'"),
+        (["train.loss.name=dpop", "train.loss.dpop_lambda=-1"], "train.loss.dpop_lambda"),
+        (["train.loss.name=orpo", "train.loss.simpo_gamma=1"], "simpo_gamma is a parameter of loss 'simpo', but loss"),
+        (["train.loss.name=simpo", "train.loss.orpo_lambda=1"], "orpo_lambda is a parameter of loss 'orpo'"),
         (
-            ["train.loss=orpo", "train.label_smoothing=0.1"],
-            "label_smoothing applies to the sigmoid, robust, exo_pair, simpo and aot",
+            ["train.loss.name=orpo", "train.loss.label_smoothing=0.1"],
+            "label_smoothing applies to sigmoid, robust, exo_pair, simpo, aot, aot_unpaired, aot_pair; not to 'orpo'",
         ),
-        (["train.loss=simpo", "train.simpo_gamma=-1"], "train.simpo_gamma"),
+        (["train.loss.name=simpo", "train.loss.simpo_gamma=-1"], "train.loss.simpo_gamma"),
     ],
 )
 def test_loss_parameters_are_checked_at_load_time(overrides, message):
@@ -87,61 +90,87 @@ def test_every_loss_loads_with_its_parameters():
     from dpo_ray.losses import LOSSES
 
     for name in LOSSES:
-        extra = {"exo_pair": ["train.label_smoothing=0.001"], "discopop": ["train.discopop_tau=0.1"],
-                 "dpop": ["train.dpop_lambda=5"], "simpo": ["train.simpo_gamma=1.0", "train.label_smoothing=0.1"],
-                 "orpo": ["train.orpo_lambda=0.2"]}.get(name, [])  # fmt: skip
-        cfg = load_config(None, ["train.model=m", f"train.loss={name}", *extra])
-        assert cfg.train is not None and cfg.train.loss == name
+        extra = {"exo_pair": ["label_smoothing=0.001"], "discopop": ["discopop_tau=0.1"], "dpop": ["dpop_lambda=5"],
+                 "simpo": ["simpo_gamma=1.0", "label_smoothing=0.1"],
+                 "orpo": ["orpo_lambda=0.2"]}.get(name, [])  # fmt: skip
+        cfg = load_config(None, ["train.model=m", f"train.loss.name={name}", *[f"train.loss.{e}" for e in extra]])
+        assert cfg.train is not None and cfg.train.loss.name == name
+
+
+def test_flat_train_keys_are_refused_with_their_new_key():
+    """The train config is nested; an old flat key is refused naming its new place, never read as an alias."""
+    from pipeline.config import MOVED_KEYS
+
+    cases = {
+        "train.lr=1e-3": "'train.lr' is now 'train.optim.lr'",
+        "train.beta=0.5": "'train.beta' is now 'train.loss.beta'",
+        "train.num_workers=2": "'train.num_workers' is now 'train.workers.count'",
+        "train.checkpoint_every=5": "'train.checkpoint_every' is now 'train.checkpoint.every'",
+        "train.tracking_dir=t": "'train.tracking_dir' is now 'train.tracking.dir'",
+        "evaluate.report_to=[tensorboard]": "'evaluate.report_to' is now 'evaluate.tracking.report_to'",
+        "train.loss=ipo": "'train.loss' is a section: its value 'ipo' is now 'train.loss.name'",
+        "train.batching=padded": "'train.batching' is a section: its value 'padded' is now 'train.batching.mode'",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, ["train.model=m", "evaluate.reference=m", override])
+    for new in MOVED_KEYS.values():  # every new key exists (a typo in the table would point nowhere)
+        model: Any = PipelineConfig
+        for part in new.split("."):
+            model = model_of(model)
+            assert model is not None and part in model.model_fields, new
+            model = model.model_fields[part].annotation
 
 
 def test_f_divergence_keys_are_checked():
-    cfg = load_config(None, ["train.model=m", "train.f_divergence=alpha_divergence", "train.f_alpha=0.3"])
-    assert cfg.train is not None and cfg.train.f_alpha == 0.3
-    with pytest.raises(ConfigError, match="f_divergence js_divergence applies to loss 'sigmoid'"):
-        load_config(None, ["train.model=m", "train.loss=ipo", "train.f_divergence=js_divergence"])
+    cfg = load_config(None, ["train.model=m", "train.loss.f_divergence=alpha_divergence", "train.loss.f_alpha=0.3"])
+    assert cfg.train is not None and cfg.train.loss.f_alpha == 0.3
+    with pytest.raises(ConfigError, match="f_divergence js_divergence applies to the sigmoid loss alone"):
+        load_config(None, ["train.model=m", "train.loss.name=ipo", "train.loss.f_divergence=js_divergence"])
     with pytest.raises(ConfigError, match="f_alpha is a parameter of f_divergence alpha_divergence"):
-        load_config(None, ["train.model=m", "train.f_alpha=0.3"])
+        load_config(None, ["train.model=m", "train.loss.f_alpha=0.3"])
 
 
 def test_a_list_of_losses_with_weights():
     cfg = load_config(
-        None, ["train.model=m", "train.loss=[sigmoid, nca_pair, sft]", "train.loss_weights=[0.8, 0.2, 1]"]
+        None, ["train.model=m", "train.loss.name=[sigmoid, nca_pair, sft]", "train.loss.weights=[0.8, 0.2, 1]"]
     )
-    assert cfg.train is not None and cfg.train.losses == ("sigmoid", "nca_pair", "sft") and not cfg.train.reference_free
-    free = load_config(None, ["train.model=m", "train.loss=[simpo, sft]", "train.simpo_gamma=1"])
+    assert cfg.train is not None and cfg.train.loss.names == ("sigmoid", "nca_pair", "sft")
+    assert not cfg.train.reference_free
+    free = load_config(None, ["train.model=m", "train.loss.name=[simpo, sft]", "train.loss.simpo_gamma=1"])
     assert free.train is not None and free.train.reference_free and free.train.scored.endswith("/pairs")
     bad = [
-        (["train.loss=[sigmoid, sft]", "train.loss_weights=[1]"], "1 weights for 2 losses"),
-        (["train.loss=[sigmoid, sigmoid]"], "names each loss once"),
-        (["train.loss=sigmoid", "train.loss_weights=[1]"], "loss_weights weighs a list of losses"),
-        (["train.loss=[sigmoid, sft]", "train.loss_weights=[1, -1]"], "finite numbers >= 0"),
-        (["train.loss=[sigmoid, kto]"], "train.loss"),
-        (["train.loss=[ipo, sft]", "train.dpop_lambda=3"], "dpop_lambda is a parameter of loss 'dpop'"),
-        (["train.loss=[sigmoid, sft]", "train.f_divergence=js_divergence"], "applies to loss 'sigmoid' alone"),
-        (["train.loss=[aot, aot_pair]"], "each sort the batch; combine at most one"),
-        # Failed before: BCO's δ was updated from simpo's / orpo's β·mean log-prob rewards.
-        (["train.loss=[simpo, bco_pair]", "train.simpo_gamma=1"], r"bco_pair's reward shift .* 'simpo' \(the first"),
-        (["train.loss=[sft, orpo, bco_pair]"], r"bco_pair's reward shift .* 'orpo' \(the first"),
+        (["train.loss.name=[sigmoid, sft]", "train.loss.weights=[1]"], "1 weights for 2 losses"),
+        (["train.loss.name=[sigmoid, sigmoid]"], "names each loss once"),
+        (["train.loss.name=sigmoid", "train.loss.weights=[1]"], "loss.weights weighs a list of losses"),
+        (["train.loss.name=[sigmoid, sft]", "train.loss.weights=[1, -1]"], "finite numbers >= 0"),
+        (["train.loss.name=[sigmoid, kto]"], "unknown loss 'kto'"),
+        (["train.loss.name=[ipo, sft]", "train.loss.dpop_lambda=3"], "dpop_lambda is a parameter of loss 'dpop'"),
+        (["train.loss.name=[sigmoid, sft]", "train.loss.f_divergence=js_divergence"], "the sigmoid loss alone"),
+        (["train.loss.name=[aot, aot_pair]"], "each sort the batch; combine at most one"),
     ]
-    ok = load_config(None, ["train.model=m", "train.loss=[sigmoid, bco_pair, sft]"])
-    assert ok.train is not None and ok.train.losses == ("sigmoid", "bco_pair", "sft")
-    first = load_config(None, ["train.model=m", "train.loss=[bco_pair, simpo]"])  # bco_pair's rewards: δ is right
-    assert first.train is not None and first.train.losses == ("bco_pair", "simpo")
+    # BCO's δ averages bco_pair's own rewards (LossOutput.shift_rewards), whichever member comes first: a
+    # reference-free first member (whose rewards the metrics show) is fine. Refused before, when δ was fed from
+    # the metrics (the first member's rewards).
+    for names in ("[sigmoid, bco_pair, sft]", "[bco_pair, simpo]", "[simpo, bco_pair]", "[sft, orpo, bco_pair]"):
+        ok = load_config(None, ["train.model=m", f"train.loss.name={names}"])
+        assert ok.train is not None and "bco_pair" in ok.train.loss.names and ok.train.loss.shifted
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["train.model=m", *overrides])
 
 
 def test_attention_kernel_and_compile_keys():
-    cfg = load_config(None, ["train.model=m", "train.attention=flex", "train.use_gpu=true", "train.compile=true"])
-    assert cfg.train.attention == "flex" and cfg.train.compile is True
-    assert load_config(None, ["train.model=m"]).train.attention == "auto"
-    with pytest.raises(ConfigError, match="attention: flex needs use_gpu: true"):
-        load_config(None, ["train.model=m", "train.attention=flex"])
-    with pytest.raises(ConfigError, match="attention: flex works with batching packed, prefix_shared or auto"):
-        load_config(None, ["train.model=m", "train.attention=flex", "train.use_gpu=true", "train.batching=padded"])
-    with pytest.raises(ConfigError, match="train.attention"):
-        load_config(None, ["train.model=m", "train.attention=triton"])
+    gpu = "train.workers.use_gpu=true"
+    cfg = load_config(None, ["train.model=m", "train.batching.attention=flex", gpu, "train.batching.compile=true"])
+    assert cfg.train.batching.attention == "flex" and cfg.train.batching.compile is True
+    assert load_config(None, ["train.model=m"]).train.batching.attention == "auto"
+    with pytest.raises(ConfigError, match="attention: flex needs workers.use_gpu: true"):
+        load_config(None, ["train.model=m", "train.batching.attention=flex"])
+    with pytest.raises(ConfigError, match="attention: flex works with mode packed, prefix_shared or auto"):
+        load_config(None, ["train.model=m", "train.batching.attention=flex", gpu, "train.batching.mode=padded"])
+    with pytest.raises(ConfigError, match="train.batching.attention"):
+        load_config(None, ["train.model=m", "train.batching.attention=triton"])
 
 
 def test_evaluate_samples_the_policy_unmodified_for_its_kl_estimate():

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from pipeline.config import (
     ColumnMap,
@@ -27,33 +28,61 @@ from pipeline.config import (
     PipelineConfig,
     PrepareConfig,
     ReferenceConfig,
+    TrackingConfig,
     TrainConfig,
     VllmConfig,
+    model_of,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Keys that only take effect with another key set (the base), each with the values to try. Everything else is
-# tried with values derived from its type and default (_candidates).
+# Keys (dotted, within train) that only take effect with another key set (the base), each with the values to try.
+# Everything else is tried with values derived from its type and default (_candidates).
 _NEEDS: dict[str, tuple[dict[str, Any], list[Any]]] = {
-    "loss_weights": ({"loss": ["sigmoid", "sft"]}, [[1.0, 0.5]]),
-    "discopop_tau": ({"loss": "discopop"}, [0.2]),
-    "dpop_lambda": ({"loss": "dpop"}, [5.0]),
-    "simpo_gamma": ({"loss": "simpo"}, [1.0]),
-    "orpo_lambda": ({"loss": "orpo"}, [0.3]),
-    "f_alpha": ({"f_divergence": "alpha_divergence"}, [0.3]),
-    "attention": ({"use_gpu": True}, ["flex"]),
+    "loss.weights": ({"loss": {"name": ["sigmoid", "sft"]}}, [[1.0, 0.5]]),
+    "loss.discopop_tau": ({"loss": {"name": "discopop"}}, [0.2]),
+    "loss.dpop_lambda": ({"loss": {"name": "dpop"}}, [5.0]),
+    "loss.simpo_gamma": ({"loss": {"name": "simpo"}}, [1.0]),
+    "loss.orpo_lambda": ({"loss": {"name": "orpo"}}, [0.3]),
+    "loss.f_alpha": ({"loss": {"f_divergence": "alpha_divergence"}}, [0.3]),
+    "loss.name": ({}, ["ipo", ["sigmoid", "sft"]]),
+    "batching.attention": ({"workers": {"use_gpu": True}}, ["flex"]),
     "lora": ({}, [LoraConfig().model_dump()]),
-    "report_to": ({}, [["tensorboard"]]),
-    "tracking_dir": ({"report_to": ["tensorboard"]}, ["other-tracking"]),
-    "experiment": ({"report_to": ["tensorboard"]}, ["another"]),
-    "tracking_name": ({"report_to": ["tensorboard"]}, ["named"]),
-    "resources_per_worker": ({}, [{"CPU": 2}]),
-    "accelerator_type": ({}, ["H100"]),
+    "tracking.report_to": ({}, [["tensorboard"]]),
+    "tracking.dir": ({"tracking": {"report_to": ["tensorboard"]}}, ["other-tracking"]),
+    "tracking.experiment": ({"tracking": {"report_to": ["tensorboard"]}}, ["another"]),
+    "tracking.name": ({"tracking": {"report_to": ["tensorboard"]}}, ["named"]),
+    "workers.resources": ({}, [{"CPU": 2}]),
+    "workers.accelerator_type": ({}, ["H100"]),
+    "workers.count": ({"batch_size": 8}, [2, 0]),
     "fault_injection": ({}, ["3:0"]),
-    "loss": ({}, ["ipo", ["sigmoid", "sft"]]),
-    "num_workers": ({"batch_size": 8}, [2, 0]),
 }
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, field) of every key of a config model, sections expanded (LoRA, optional, stays whole)."""
+    out: list[tuple[str, Any]] = []
+    for name, field in model.model_fields.items():
+        sub = model_of(field.annotation)
+        if sub is not None and name != "lora":
+            out += _leaves(sub, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", field))
+    return out
+
+
+def _at(key: str, value: Any) -> dict[str, Any]:
+    head, _, rest = key.partition(".")
+    return {head: _at(rest, value) if rest else value}
+
+
+def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Raw config sections merged key by key (sub-sections too)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _candidates(name: str, field: Any, default: Any) -> list[Any]:
@@ -82,7 +111,7 @@ def _behaviour(cfg: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setattr("dpo_ray.order.split_counts", lambda uri, shards: {"train": 64, "eval": 8})
     n_train, n_eval, steps = train._steps(cfg, SimpleNamespace(shards=[]))  # type: ignore[arg-type]
     batching = train._batching(cfg)
-    loop = train._loop_config(cfg.model_copy(update={"batching": batching}), steps, True, n_eval > 0, [])
+    loop = train._loop_config(cfg, steps, batching, True, n_eval > 0, [])
     recorded: dict[str, Any] = {}
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **kw: recorded.update(kw))
     train._trainer(cfg, loop)
@@ -93,7 +122,8 @@ def _behaviour(cfg: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_every_train_key_changes_what_the_workers_get(tiny_model_dir, tmp_path, monkeypatch):
     """Each TrainConfig key (and LoRA's) with some valid non-default value changes what the driver hands to Ray Train.
 
-    Checked to fail: with `fused_head=cfg.fused_head` removed from _loop_config, the walk names fused_head."""
+    Checked to fail: with `fused_head=cfg.batching.fused_head` removed from _loop_config, the walk names
+    batching.fused_head."""
     import shutil
 
     other_model = tmp_path / "other-model"
@@ -101,17 +131,19 @@ def test_every_train_key_changes_what_the_workers_get(tiny_model_dir, tmp_path, 
     tok = other_model / "tokenizer_config.json"
     tok.write_text(tok.read_text().replace('"<pad>"', '"</s>"', 1))  # another pad token: another model's settings
     monkeypatch.chdir(tmp_path)
-    required = {"model": str(tiny_model_dir), "scored": "s", "output": "o", "export": "e", "storage_path": "c"}
+    required = {"model": str(tiny_model_dir), "scored": "s", "output": "o", "export": "e"}
+    required |= {"checkpoint": {"storage_path": "c"}}
     dropped, tried = [], 0
-    for name, field in TrainConfig.model_fields.items():
-        base, values = _NEEDS.get(name, ({}, _candidates(name, field, field.default)))
+    leaves = _leaves(TrainConfig)
+    for name, field in leaves:
+        base, values = _NEEDS.get(name, ({}, _candidates(name.split(".")[-1], field, field.default)))
         if name == "model":
             values = [str(other_model)]
-        before = _behaviour(TrainConfig(**required | base), monkeypatch)
+        before = _behaviour(TrainConfig.model_validate(_merge(required, base)), monkeypatch)
         changed = False
         for value in values:
             try:
-                cfg = TrainConfig(**required | base | {name: value})
+                cfg = TrainConfig.model_validate(_merge(required, base, _at(name, value)))
             except ValueError:
                 continue  # refused with a message: not a value this key takes
             tried += 1
@@ -122,18 +154,18 @@ def test_every_train_key_changes_what_the_workers_get(tiny_model_dir, tmp_path, 
             dropped.append(name)
     for name, field in LoraConfig.model_fields.items():
         lora = LoraConfig().model_dump()
-        before = _behaviour(TrainConfig(**required, lora=lora), monkeypatch)
+        before = _behaviour(TrainConfig.model_validate(required | {"lora": lora}), monkeypatch)
         values = [["q_proj"]] if name == "target_modules" else _candidates(name, field, field.default)
         cfgs = []
         for value in values:
             try:
-                cfgs.append(TrainConfig(**required, lora=lora | {name: value}))
+                cfgs.append(TrainConfig.model_validate(required | {"lora": lora | {name: value}}))
             except ValueError:
                 continue  # refused with a message
         if all(_behaviour(c, monkeypatch) == before for c in cfgs):
             dropped.append(f"lora.{name}")
     assert not dropped, f"accepted train keys that change nothing the workers get: {dropped}"
-    assert tried >= len(TrainConfig.model_fields)
+    assert tried >= len(leaves)
 
 
 def _properties(path: Path) -> list[ast.AST]:
@@ -166,6 +198,7 @@ _READERS: dict[type, tuple[str, ...]] = {
     ReferenceConfig: ("pipeline/reference.py",),
     GenerateConfig: ("pipeline/generate.py",),
     EvaluateConfig: ("pipeline/evaluate.py", "pipeline/runtime.py"),
+    TrackingConfig: ("pipeline/runtime.py", "pipeline/plan.py"),
     DemoConfig: ("pipeline/demo.py", "pipeline/run.py"),
     PipelineConfig: ("pipeline/plan.py", "pipeline/run.py", "pipeline/demo.py", "pipeline/__main__.py"),
 }

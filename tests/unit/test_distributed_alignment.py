@@ -5,6 +5,7 @@ ranks deadlock; with them, the update equals a single process's update on all 4 
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import pytest
@@ -40,9 +41,10 @@ def _batch(pairs):
 
 
 def _settings(budget: int, loss: str = "sigmoid"):
+    from dpo_ray.loss_spec import LossSpec
     from dpo_ray.step import TrainSettings
 
-    return TrainSettings(loss=loss, beta=0.5, token_budget=budget, batching="packed", max_grad_norm=None)
+    return TrainSettings(LossSpec(name=loss, beta=0.5), token_budget=budget, batching="packed", max_grad_norm=None)
 
 
 def _rank(rank: int, port: int, out: str, loss: str = "sigmoid") -> None:
@@ -61,7 +63,7 @@ def _rank(rank: int, port: int, out: str, loss: str = "sigmoid") -> None:
     opt = make_optimizer(model, "adamw", 1e-2, 0.0)
     sched = make_scheduler(opt, 0, 1, "constant")
     mine = _batch(PAIRS).select([0, 1, 2] if rank == 0 else [3])  # the single process's pairs and references
-    metrics = train_step(model, opt, sched, mine, _settings(1 if rank == 0 else 1000, loss), 4, world_size=2)
+    metrics = train_step(model, opt, sched, mine, _settings(1 if rank == 0 else 1000, loss), 4, world_size=2).metrics
     empty = StepBatch([], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
     sums = eval_sums(model, _batch(PAIRS) if rank == 0 else empty, _settings(1, loss))
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
@@ -71,8 +73,11 @@ def _rank(rank: int, port: int, out: str, loss: str = "sigmoid") -> None:
         result["grad_norm"] = metrics["grad_norm"]
         with open(out, "w") as f:
             json.dump(result, f)
-    dist.barrier()  # both ranks done with every collective before gloo is torn down
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks done with every collective
+    # Leave without tearing gloo down: its destructors, at interpreter exit or in destroy_process_group, abort
+    # now and then ("terminate called without an active exception", SIGABRT: about 1 run in 3 here), after
+    # everything this test checks is written. os._exit runs no destructors; spawn sees exit status 0.
+    os._exit(0)
 
 
 @pytest.mark.timeout(300)
@@ -93,7 +98,7 @@ def test_uneven_micro_batches_under_fsdp_do_not_hang_and_match_one_process(tmp_p
     model = enable_segment_attention(_model())
     opt = make_optimizer(model, "adamw", 1e-2, 0.0)
     sched = make_scheduler(opt, 0, 1, "constant")
-    single = train_step(model, opt, sched, _batch(PAIRS), _settings(1000, loss), 4)
+    single = train_step(model, opt, sched, _batch(PAIRS), _settings(1000, loss), 4).metrics
     assert got["loss"] == pytest.approx(single["loss"], abs=1e-6)
     # The loss is computed before the step, so only the gradient shows a wrong sum over the ranks: its norm.
     assert got["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)

@@ -236,15 +236,21 @@ def test_train_refuses_a_known_unsupported_feature_before_any_work(family_dirs, 
     shutil.copytree(family_dirs["gemma3"], model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "use_bidirectional_attention": True}))
-    with pytest.raises(ConfigError, match="batching 'packed' cannot apply gemma3_text bidirectional attention"):
-        _batching(TrainConfig(model=str(model), batching="packed"))
-    assert _batching(TrainConfig(model=str(model), batching="auto")) == "padded"
+
+    def cfg(model_dir: object, **batching: object) -> TrainConfig:
+        return TrainConfig.model_validate({"model": str(model_dir), "batching": batching, "workers": {"use_gpu": True}})
+
+    with pytest.raises(ConfigError, match="batching.mode 'packed' cannot apply gemma3_text bidirectional attention"):
+        _batching(cfg(model, mode="packed"))
+    assert _batching(cfg(model, mode="auto")) == ("padded", "blocks")
     with pytest.raises(ConfigError, match="attention 'flex' needs a padding-free batching mode.*bidirectional"):
-        _batching(TrainConfig(model=str(model), batching="auto", attention="flex", use_gpu=True))
+        _batching(cfg(model, mode="auto", attention="flex"))
     # Failed before: auto fell back to padded and the fused head was silently not used (tokens x vocab logits).
-    with pytest.raises(ConfigError, match="train.fused_head needs a padding-free batching mode.*bidirectional"):
-        _batching(TrainConfig(model=str(model), batching="auto", fused_head=True))
-    assert _batching(TrainConfig(model=str(family_dirs["gemma2"]), batching="auto")) == "auto"
+    with pytest.raises(
+        ConfigError, match="train.batching.fused_head needs a padding-free batching mode.*bidirectional"
+    ):
+        _batching(cfg(model, mode="auto", fused_head=True))
+    assert _batching(cfg(family_dirs["gemma2"], mode="auto")) == ("packed", "blocks")
 
 
 def test_fsdp_finds_every_familys_decoder_layers(prepared) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.loss_calls import loss as _loss
 from tests.unit.test_distributed_alignment import PAIRS, _batch, _model
 
 NEW = [
@@ -15,20 +16,35 @@ NEW = [
 ]  # fmt: skip
 
 
+def _own(loss: str | tuple[str, ...], params: dict) -> dict:
+    """The parameters of `params` that the loss (or a combination's members) reads: the spec refuses others."""
+    from dpo_ray.loss_spec import ENTRIES
+
+    names = [loss] if isinstance(loss, str) else list(loss)
+    entries = [ENTRIES[n] for n in names if n != "sft"]
+    keep = {p for e in entries for p in e.params} | (
+        {"label_smoothing"} if any(e.smoothing for e in entries) else set()
+    )
+    return {k: v for k, v in params.items() if k in keep}
+
+
 @pytest.mark.parametrize("name", NEW)
 def test_train_step_loss_is_the_variant_with_its_parameters(name):
     from dpo_ray.batching import completion_logps
-    from dpo_ray.losses import LossParams, preference_loss
+    from dpo_ray.loss_spec import LossSpec
+    from dpo_ray.losses import LossState
     from dpo_ray.packing import enable_segment_attention
     from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
 
     params = {"label_smoothing": 1e-3 if name == "exo_pair" else 0.0, "discopop_tau": 0.2, "dpop_lambda": 3.0}
-    params |= {"simpo_gamma": 0.3, "orpo_lambda": 0.4, "bco_delta": 0.25}
+    params |= {"simpo_gamma": 0.3, "orpo_lambda": 0.4}
+    delta = 0.25  # BCO's δ: batch state, beside the spec
     if name == "f-js":  # f-DPO with the Jensen-Shannon divergence
         name, params = "sigmoid", params | {"f_divergence": "js_divergence"}
     loss: str | tuple[str, ...] = name
+    weights: tuple[float, ...] | None = None
     if name == "mpo":  # a weighted combination, TRL's MPO form
-        loss, params = ("sigmoid", "dpop", "sft"), params | {"loss_weights": (0.8, 0.3, 1.5)}
+        loss, weights = ("sigmoid", "dpop", "sft"), (0.8, 0.3, 1.5)
     beta = 0.7
     model = enable_segment_attention(_model())
     with torch.no_grad():
@@ -46,15 +62,19 @@ def test_train_step_loss_is_the_variant_with_its_parameters(name):
         if member == "sft":
             return -sums[:n] / lengths[:n]
         args = (sums[:n], sums[n:], batch.ref_chosen, batch.ref_rejected, lengths[:n], lengths[n:])
-        own = {k: v for k, v in params.items() if k != "loss_weights"}
-        return preference_loss(member, *args, beta=beta, **own).losses
+        return _loss(member, *args, beta=beta, bco_delta=delta, **_own(member, params)).losses
 
     members = [loss] if isinstance(loss, str) else list(loss)
-    weights = params.get("loss_weights") or (1.0,) * len(members)
-    expected = sum(w * single(m) for m, w in zip(members, weights, strict=True)).mean()  # type: ignore[union-attr]
-    settings = TrainSettings(loss=loss, beta=beta, token_budget=1, batching="packed", max_grad_norm=None, **params)
+    expected = sum(w * single(m) for m, w in zip(members, weights or (1.0,) * len(members), strict=True)).mean()  # type: ignore[union-attr]
+    spec = LossSpec(
+        name=loss if isinstance(loss, str) else list(loss), weights=weights, beta=beta, **_own(loss, params)
+    )
+    settings = TrainSettings(loss=spec, token_budget=1, batching="packed", max_grad_norm=None)
     opt = make_optimizer(model, "adamw", 1e-3, 0.0)
-    metrics = train_step(model, opt, make_scheduler(opt, 0, 1, "constant"), batch, settings, n)
+    step = train_step(
+        model, opt, make_scheduler(opt, 0, 1, "constant"), batch, settings, n, loss_state=LossState(delta)
+    )
+    metrics = step.metrics
     assert abs(metrics["loss"] - float(expected)) < 1e-5, (metrics["loss"], float(expected))
     # The parameter reaches the step: with it dropped on the way, the step would compute the loss at the loss's
     # default (EXO's ε has none: 0 is refused), and that loss is far from `expected` (> 1e-4, the bound is 1e-5).
@@ -69,11 +89,12 @@ def test_train_step_loss_is_the_variant_with_its_parameters(name):
             "orpo": {"orpo_lambda": 0.1},
             "bco_pair": {"bco_delta": 0.0},
         }
-        defaults = LossParams(beta)
-        for key, value in other[name].items():
-            assert key == "label_smoothing" or getattr(defaults, key) == value, (key, value)
-        moved = preference_loss(
+        for key, value in other[name].items():  # each the loss's default (the spec's, or the loop's first δ)
+            default = LossState().bco_delta if key == "bco_delta" else LossSpec.model_fields[key].default
+            assert key == "label_smoothing" or default == value, (key, value)
+        state = {"bco_delta": other[name].get("bco_delta", delta)}
+        moved = _loss(
             name, sums[:n], sums[n:], batch.ref_chosen, batch.ref_rejected, lengths[:n], lengths[n:], beta=beta,
-            **(params | other[name]),
+            **state, **(_own(name, params) | {k: v for k, v in other[name].items() if k != "bco_delta"}),
         ).losses.mean()  # fmt: skip
         assert abs(float(moved) - float(expected)) > 1e-4

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_ray.losses import LOSSES, preference_loss
+from dpo_ray.loss_spec import ENTRIES
+from dpo_ray.losses import LOSSES
+from tests.loss_calls import initial, loss, zero_step
 
 
 def _logsig(x: np.ndarray) -> np.ndarray:
@@ -95,9 +97,10 @@ def test_variants_match_float64_reference(name, average, eps, sft):
     beta = 0.1 if name != "ipo" else 0.5
     if name == "exo_pair" and eps == 0:
         eps = 1e-3  # EXO needs ε > 0
+    eps = eps if ENTRIES[name].smoothing else 0.0  # the spec refuses ε for a loss that does not take it
     expected = _reference(name, pc, pr, rc, rr, lc, lr, beta, eps, sft, average)
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
-    out = preference_loss(name, *t, beta=beta, label_smoothing=eps, sft_weight=sft, average_logps=average)
+    out = loss(name, *t, beta=beta, label_smoothing=eps, sft_weight=sft, average_logps=average)
     got_losses = out.losses.numpy()
     # Every loss pair by pair, AOT's too (with an sft term its per-pair losses used to be checked only through
     # their sum, which a wrong pairing of the NLL terms keeps).
@@ -111,7 +114,7 @@ def test_float32_inputs_close_to_float64_reference():
     t = [torch.tensor(x, dtype=torch.float32) for x in (pc, pr)] + [
         torch.tensor(x, dtype=torch.float64) for x in (rc, rr, lc, lr)
     ]
-    out = preference_loss("sigmoid", *t, beta=0.1)
+    out = loss("sigmoid", *t, beta=0.1)
     assert out.losses.dtype == torch.float32
     np.testing.assert_allclose(out.losses.numpy(), expected, rtol=1e-5)
 
@@ -119,7 +122,7 @@ def test_float32_inputs_close_to_float64_reference():
 def test_policy_equals_reference_gives_ln2_and_zero_rewards():
     pc, pr, _, _, lc, lr = _random_inputs(3)
     t = [torch.tensor(x) for x in (pc, pr, pc, pr, lc, lr)]
-    out = preference_loss("sigmoid", *t, beta=0.3)
+    out = loss("sigmoid", *t, beta=0.3)
     torch.testing.assert_close(out.losses, torch.full_like(out.losses, math.log(2)), atol=1e-6, rtol=0)
     assert out.chosen_rewards.abs().max() == 0 and out.rejected_rewards.abs().max() == 0
 
@@ -130,7 +133,7 @@ def test_sigmoid_gradient_matches_closed_form():
     beta = 0.2
     policy_chosen = torch.tensor(pc, requires_grad=True)
     t = [torch.tensor(x) for x in (pr, rc, rr, lc, lr)]
-    out = preference_loss("sigmoid", policy_chosen, *t, beta=beta)
+    out = loss("sigmoid", policy_chosen, *t, beta=beta)
     out.losses.mean().backward()
     h = (pc - rc) - (pr - rr)
     closed = -beta * (1 / (1 + np.exp(beta * h))) / len(h)
@@ -147,7 +150,7 @@ def test_zero_smoothing_reduces_to_dpo(name):
     pc, pr, rc, rr, lc, lr = _random_inputs(5)
     t = [torch.tensor(x) for x in (pc, pr, rc, rr, lc, lr)]
     dpo = -_logsig(0.1 * ((pc - rc) - (pr - rr)))
-    smoothed = preference_loss(name, *t, beta=0.1, label_smoothing=0.0)
+    smoothed = loss(name, *t, beta=0.1, label_smoothing=0.0)
     np.testing.assert_allclose(smoothed.losses.numpy(), dpo, rtol=1e-12, atol=0)
 
 
@@ -165,23 +168,22 @@ def test_zero_smoothing_reduces_to_dpo(name):
 def test_bad_arguments_name_the_argument(kwargs, argument):
     t = [torch.tensor(x) for x in _random_inputs(1)]
     with pytest.raises(ValueError, match=argument):
-        preference_loss("sigmoid", *t, **kwargs)
+        loss("sigmoid", *t, **kwargs)
 
 
 def test_mismatched_shapes_and_unknown_variant():
     t = [torch.tensor(x) for x in _random_inputs(1)]
     with pytest.raises(ValueError, match="shapes"):
-        preference_loss("sigmoid", t[0][:3], *t[1:], beta=0.1)
+        loss("sigmoid", t[0][:3], *t[1:], beta=0.1)
     with pytest.raises(ValueError, match="shapes"):
-        preference_loss("sigmoid", t[0].reshape(4, 4), *[x.reshape(4, 4) for x in t[1:]], beta=0.1)
-    with pytest.raises(ValueError, match="unknown variant"):
-        preference_loss("kto", *t, beta=0.1)
+        loss("sigmoid", t[0].reshape(4, 4), *[x.reshape(4, 4) for x in t[1:]], beta=0.1)
+    with pytest.raises(ValueError, match="unknown loss 'kto'"):
+        loss("kto", *t, beta=0.1)
 
 
 def test_initial_loss_and_slope_match_hand_derivations():
     """At h = 0: sigmoid ln 2, slope (1 − 2ε)/2 per unit of margin β·h; robust ln 2, 1/(2(1 − 2ε));
     IPO 1/(4β²), 1/β²; hinge 1, 1."""
-    from dpo_ray.losses import initial_loss
 
     beta, eps = 0.2, 0.1
     cases = {
@@ -207,19 +209,19 @@ def test_initial_loss_and_slope_match_hand_derivations():
         ),
     }
     for (name, ls), (value, slope) in cases.items():
-        got = initial_loss(name, beta, ls)
+        got = initial(name, beta, ls)
         assert math.isclose(got.value, value, rel_tol=1e-12), name
         assert math.isclose(got.slope, slope, rel_tol=1e-12), name
     for name in ("simpo", "orpo"):
         with pytest.raises(ValueError, match=f"loss '{name}' is reference-free"):
-            initial_loss(name, beta)
+            initial(name, beta)
 
 
 def test_reference_free_losses_ignore_the_reference_and_always_average():
     pc, pr, rc, rr, lc, lr = (torch.tensor(x) for x in _random_inputs(11))
     for name in ("simpo", "orpo"):
-        base = preference_loss(name, pc, pr, rc, rr, lc, lr, beta=2.0)
-        other = preference_loss(name, pc, pr, rc + 5.0, rr - 3.0, lc, lr, beta=2.0, average_logps=True)
+        base = loss(name, pc, pr, rc, rr, lc, lr, beta=2.0)
+        other = loss(name, pc, pr, rc + 5.0, rr - 3.0, lc, lr, beta=2.0, average_logps=True)
         assert torch.equal(base.losses, other.losses) and torch.equal(base.chosen_rewards, other.chosen_rewards)
 
 
@@ -229,12 +231,12 @@ def test_simpo_and_orpo_parameters_and_the_orpo_cap():
     lc = lr = torch.tensor([4.0], dtype=torch.float64)
     pc, pr = torch.tensor([-2.0], dtype=torch.float64), torch.tensor([-6.0], dtype=torch.float64)
     zero = torch.zeros(1, dtype=torch.float64)
-    simpo = preference_loss("simpo", pc, pr, zero, zero, lc, lr, beta=2.0, simpo_gamma=2.0)  # β·(−0.5 + 1.5) = 2
+    simpo = loss("simpo", pc, pr, zero, zero, lc, lr, beta=2.0, simpo_gamma=2.0)  # β·(−0.5 + 1.5) = 2
     assert math.isclose(simpo.losses.item(), math.log(2), rel_tol=1e-12)
-    nll = preference_loss("orpo", pc, pr, zero, zero, lc, lr, beta=0.1, orpo_lambda=0.0)
+    nll = loss("orpo", pc, pr, zero, zero, lc, lr, beta=0.1, orpo_lambda=0.0)
     assert math.isclose(nll.losses.item(), 0.5, rel_tol=1e-12)  # −mean log-prob of the chosen
     sure = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
-    capped = preference_loss("orpo", sure, pr, zero, zero, lc, lr, beta=0.1, orpo_lambda=1.0)
+    capped = loss("orpo", sure, pr, zero, zero, lc, lr, beta=0.1, orpo_lambda=1.0)
     capped.losses.sum().backward()
     assert torch.isfinite(capped.losses).all() and sure.grad is not None and torch.isfinite(sure.grad).all()
 
@@ -247,7 +249,7 @@ def test_extreme_margins_give_finite_losses_and_gradients(name):
     pr = torch.tensor([1e5, -1e5, -1e5, 1e5], dtype=torch.float64)
     zeros, ones = torch.zeros(4, dtype=torch.float64), torch.full((4,), 7.0, dtype=torch.float64)
     ls = 1e-3 if name == "exo_pair" else 0.0
-    out = preference_loss(name, pc, pr, zeros, zeros, ones, ones, beta=beta, label_smoothing=ls)
+    out = loss(name, pc, pr, zeros, zeros, ones, ones, beta=beta, label_smoothing=ls)
     out.losses.sum().backward()
     assert torch.isfinite(out.losses).all(), out.losses
     assert pc.grad is not None and torch.isfinite(pc.grad).all(), pc.grad
@@ -276,22 +278,21 @@ def test_f_divergence_sigmoid_matches_float64_reference(divergence, alpha):
 
     want = -_logsig(beta * (fprime(u_w) - fprime(u_l)))
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
-    out = preference_loss("sigmoid", *t, beta=beta, f_divergence=divergence, f_alpha=alpha)
+    out = loss("sigmoid", *t, beta=beta, f_divergence=divergence, f_alpha=alpha)
     np.testing.assert_allclose(out.losses.numpy(), want, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(out.chosen_rewards.numpy(), beta * u_w, rtol=1e-12)  # rewards stay log-ratios
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
 def test_f_divergences_at_extremes_and_at_the_start(divergence):
-    from dpo_ray.losses import initial_loss
 
     pc = torch.tensor([-1e5, 1e5, 0.0], dtype=torch.float64, requires_grad=True)
     pr = torch.tensor([1e5, -1e5, 1e5], dtype=torch.float64)
     zeros, ones = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
-    out = preference_loss("sigmoid", pc, pr, zeros, zeros, ones, ones, beta=0.1, f_divergence=divergence)
+    out = loss("sigmoid", pc, pr, zeros, zeros, ones, ones, beta=0.1, f_divergence=divergence)
     out.losses.sum().backward()
     assert torch.isfinite(out.losses).all() and pc.grad is not None and torch.isfinite(pc.grad).all()
-    got = initial_loss("sigmoid", 0.1, f_divergence=divergence)
+    got = initial("sigmoid", 0.1, f_divergence=divergence)
     # f′ is 0 at t = 1 for all of them; its slope there is 1, except JS: ½
     assert math.isclose(got.value, math.log(2), rel_tol=1e-12)
     assert math.isclose(got.slope, 0.25 if divergence == "js_divergence" else 0.5, rel_tol=1e-12)
@@ -303,7 +304,7 @@ def test_gradients_match_finite_differences_of_the_float64_reference(name):
     pc, pr, rc, rr, lc, lr = _random_inputs(zlib.crc32(name.encode()) % 1000, batch=6)
     beta, eps = (0.5 if name == "ipo" else 0.1), (1e-3 if name == "exo_pair" else 0.0)
     t = [torch.tensor(x, dtype=torch.float64, requires_grad=i < 2) for i, x in enumerate((pc, pr, rc, rr, lc, lr))]
-    preference_loss(name, *t, beta=beta, label_smoothing=eps).losses.sum().backward()
+    loss(name, *t, beta=beta, label_smoothing=eps).losses.sum().backward()
     step = 1e-6
     for k, (got, x) in enumerate(((t[0].grad, pc), (t[1].grad, pr))):
         want = np.zeros_like(x)
@@ -336,7 +337,7 @@ def test_a_combination_is_the_weighted_sum_of_its_members(names, weights):
     ]
     want = sum(x * p for x, p in zip(w, parts, strict=True))
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
-    out = preference_loss(names, *t, beta=beta, weights=weights)
+    out = loss(names, *t, beta=beta, weights=weights)
     np.testing.assert_allclose(out.losses.numpy(), want, rtol=1e-9)
     _, chosen_rewards, _ = _reference(names[0], pc, pr, rc, rr, lc, lr, beta, 0.0, 0.0, False)
     np.testing.assert_allclose(out.chosen_rewards.numpy(), chosen_rewards, rtol=1e-9)
@@ -344,31 +345,30 @@ def test_a_combination_is_the_weighted_sum_of_its_members(names, weights):
 
 def test_bad_combinations_name_the_problem():
     t = [torch.tensor(x) for x in _random_inputs(5)]
-    with pytest.raises(ValueError, match="at most once"):
-        preference_loss(["sigmoid", "sigmoid"], *t, beta=0.1)
+    with pytest.raises(ValueError, match="names each loss once"):
+        loss(["sigmoid", "sigmoid"], *t, beta=0.1)
     with pytest.raises(ValueError, match="2 weights for 3 losses"):
-        preference_loss(["sigmoid", "ipo", "sft"], *t, beta=0.1, weights=[1.0, 2.0])
+        loss(["sigmoid", "ipo", "sft"], *t, beta=0.1, weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="finite numbers >= 0"):
-        preference_loss(["sigmoid", "sft"], *t, beta=0.1, weights=[1.0, -1.0])
-    with pytest.raises(ValueError, match="unknown variant 'kto'"):
-        preference_loss(["sigmoid", "kto"], *t, beta=0.1)
+        loss(["sigmoid", "sft"], *t, beta=0.1, weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="unknown loss 'kto'"):
+        loss(["sigmoid", "kto"], *t, beta=0.1)
 
 
 def test_step_zero_of_combinations():
     """Σ w·value and Σ w·slope over reference-based members; value unknown with an NLL or reference-free
     member; margins 0 only when the rewards come from a reference-based member."""
-    from dpo_ray.losses import initial_loss, step_zero
 
     beta = 0.2
-    both = step_zero(["sigmoid", "ipo"], [0.5, 2.0], beta)
+    both = zero_step(["sigmoid", "ipo"], [0.5, 2.0], beta)
     assert math.isclose(both.value, 0.5 * math.log(2) + 2.0 / (4 * beta**2), rel_tol=1e-12)
     assert math.isclose(both.slope, 0.5 * 0.5 + 2.0 / beta**2, rel_tol=1e-12) and both.margins_zero
-    with_sft = step_zero(["sigmoid", "sft"], None, beta)
-    assert with_sft.value is None and with_sft.margins_zero and with_sft.slope == initial_loss("sigmoid", beta).slope
-    assert step_zero(["sigmoid"], None, beta, sft_weight=0.1).value is None
-    free = step_zero(["simpo", "sft"], None, beta)
+    with_sft = zero_step(["sigmoid", "sft"], None, beta)
+    assert with_sft.value is None and with_sft.margins_zero and with_sft.slope == initial("sigmoid", beta).slope
+    assert zero_step(["sigmoid"], None, beta, sft_weight=0.1).value is None
+    free = zero_step(["simpo", "sft"], None, beta)
     assert free.value is None and not free.margins_zero
-    assert not step_zero(["sft"], None, beta).margins_zero
+    assert not zero_step(["sft"], None, beta).margins_zero
 
 
 def test_bco_shift_and_its_running_mean():
@@ -380,7 +380,7 @@ def test_bco_shift_and_its_running_mean():
     cw, cl = pc - rc, pr - rr
     want = -_logsig(beta * cw - delta) - _logsig(-(beta * cl - delta))
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, lc, lr)]
-    got = preference_loss("bco_pair", *t, beta=beta, bco_delta=delta).losses.numpy()
+    got = loss("bco_pair", *t, beta=beta, bco_delta=delta).losses.numpy()
     np.testing.assert_allclose(got, want, rtol=1e-9)
     state = (0.0, 0)
     steps = [(0.5, -0.1), (1.5, 0.3), (-0.2, -0.6)]

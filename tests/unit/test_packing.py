@@ -192,8 +192,8 @@ def test_train_steps_agree_across_modes_and_micro_batchings(gqa_model):
         model = copy.deepcopy(gqa_model).train()
         opt = make_optimizer(model, "adamw", 1e-3, 0.0)
         sched = make_scheduler(opt, 0, 3, "constant")
-        settings = TrainSettings(beta=0.1, token_budget=budget, batching=mode, chunk_tokens=50)
-        steps = [train_step(model, opt, sched, batch, settings, global_batch_size=12) for _ in range(3)]
+        settings = TrainSettings(token_budget=budget, batching=mode, chunk_tokens=50)
+        steps = [train_step(model, opt, sched, batch, settings, global_batch_size=12).metrics for _ in range(3)]
         losses = [m["loss"] for m in steps]
         grad_norms[(mode, budget)] = [m["grad_norm"] for m in steps]
         runs[(mode, budget)] = (losses, [p.detach().clone() for p in model.parameters()])
@@ -246,13 +246,29 @@ def test_lora_trains_only_adapters_and_merges_exactly(tiny_model_dir):
         apply_lora(load_causal_lm(tiny_model_dir), LoraSettings(target_modules=("nope_proj",)))
 
 
-def test_auto_batching_picks_the_measured_fastest_mode_per_device():
-    from dpo_ray.step import TrainSettings, resolve_batching
+def test_auto_batching_is_decided_once_by_the_train_stage_for_the_device_and_model():
+    """pipeline.train._batching: the only place `auto` is resolved (the workers get TrainSettings that refuse an
+    unresolved mode): the measured fastest per device, padded for a model the padding-free modes cannot do."""
+    from types import SimpleNamespace
 
-    assert resolve_batching(TrainSettings(batching="auto"), use_gpu=True).batching == "packed"
-    assert resolve_batching(TrainSettings(batching="auto"), use_gpu=False).batching == "prefix_shared"
-    assert resolve_batching(TrainSettings(batching="padded"), use_gpu=True).batching == "padded"
+    from dpo_ray.step import TrainSettings
+    from pipeline.config import TrainConfig
+    from pipeline.train import _batching
+
+    plain, bidirectional = (
+        SimpleNamespace(model_type="llama"),
+        SimpleNamespace(model_type="x", use_bidirectional_attention=True),
+    )
+
+    def decided(config, **sections):
+        return _batching(TrainConfig.model_validate({"model": "m", **sections}), config)
+
+    assert decided(plain, workers={"use_gpu": True}) == ("packed", "blocks")
+    assert decided(plain) == ("prefix_shared", "blocks")
+    assert decided(plain, batching={"mode": "padded"}, workers={"use_gpu": True}) == ("padded", "blocks")
     # attention: blocks on both (FlexAttention has no CPU backward and is not yet measured on a GPU)
-    for gpu in (True, False):
-        assert resolve_batching(TrainSettings(attention="auto"), use_gpu=gpu).attention == "blocks"
-    assert resolve_batching(TrainSettings(attention="flex"), use_gpu=True).attention == "flex"
+    assert decided(plain, batching={"attention": "flex"}, workers={"use_gpu": True}) == ("packed", "flex")
+    assert decided(bidirectional, workers={"use_gpu": True}) == ("padded", "blocks")
+    for unresolved in ({"batching": "auto"}, {"attention": "auto"}):
+        with pytest.raises(ValueError, match="resolved"):
+            TrainSettings(**unresolved)

@@ -29,7 +29,7 @@ def test_the_demo_plan_chains_rounds_and_the_sweep(tmp_path):
         "round-1/evaluate",
         "beta-0.05/evaluate",
         "beta-0.5/evaluate",
-    ]  # β = 0.1 is train.beta: the main run is that point; evaluations last (they share the reference's engine)
+    ]  # β = 0.1 is train.loss.beta: the main run is that point; evaluations last (they share the reference's engine)
     by = {p.label: p for p in stages}
     r0, r1 = by["round-0/train"].config, by["round-1/train"].config
     assert by["round-0/reference"].config.pairs == by["round-0/generate"].config.output  # on-policy first round
@@ -38,7 +38,7 @@ def test_the_demo_plan_chains_rounds_and_the_sweep(tmp_path):
     assert r1.scored == by["round-1/reference"].config.output and r1.export.endswith("round-1/export")
     assert by["round-1/evaluate"].config.policy == r1.export
     sweep = by["beta-0.5/train"].config
-    assert sweep.beta == 0.5 and sweep.scored == r0.scored and sweep.export.endswith("beta-0.5/export")
+    assert sweep.loss.beta == 0.5 and sweep.scored == r0.scored and sweep.export.endswith("beta-0.5/export")
     assert by["beta-0.5/evaluate"].config.policy == sweep.export
     assert by["round-0/generate"].outputs == (cfg.generate.generations, cfg.generate.output)
     assert [(p.group, p.beta, p.round) for p in stages if p.stage == "evaluate"] == [
@@ -63,11 +63,7 @@ def test_status_reads_the_plan(tmp_path):
 def test_a_reference_free_loss_has_no_reference_stage(tmp_path):
     """simpo/orpo: train and evaluate read the round's pairs (generate's when it ran, else prepare's); the
     reference section may be left out."""
-    from dpo_ray.losses import REFERENCE_FREE
-    from pipeline.config import REFERENCE_FREE_LOSSES
-
-    assert REFERENCE_FREE_LOSSES == REFERENCE_FREE
-    cfg = load_config(DEMO, [f"run_dir={tmp_path}", "beta_sweep=[0.5]", "train.loss=simpo"])
+    cfg = load_config(DEMO, [f"run_dir={tmp_path}", "beta_sweep=[0.5]", "train.loss.name=simpo"])
     by = {p.label: p for p in plan(cfg)}
     assert [p.stage for p in plan(cfg)].count("reference") == 0
     assert by["round-0/train"].config.scored == by["round-0/generate"].config.output
@@ -76,7 +72,8 @@ def test_a_reference_free_loss_has_no_reference_stage(tmp_path):
     assert by["beta-0.5/train"].config.scored == by["round-0/generate"].config.output
     assert by["beta-0.5/evaluate"].config.scored == by["round-0/generate"].config.output
     off = load_config(
-        DEMO, [f"run_dir={tmp_path}", "train.loss=orpo", "on_policy_first_round=false", "rounds=1", "beta_sweep=[]"]
+        DEMO,
+        [f"run_dir={tmp_path}", "train.loss.name=orpo", "on_policy_first_round=false", "rounds=1", "beta_sweep=[]"],
     )
     stages = plan(off)
     assert [p.stage for p in stages] == ["prepare", "train", "evaluate"]
@@ -86,7 +83,7 @@ def test_a_reference_free_loss_has_no_reference_stage(tmp_path):
 def test_reference_free_defaults_and_a_config_without_reference(tmp_path):
     from pipeline.config import ConfigError
 
-    cfg = load_config(None, [f"run_dir={tmp_path}", "train.model=m", "train.loss=simpo", "evaluate.reference=m"])
+    cfg = load_config(None, [f"run_dir={tmp_path}", "train.model=m", "train.loss.name=simpo", "evaluate.reference=m"])
     assert cfg.train is not None and cfg.train.scored == f"{tmp_path}/pairs"
     assert cfg.evaluate is not None and cfg.evaluate.scored == f"{tmp_path}/pairs"
     assert load_config(None, [f"run_dir={tmp_path}", "train.model=m"]).train.scored == f"{tmp_path}/scored"  # type: ignore[union-attr]

@@ -41,7 +41,7 @@ WORD_ROWS = [
     }
     for i in range(6)
 ]
-# (TRL loss_type list, TRL config extras, this project's TrainSettings extras)
+# (TRL loss_type list, TRL config extras, this project's LossSpec extras)
 CASES: dict[str, tuple[list[str], dict[str, Any], dict[str, Any]]] = {
     "sigmoid": (["sigmoid"], {}, {}),
     "hinge": (["hinge"], {}, {}),
@@ -64,8 +64,8 @@ CASES: dict[str, tuple[list[str], dict[str, Any], dict[str, Any]]] = {
         {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
         {"f_divergence": "alpha_divergence", "f_alpha": 0.3},
     ),
-    "mpo": (["sigmoid", "nca_pair", "sft"], {"loss_weights": [0.8, 0.3, 1.0]}, {"loss_weights": (0.8, 0.3, 1.0)}),
-    "weighted": (["sigmoid", "nca_pair"], {"loss_weights": [0.8, 0.3]}, {"loss_weights": (0.8, 0.3)}),
+    "mpo": (["sigmoid", "nca_pair", "sft"], {"loss_weights": [0.8, 0.3, 1.0]}, {"weights": [0.8, 0.3, 1.0]}),
+    "weighted": (["sigmoid", "nca_pair"], {"loss_weights": [0.8, 0.3]}, {"weights": [0.8, 0.3]}),
 }
 SFT_WEIGHT = {"mpo": 1.0}  # the weight of each case's sft member
 CASE_ROWS = {"mpo": MIXED_ROWS, "aot": WORD_ROWS, "aot_unpaired": WORD_ROWS}
@@ -101,6 +101,7 @@ def test_first_step_matches_trl(models, case):
     from trl import DPOConfig, DPOTrainer
 
     from dpo_ray.batching import PairTokens, completion_logps
+    from dpo_ray.loss_spec import LossSpec
     from dpo_ray.models import load_causal_lm, load_tokenizer
     from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
 
@@ -142,8 +143,9 @@ def test_first_step_matches_trl(models, case):
     sums = torch.tensor([sum(x) for x in ref], dtype=torch.float64)
     n = len(pairs)
     policy = load_causal_lm(str(models["policy"])).to(DTYPE)
-    names = loss_type[0] if len(loss_type) == 1 else tuple(loss_type)
-    settings = TrainSettings(loss=names, beta=BETA, batching="padded", max_grad_norm=None, **ours_extra)
+    names = loss_type[0] if len(loss_type) == 1 else list(loss_type)
+    loss = LossSpec(name=names, beta=BETA, **ours_extra)
+    settings = TrainSettings(loss, batching="padded", max_grad_norm=None)
     optimizer = make_optimizer(policy, "adamw", 1e-3, 0.0)
     metrics = train_step(
         policy,
@@ -152,10 +154,10 @@ def test_first_step_matches_trl(models, case):
         StepBatch(pairs, sums[:n], sums[n:]),
         settings,
         n,
-    )
+    ).metrics
     expected = float(trl_loss)
     if case in UNSORTED:  # the sort matters on these pairs: AOT is far (> 5 x the bound) from its unsorted form
-        from dpo_ray.losses import preference_loss
+        from tests.loss_calls import loss as spec_loss
 
         with torch.no_grad():
             pol = completion_logps(
@@ -168,7 +170,7 @@ def test_first_step_matches_trl(models, case):
         lengths = torch.tensor([len(x) for x in pol], dtype=torch.float64)
         args = (lp[:n], lp[n:], sums[:n], sums[n:], lengths[:n], lengths[n:])
         name, eps = UNSORTED[case]
-        unsorted = float(preference_loss(name, *args, beta=BETA, label_smoothing=eps).losses.mean())
+        unsorted = float(spec_loss(name, *args, beta=BETA, label_smoothing=eps).losses.mean())
         assert abs(unsorted - expected) > 5 * RTOL * abs(expected)
     if case in SFT_WEIGHT:  # the sft members' definitions differ (ROWS): compare the rest, and the difference is real
         with torch.no_grad():
@@ -208,6 +210,7 @@ def test_reference_free_first_step_matches_trl(models, case):
     from datasets import Dataset
 
     from dpo_ray.batching import PairTokens
+    from dpo_ray.loss_spec import LossSpec
     from dpo_ray.models import load_causal_lm, load_tokenizer
     from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
 
@@ -243,7 +246,7 @@ def test_reference_free_first_step_matches_trl(models, case):
         pairs.append(PairTokens(sides[0][0], sides[0][1], sides[1][1]))
     zeros = torch.zeros(len(pairs), dtype=torch.float64)
     policy = load_causal_lm(str(models["policy"]))
-    settings = TrainSettings(loss=case, batching="padded", max_grad_norm=None, **ours_extra)
+    settings = TrainSettings(LossSpec(name=case, **ours_extra), batching="padded", max_grad_norm=None)
     optimizer = make_optimizer(policy, "adamw", 1e-3, 0.0)
     metrics = train_step(
         policy,
@@ -252,7 +255,7 @@ def test_reference_free_first_step_matches_trl(models, case):
         StepBatch(pairs, zeros, zeros),
         settings,
         len(pairs),
-    )
+    ).metrics
     expected = float(trl_loss)
     if case == "orpo":  # TRL's NLL term averages over the prompt and response tokens of all chosen sequences, this
         # project's (the paper's eq. 2) over each chosen response, then over pairs: compare the odds-ratio terms
