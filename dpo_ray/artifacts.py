@@ -75,6 +75,20 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class Manifest:
+    """An artifact's manifest.json, written after its last shard (its presence marks the artifact complete).
+
+    - kind: pairs, scored, rejects or generations (dpo_ray.schema.KINDS); a train stage's export has kind model.
+    - schema_version: dpo_ray.schema.SCHEMA_VERSION of the writer.
+    - rows: rows over all shards.
+    - shards: each Parquet file's name, rows, sha256 and size in bytes.
+    - config: the stage's resolved config (without its tracking section), part of the artifact's identity.
+    - fingerprints: the model and tokenizer the artifact was made with (what later stages must match).
+    - upstream: the identity of everything the stage read (upstream manifests, models, files; pipeline.inputs):
+      a rerun skips the stage only when config and upstream are what it would read now.
+    - stats: the stage's counts and measurements (rejects by reason, parity numbers, final metrics, ...).
+    - created_by: the dpo-ray version and git commit; created_at: UTC time written.
+    """
+
     kind: str
     schema_version: int
     rows: int

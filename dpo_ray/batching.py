@@ -1,8 +1,8 @@
 """Preference pairs → model inputs, and the policy log-probs of their completions.
 
 A pair is (prompt_ids, chosen_ids, rejected_ids); a sequence is prompt_ids + completion_ids and only the
-completion positions count (ARCHITECTURE.md, "Tokenization"). Every batching mode must give the same
-per-sequence log-probs as unbatched single-sequence forwards; tests hold each mode to that.
+completion positions count (docs/howto/own-model-and-data.md, "How text becomes tokens"). Every batching mode
+must give the same per-sequence log-probs as unbatched single-sequence forwards; tests hold each mode to that.
 
 Modes (`BATCHING`):
 - padded: all chosen sequences, then all rejected ones, right-padded to the longest, one forward.

@@ -1,4 +1,5 @@
-"""The one tokenization rule (ARCHITECTURE.md, "Tokenization") and raw records → tokenized pairs.
+"""The one tokenization rule (docs/howto/own-model-and-data.md, "How text becomes tokens") and raw records →
+tokenized pairs.
 
 A sequence is prompt_ids + completion_ids, tokenized the way the model sees it when it generates:
 - prompt_ids: the prompt tokenized alone, BOS exactly once when the tokenizer uses one. For chat data the
@@ -45,7 +46,7 @@ __all__ = [
 Truncation = Literal["keep_start", "keep_end", "drop"]
 Format = Literal["auto", "explicit", "implicit", "conversational"]
 
-# Stable reject reason codes, with what each means (the README lists every code; a test checks it).
+# Stable reject reason codes, with what each means (docs/reference/artifacts.md is generated from this table).
 REASONS: dict[str, str] = {
     "invalid_json": "the line is not valid JSON",
     "not_an_object": "the record is not a JSON object / mapping",

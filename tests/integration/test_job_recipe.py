@@ -1,5 +1,6 @@
-"""The README's local `ray job submit` recipe, run as written in a shell whose PATH lacks the venv (as a new
-user's would): the recipe's own lines must make `dpo-ray` reachable from the job and the token accepted.
+"""The local `ray job submit` recipe of docs/howto/cluster.md, run as written in a shell whose PATH lacks the
+venv (as a new user's would): the recipe's own lines must make `dpo-ray` reachable from the job and the token
+accepted.
 
 Two paths are swapped: the demo model's tokenizer (`make demo` is not run here) for the session's tiny model,
 and the run directory for a temporary one. The recipe ends with `ray stop`, which stops every Ray started on
@@ -25,15 +26,15 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def recipe() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "howto" / "cluster.md").read_text()
     found = re.search(r"<!-- local-job-recipe -->\n```bash\n(.*?)```", text, re.S)
-    assert found, "README.md has no local-job-recipe block"
+    assert found, "docs/howto/cluster.md has no local-job-recipe block"
     return found.group(1)
 
 
 @pytest.mark.cluster
 @pytest.mark.skipif(not HH_SAMPLE.exists(), reason="the shared HH sample is not here")
-def test_the_readme_local_job_recipe_as_written(tiny_model_dir, tmp_path):
+def test_the_cluster_howto_local_job_recipe_as_written(tiny_model_dir, tmp_path):
     import ray
 
     assert not ray.is_initialized(), "the recipe's `ray stop` would stop this process's Ray"

@@ -284,11 +284,11 @@ def test_text_pairs_match_trl(family_dirs, family, tmp_path):
         ), row
 
 
-def test_the_readme_lists_every_reject_reason():
+def test_the_data_howto_lists_every_reject_reason():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert [r for r in REASONS if f"`{r}`" not in readme] == []
+    howto = (Path(__file__).resolve().parents[2] / "docs" / "howto" / "own-model-and-data.md").read_text()
+    assert [r for r in REASONS if f"`{r}`" not in howto] == []
 
 
 def test_a_null_prompt_column_takes_the_shared_messages_as_the_prompt(pt):
