@@ -63,7 +63,7 @@ def test_a_reference_free_loss_runs_without_the_reference_stage(tmp_path, capsys
     reads the generated pairs, and the policy's reward still rises clearly above πref's."""
     path, run_dir = reduced_demo(tmp_path)
     cfg = yaml.safe_load(path.read_text())
-    cfg["train"].update(loss="simpo", beta=2.0, simpo_gamma=1.0)
+    cfg["train"]["loss"] = {"name": "simpo", "beta": 2.0, "simpo_gamma": 1.0}
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", "--config", str(path)]) == 0
     out = capsys.readouterr().out
