@@ -1,4 +1,4 @@
-"""Peak memory of one train forward + backward with and without the fused LM head (dpo_ray.fused_head), on
+"""Peak memory of one train forward + backward with and without the fused LM head (dpo_ray.compute.fused_head), on
 CPU, for a 32k- and a 152k-vocab model: each configuration runs in a fresh process and reports the growth
 of its peak resident set over the model and batch it starts with.
 
@@ -27,9 +27,10 @@ def one(vocab: int, mode: str, fused: bool, pairs: int, chunk: int) -> dict[str,
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_ray.batching import PairTokens
-    from dpo_ray.fused_head import enable_fused_head
-    from dpo_ray.packing import collate_packed, collate_prefix_shared, enable_segment_attention, segment_logps
+    from dpo_ray.compute.attention import enable_segment_attention
+    from dpo_ray.compute.batching import PairTokens
+    from dpo_ray.compute.fused_head import enable_fused_head
+    from dpo_ray.compute.layouts import collate_packed, collate_prefix_shared, segment_logps
 
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -46,11 +46,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpo_ray.batching import PairTokens, completion_logps  # noqa: E402
-from dpo_ray.fused_head import enable_fused_head  # noqa: E402
-from dpo_ray.packing import enable_segment_attention  # noqa: E402
-from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step  # noqa: E402
-from dpo_ray.train_loop import compile_layers  # noqa: E402
+from dpo_ray.compute.attention import enable_segment_attention  # noqa: E402
+from dpo_ray.compute.batching import PairTokens, completion_logps  # noqa: E402
+from dpo_ray.compute.fused_head import enable_fused_head  # noqa: E402
+from dpo_ray.train.optim import make_optimizer, make_scheduler
+from dpo_ray.train.parallel import compile_layers  # noqa: E402
+from dpo_ray.train.step import StepBatch, TrainSettings, train_step  # noqa: E402
 
 LENGTHS = Path(__file__).resolve().parent / "hh_lengths.json"
 FLAGS = ("fused", "flex", "compile", "liger", "cudnn")
@@ -124,8 +125,9 @@ def write_lengths(max_length: int) -> None:
     """Prompt/chosen/rejected token counts of the HH sample under the project's tokenization rule."""
     import gzip
 
-    from dpo_ray.models import load_tokenizer, train_bpe_tokenizer
-    from dpo_ray.tokenization import PairTokenizer, RowRejected, record_to_pair
+    from dpo_ray.data.tokenization import PairTokenizer, RowRejected, record_to_pair
+    from dpo_ray.models.loading import load_tokenizer
+    from dpo_ray.models.tiny import train_bpe_tokenizer
 
     hh = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test-1500.jsonl.gz"
     records = [json.loads(line) for line in gzip.open(hh, "rt")]
@@ -220,7 +222,7 @@ def reference_sums(
 
 def enable_liger_head(model: Any) -> Any:
     """Benchmark only: the fused-head forward with Liger-Kernel's fused linear cross-entropy (reduction none;
-    log-prob = −cross-entropy) in place of dpo_ray.fused_head's chunks. No logit soft-capping (Llama, Qwen2)."""
+    log-prob = −cross-entropy) in place of dpo_ray.compute.fused_head's chunks. No logit soft-capping (Llama, Qwen2)."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
@@ -253,7 +255,7 @@ def run_ours(variant: str, model_name: str, batches: list, refs: list, args: arg
         enable_fused_head(model)
     liger_diff = None
     if "liger" in flags:
-        from dpo_ray.packing import collate_packed, segment_token_logps
+        from dpo_ray.compute.layouts import collate_packed, segment_token_logps
 
         ours = enable_fused_head(build_model(model_name, args.device))
         enable_segment_attention(ours)
@@ -302,7 +304,8 @@ def run_trl(liger: bool, model_name: str, batches: list, args: argparse.Namespac
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_ray.models import load_tokenizer, train_bpe_tokenizer
+    from dpo_ray.models.loading import load_tokenizer
+    from dpo_ray.models.tiny import train_bpe_tokenizer
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()

@@ -17,7 +17,7 @@ def hh_records() -> list[dict[str, Any]]:
 def build_hh_llama(out: Path, records: list[dict[str, Any]], hidden: int, layers: int, vocab: int = 8000) -> Path:
     """A seeded random-init Llama (head_dim 64, MLP 2.75 x hidden) whose BPE tokenizer is trained on the
     records' dialogs; saved to `out`."""
-    from dpo_ray.models import build_tiny_llama
+    from dpo_ray.models.tiny import build_tiny_llama
 
     corpus = [r["chosen"] for r in records] + [r["rejected"] for r in records]
     return build_tiny_llama(

@@ -59,9 +59,9 @@ def main() -> None:
 
     from hh_llama import build_hh_llama, hh_records
 
-    from pipeline import prepare
     from pipeline.config import PrepareConfig
-    from pipeline.runtime import ensure_ray
+    from pipeline.core.runtime import ensure_ray
+    from pipeline.stages import prepare
 
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,8 +2,8 @@
 
 Builds a ~30M-parameter Llama (random weights; speed does not depend on them) with a BPE tokenizer
 trained on the HH-RLHF sample, tokenizes the sample's pairs with the project's tokenization rule, and
-scores the same completions with both backends of the reference stage (dpo_ray.engine.score_completions
-and dpo_ray.batching.completion_logps), one after the other in this process. Prints a Markdown table.
+scores the same completions with both backends of the reference stage (dpo_ray.models.engine.score_completions
+and dpo_ray.compute.batching.completion_logps), one after the other in this process. Prints a Markdown table.
 
     .venv/bin/python benchmarks/reference_throughput.py --pairs 300
 """
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from hh_llama import build_hh_llama, hh_records
 
-from dpo_ray.batching import completion_logps
-from dpo_ray.engine import EngineSpec, make_engine, score_completions
-from dpo_ray.models import load_causal_lm, load_tokenizer
-from dpo_ray.tokenization import PairTokenizer, RowRejected, record_to_pair
+from dpo_ray.compute.batching import completion_logps
+from dpo_ray.data.tokenization import PairTokenizer, RowRejected, record_to_pair
+from dpo_ray.models.engine import EngineSpec, make_engine, score_completions
+from dpo_ray.models.loading import load_causal_lm, load_tokenizer
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test-1500.jsonl.gz"
 COLS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}

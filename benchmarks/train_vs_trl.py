@@ -41,8 +41,8 @@ CONFIGS = ["padded", "packed", "prefix_shared", "trl_default", "trl_precompute"]
 
 def build(work: Path, args: argparse.Namespace) -> None:
     """The model (random init, seeded) and the tokenized pairs, written under `work`."""
-    from dpo_ray.models import load_tokenizer
-    from dpo_ray.tokenization import PairTokenizer, RowRejected, record_to_pair
+    from dpo_ray.data.tokenization import PairTokenizer, RowRejected, record_to_pair
+    from dpo_ray.models.loading import load_tokenizer
 
     records = hh_records()
     model_dir = build_hh_llama(work / "model", records, args.hidden, args.layers, args.vocab)
@@ -62,8 +62,8 @@ def build(work: Path, args: argparse.Namespace) -> None:
 
 
 def reference_logps(model_dir: Path, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    from dpo_ray.batching import completion_logps
-    from dpo_ray.models import load_causal_lm
+    from dpo_ray.compute.batching import completion_logps
+    from dpo_ray.models.loading import load_causal_lm
 
     model = load_causal_lm(model_dir)
     prompts = [p["prompt_ids"] for p in pairs] * 2
@@ -73,11 +73,12 @@ def reference_logps(model_dir: Path, pairs: list[dict]) -> tuple[torch.Tensor, t
 
 
 def run_ours(mode: str, work: Path, args: argparse.Namespace) -> dict:
-    from dpo_ray.batching import PairTokens
-    from dpo_ray.loss_spec import LossSpec
-    from dpo_ray.models import load_causal_lm, load_tokenizer
-    from dpo_ray.packing import enable_segment_attention
-    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+    from dpo_ray.compute.attention import enable_segment_attention
+    from dpo_ray.compute.batching import PairTokens
+    from dpo_ray.models.loading import load_causal_lm, load_tokenizer
+    from dpo_ray.objective.spec import LossSpec
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import StepBatch, TrainSettings, train_step
 
     pairs = json.loads((work / "pairs.json").read_text())
     ref_c, ref_r = reference_logps(work / "model", pairs)
@@ -108,7 +109,7 @@ def run_trl(precompute: bool, work: Path, args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_ray.models import load_causal_lm, load_tokenizer
+    from dpo_ray.models.loading import load_causal_lm, load_tokenizer
 
     pairs = json.loads((work / "pairs.json").read_text())
     tok = load_tokenizer(work / "model")
@@ -235,7 +236,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="trlbench-"))
     build(work, args)
     pairs = json.loads((work / "pairs.json").read_text())
-    from dpo_ray.models import load_causal_lm
+    from dpo_ray.models.loading import load_causal_lm
 
     model = load_causal_lm(work / "model")
     n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()

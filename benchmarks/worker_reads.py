@@ -1,7 +1,7 @@
 """What each train worker reads at start, measured: bytes fetched and memory held per worker.
 
 Every Ray Train worker reads the train and eval splits of the `scored` artifact itself
-(dpo_ray.order.read_splits: every shard once, fetched whole to check its sha256, then the training columns
+(dpo_ray.data.order.read_splits: every shard once, fetched whole to check its sha256, then the training columns
 decoded; token ids kept as flat arrays) and keeps its slice of each global batch. So the bytes read per
 worker are the artifact's size, whatever the number of workers, and the cluster reads workers x that.
 This script builds a `scored` artifact of HH-RLHF shape (the sample's texts; the token counts of
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from dpo_ray import artifacts, order
-from dpo_ray.schema import SCORED_SCHEMA
-from dpo_ray.tokenization import pair_id, split_of
+from dpo_ray.data import artifacts, order
+from dpo_ray.data.schema import SCORED_SCHEMA
+from dpo_ray.data.tokenization import pair_id, split_of
 
 HERE = Path(__file__).resolve().parent
 

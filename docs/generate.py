@@ -2,10 +2,10 @@
 
 - config.md: every config key, from the pydantic models of pipeline.config (type, default, description), and
   the old flat train keys with the keys that replaced them;
-- losses.md: every loss, from dpo_ray.loss_spec.ENTRIES (what it needs) and its function's docstring in
-  dpo_ray.losses, and the fields of LossSpec;
-- artifacts.md: every artifact kind and column, from dpo_ray.schema, the manifest's fields and the reasons a
-  record is rejected (dpo_ray.tokenization.REASONS).
+- losses.md: every loss, from dpo_ray.objective.spec.ENTRIES (what it needs) and its function's docstring in
+  dpo_ray.objective.losses, and the fields of LossSpec;
+- artifacts.md: every artifact kind and column, from dpo_ray.data.schema, the manifest's fields and the reasons a
+  record is rejected (dpo_ray.data.tokenization.REASONS).
 
 tests/unit/test_docs.py fails when a page differs from what this writes: change the code, then run it.
 """
@@ -41,7 +41,7 @@ def _default(field: Any) -> str:
 
 
 def _rows(model: type[BaseModel], prefix: str) -> list[str]:
-    from pipeline.__main__ import _type_name
+    from pipeline.cli.main import _type_name
     from pipeline.config import model_of
 
     rows = []
@@ -68,7 +68,7 @@ def config_page() -> str:
     ]
     top = [(n, f) for n, f in PipelineConfig.model_fields.items() if model_of(f.annotation) is None]
     out.append("\n## Top level\n\n| key | type | default | description |\n|---|---|---|---|\n")
-    from pipeline.__main__ import _type_name
+    from pipeline.cli.main import _type_name
 
     for name, field in top:
         kind = _cell(_type_name(field.annotation))
@@ -93,15 +93,15 @@ def config_page() -> str:
 
 
 def losses_page() -> str:
-    from dpo_ray.loss_spec import ENTRIES, SFT, LossSpec
-    from dpo_ray.losses import LOSSES
+    from dpo_ray.objective.losses import LOSSES
+    from dpo_ray.objective.spec import ENTRIES, SFT, LossSpec
 
     out = [
         _HEADER,
         "# Losses\n\n",
-        "`train.loss` is a `LossSpec` (dpo_ray/loss_spec.py): one loss, or a weighted list of them. Each loss is one "
-        "function of dpo_ray/losses.py and one entry of `ENTRIES`, which says what it needs; the config validates "
-        "against the entries, and the workers get the spec whole.\n\n",
+        "`train.loss` is a `LossSpec` (dpo_ray/objective/spec.py): one loss, or a weighted list of them. Each loss "
+        "is one function of dpo_ray/objective/losses.py and one entry of `ENTRIES`, which says what it needs; the "
+        "config validates against the entries, and the workers get the spec whole.\n\n",
         "Notation: c and r are the chosen and rejected log-ratios log πθ − log πref (sums over the completion, "
         "or per-token means with `average_logps`), h = c − r, β = `train.loss.beta`.\n\n",
         "## The spec's fields\n\n| key | type | default | description |\n|---|---|---|---|\n",
@@ -127,9 +127,9 @@ def losses_page() -> str:
 
 
 def artifacts_page() -> str:
-    from dpo_ray import schema
-    from dpo_ray.artifacts import Manifest
-    from dpo_ray.tokenization import REASONS
+    from dpo_ray.data import schema
+    from dpo_ray.data.artifacts import Manifest
+    from dpo_ray.data.tokenization import REASONS
 
     out = [
         _HEADER,

@@ -52,7 +52,7 @@ def small_corpus(n: int = 400, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (head_dim 32) with a 512-token BPE tokenizer and a chat template."""
-    from dpo_ray.models import build_tiny_llama
+    from dpo_ray.models.tiny import build_tiny_llama
 
     out = tmp_path_factory.mktemp("tiny-llama")
     return build_tiny_llama(out, small_corpus(), vocab_size=512, chat_template=CHAT_TEMPLATE, seed=0)
@@ -60,15 +60,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path):
-    from dpo_ray.models import load_causal_lm
+    from dpo_ray.models.loading import load_causal_lm
 
     return load_causal_lm(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One tiny model per family of dpo_ray.families (window 8 where the family has one)."""
-    from dpo_ray.families import FAMILIES, build_tiny_model
+    """One tiny model per family of dpo_ray.testing.families (window 8 where the family has one)."""
+    from dpo_ray.testing.families import FAMILIES, build_tiny_model
 
     root = tmp_path_factory.mktemp("families")
     corpus = small_corpus()

@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
-from dpo_ray.loss_spec import LossSpec
-from dpo_ray.losses import BatchState, LossOutput, initial_loss, preference_loss, step_zero
+from dpo_ray.objective.losses import BatchState, LossOutput, initial_loss, preference_loss, step_zero
+from dpo_ray.objective.spec import LossSpec
 
 
 def spec(name: str | Sequence[str], **params: Any) -> LossSpec:

@@ -204,7 +204,7 @@ def _kill_node(node_id: str) -> str:
     raise AssertionError(f"no raylet process for node {node_id}")
 
 
-def _config(run_dir: str, model: str, data: str, accelerator: str | None = "H100", fault: str | None = None) -> dict:
+def _config(run_dir: str, model: str, data: str, accelerator: str | None = "H100") -> dict:
     """prepare → reference (vLLM) → train, sized for this machine; the resources each stage asks for are the
     8B example's (pipeline/configs/llama3-8b.yaml), scaled down: no GPUs, accelerator_type H100 kept (None
     for the local run, whose one node has no accelerator resource)."""
@@ -218,8 +218,7 @@ def _config(run_dir: str, model: str, data: str, accelerator: str | None = "H100
                       "accelerator_type": accelerator},
         "train": {"model": model, "batch_size": 16, "max_steps": 6, "optim": {"lr": 1.0e-3},
                   "batching": {"token_budget": 4096}, "checkpoint": {"every": 3},
-                  "workers": {"count": 2, "resources": {"CPU": 1}, "accelerator_type": accelerator},
-                  "fault_injection": fault},
+                  "workers": {"count": 2, "resources": {"CPU": 1}, "accelerator_type": accelerator}},
     }  # fmt: skip
 
 
@@ -230,7 +229,7 @@ def _upload(local: Path, uri: str) -> None:
 
 
 def _scored(uri: str) -> dict[str, np.ndarray]:
-    from dpo_ray import artifacts
+    from dpo_ray.data import artifacts
 
     m = artifacts.require_complete(uri, "scored")
     out = {}
@@ -248,7 +247,7 @@ def _losses(metrics_uri: str) -> dict[int, float]:
 
 
 def test_pipeline_on_an_autoscaling_cluster_with_s3(cluster, s3, tmp_path, monkeypatch):
-    from pipeline.demo import build_assets
+    from pipeline.cli.demo import build_assets
 
     address, gcs, root = cluster
     assets = build_assets(tmp_path / "assets", pairs=240, seed=0)
@@ -270,17 +269,19 @@ def test_pipeline_on_an_autoscaling_cluster_with_s3(cluster, s3, tmp_path, monke
 
     run_dir = f"s3://{BUCKET}/runs/cluster"
     # Train loses its node (rank 0 kills its raylet) at step 4, after the checkpoint of step 3.
-    remote = _config(run_dir, f"s3://{BUCKET}/models/tiny", f"s3://{BUCKET}/data/pairs.jsonl", fault="4:0:node")
+    remote = _config(run_dir, f"s3://{BUCKET}/models/tiny", f"s3://{BUCKET}/data/pairs.jsonl")
     (ROOT / ".cluster-test.yaml").write_text(yaml.safe_dump(remote))
     (tmp_path / "remote.yaml").write_text(yaml.safe_dump(remote))
     runtime_env = yaml.safe_load((ROOT / "clusters" / "runtime_env.yaml").read_text())
     runtime_env["working_dir"] = str(ROOT)
-    # The reference's first unit is held once it is in flight (pipeline.units._hold_first_unit): its node is
+    # The reference's first unit is held once it is in flight (dpo_ray.testing.faults.hold_first_unit): its node is
     # killed at that known point. Killing the node of the first _Worker seen alive raced with the engine's start:
     # on a machine where it starts at another pace, no unit had been handed to it yet and nothing was retried.
     hold = tmp_path / "hold"
     hold.mkdir()
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **s3, "DPO_RAY_TEST_HOLD_FIRST_UNIT": str(hold)}
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **s3}
+    runtime_env["env_vars"]["DPO_RAY_UNIT_HOOK"] = f"dpo_ray.testing.faults:hold_first_unit:{hold}"
+    runtime_env["env_vars"]["DPO_RAY_STEP_HOOK"] = "dpo_ray.testing.faults:fail:4:0:node"  # dpo_ray.testing.faults
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # for the job client's helper process
     client = JobClient(address)
     try:
@@ -328,7 +329,7 @@ def test_pipeline_on_an_autoscaling_cluster_with_s3(cluster, s3, tmp_path, monke
         time.sleep(5)
 
     # The artifacts on S3 are complete and equal the local run's.
-    from dpo_ray import artifacts
+    from dpo_ray.data import artifacts
 
     for name, kind in (("pairs", "pairs"), ("scored", "scored"), ("export", "model")):
         assert artifacts.require_complete(f"{run_dir}/{name}", kind).kind == kind

@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 
-from dpo_ray.batching import BATCHING
-from dpo_ray.packing import enable_segment_attention
+from dpo_ray.compute.attention import enable_segment_attention
+from dpo_ray.compute.batching import BATCHING
 from tests.unit.test_families import _assert_same_grads, _batched, _pairs, _perturbed, _unbatched, _weighted_grads
 
 pytestmark = [
@@ -34,7 +34,7 @@ def _no_tf32():
 def test_modes_on_cuda_equal_unbatched_eager(family_dirs, family: str, mode: str) -> None:
     from torch.nn.attention import sdpa_kernel
 
-    from dpo_ray.packing import SDPA_BACKENDS
+    from dpo_ray.compute.attention import SDPA_BACKENDS
 
     base = _perturbed(family_dirs[family]).cuda()
     eager = copy.deepcopy(base)
@@ -50,7 +50,8 @@ def test_modes_on_cuda_equal_unbatched_eager(family_dirs, family: str, mode: str
 
 def test_bf16_train_step_agrees_across_modes(family_dirs) -> None:
     """One bf16-autocast optimizer step from the same weights: the modes' losses agree to bf16 precision."""
-    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import StepBatch, TrainSettings, train_step
 
     pairs = _pairs(400, long=True, seed=9)
     ref = torch.zeros(len(pairs), dtype=torch.float64)
@@ -72,7 +73,7 @@ def test_bf16_train_step_agrees_across_modes(family_dirs) -> None:
 def test_flex_on_cuda_equals_unbatched_eager(family_dirs, family: str, mode: str) -> None:
     """attention: flex with the compiled kernel, forward and backward, over rows of three lengths (static,
     then dynamic shapes): per-token log-probs and every gradient against unbatched eager forwards."""
-    from dpo_ray.packing import collate_packed, collate_prefix_shared, segment_token_logps
+    from dpo_ray.compute.layouts import collate_packed, collate_prefix_shared, segment_token_logps
 
     base = _perturbed(family_dirs[family]).cuda()
     eager = copy.deepcopy(base)

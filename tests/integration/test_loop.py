@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+from pipeline.cli.run import run
+from pipeline.cli.status import collect as status_rows
 from pipeline.config import load_config
-from pipeline.run import run
-from pipeline.status import collect as status_rows
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.pipeline]
 
@@ -64,7 +64,7 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
     capsys.readouterr()
 
     # status: every output complete, lineage resolved to the artifacts and models of this run.
-    from pipeline.__main__ import main
+    from pipeline.cli.main import main
 
     assert main(["status", "--config", str(path)]) == 0
     printed = capsys.readouterr().out

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.__main__ import main
+from pipeline.cli.main import main
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.pipeline]
 

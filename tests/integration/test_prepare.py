@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpo_ray.models import load_tokenizer
-from dpo_ray.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
+from dpo_ray.data.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
+from dpo_ray.models.loading import load_tokenizer
 from pipeline.config import PrepareConfig
-from pipeline.prepare import run
-from pipeline.sources import InputError
+from pipeline.core.sources import InputError
+from pipeline.stages.prepare import run
 from tests.conftest import HH_SAMPLE
 from tests.integration.helpers import manifest, read_artifact
 
@@ -189,7 +189,7 @@ def test_unparseable_files_fail_naming_file_and_line(tiny_model_dir, tmp_path):
 
 
 def test_all_rows_rejected_is_an_error_pointing_at_rejects(tiny_model_dir, tmp_path):
-    from pipeline.prepare import PrepareError
+    from pipeline.stages.prepare import PrepareError
 
     path = tmp_path / "x.jsonl"
     path.write_text("\n".join(json.dumps({"question": "q", "good": "a", "bad": "b"}) for _ in range(3)))
@@ -244,7 +244,7 @@ def test_rerun_is_noop_and_killed_run_reruns_to_same_artifact(tiny_model_dir, tm
 def test_boundary_merges_are_counted_in_the_manifest(tiny_model_dir, tmp_path):
     """Prompts ending in a space merge with the completion's first token (byte-level BPE: " I"): those pairs
     are kept, follow the common-prefix rule, and are counted in stats.boundary_merges."""
-    from dpo_ray.models import load_tokenizer
+    from dpo_ray.models.loading import load_tokenizer
 
     rows = [
         {

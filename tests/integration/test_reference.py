@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_ray.artifacts import ArtifactError
-from dpo_ray.logps import token_logps
-from dpo_ray.models import build_tiny_llama
-from dpo_ray.schema import SCORED_SCHEMA
+from dpo_ray.compute.logps import token_logps
+from dpo_ray.data.artifacts import ArtifactError
+from dpo_ray.data.schema import SCORED_SCHEMA
+from dpo_ray.models.tiny import build_tiny_llama
 from pipeline.config import PrepareConfig, ReferenceConfig
-from pipeline.prepare import run as prepare
-from pipeline.reference import run as reference
+from pipeline.stages.prepare import run as prepare
+from pipeline.stages.reference import run as reference
 from tests.conftest import HH_SAMPLE, small_corpus
 from tests.integration.helpers import manifest, prepare_pairs, read_artifact
 
@@ -181,8 +181,8 @@ def test_hh_scored_with_vllm_resumes_after_the_driver_is_killed(tiny_model_dir, 
 
 
 def test_engine_scores_given_ids_exactly(tiny_model_dir, tiny_model):
-    """dpo_ray.engine directly: vLLM prompt log-probs of stored ids vs an HF forward (float32)."""
-    from dpo_ray.engine import EngineSpec, make_engine, score_completions
+    """dpo_ray.models.engine directly: vLLM prompt log-probs of stored ids vs an HF forward (float32)."""
+    from dpo_ray.models.engine import EngineSpec, make_engine, score_completions
 
     llm = make_engine(EngineSpec(model=str(tiny_model_dir), max_model_len=256, gpu_memory_utilization=0.1))
     rng = random.Random(1)

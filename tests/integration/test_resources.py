@@ -8,8 +8,8 @@ import json
 import pytest
 
 from pipeline.config import ConfigError, PrepareConfig, ReferenceConfig
-from pipeline.prepare import run as prepare
-from pipeline.reference import run as reference
+from pipeline.stages.prepare import run as prepare
+from pipeline.stages.reference import run as reference
 
 pytestmark = pytest.mark.usefixtures("ray_local")  # 2 CPUs, no accelerator
 

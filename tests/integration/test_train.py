@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dpo_ray.artifacts import ArtifactError
-from dpo_ray.logps import token_logps
-from dpo_ray.models import build_tiny_llama, load_causal_lm
+from dpo_ray.compute.logps import token_logps
+from dpo_ray.data.artifacts import ArtifactError
+from dpo_ray.models.loading import load_causal_lm
+from dpo_ray.models.tiny import build_tiny_llama
+from pipeline.cli.demo import build_assets
 from pipeline.config import PrepareConfig, ReferenceConfig, TrainConfig
-from pipeline.demo import build_assets
-from pipeline.prepare import run as prepare
-from pipeline.reference import run as reference
-from pipeline.train import run as train
+from pipeline.stages.prepare import run as prepare
+from pipeline.stages.reference import run as reference
+from pipeline.stages.train import run as train
 from tests.integration.helpers import prepare_pairs, read_artifact
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -58,6 +62,23 @@ def _cfg(setup, name: str, **kw) -> TrainConfig:
     return TrainConfig.model_validate(data)
 
 
+@contextlib.contextmanager
+def _fault(spec: str | None) -> Iterator[None]:
+    """Train under dpo_ray.testing.faults' step hook 'STEP:RANK[:node]' (None: no fault), set as the train stage
+    reads it: from the driver's environment."""
+    from pipeline.stages.train import STEP_HOOK_ENV
+
+    before = os.environ.get(STEP_HOOK_ENV)
+    if spec is not None:
+        os.environ[STEP_HOOK_ENV] = f"dpo_ray.testing.faults:fail:{spec}"
+    try:
+        yield
+    finally:
+        os.environ.pop(STEP_HOOK_ENV, None)
+        if before is not None:
+            os.environ[STEP_HOOK_ENV] = before
+
+
 def single_sequence_logps(model, prompts, completions) -> list[np.ndarray]:
     """Per-token completion log-probs from one unpadded forward per sequence (float64)."""
     out = []
@@ -78,7 +99,7 @@ TRACKERS = ["tensorboard", "mlflow", "wandb"]
 @pytest.fixture(scope="module")
 def two_workers(setup) -> TrainConfig:
     """Two workers, logging to every tracker (offline: the driver's WANDB_MODE travels in the settings)."""
-    from dpo_ray.tracking import missing_backends
+    from dpo_ray.train.tracking import missing_backends
 
     trackers = [] if missing_backends(TRACKERS) else TRACKERS
     kw = {
@@ -166,7 +187,7 @@ def test_learns_the_preference(setup):
 def test_export_loads_in_transformers_and_vllm_and_matches_the_last_checkpoint(setup, two_workers, tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from dpo_ray.engine import EngineSpec, make_engine, score_completions
+    from dpo_ray.models.engine import EngineSpec, make_engine, score_completions
 
     export = Path(two_workers.export)
     manifest = json.loads((export / "manifest.json").read_text())
@@ -213,14 +234,14 @@ def test_bco_shift_is_the_same_for_any_split_and_survives_a_restart(setup):
             "bco-fault",
             workers__count=2,
             checkpoint__every=2,
-            fault_injection="3:1",
             workers__max_failures=1,
             **kw,
         ),
     }
     hist = {}
     for name, cfg in runs.items():
-        train(cfg)
+        with _fault("3:1" if name == "fault" else None):
+            train(cfg)
         hist[name] = _history(cfg)
     local = hist["local"]
     assert local[0]["bco/delta"] == 0.0 and local[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-6)
@@ -234,8 +255,9 @@ def test_bco_shift_is_the_same_for_any_split_and_survives_a_restart(setup):
 
 
 def test_worker_failure_resumes_from_last_checkpoint(setup):
-    cfg = _cfg(setup, "fault", workers__count=2, checkpoint__every=2, fault_injection="3:1", workers__max_failures=1)
-    train(cfg)
+    cfg = _cfg(setup, "fault", workers__count=2, checkpoint__every=2, workers__max_failures=1)
+    with _fault("3:1"):
+        train(cfg)
     hist = _history(cfg)
     assert [h["step"] for h in hist] == [1, 2, 3, 4, 5]
     assert all("resumed_from_step" not in h for h in hist[:2])
@@ -245,8 +267,8 @@ def test_worker_failure_resumes_from_last_checkpoint(setup):
 
 @pytest.mark.cluster
 def test_restarted_job_with_same_run_name_continues(setup):
-    cfg = _cfg(setup, "restart", workers__count=1, checkpoint__every=2, fault_injection="3:0", workers__max_failures=0)
-    with pytest.raises(Exception, match="(?i)fail|error"):
+    cfg = _cfg(setup, "restart", workers__count=1, checkpoint__every=2, workers__max_failures=0)
+    with _fault("3:0"), pytest.raises(Exception, match="(?i)fail|error"):
         train(cfg)
     assert not (Path(cfg.export) / "manifest.json").exists()
     train(cfg)  # same config, same run name: a new job
@@ -281,7 +303,7 @@ def test_fsdp2_gives_the_ddp_updates(setup, two_workers):
 
     A 300-token budget gives the two ranks different micro-batch counts (and the eval split's last batch
     may leave a rank without pairs): FSDP all-gathers in every forward, so this hangs unless the ranks'
-    forward counts are aligned (train_loop._aligned)."""
+    forward counts are aligned (dpo_ray.train.collectives.aligned)."""
     cfg = _cfg(setup, "fsdp", workers__count=2, workers__parallelism="fsdp", batching__token_budget=300, eval_every=5)
     train(cfg)
     fsdp, ddp = _history(cfg), _history(two_workers)
@@ -297,7 +319,7 @@ def test_lora_with_prefix_sharing_exports_a_merged_model_vllm_loads(setup, two_w
     vLLM within 1e-4) and the adapter is saved beside it."""
     from peft import PeftModel
 
-    from dpo_ray.engine import EngineSpec, make_engine, score_completions
+    from dpo_ray.models.engine import EngineSpec, make_engine, score_completions
 
     cfg = _cfg(
         setup,
@@ -381,8 +403,8 @@ def test_order_depends_on_the_artifact_and_seed_only(setup, sharded):
     first = _cfg(setup, "order-a", **common)
     train(first)
     train(second := _cfg(setup, "order-b", **common))
-    killed = _cfg(setup, "order-c", **common, fault_injection="5:0", workers__max_failures=0)
-    with pytest.raises(Exception, match="(?i)fail|error"):
+    killed = _cfg(setup, "order-c", **common, workers__max_failures=0)
+    with _fault("5:0"), pytest.raises(Exception, match="(?i)fail|error"):
         train(killed)
     train(killed)
     assert [h.get("resumed_from_step") for h in _history(killed)][-1] == 4
@@ -402,8 +424,8 @@ def test_a_failed_step0_check_is_a_clear_error(setup, tmp_path, capsys):
     import pyarrow.parquet as pq
     import yaml
 
-    from dpo_ray import artifacts
-    from pipeline.__main__ import main
+    from dpo_ray.data import artifacts
+    from pipeline.cli.main import main
 
     source = artifacts.read_manifest(str(setup["scored"]))
     bad = tmp_path / "scored"

@@ -1,4 +1,4 @@
-"""The unit runner (pipeline/units.py) on the session's local Ray, with handlers that need no engine: results
+"""The unit runner (pipeline/core/units.py) on the session's local Ray, with handlers that need no engine: results
 in unit order, a unit lost with its actor runs again and is counted, user errors surface as themselves,
 a unit that keeps killing its actor stops the stage, placement is bounded and refused when infeasible."""
 
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from dpo_ray.errors import UserError
-from pipeline import console, units
-from pipeline.units import PlacementError, run_units
+from pipeline.core import console, units
+from pipeline.core.units import PlacementError, run_units
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

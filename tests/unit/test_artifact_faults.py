@@ -18,10 +18,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from dpo_ray import artifacts
-from dpo_ray.artifacts import ArtifactError
-from dpo_ray.schema import PAIRS_SCHEMA, SCORED_SCHEMA
-from pipeline.__main__ import main
+from dpo_ray.data import artifacts
+from dpo_ray.data.artifacts import ArtifactError
+from dpo_ray.data.schema import PAIRS_SCHEMA, SCORED_SCHEMA
+from pipeline.cli.main import main
 
 
 def _rows(n: int, start: int, scored: bool) -> list[dict]:

@@ -7,8 +7,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from dpo_ray import artifacts
-from dpo_ray.artifacts import ArtifactError
+from dpo_ray.data import artifacts
+from dpo_ray.data.artifacts import ArtifactError
 
 
 def _write(uri: str, values: list[int]) -> None:

@@ -7,14 +7,14 @@ import random
 import pytest
 import torch
 
-from dpo_ray.batching import (
+from dpo_ray.compute.batching import (
     PairTokens,
     collate_padded,
     padded_token_count,
     plan_micro_batches,
     policy_logps,
 )
-from dpo_ray.logps import token_logps
+from dpo_ray.compute.logps import token_logps
 
 
 def _random_pairs(n: int, vocab: int, seed: int) -> list[PairTokens]:
@@ -92,7 +92,7 @@ def test_bad_pairs_and_budget():
 
 
 def test_longest_first_keeps_each_padded_group_within_the_budget():
-    from dpo_ray.batching import longest_first
+    from dpo_ray.compute.batching import longest_first
 
     widths = [5, 40, 12, 12, 3, 100, 7]
     groups = longest_first(widths, token_budget=48, rows_per_item=2)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.__main__ import STAGES, main
+from pipeline.cli.main import STAGES, main
 from pipeline.config import PipelineConfig, model_of
 
 DEMO = Path(__file__).resolve().parents[2] / "pipeline" / "configs" / "demo.yaml"

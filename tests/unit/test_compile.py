@@ -11,10 +11,11 @@ import copy
 import pytest
 import torch
 
-from dpo_ray.batching import BATCHING
+from dpo_ray.compute.attention import enable_segment_attention
+from dpo_ray.compute.batching import BATCHING
+from dpo_ray.compute.layouts import collate_prefix_shared, segment_token_logps
 from dpo_ray.errors import UserError
-from dpo_ray.packing import collate_prefix_shared, enable_segment_attention, segment_token_logps
-from dpo_ray.train_loop import compile_layers
+from dpo_ray.train.parallel import compile_layers
 from tests.numerics import LOGPS, assert_close_to_scale
 from tests.unit.test_families import _assert_same_grads, _batched, _pairs, _perturbed, _unbatched, _weighted_grads
 
@@ -64,7 +65,7 @@ def test_a_new_layout_does_not_recompile(family_dirs) -> None:
 def test_gradient_checkpointing_and_lora_on_compiled_layers(family_dirs) -> None:
     """The train loop's order (segment attention, compile, gradient checkpointing, LoRA): the compiled model's
     LoRA gradients equal the uncompiled one's."""
-    from dpo_ray.lora import LoraSettings, apply_lora
+    from dpo_ray.train.lora import LoraSettings, apply_lora
 
     def build(compiled: bool) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -100,7 +101,7 @@ def test_a_model_without_named_layers_is_refused(family_dirs) -> None:
 def test_the_train_config_reaches_the_worker(family_dirs) -> None:
     """train.batching.compile, .attention and .fused_head travel from the config into the worker's loop config."""
     from pipeline.config import TrainConfig
-    from pipeline.train import _batching, _loop_config
+    from pipeline.stages.train import _batching, _loop_config
 
     model = str(family_dirs["llama3"])
     batching = {"compile": True, "attention": "flex", "fused_head": True}

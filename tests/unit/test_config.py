@@ -55,7 +55,7 @@ def test_bad_yaml(tmp_path):
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
-    from pipeline.__main__ import main
+    from pipeline.cli.main import main
 
     p = _write(tmp_path, "prepare:\n  inputs: [a.jsonl]\n  tokenizer: tok\n")
     assert main(["prepare", "--config", str(p), "prepare.max_lenght=3"]) == 2
@@ -87,7 +87,7 @@ def test_loss_parameters_are_checked_at_load_time(overrides, message):
 
 
 def test_every_loss_loads_with_its_parameters():
-    from dpo_ray.losses import LOSSES
+    from dpo_ray.objective.losses import LOSSES
 
     for name in LOSSES:
         extra = {"exo_pair": ["label_smoothing=0.001"], "discopop": ["discopop_tau=0.1"], "dpop": ["dpop_lambda=5"],

@@ -55,7 +55,6 @@ _NEEDS: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "workers.resources": ({}, [{"CPU": 2}]),
     "workers.accelerator_type": ({}, ["H100"]),
     "workers.count": ({"batch_size": 8}, [2, 0]),
-    "fault_injection": ({}, ["3:0"]),
 }
 
 
@@ -106,9 +105,9 @@ def _behaviour(cfg: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> str:
     trainer's arguments, the worker bundle, the step count and the resolved batching."""
     import ray.train.torch
 
-    from pipeline import train
+    from pipeline.stages import train
 
-    monkeypatch.setattr("dpo_ray.order.split_counts", lambda uri, shards: {"train": 64, "eval": 8})
+    monkeypatch.setattr("dpo_ray.data.order.split_counts", lambda uri, shards: {"train": 64, "eval": 8})
     n_train, n_eval, steps = train._steps(cfg, SimpleNamespace(shards=[]))  # type: ignore[arg-type]
     batching = train._batching(cfg)
     loop = train._loop_config(cfg, steps, batching, True, n_eval > 0, [])
@@ -168,10 +167,11 @@ def test_every_train_key_changes_what_the_workers_get(tiny_model_dir, tmp_path, 
     assert tried >= len(leaves)
 
 
-def _properties(path: Path) -> list[ast.AST]:
-    """The bodies of pipeline/config.py's properties (a key read there, e.g. parity_tolerance, acts through it)."""
+def _properties(folder: Path) -> list[ast.AST]:
+    """The bodies of pipeline/config's properties (a key read there, e.g. parity_tolerance, acts through it)."""
     return [
         node
+        for path in sorted(folder.glob("*.py"))
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.FunctionDef) and any(getattr(d, "id", None) == "property" for d in node.decorator_list)
     ]
@@ -192,25 +192,31 @@ def _attributes_read(trees: list[ast.AST]) -> set[str]:
 # units, the plan). A key read only by another stage's module does not count (generate reading `c.temperature`
 # says nothing of evaluate's).
 _READERS: dict[type, tuple[str, ...]] = {
-    ColumnMap: ("pipeline/prepare.py", "dpo_ray/tokenization.py"),
-    PrepareConfig: ("pipeline/prepare.py", "pipeline/sources.py", "pipeline/inputs.py"),
-    VllmConfig: ("pipeline/runtime.py", "pipeline/units.py", "dpo_ray/engine.py", "pipeline/inputs.py"),
-    ReferenceConfig: ("pipeline/reference.py",),
-    GenerateConfig: ("pipeline/generate.py",),
-    EvaluateConfig: ("pipeline/evaluate.py", "pipeline/runtime.py"),
-    TrackingConfig: ("pipeline/runtime.py", "pipeline/plan.py"),
-    DemoConfig: ("pipeline/demo.py", "pipeline/run.py"),
-    PipelineConfig: ("pipeline/plan.py", "pipeline/run.py", "pipeline/demo.py", "pipeline/__main__.py"),
+    ColumnMap: ("pipeline/stages/prepare.py", "dpo_ray/data/tokenization.py"),
+    PrepareConfig: ("pipeline/stages/prepare.py", "pipeline/core/sources.py", "pipeline/core/inputs.py"),
+    VllmConfig: (
+        "pipeline/core/engines.py",
+        "pipeline/core/runtime.py",
+        "pipeline/core/units.py",
+        "dpo_ray/models/engine.py",
+        "pipeline/core/inputs.py",
+    ),
+    ReferenceConfig: ("pipeline/stages/reference.py",),
+    GenerateConfig: ("pipeline/stages/generate.py",),
+    EvaluateConfig: ("pipeline/stages/evaluate.py", "pipeline/stages/evaluation.py", "pipeline/core/runtime.py"),
+    TrackingConfig: ("pipeline/core/trackers.py", "pipeline/core/plan.py"),
+    DemoConfig: ("pipeline/cli/demo.py", "pipeline/cli/run.py"),
+    PipelineConfig: ("pipeline/core/plan.py", "pipeline/cli/run.py", "pipeline/cli/demo.py", "pipeline/cli/main.py"),
 }
 
 
 @pytest.mark.parametrize("model", list(_READERS), ids=lambda m: m.__name__)
 def test_every_other_stage_key_is_read(model):
     """Each key of the other stages' configs is read by the modules that config reaches (_READERS; a subclass's
-    also by its base's), or by one of pipeline/config.py's properties: their configs reach the handlers whole, so a
+    also by its base's), or by one of pipeline/config's properties: their configs reach the handlers whole, so a
     key that is read there acts. Checked to fail with a field added to ReferenceConfig."""
     paths = [path for m in model.__mro__ if m in _READERS for path in _READERS[m]]
     trees = [ast.parse((ROOT / path).read_text()) for path in paths]
-    read = _attributes_read(trees + _properties(ROOT / "pipeline" / "config.py"))
+    read = _attributes_read(trees + _properties(ROOT / "pipeline" / "config"))
     unread = [name for name in model.model_fields if name not in read]
     assert not unread, f"{model.__name__} keys that none of {paths} reads: {unread}"

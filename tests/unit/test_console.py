@@ -8,8 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-from pipeline import console
-from pipeline.console import Progress
+from pipeline.core import console
+from pipeline.core.console import Progress
 
 
 class _Tty(io.StringIO):
@@ -64,7 +64,7 @@ def test_capture_sends_third_party_output_to_the_log_and_console_lines_to_the_te
     script = textwrap.dedent(
         f"""
         import logging, os, subprocess, sys
-        from pipeline import console
+        from pipeline.core import console
         logging.basicConfig(level="INFO")
         with console.capture({str(tmp_path / "logs")!r}):
             console.log_file("stage-a")

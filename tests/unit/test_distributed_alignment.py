@@ -31,8 +31,8 @@ def _model():
 
 
 def _batch(pairs):
-    from dpo_ray.batching import PairTokens
-    from dpo_ray.step import StepBatch
+    from dpo_ray.compute.batching import PairTokens
+    from dpo_ray.train.step import StepBatch
 
     ref = torch.tensor([-10.0 - i for i in range(len(pairs))], dtype=torch.float64)
     # rejected references in another order than the chosen ones: AOT's two sorted orders then differ, so
@@ -41,8 +41,8 @@ def _batch(pairs):
 
 
 def _settings(budget: int, loss: str = "sigmoid"):
-    from dpo_ray.loss_spec import LossSpec
-    from dpo_ray.step import TrainSettings
+    from dpo_ray.objective.spec import LossSpec
+    from dpo_ray.train.step import TrainSettings
 
     return TrainSettings(LossSpec(name=loss, beta=0.5), token_budget=budget, batching="packed", max_grad_norm=None)
 
@@ -52,8 +52,9 @@ def _rank(rank: int, port: int, out: str, loss: str = "sigmoid") -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from dpo_ray.packing import enable_segment_attention
-    from dpo_ray.step import StepBatch, eval_sums, make_optimizer, make_scheduler, train_step
+    from dpo_ray.compute.attention import enable_segment_attention
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import StepBatch, eval_sums, train_step
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = enable_segment_attention(_model())
@@ -85,8 +86,9 @@ def _rank(rank: int, port: int, out: str, loss: str = "sigmoid") -> None:
 def test_uneven_micro_batches_under_fsdp_do_not_hang_and_match_one_process(tmp_path, loss):
     import torch.multiprocessing as mp
 
-    from dpo_ray.packing import enable_segment_attention
-    from dpo_ray.step import make_optimizer, make_scheduler, train_step
+    from dpo_ray.compute.attention import enable_segment_attention
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import train_step
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

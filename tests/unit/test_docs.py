@@ -28,7 +28,7 @@ def test_the_reference_pages_are_generated_from_the_code_as_it_is():
 
 
 def test_every_column_and_kind_is_described():
-    from dpo_ray import schema
+    from dpo_ray.data import schema
 
     columns = {f.name for s in schema.KINDS.values() for f in s}
     assert set(schema.KIND_DOCS) == set(schema.KINDS)

@@ -1,4 +1,4 @@
-"""Model-family conformance: for every family of dpo_ray.families and every batching mode, per-token
+"""Model-family conformance: for every family of dpo_ray.testing.families and every batching mode, per-token
 completion log-probs and their gradients equal a plain unbatched forward of each sequence with the
 model's eager attention (within float32 rounding relative to their scale: tests/numerics.py), for sequences
 shorter and longer than the sliding window.
@@ -15,11 +15,12 @@ import random
 import pytest
 import torch
 
-from dpo_ray.batching import BATCHING, PairTokens, collate_padded
-from dpo_ray.families import FAMILIES
-from dpo_ray.logps import token_logps
-from dpo_ray.models import exact_attention, load_causal_lm
-from dpo_ray.packing import collate_packed, collate_prefix_shared, enable_segment_attention, segment_token_logps
+from dpo_ray.compute.attention import enable_segment_attention
+from dpo_ray.compute.batching import BATCHING, PairTokens, collate_padded
+from dpo_ray.compute.layouts import collate_packed, collate_prefix_shared, segment_token_logps
+from dpo_ray.compute.logps import token_logps
+from dpo_ray.models.loading import exact_attention, load_causal_lm
+from dpo_ray.testing.families import FAMILIES
 from tests.numerics import GRADS, LOGPS, assert_close_to_scale, relative_error
 
 WINDOW = 8
@@ -126,7 +127,7 @@ def _register_dropping(*names: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    from dpo_ray.packing import segment_attention
+    from dpo_ray.compute.attention import segment_attention
 
     def dropping(*args, **kwargs):
         for n in names:
@@ -164,7 +165,7 @@ def test_the_features_matter(prepared, family: str) -> None:
 
 
 def test_every_family_builds_with_its_conventions(family_dirs) -> None:
-    from dpo_ray.models import load_tokenizer
+    from dpo_ray.models.loading import load_tokenizer
 
     for name, spec in FAMILIES.items():
         tok = load_tokenizer(family_dirs[name])
@@ -181,7 +182,8 @@ def test_every_family_builds_with_its_conventions(family_dirs) -> None:
 
 def test_unknown_attention_arguments_are_refused(prepared) -> None:
     """An attention argument the padding-free modes do not implement (e.g. attention sinks) is an error."""
-    from dpo_ray.packing import Block, UnsupportedAttention, segment_attention
+    from dpo_ray.compute.attention import UnsupportedAttention, segment_attention
+    from dpo_ray.compute.layouts import Block
 
     module = prepared["llama3"][1]["packed"].model.layers[0].self_attn
     q = torch.randn(1, 2, 4, 32)
@@ -198,7 +200,7 @@ def test_unknown_attention_arguments_are_refused(prepared) -> None:
 def test_unsupported_config_features_are_named() -> None:
     from types import SimpleNamespace
 
-    from dpo_ray.packing import unsupported_features
+    from dpo_ray.compute.attention import unsupported_features
 
     assert unsupported_features(SimpleNamespace(sliding_window=8, attn_logit_softcapping=50.0)) == []
     assert unsupported_features(SimpleNamespace(use_bidirectional_attention=True)) == [
@@ -210,7 +212,8 @@ def test_unsupported_config_features_are_named() -> None:
 def test_the_pre_training_check_catches_a_mode_that_ignores_the_window(prepared, mode: str) -> None:
     """train_loop.batching_mismatch compares the train forward with unbatched eager forwards before any step:
     silent for the real attention, a named refusal for one that drops the sliding window (the old bug)."""
-    from dpo_ray.step import TrainSettings, batching_mismatch
+    from dpo_ray.train.preflight import batching_mismatch
+    from dpo_ray.train.step import TrainSettings
 
     eager, models = prepared["mistral"]
     pairs = _pairs(eager.config.vocab_size, long=True, seed=3)
@@ -230,7 +233,7 @@ def test_train_refuses_a_known_unsupported_feature_before_any_work(family_dirs, 
     import shutil
 
     from pipeline.config import ConfigError, TrainConfig
-    from pipeline.train import _batching
+    from pipeline.stages.train import _batching
 
     model = tmp_path / "gemma3-bidirectional"
     shutil.copytree(family_dirs["gemma3"], model)
@@ -254,7 +257,7 @@ def test_train_refuses_a_known_unsupported_feature_before_any_work(family_dirs, 
 
 
 def test_fsdp_finds_every_familys_decoder_layers(prepared) -> None:
-    from dpo_ray.train_loop import decoder_layers
+    from dpo_ray.train.parallel import decoder_layers
 
     for name, (eager, _) in prepared.items():
         layers = decoder_layers(eager)

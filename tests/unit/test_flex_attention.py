@@ -12,15 +12,10 @@ import random
 import pytest
 import torch
 
-from dpo_ray.batching import PairTokens
-from dpo_ray.families import FAMILIES
-from dpo_ray.packing import (
-    FLEX_TILE,
-    collate_packed,
-    collate_prefix_shared,
-    flex_block_mask,
-    segment_token_logps,
-)
+from dpo_ray.compute.attention import FLEX_TILE, flex_block_mask
+from dpo_ray.compute.batching import PairTokens
+from dpo_ray.compute.layouts import collate_packed, collate_prefix_shared, segment_token_logps
+from dpo_ray.testing.families import FAMILIES
 from tests.numerics import LOGPS, assert_close_to_scale
 from tests.unit.test_families import _assert_same_grads, _pairs, _unbatched, _weighted_grads, prepared  # noqa: F401
 
@@ -32,7 +27,7 @@ def _collate(mode: str):
 
 
 def _expected_mask(pairs: list[PairTokens], mode: str, window: int | None) -> torch.Tensor:
-    """The row's query x key mask from the layout rules in dpo_ray.packing's docstring, token by token."""
+    """The row's query x key mask from the layout rules in dpo_ray.compute.layouts' docstring, token by token."""
     tokens = []  # (sequence id, role, position): role 0 prompt, 1 chosen, 2 rejected
     if mode == "packed":
         for side in (0, 1):
@@ -115,10 +110,10 @@ def compiled_flex_where_it_exists(monkeypatch):
     import torch.nn.attention.flex_attention as fa
     from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
 
-    from dpo_ray import packing
+    from dpo_ray.compute import attention
 
     if not check_cpu_supported():
-        monkeypatch.setattr(packing, "_flex_kernel", lambda device_type: fa.flex_attention)
+        monkeypatch.setattr(attention, "_flex_kernel", lambda device_type: fa.flex_attention)
 
 
 def _flex_per_sequence(model, pairs: list[PairTokens], mode: str) -> list[torch.Tensor]:
@@ -160,10 +155,10 @@ def eager_flex_with_backward(monkeypatch):
     and its CPU backward allowed."""
     import torch.nn.attention.flex_attention as fa
 
-    from dpo_ray import packing
+    from dpo_ray.compute import attention
 
     monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
-    monkeypatch.setattr(packing, "_flex_kernel", lambda device_type: fa.flex_attention)
+    monkeypatch.setattr(attention, "_flex_kernel", lambda device_type: fa.flex_attention)
 
 
 @pytest.mark.parametrize("mode", MODES)

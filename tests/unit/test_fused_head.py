@@ -1,4 +1,4 @@
-"""dpo_ray.fused_head against the unfused path: the same per-token log-probs (float32) and the same gradients
+"""dpo_ray.compute.fused_head against the unfused path: the same per-token log-probs (float32) and the same gradients
 for every model family (tied and untied heads, Gemma's final soft-capping, sliding windows), for a
 LoRA-adapted head, with chunks smaller than the row; a model that scales its logits is refused."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_ray.batching import PairTokens
-from dpo_ray.families import FAMILIES
+from dpo_ray.compute.batching import PairTokens
+from dpo_ray.testing.families import FAMILIES
 from tests.numerics import GRADS, LOGPS, assert_close_to_scale
 
 PAIRS = [
@@ -19,7 +19,7 @@ PAIRS = [
 
 
 def _run(model, mode: str, fused: bool):
-    from dpo_ray.packing import collate_packed, collate_prefix_shared, segment_logps
+    from dpo_ray.compute.layouts import collate_packed, collate_prefix_shared, segment_logps
 
     collate = collate_packed if mode == "packed" else collate_prefix_shared
     model.zero_grad(set_to_none=True)
@@ -30,7 +30,7 @@ def _run(model, mode: str, fused: bool):
 
 
 def _compare(model, mode: str) -> None:
-    from dpo_ray.fused_head import enable_fused_head
+    from dpo_ray.compute.fused_head import enable_fused_head
 
     want, want_grads = _run(model, mode, fused=False)
     enable_fused_head(model)
@@ -44,8 +44,8 @@ def _compare(model, mode: str) -> None:
 @pytest.mark.parametrize("mode", ["packed", "prefix_shared"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_fused_head_gives_the_unfused_logps_and_gradients(family_dirs, family, mode):
-    from dpo_ray.models import disable_dropout, load_causal_lm
-    from dpo_ray.packing import enable_segment_attention
+    from dpo_ray.compute.attention import enable_segment_attention
+    from dpo_ray.models.loading import disable_dropout, load_causal_lm
 
     model = enable_segment_attention(disable_dropout(load_causal_lm(str(family_dirs[family]))))
     model.train()  # as in training, dropout off (the train loop's disable_dropout)
@@ -55,13 +55,13 @@ def test_fused_head_gives_the_unfused_logps_and_gradients(family_dirs, family, m
 def test_a_lora_head_and_tied_embeddings(family_dirs):
     from peft import LoraConfig, get_peft_model
 
-    from dpo_ray.models import load_causal_lm
-    from dpo_ray.packing import enable_segment_attention
+    from dpo_ray.compute.attention import enable_segment_attention
+    from dpo_ray.models.loading import load_causal_lm
 
     model = enable_segment_attention(load_causal_lm(str(family_dirs["llama3"])))
     model.config.tie_word_embeddings = True
     model.tie_weights()
-    from dpo_ray.fused_head import enable_fused_head
+    from dpo_ray.compute.fused_head import enable_fused_head
 
     want, want_grads = _run(model, "packed", fused=False)
     enable_fused_head(model)
@@ -88,8 +88,8 @@ def test_a_lora_head_and_tied_embeddings(family_dirs):
 
 
 def test_a_model_that_scales_its_logits_is_refused(family_dirs):
-    from dpo_ray.fused_head import UnsupportedHeadError, enable_fused_head
-    from dpo_ray.models import load_causal_lm
+    from dpo_ray.compute.fused_head import UnsupportedHeadError, enable_fused_head
+    from dpo_ray.models.loading import load_causal_lm
 
     model = load_causal_lm(str(family_dirs["llama3"]))
     model.config.logit_scale = 0.25
@@ -103,9 +103,9 @@ def test_under_bf16_autocast(family_dirs, family):
     float32 log-probs out. Fused and unfused round differently (the fused head's weight gradient is summed
     chunk by chunk), so both are held to the float32 path: the fused head's error is no larger than the
     unfused path's (within 1.5x, plus float32 noise), for the log-probs and every gradient."""
-    from dpo_ray.fused_head import enable_fused_head
-    from dpo_ray.models import disable_dropout, load_causal_lm
-    from dpo_ray.packing import enable_segment_attention
+    from dpo_ray.compute.attention import enable_segment_attention
+    from dpo_ray.compute.fused_head import enable_fused_head
+    from dpo_ray.models.loading import disable_dropout, load_causal_lm
 
     model = enable_segment_attention(disable_dropout(load_causal_lm(str(family_dirs[family]))))
     exact, exact_grads = _run(model, "packed", fused=False)

@@ -1,4 +1,4 @@
-"""pipeline.inputs: a stage's identity covers every model, tokenizer and reward it reads, by content.
+"""pipeline.core.inputs: a stage's identity covers every model, tokenizer and reward it reads, by content.
 
 Each case failed before models entered the identity by fingerprint: the identity named them by path only."""
 
@@ -8,9 +8,9 @@ import shutil
 
 import pyarrow as pa
 
-from dpo_ray import artifacts
+from dpo_ray.data import artifacts
 from pipeline.config import GenerateConfig
-from pipeline.inputs import changes, known_inputs, stage_inputs
+from pipeline.core.inputs import changes, known_inputs, stage_inputs
 
 
 def _prompts(tmp_path) -> str:

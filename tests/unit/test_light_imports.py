@@ -8,7 +8,8 @@ import sys
 
 def test_math_modules_import_only_torch():
     code = (
-        "import sys; import dpo_ray.losses, dpo_ray.logps, dpo_ray.metrics, dpo_ray.batching; "
+        "import sys; import dpo_ray.objective.losses, dpo_ray.compute.logps, dpo_ray.objective.metrics; "
+        "import dpo_ray.compute.batching; "
         "heavy = [m for m in ('ray', 'vllm', 'transformers') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
@@ -26,4 +27,4 @@ def test_engine_is_the_only_vllm_module():
         for p in (root / folder).rglob("*.py")
         if any(line.strip().startswith(("import vllm", "from vllm")) for line in p.read_text().splitlines())
     )
-    assert importers == ["dpo_ray/engine.py"]
+    assert importers == ["dpo_ray/models/engine.py"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_ray.logps import sequence_logps, token_logps
+from dpo_ray.compute.logps import sequence_logps, token_logps
 
 
 def _reference(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

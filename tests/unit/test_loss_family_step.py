@@ -1,5 +1,5 @@
 """The loss variants through the real train step (packed batching, one pair per micro-batch): the step's
-loss equals the loss of dpo_ray.losses applied to log-probs from a separate padded forward of the same
+loss equals the loss of dpo_ray.objective.losses applied to log-probs from a separate padded forward of the same
 model, with each loss's own parameters carried from TrainSettings (τ, λ, ε)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ NEW = [
 
 def _own(loss: str | tuple[str, ...], params: dict) -> dict:
     """The parameters of `params` that the loss (or a combination's members) reads: the spec refuses others."""
-    from dpo_ray.loss_spec import ENTRIES
+    from dpo_ray.objective.spec import ENTRIES
 
     names = [loss] if isinstance(loss, str) else list(loss)
     entries = [ENTRIES[n] for n in names if n != "sft"]
@@ -30,11 +30,12 @@ def _own(loss: str | tuple[str, ...], params: dict) -> dict:
 
 @pytest.mark.parametrize("name", NEW)
 def test_train_step_loss_is_the_variant_with_its_parameters(name):
-    from dpo_ray.batching import completion_logps
-    from dpo_ray.loss_spec import LossSpec
-    from dpo_ray.losses import LossState
-    from dpo_ray.packing import enable_segment_attention
-    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+    from dpo_ray.compute.attention import enable_segment_attention
+    from dpo_ray.compute.batching import completion_logps
+    from dpo_ray.objective.losses import LossState
+    from dpo_ray.objective.spec import LossSpec
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import StepBatch, TrainSettings, train_step
 
     params = {"label_smoothing": 1e-3 if name == "exo_pair" else 0.0, "discopop_tau": 0.2, "dpop_lambda": 3.0}
     params |= {"simpo_gamma": 0.3, "orpo_lambda": 0.4}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_ray.loss_spec import ENTRIES
-from dpo_ray.losses import LOSSES
+from dpo_ray.objective.losses import LOSSES
+from dpo_ray.objective.spec import ENTRIES
 from tests.loss_calls import initial, loss, zero_step
 
 
@@ -373,7 +373,7 @@ def test_step_zero_of_combinations():
 
 def test_bco_shift_and_its_running_mean():
     """BCO with δ: −log σ(β·c − δ) − log σ(−(β·r − δ)); δ after k steps is the mean of the steps' mean rewards."""
-    from dpo_ray.losses import bco_update
+    from dpo_ray.objective.losses import bco_update
 
     pc, pr, rc, rr, lc, lr = _random_inputs(31)
     beta, delta = 0.3, 0.7

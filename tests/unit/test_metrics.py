@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_ray.losses import LossOutput
-from dpo_ray.metrics import PAIR_METRICS, metric_means, pair_metric_sums, throughput
+from dpo_ray.objective.losses import LossOutput
+from dpo_ray.objective.metrics import PAIR_METRICS, metric_means, pair_metric_sums, throughput
 
 
 def test_means_by_hand_and_additivity():

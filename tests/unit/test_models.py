@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from dpo_ray.models import (
-    build_tiny_llama,
+from dpo_ray.models.loading import (
     load_causal_lm,
     load_tokenizer,
     model_fingerprint,
     resolve_model_dir,
     tokenizer_fingerprint,
 )
+from dpo_ray.models.tiny import build_tiny_llama
 
 
 def test_tiny_model_loads_with_special_tokens(tiny_model_dir: Path, tiny_model):
@@ -111,7 +111,7 @@ def test_a_model_rewritten_at_its_uri_is_copied_anew(tiny_model_dir: Path, tmp_p
 
 def test_a_chat_template_change_changes_the_tokenizer_fingerprint(family_dirs):
     """A re-templated tokenizer is a different tokenizer for every stage."""
-    from dpo_ray.models import load_tokenizer, tokenizer_fingerprint
+    from dpo_ray.models.loading import load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(family_dirs["qwen2"])
     before = tokenizer_fingerprint(tok)
@@ -121,8 +121,8 @@ def test_a_chat_template_change_changes_the_tokenizer_fingerprint(family_dirs):
 
 
 def test_one_rule_for_local_paths_uris_and_hub_ids(tmp_path):
-    from dpo_ray.models import ref_kind
-    from pipeline.config import _absolute_ref
+    from dpo_ray.models.loading import ref_kind
+    from pipeline.config.base import _absolute_ref
 
     cases = {
         "meta-llama/Llama-3.1-8B-Instruct": "hub",

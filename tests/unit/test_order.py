@@ -1,4 +1,4 @@
-"""The training order (dpo_ray.order): a function of the artifact's content and the seed only."""
+"""The training order (dpo_ray.data.order): a function of the artifact's content and the seed only."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pyarrow as pa
 
-from dpo_ray import artifacts
-from dpo_ray.artifacts import ShardInfo
-from dpo_ray.order import epoch_batches, read_split, split_counts
+from dpo_ray.data import artifacts
+from dpo_ray.data.artifacts import ShardInfo
+from dpo_ray.data.order import epoch_batches, read_split, split_counts
 
 
 def _shards(tmp_path, n: int = 50, per_shard: int = 7) -> list[ShardInfo]:
@@ -54,8 +54,8 @@ def test_epoch_batches_are_seeded_per_epoch_and_drop_a_different_remainder():
 
 
 def test_read_splits_reads_each_shard_once_and_matches_the_python_lists(tmp_path, monkeypatch):
-    from dpo_ray import order
-    from dpo_ray.order import RaggedColumn, read_splits
+    from dpo_ray.data import order
+    from dpo_ray.data.order import RaggedColumn, read_splits
 
     shards, uri = _shards(tmp_path), str(tmp_path)
     reads = []

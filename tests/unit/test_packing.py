@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from dpo_ray.batching import (
+from dpo_ray.compute.attention import enable_segment_attention
+from dpo_ray.compute.batching import (
     PairTokens,
     collate_padded,
     computed_tokens,
@@ -16,14 +17,8 @@ from dpo_ray.batching import (
     plan,
     policy_logps,
 )
-from dpo_ray.logps import token_logps
-from dpo_ray.packing import (
-    collate_packed,
-    collate_prefix_shared,
-    enable_segment_attention,
-    segment_logps,
-    segment_token_logps,
-)
+from dpo_ray.compute.layouts import collate_packed, collate_prefix_shared, segment_logps, segment_token_logps
+from dpo_ray.compute.logps import token_logps
 from tests.numerics import GRADS, LOGPS, assert_close_to_scale
 
 
@@ -181,7 +176,8 @@ def test_train_steps_agree_across_modes_and_micro_batchings(gqa_model):
     micro-batches with accumulation) gives the same losses and the same updated weights."""
     import copy
 
-    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import StepBatch, TrainSettings, train_step
 
     pairs = random_pairs(12, gqa_model.config.vocab_size, seed=4)
     gen = torch.Generator().manual_seed(0)
@@ -214,9 +210,10 @@ def test_train_steps_agree_across_modes_and_micro_batchings(gqa_model):
 def test_lora_trains_only_adapters_and_merges_exactly(tiny_model_dir):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from dpo_ray.lora import LoraSettings, apply_lora, peft_model_from_state
-    from dpo_ray.models import load_causal_lm
-    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+    from dpo_ray.models.loading import load_causal_lm
+    from dpo_ray.train.lora import LoraSettings, apply_lora, peft_model_from_state
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import StepBatch, TrainSettings, train_step
 
     settings = LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
     base = load_causal_lm(tiny_model_dir)
@@ -247,13 +244,13 @@ def test_lora_trains_only_adapters_and_merges_exactly(tiny_model_dir):
 
 
 def test_auto_batching_is_decided_once_by_the_train_stage_for_the_device_and_model():
-    """pipeline.train._batching: the only place `auto` is resolved (the workers get TrainSettings that refuse an
+    """pipeline.stages.train._batching: the only place `auto` is resolved (the workers get TrainSettings that refuse an
     unresolved mode): the measured fastest per device, padded for a model the padding-free modes cannot do."""
     from types import SimpleNamespace
 
-    from dpo_ray.step import TrainSettings
+    from dpo_ray.train.step import TrainSettings
     from pipeline.config import TrainConfig
-    from pipeline.train import _batching
+    from pipeline.stages.train import _batching
 
     plain, bidirectional = (
         SimpleNamespace(model_type="llama"),

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from dpo_ray.pairing import pair_samples
-from dpo_ray.rewards import RewardError, lexicon_sentiment, load_reward, score
+from dpo_ray.data.pairing import pair_samples
+from dpo_ray.models.rewards import RewardError, lexicon_sentiment, load_reward, score
 
 C = [[1], [2], [3], [4]]
 
@@ -88,7 +88,7 @@ def test_reward_model_scores_batched_like_one_by_one(tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from dpo_ray.models import load_tokenizer
+    from dpo_ray.models.loading import load_tokenizer
 
     rm_dir = tmp_path / "rm"
     torch.manual_seed(0)
@@ -116,9 +116,9 @@ def test_generated_pairs_of_one_prompt_share_a_split():
     Failed before the split was a function of the prompt (drawn per pair_id, most prompts had pairs in both);
     and with prepare's own hash, no prompt of prepare's train split could land in generate's eval split at an
     eval_fraction ≤ prepare's (the demo's and the defaults): generate's split is salted."""
-    from dpo_ray.tokenization import split_of
+    from dpo_ray.data.tokenization import split_of
     from pipeline.config import GenerateConfig
-    from pipeline.generate import _pair
+    from pipeline.stages.generate import _pair
 
     prompts = [f"prompt {p}" for p in range(400) if split_of(f"prompt {p}", 0.3) == "train"]
     cfg = GenerateConfig(policy="p", prompts="x", strategy="all_pairs", max_pairs_per_prompt=6, eval_fraction=0.3)

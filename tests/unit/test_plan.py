@@ -1,4 +1,4 @@
-"""pipeline.plan: the one walk of rounds and the β sweep that run, status and the summary share."""
+"""pipeline.core.plan: the one walk of rounds and the β sweep that run, status and the summary share."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.plan import plan
+from pipeline.core.plan import plan
 
 DEMO = Path(__file__).resolve().parents[2] / "pipeline" / "configs" / "demo.yaml"
 
@@ -50,7 +50,7 @@ def test_the_demo_plan_chains_rounds_and_the_sweep(tmp_path):
 
 
 def test_status_reads_the_plan(tmp_path):
-    from pipeline.status import collect
+    from pipeline.cli.status import collect
 
     cfg = load_config(DEMO, [f"run_dir={tmp_path}"])
     rows = collect(cfg)

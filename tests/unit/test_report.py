@@ -9,10 +9,10 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
+from pipeline.cli.report import SAMPLED_PROMPTS, write_report
+from pipeline.cli.summary import _row, table
 from pipeline.config import EvaluateConfig
-from pipeline.evaluate import _evaluation, result_line
-from pipeline.report import SAMPLED_PROMPTS, write_report
-from pipeline.summary import _row, table
+from pipeline.stages.evaluation import result_line, statistics
 
 
 def _png(path) -> None:
@@ -115,7 +115,7 @@ def test_standard_errors_are_over_prompts():
     assert any(a == b for a, b in zip(pol, ref, strict=True)) and 0.0 in pol + ref
     logp, ref_logp = rng.normal(-20, 2, n_prompts * n), rng.normal(-22, 2, n_prompts * n)
     flat = [{"logp": float(x)} for x in logp]
-    out = _evaluation(cfg, n_prompts, flat, ref_logp.tolist(), pol, ref)
+    out = statistics(cfg, n_prompts, flat, ref_logp.tolist(), pol, ref)
 
     def se(values):
         means = [float(np.mean(values[i * n : (i + 1) * n])) for i in range(n_prompts)]

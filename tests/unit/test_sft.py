@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_ray.models import build_tiny_llama, load_causal_lm, load_tokenizer, model_fingerprint
-from dpo_ray.sft import sft_train
-from pipeline.demo import review_corpus
+from dpo_ray.models.loading import load_causal_lm, load_tokenizer, model_fingerprint
+from dpo_ray.models.tiny import build_tiny_llama
+from dpo_ray.train.sft import sft_train
+from pipeline.cli.demo import review_corpus
 
 
 def test_sft_learns_the_review_corpus(tmp_path):
@@ -29,7 +30,7 @@ def test_sft_learns_the_review_corpus(tmp_path):
 
 
 def test_demo_assets_with_sft(tmp_path):
-    from pipeline.demo import build_assets
+    from pipeline.cli.demo import build_assets
 
     plain = build_assets(tmp_path / "plain", pairs=20, seed=0)
     tuned = build_assets(tmp_path / "tuned", pairs=20, seed=0, sft_steps=20)
@@ -40,7 +41,7 @@ def test_demo_assets_with_sft(tmp_path):
 def test_demo_assets_are_reused_only_for_the_same_settings(tmp_path, capsys):
     """Assets built for another demo config are rebuilt, not reused (failed before: `.complete` alone meant reuse,
     so `run demo.seed=1` over a seed-0 run dir trained seed 0's model and pairs)."""
-    from pipeline.demo import build_assets
+    from pipeline.cli.demo import build_assets
 
     first = build_assets(tmp_path / "assets", pairs=20, seed=0)
     print_before = model_fingerprint(first / "model")

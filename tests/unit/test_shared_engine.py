@@ -1,5 +1,5 @@
-"""dpo_ray.engine.shared_engine: one engine per process, returned again for the same spec (seed aside),
-refused for another; pipeline.runtime.engine_key is what the driver matches actors by."""
+"""dpo_ray.models.engine.shared_engine: one engine per process, returned again for the same spec (seed aside),
+refused for another; pipeline.core.engines.engine_key is what the driver matches actors by."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from dpo_ray import engine
-from dpo_ray.engine import EngineSpec, shared_engine
-from pipeline.runtime import engine_key
+from dpo_ray.models import engine
+from dpo_ray.models.engine import EngineSpec, shared_engine
+from pipeline.core.engines import engine_key
 
 
 def test_one_engine_per_process(monkeypatch):
@@ -29,7 +29,7 @@ def test_one_engine_per_process(monkeypatch):
 def test_engine_key_is_every_engine_setting_but_the_seed():
     """Derived from EngineSpec's fields, so a new engine setting that the key forgets fails here."""
     fields = {f.name: f.default for f in dataclasses.fields(EngineSpec) if f.name != "model"}
-    fields.pop("enable_prefix_caching")  # off in every stage (runtime.engine_spec)
+    fields.pop("enable_prefix_caching")  # off in every stage (engines.engine_spec)
     other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v / 2, str: lambda v: v + "x"}
     base = engine_key(SimpleNamespace(**fields), "m")
     assert engine_key(SimpleNamespace(**(fields | {"seed": 3})), "m") == base  # requests carry their own seeds

@@ -1,4 +1,4 @@
-"""pipeline.stage: skip a complete output, resume an interrupted one of the same identity, start clean
+"""pipeline.core.stage: skip a complete output, resume an interrupted one of the same identity, start clean
 otherwise; the manifest comes last and only after the row accounting holds."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from dpo_ray import artifacts
-from dpo_ray.artifacts import Manifest
-from pipeline import stage
+from dpo_ray.data import artifacts
+from dpo_ray.data.artifacts import Manifest
 from pipeline.config import ReferenceConfig
-from pipeline.stage import Build, begin, finish
+from pipeline.core import stage
+from pipeline.core.stage import Build, begin, finish
 
 
 def _cfg(tmp_path, **kw) -> ReferenceConfig:
@@ -54,7 +54,7 @@ def test_claim_keeps_resumable_work_clears_outdated_work_and_refuses_another_con
 
     Failed before the inputs' fingerprints entered the identity in two ways: a retrained upstream model did not
     reach the stamp at all, and then older inputs were refused like another run's work, so no rerun could redo it."""
-    from dpo_ray.artifacts import ArtifactError
+    from dpo_ray.data.artifacts import ArtifactError
 
     ckpt = tmp_path / "checkpoints" / "dpo"
     stage.claim(str(ckpt), {"lr": 1}, {"model:model": "a"}, "checkpoints", "fix")

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from dpo_ray.models import load_tokenizer
-from dpo_ray.tokenization import REASONS, PairTokenizer, RowRejected, pair_id, prompt_id, record_to_pair, split_of
+from dpo_ray.data.tokenization import REASONS, PairTokenizer, RowRejected, pair_id, prompt_id, record_to_pair, split_of
+from dpo_ray.models.loading import load_tokenizer
 
 COLS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 
@@ -184,7 +184,7 @@ def test_pair_id_and_split_are_deterministic():
     assert [i for i in range(40) if split_of(f"prompt {i}", 0.1) == "eval"] == [15, 20, 30, 38]
 
 
-# ---- the rule across model families (dpo_ray.families) --------------------------------------------------------
+# ---- the rule across model families (dpo_ray.testing.families) ------------------------------------------------------
 
 _FAMILY_TEXT_ROWS = [
     ("Human: what is a good movie?\n\nAssistant:", " I liked the plot a lot.", " The story was boring."),
@@ -194,8 +194,8 @@ _FAMILY_TEXT_ROWS = [
 
 
 def _family_tokenizer(family_dirs, name: str):
-    from dpo_ray.models import load_tokenizer
-    from dpo_ray.tokenization import PairTokenizer
+    from dpo_ray.data.tokenization import PairTokenizer
+    from dpo_ray.models.loading import load_tokenizer
 
     tok = load_tokenizer(family_dirs[name])
     return tok, PairTokenizer(tok, max_length=4096, max_prompt_length=2048)
@@ -206,8 +206,8 @@ def test_chat_completions_end_with_the_templates_end_of_turn_exactly_once(family
     """400 conversations: every completion ends with the family's end-of-turn token once and nothing after it
     (ChatML's "\\n" and Phi-3's trailing EOS are cut), BOS appears once where the family uses one, and prompt +
     completion is the rendered conversation's tokens up to that end of turn."""
-    from dpo_ray.families import FAMILIES
-    from dpo_ray.tokenization import record_to_pair
+    from dpo_ray.data.tokenization import record_to_pair
+    from dpo_ray.testing.families import FAMILIES
 
     spec = FAMILIES[family]
     tok, pt = _family_tokenizer(family_dirs, family)
@@ -264,7 +264,7 @@ def test_text_pairs_match_trl(family_dirs, family, tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_ray.models import load_causal_lm
+    from dpo_ray.models.loading import load_causal_lm
 
     tok, pt = _family_tokenizer(family_dirs, family)
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in _FAMILY_TEXT_ROWS]
@@ -311,8 +311,8 @@ def test_a_null_prompt_column_takes_the_shared_messages_as_the_prompt(pt):
 def test_batched_records_equal_record_by_record(family_dirs, family):
     """records_to_pairs (the batch's texts encoded in one tokenizer call, as prepare runs) gives record_to_pair's
     result for every record: the same ids, truncation flags and boundary merges, and the same reject reasons."""
-    from dpo_ray.models import load_tokenizer
-    from dpo_ray.tokenization import record_to_pair, records_to_pairs
+    from dpo_ray.data.tokenization import record_to_pair, records_to_pairs
+    from dpo_ray.models.loading import load_tokenizer
 
     tok = load_tokenizer(family_dirs[family])
     rng = random.Random(family)
@@ -366,7 +366,7 @@ def test_batched_records_equal_record_by_record(family_dirs, family):
 def test_common_prefix_length_equals_a_plain_scan():
     """The binary search over prefix equality against an element-by-element scan, on lists and strings of
     every length relation (equal, one a prefix of the other, empty, differing at any position)."""
-    from dpo_ray.tokenization import common_prefix_length
+    from dpo_ray.data.tokenization import common_prefix_length
 
     def scan(a, b) -> int:
         n = 0

@@ -1,11 +1,11 @@
-"""dpo_ray.tracking writes what each library's own reader reads back: TensorBoard event files, an MLflow file
+"""dpo_ray.train.tracking writes what each library's own reader reads back: TensorBoard event files, an MLflow file
 store, W&B offline runs; the same key resumes the same run."""
 
 from __future__ import annotations
 
 import pytest
 
-from dpo_ray.tracking import Tracker, TrackingSettings, flatten, missing_backends, train_names
+from dpo_ray.train.tracking import Tracker, TrackingSettings, flatten, missing_backends, train_names
 from tests.tracking_readers import mlflow_run, tensorboard_scalars, tensorboard_tags, wandb_offline
 
 ALL = ("tensorboard", "mlflow", "wandb")

@@ -82,7 +82,7 @@ RTOL = 5e-4
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    from dpo_ray.models import build_tiny_llama
+    from dpo_ray.models.tiny import build_tiny_llama
 
     root = tmp_path_factory.mktemp("trl")
     build_tiny_llama(root / "policy", CORPUS, seed=0)
@@ -100,10 +100,11 @@ def test_first_step_matches_trl(models, case):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_ray.batching import PairTokens, completion_logps
-    from dpo_ray.loss_spec import LossSpec
-    from dpo_ray.models import load_causal_lm, load_tokenizer
-    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+    from dpo_ray.compute.batching import PairTokens, completion_logps
+    from dpo_ray.models.loading import load_causal_lm, load_tokenizer
+    from dpo_ray.objective.spec import LossSpec
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import StepBatch, TrainSettings, train_step
 
     loss_type, trl_extra, ours_extra = CASES[case]
     tok = load_tokenizer(str(models["policy"]))
@@ -209,10 +210,11 @@ def test_reference_free_first_step_matches_trl(models, case):
 
     from datasets import Dataset
 
-    from dpo_ray.batching import PairTokens
-    from dpo_ray.loss_spec import LossSpec
-    from dpo_ray.models import load_causal_lm, load_tokenizer
-    from dpo_ray.step import StepBatch, TrainSettings, make_optimizer, make_scheduler, train_step
+    from dpo_ray.compute.batching import PairTokens
+    from dpo_ray.models.loading import load_causal_lm, load_tokenizer
+    from dpo_ray.objective.spec import LossSpec
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import StepBatch, TrainSettings, train_step
 
     module, kind, trl_extra, ours_extra = REFERENCE_FREE_CASES[case]
     trl = importlib.import_module(module)
@@ -259,7 +261,7 @@ def test_reference_free_first_step_matches_trl(models, case):
     expected = float(trl_loss)
     if case == "orpo":  # TRL's NLL term averages over the prompt and response tokens of all chosen sequences, this
         # project's (the paper's eq. 2) over each chosen response, then over pairs: compare the odds-ratio terms
-        from dpo_ray.batching import completion_logps
+        from dpo_ray.compute.batching import completion_logps
 
         with torch.no_grad():
             chosen = completion_logps(

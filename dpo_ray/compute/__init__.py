@@ -1,0 +1,1 @@
+"""How the policy's log-probs are computed: batching modes, padding-free layouts, attention kernels, the fused head."""

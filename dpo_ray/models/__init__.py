@@ -1,0 +1,1 @@
+"""Models from local dirs, URIs and the hub (resolve, cache, fingerprint), the vLLM engine, rewards, tiny models."""

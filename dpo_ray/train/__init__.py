@@ -1,0 +1,1 @@
+"""One optimizer step and the Ray Train worker loop around it: step, checkpoints, export, LoRA, tracking."""

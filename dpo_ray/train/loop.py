@@ -1,0 +1,304 @@
+"""The Ray Train per-worker loop: read the data, check the model, restore, then step → log → eval → checkpoint.
+
+`worker_loop` is the function Ray Train runs on each worker. It reads the `scored` artifact (dpo_ray.data.order),
+checks the batching mode against unbatched forwards (dpo_ray.train.preflight), restores from the latest checkpoint
+(dpo_ray.train.checkpoint), and takes the global batches still to train from `_batches`, which owns epochs and
+resume. Each batch: this worker's slice through dpo_ray.train.step.train_step, the step-0 check, a test's step hook,
+maybe an evaluation, the log, maybe a checkpoint. Finally rank 0 exports the model (dpo_ray.train.export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpo_ray.compute.attention import enable_segment_attention
+from dpo_ray.compute.batching import PairTokens
+from dpo_ray.compute.fused_head import enable_fused_head
+from dpo_ray.data.artifacts import ShardInfo
+from dpo_ray.errors import UserError
+from dpo_ray.hooks import named_hook
+from dpo_ray.objective.losses import LossState, step_zero
+from dpo_ray.objective.metrics import PAIR_METRICS, metric_means
+from dpo_ray.train.checkpoint import LoopState, load_checkpoint, save_checkpoint, seed_everything
+from dpo_ray.train.collectives import all_reduce_sum
+from dpo_ray.train.export import export_model
+from dpo_ray.train.lora import LoraSettings, apply_lora
+from dpo_ray.train.optim import make_optimizer, make_scheduler
+from dpo_ray.train.parallel import compile_layers, wrap
+from dpo_ray.train.preflight import batching_mismatch
+from dpo_ray.train.step import MODES, StepBatch, TrainSettings, eval_sums, model_device, train_step
+from dpo_ray.train.tracking import Tracker, TrackingSettings, train_names
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ERROR_FILE", "LoopConfig", "worker_loop", "write_error"]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything worker_loop needs, as plain values (built by pipeline/stages/train.py from TrainConfig)."""
+
+    model: str
+    settings: TrainSettings
+    optimizer: str
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str
+    batch_size: int
+    total_steps: int
+    seed: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    parallelism: str
+    gradient_checkpointing: bool
+    output: str
+    export: str
+    scored: str
+    scored_shards: tuple[ShardInfo, ...]
+    check_initial_margin: bool  # the policy starts at the reference and the loss's rewards are log-ratios
+    initial_tolerance: float
+    compile: bool = False  # torch.compile each decoder layer (compile_layers)
+    reference_logps: bool = True  # False: a `pairs` artifact for a reference-free loss (reference log-probs 0)
+    step_hook: str | None = None  # "module:function[:ARG]" called with (step, rank, output) after every step
+    trust_remote_code: bool = False
+    lora: LoraSettings | None = None
+    progress: Any = None  # a pipeline.core.progress.Counter actor handle: rank 0 raises it to each finished step
+    tracking: TrackingSettings | None = None  # experiment trackers rank 0 logs to (dpo_ray.train.tracking)
+    tracking_params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the resolved train config
+
+
+ERROR_FILE = "error.json"
+
+
+def write_error(output: str, message: str) -> None:
+    """Record why the run stopped on purpose (read by pipeline.stages.train, which reports it as a user error)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{ERROR_FILE}", "w") as f:
+        json.dump({"error": message}, f)
+
+
+def worker_slice(columns: dict[str, Any], rows: np.ndarray, rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's contiguous share of the global batch `rows` (pairs are never split; equal counts)."""
+    per = len(rows) // world_size
+    mine = rows[rank * per : (rank + 1) * per]
+    return {k: v[mine] for k, v in columns.items()}
+
+
+def _batches(n_rows: int, cfg: LoopConfig, state: LoopState) -> Iterator[np.ndarray]:
+    """The global batches (row indices) still to train, in order, until cfg.total_steps: from the state's
+    position (epoch, batch in epoch; a restored checkpoint's) on, epoch after epoch in dpo_ray.data.order's
+    order. The position is advanced as each batch is handed out, so a checkpoint taken after its step resumes
+    at the next one; the step count is the caller's."""
+    from dpo_ray.data.order import epoch_batches
+
+    while state.step < cfg.total_steps:
+        order = epoch_batches(n_rows, cfg.batch_size, cfg.seed, state.epoch)
+        for rows in order[state.batch_in_epoch :]:
+            state.batch_in_epoch += 1
+            yield rows
+            if state.step >= cfg.total_steps:
+                return
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def _write_metrics(output: str, history: list[dict[str, Any]]) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/metrics.jsonl", "w") as f:
+        f.write("".join(json.dumps(h) + "\n" for h in history))
+
+
+def _check_initial(metrics: dict[str, float], cfg: LoopConfig) -> str | None:
+    """Policy == reference at step 0: margins must be 0 and the loss its value at h = 0, each within the
+    tolerance (the loss's scaled by its slope, so IPO with a small β or a bf16 run is not stopped).
+    Returns what failed, or None."""
+    tol = cfg.initial_tolerance
+    expected = step_zero(cfg.settings.loss)  # value None: an NLL term or a reference-free member (margins only)
+    loss, margin = metrics["loss"], metrics["rewards/margins"]
+    loss_tol = tol + expected.slope * tol
+    bad_loss = expected.value is not None and abs(loss - expected.value) > loss_tol
+    if not bad_loss and abs(margin) <= tol:
+        return None
+    want = f"loss {expected.value:.6f} (±{loss_tol:g}) and " if expected.value is not None else ""
+    return (
+        f"step 0 check failed: the policy starts from the reference weights, so {want}margins 0 (±{tol:g}) are "
+        f"expected; found loss {loss:.6f}, margins {margin:.6f}. The stored reference log-probs do not match this "
+        "model's forward. Likely causes: the scored artifact was made with another model or tokenizer "
+        "(reference.model vs train.model), the reference backend computes the model differently (e.g. vLLM "
+        "without the model's sliding window or softcapping: see the reference stage's parity numbers), or, "
+        "in bf16, a tolerance too tight (train.initial_check_tolerance)."
+    )
+
+
+def _evaluate(
+    model: Any, columns: dict[str, Any], cfg: LoopConfig, rank: int, world: int, loss_state: LossState
+) -> dict[str, float]:
+    sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
+    n_rows = len(columns["prompt_ids"])
+    for start in range(0, n_rows, cfg.batch_size):
+        rows = np.arange(start, min(start + cfg.batch_size, n_rows))
+        mine = rows[rank::world] if len(rows) >= world else (rows if rank == 0 else rows[:0])
+        # Every rank calls eval_sums for every batch, with its pairs or none (see dpo_ray.train.collectives.aligned).
+        pairs = StepBatch.from_columns({k: v[mine] for k, v in columns.items()})
+        sums += eval_sums(model, pairs, cfg.settings, loss_state)
+    return metric_means(all_reduce_sum(sums.to(model_device(model))).cpu(), prefix="eval/")
+
+
+def _check_pairs(columns: dict[str, Any], k: int = 3) -> list[PairTokens]:
+    """The k pairs with the longest sequences (past any sliding window the data reaches), by base order."""
+    longest = [
+        max(len(c), len(r)) + len(p)
+        for p, c, r in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], strict=True)
+    ]
+    picked = sorted(np.argsort(-np.asarray(longest), kind="stable")[:k])
+    return StepBatch.from_columns({key: v[picked] for key, v in columns.items()}).pairs
+
+
+def _read_rows(cfg: LoopConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The train split and (when evaluating) the eval split, every column the step reads."""
+    from dpo_ray.data.order import TRAIN_COLUMNS, read_splits
+
+    columns = TRAIN_COLUMNS if cfg.reference_logps else [c for c in TRAIN_COLUMNS if not c.startswith("ref_")]
+    splits = read_splits(cfg.scored, cfg.scored_shards, ["train", "eval"] if cfg.eval_every else ["train"], columns)
+    if not cfg.reference_logps:  # a reference-free loss reads none (dpo_ray.objective.spec.ENTRIES)
+        for rows in splits.values():
+            rows |= {c: np.zeros(len(rows["pair_id"])) for c in ("ref_chosen_logp", "ref_rejected_logp")}
+    return splits["train"], splits.get("eval")
+
+
+def _model(cfg: LoopConfig, train_rows: dict[str, Any], use_gpu: bool) -> tuple[Any, str | None]:
+    """The policy, ready for the configured batching (attention, fused head, compiled layers), and why it must
+    not train (the check against unbatched forwards failed), or None."""
+    from dpo_ray.models.loading import disable_dropout, load_causal_lm
+
+    model = disable_dropout(load_causal_lm(cfg.model, "float32", cfg.trust_remote_code))
+    if MODES[cfg.settings.batching].segment_attention:
+        enable_segment_attention(model)
+        if cfg.settings.fused_head:
+            enable_fused_head(model)  # before LoRA and the DDP/FSDP wrappers (dpo_ray.compute.fused_head)
+    if use_gpu:
+        model = model.cuda()
+    if cfg.compile:  # before the check below, so that it checks the compiled layers
+        try:
+            compile_layers(model)
+        except UserError as e:
+            return model, str(e)
+    return model, batching_mismatch(model, _check_pairs(train_rows), cfg.settings)
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Ray Train per-worker function: config = {"loop": LoopConfig}.
+
+    A check that fails (the batching mode against unbatched forwards before training, or step 0) makes
+    every rank return early with the reason in <output>/error.json: a retry would fail the same way.
+    """
+    import ray.train
+
+    cfg: LoopConfig = config["loop"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = torch.cuda.is_available()
+    seed_everything(cfg.seed)
+    train_rows, eval_rows = _read_rows(cfg)
+    model, problem = _model(cfg, train_rows, use_gpu)
+    if problem is not None:
+        if rank == 0:
+            write_error(cfg.output, problem)
+        return
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
+    model = wrap(model, cfg.parallelism, world, use_gpu)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.total_steps, cfg.schedule)
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            load_checkpoint(path, model, optimizer, scheduler, state, rank)
+        state.resumed_from = state.step
+        if rank == 0:
+            logger.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+    started = time.perf_counter()
+    tracker = _tracker(cfg, rank)
+    hook = named_hook(cfg.step_hook)  # the tests' fault injection (dpo_ray.hooks)
+    for rows in _batches(len(train_rows["pair_id"]), cfg, state):
+        batch = StepBatch.from_columns(worker_slice(train_rows, rows, rank, world))
+        step = train_step(model, optimizer, scheduler, batch, cfg.settings, cfg.batch_size, world, state.loss)
+        metrics, state.loss = step.metrics, step.loss_state
+        state.step += 1
+        if rank == 0 and cfg.progress is not None:
+            cfg.progress.reach.remote(state.step)
+        if state.step == 1 and cfg.check_initial_margin and checkpoint is None:
+            problem = _check_initial(metrics, cfg)
+            if problem is not None:
+                if rank == 0:
+                    write_error(cfg.output, problem)
+                return
+        if hook is not None:
+            hook(state.step, rank, cfg.output)
+        metrics.update(step=state.step, epoch=state.epoch)
+        if state.resumed_from is not None:
+            metrics["resumed_from_step"] = state.resumed_from
+        last = state.step >= cfg.total_steps
+        if cfg.eval_every and eval_rows is not None and (state.step % cfg.eval_every == 0 or last):
+            metrics.update(_evaluate(model, eval_rows, cfg, rank, world, state.loss))
+        if tracker is not None:
+            tracker.metrics(train_names(metrics), state.step)
+        if state.step % cfg.log_every == 0 or last or "eval/loss" in metrics:
+            _log(metrics, cfg, state, rank, started)
+        # Only checkpoints go through ray.train.report: a report synchronises every rank with the controller
+        # (~2 s each on CPU, 30x a tiny model's step); metrics.jsonl, the trackers and the progress counter
+        # carry every step.
+        if state.step % cfg.checkpoint_every == 0 or last:
+            path = save_checkpoint(model, optimizer, scheduler, state, rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path))
+    export_model(model, cfg, rank)
+    if tracker is not None:
+        tracker.tag("export", cfg.export)
+        tracker.close()
+
+
+def _log(metrics: dict[str, Any], cfg: LoopConfig, state: LoopState, rank: int, started: float) -> None:
+    """The step's metrics into the history (metrics.jsonl, rewritten by rank 0) and rank 0's log line."""
+    state.history.append(metrics)
+    if rank != 0:
+        return
+    _write_metrics(cfg.output, state.history)
+    logger.info(
+        "step %d/%d loss %.4f acc %.3f margin %.4f %.0f tok/s (%.0fs)",
+        state.step,
+        cfg.total_steps,
+        metrics["loss"],
+        metrics["rewards/accuracies"],
+        metrics["rewards/margins"],
+        metrics["tokens_per_sec"],
+        time.perf_counter() - started,
+    )
+
+
+def _tracker(cfg: LoopConfig, rank: int) -> Tracker | None:
+    """Rank 0's tracker run (opened, or resumed after a restart), with the resolved config as its params."""
+    if rank != 0 or cfg.tracking is None or not cfg.tracking.report_to:
+        return None
+    tracker = Tracker(cfg.tracking)
+    tracker.params({"train": cfg.tracking_params})
+    return tracker

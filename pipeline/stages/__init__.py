@@ -1,0 +1,1 @@
+"""One module per stage (prepare, reference, train, generate, evaluate), each `run(cfg) -> Manifest`."""
