@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(VENV)/bin/ruff check dpo_ray pipeline tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff check dpo_ray pipeline tests docs $(wildcard benchmarks)
 
 typecheck: install
 	$(VENV)/bin/mypy dpo_ray pipeline
