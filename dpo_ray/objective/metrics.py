@@ -6,13 +6,18 @@ be combined by adding (an all-reduce of one small tensor) before taking means.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from dpo_ray.objective.health import CHOSEN_SHIFT, KL, NONFINITE, REJECTED_SHIFT
 from dpo_ray.objective.losses import LossOutput
 
 __all__ = [
     "GRAD_NORM",
+    "HEALTH_SUMS",
+    "NONFINITE",
     "LOGPS_CHOSEN",
     "LOGPS_REJECTED",
     "LOSS",
@@ -24,6 +29,8 @@ __all__ = [
     "REWARDS_MARGINS",
     "REWARDS_REJECTED",
     "TOKENS_PER_SEC",
+    "health_means",
+    "health_sums",
     "metric_means",
     "pair_metric_sums",
     "throughput",
@@ -71,6 +78,33 @@ def pair_metric_sums(out: LossOutput, policy_chosen_logps: Tensor, policy_reject
     sums = torch.stack([c.sum() for c in columns])
     count = torch.tensor([float(out.losses.shape[0])], dtype=torch.float64, device=sums.device)
     return torch.cat([sums, count])
+
+
+HEALTH_SUMS = 4  # health_sums' width
+
+
+def health_sums(lp: Any, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:
+    """Sums over the batch of the policy's minus the reference's log-probs of the chosen and the rejected
+    completions, and of their token counts: (Σ(c − c_ref), Σ|y_w|, Σ(r − r_ref), Σ|y_l|), float64. Additive, as
+    pair_metric_sums: any split of the batch agrees once summed. `lp`: a PairLogps of the batch."""
+    columns = (
+        lp.chosen.detach().double() - ref_chosen.double(),
+        lp.chosen_lengths.double(),
+        lp.rejected.detach().double() - ref_rejected.double(),
+        lp.rejected_lengths.double(),
+    )
+    return torch.stack([c.sum() for c in columns])
+
+
+def health_means(sums: Tensor, pairs: int) -> dict[str, float]:
+    """The health signals from (added-up) health_sums of `pairs` pairs: the per-token mean log-prob shift of the
+    chosen and of the rejected completions, and the mean over both of log πref − log π per sequence."""
+    c, n_c, r, n_r = (float(x) for x in sums.detach().cpu().double().tolist())
+    return {
+        CHOSEN_SHIFT: c / n_c if n_c else float("nan"),
+        REJECTED_SHIFT: r / n_r if n_r else float("nan"),
+        KL: -(c + r) / (2 * pairs) if pairs else float("nan"),
+    }
 
 
 def metric_means(sums: Tensor, prefix: str = "") -> dict[str, float]:

@@ -64,6 +64,7 @@ class LoopState:
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
         self.loss = LossState()  # what the loss carries between steps (BCO's δ)
+        self.grad_norms: list[float] = []  # every step's, for the health signal grad_norm_ratio
 
 
 def save_checkpoint(model: Any, optimizer: Any, scheduler: Any, state: LoopState, rank: int) -> str:
@@ -77,7 +78,7 @@ def save_checkpoint(model: Any, optimizer: Any, scheduler: Any, state: LoopState
     if rank == 0:
         torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
         trainer = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch}
-        loss_state = {"bco": [state.loss.bco_delta, state.loss.bco_steps]}
+        loss_state = {"bco": [state.loss.bco_delta, state.loss.bco_steps], "grad_norms": state.grad_norms}
         save_json(os.path.join(path, "trainer.json"), {**trainer, **loss_state, "history": state.history})
     return path
 
@@ -99,3 +100,4 @@ def load_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any, state
     state.step, state.epoch, state.batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
     state.history = saved["history"]
     state.loss = LossState(float(saved["bco"][0]), int(saved["bco"][1])) if "bco" in saved else LossState()
+    state.grad_norms = [float(g) for g in saved.get("grad_norms", [])]

@@ -3,8 +3,9 @@
 `worker_loop` is the function Ray Train runs on each worker. It reads the `scored` artifact (dpo_ray.data.order),
 checks the batching mode against unbatched forwards (dpo_ray.train.preflight), restores from the latest checkpoint
 (dpo_ray.train.checkpoint), and takes the global batches still to train from `_batches`, which owns epochs and
-resume. Each batch: this worker's slice through dpo_ray.train.step.train_step, the step-0 check, a test's step hook,
-maybe an evaluation, the log, maybe a checkpoint. Finally rank 0 exports the model (dpo_ray.train.export).
+resume. Each batch: this worker's slice through dpo_ray.train.step.train_step, the health guards
+(dpo_ray.objective.health), the step-0 check, a test's step hook, maybe an evaluation, the log, maybe a
+checkpoint. Finally rank 0 exports the model (dpo_ray.train.export).
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ from dpo_ray.compute.fused_head import enable_fused_head
 from dpo_ray.data.artifacts import ShardInfo
 from dpo_ray.errors import UserError
 from dpo_ray.hooks import named_hook
+from dpo_ray.objective.health import (
+    CHOSEN_SHIFT,
+    GRAD_NORM_RATIO,
+    KL,
+    NONFINITE,
+    REJECTED_SHIFT,
+    REMEDIES,
+    HealthSpec,
+    alarms,
+    grad_norm_ratio,
+)
 from dpo_ray.objective.losses import LossState, step_zero
 from dpo_ray.objective.metrics import PAIR_METRICS, metric_means
 from dpo_ray.train.checkpoint import LoopState, load_checkpoint, save_checkpoint, seed_everything
@@ -71,6 +83,7 @@ class LoopConfig:
     compile: bool = False  # torch.compile each decoder layer (compile_layers)
     reference_logps: bool = True  # False: a `pairs` artifact for a reference-free loss (reference log-probs 0)
     step_hook: str | None = None  # "module:function[:ARG]" called with (step, rank, output) after every step
+    health: HealthSpec = dataclasses.field(default_factory=HealthSpec)  # the guards (dpo_ray.objective.health)
     trust_remote_code: bool = False
     lora: LoraSettings | None = None
     progress: Any = None  # a pipeline.core.progress.Counter actor handle: rank 0 raises it to each finished step
@@ -81,14 +94,15 @@ class LoopConfig:
 ERROR_FILE = "error.json"
 
 
-def write_error(output: str, message: str) -> None:
-    """Record why the run stopped on purpose (read by pipeline.stages.train, which reports it as a user error)."""
+def write_error(output: str, message: str, kind: str = "check") -> None:
+    """Record why the run stopped on purpose (read by pipeline.stages.train, which reports it as a user error):
+    `kind` check (a check before or at the first step) or health (a guard stopped it)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(output)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/{ERROR_FILE}", "w") as f:
-        json.dump({"error": message}, f)
+        json.dump({"error": message, "kind": kind}, f)
 
 
 def worker_slice(columns: dict[str, Any], rows: np.ndarray, rank: int, world_size: int) -> dict[str, Any]:
@@ -245,6 +259,14 @@ def worker_loop(config: dict[str, Any]) -> None:
         step = train_step(model, optimizer, scheduler, batch, cfg.settings, cfg.batch_size, world, state.loss)
         metrics, state.loss = step.metrics, step.loss_state
         state.step += 1
+        metrics.update(step=state.step, epoch=state.epoch)
+        _health(metrics, cfg, state)
+        problem = _guard(metrics, cfg, state, train_rows["pair_id"][rows], rank)
+        if problem is not None:  # stopped before this step's checkpoint: the checkpoints before it are kept
+            if rank == 0:
+                write_error(cfg.output, problem, kind="health")
+                _log(metrics, cfg, state, rank, started)
+            return
         if rank == 0 and cfg.progress is not None:
             cfg.progress.reach.remote(state.step)
         if state.step == 1 and cfg.check_initial_margin and checkpoint is None:
@@ -255,7 +277,6 @@ def worker_loop(config: dict[str, Any]) -> None:
                 return
         if hook is not None:
             hook(state.step, rank, cfg.output)
-        metrics.update(step=state.step, epoch=state.epoch)
         if state.resumed_from is not None:
             metrics["resumed_from_step"] = state.resumed_from
         last = state.step >= cfg.total_steps
@@ -275,6 +296,37 @@ def worker_loop(config: dict[str, Any]) -> None:
     if tracker is not None:
         tracker.tag("export", cfg.export)
         tracker.close()
+
+
+def _health(metrics: dict[str, Any], cfg: LoopConfig, state: LoopState) -> None:
+    """Complete the step's health signals (dpo_ray.objective.health): the gradient-norm ratio to the median of
+    the steps before; without stored reference log-probs (a reference-free loss) no shift or KL."""
+    metrics[GRAD_NORM_RATIO] = grad_norm_ratio(metrics["grad_norm"], state.grad_norms)
+    state.grad_norms.append(float(metrics["grad_norm"]))
+    if not cfg.reference_logps:
+        for key in (CHOSEN_SHIFT, REJECTED_SHIFT, KL):
+            metrics.pop(key, None)
+
+
+def _guard(metrics: dict[str, Any], cfg: LoopConfig, state: LoopState, pair_ids: Any, rank: int) -> str | None:
+    """Act on the guards that fire (the same on every rank: the signals are all-reduced): warnings are logged
+    (rank 0) and recorded as health/alarm/<signal> = 1; a guard with action stop, or a non-finite loss or
+    gradient, returns the message the stage ends with."""
+    if metrics.get(NONFINITE):
+        shown = ", ".join(str(p) for p in list(pair_ids)[:8]) + (", ..." if len(pair_ids) > 8 else "")
+        return (
+            f"non-finite loss or gradient at step {state.step} (loss {metrics['loss']}, grad_norm "
+            f"{metrics['grad_norm']}); the batch's pairs: {shown}. The step's update was not checkpointed. "
+            f"Remedies: {REMEDIES}; check these pairs' data."
+        )
+    stops = []
+    for alarm in alarms(metrics, cfg.health, state.step):
+        metrics[f"health/alarm/{alarm.signal.removeprefix('health/')}"] = 1.0
+        if alarm.action == "stop":
+            stops.append(alarm.message())
+        elif rank == 0:
+            logger.warning("health: %s", alarm.message())
+    return f"a health guard stopped the run: {'; '.join(stops)}" if stops else None
 
 
 def _log(metrics: dict[str, Any], cfg: LoopConfig, state: LoopState, rank: int, started: float) -> None:

@@ -37,7 +37,18 @@ from dpo_ray.compute.batching import (
 from dpo_ray.compute.layouts import collate_packed, collate_prefix_shared, segment_logps
 from dpo_ray.compute.logps import DEFAULT_CHUNK_TOKENS
 from dpo_ray.objective.losses import BatchState, LossState, aot_partners, aot_values, preference_loss
-from dpo_ray.objective.metrics import GRAD_NORM, LR, PAIR_METRICS, metric_means, pair_metric_sums, throughput
+from dpo_ray.objective.metrics import (
+    GRAD_NORM,
+    HEALTH_SUMS,
+    LR,
+    NONFINITE,
+    PAIR_METRICS,
+    health_means,
+    health_sums,
+    metric_means,
+    pair_metric_sums,
+    throughput,
+)
 from dpo_ray.objective.spec import LossSpec
 from dpo_ray.train.collectives import aligned, all_reduce_sum, gather_rows
 
@@ -172,7 +183,8 @@ def micro_batch_logps(model: Any, batch: StepBatch, s: TrainSettings) -> PairLog
 
 def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings, delta: float) -> tuple[Tensor, Tensor]:
     """Summed loss of the batch's pairs (graph attached), and its metric sums followed by the sums of the
-    two shift rewards (LossOutput.shift_rewards; zeros when no member reads BCO's δ)."""
+    two shift rewards (LossOutput.shift_rewards; zeros when no member reads BCO's δ) and the health sums
+    (dpo_ray.objective.metrics.health_sums)."""
     device = model_device(model)
     lp = micro_batch_logps(model, batch, s)
     partners = None if batch.partners is None else batch.partners.to(device)
@@ -189,10 +201,15 @@ def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings, delta: flo
     shift = torch.zeros(2, dtype=torch.float64, device=device)
     if out.shift_rewards is not None:
         shift = out.shift_rewards.double().sum(dim=1)
-    return out.losses.sum(), torch.cat([pair_metric_sums(out, lp.chosen, lp.rejected), shift])
+    health = health_sums(lp, batch.ref_chosen.to(device), batch.ref_rejected.to(device))
+    return out.losses.sum(), torch.cat([pair_metric_sums(out, lp.chosen, lp.rejected), shift, health])
 
 
-_SUMS = len(PAIR_METRICS) + 1  # pair_metric_sums' width (the pair count last); two shift-reward sums follow
+# The layout of a step's sums: pair_metric_sums (the pair count last), the two shift-reward sums, the health sums.
+_SUMS = len(PAIR_METRICS) + 1
+_SHIFT = _SUMS
+_HEALTH = _SUMS + 2
+_WIDTH = _HEALTH + HEALTH_SUMS
 
 
 def train_step(
@@ -220,7 +237,7 @@ def train_step(
     groups = aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), model_device(model))
     scale = world_size / global_batch_size
     batch = _with_aot_partners(model, batch, settings, groups)
-    sums = torch.zeros(_SUMS + 2, dtype=torch.float64)
+    sums = torch.zeros(_WIDTH, dtype=torch.float64)
     for k, index in enumerate(groups):
         with _sync(model, enabled=k == len(groups) - 1):
             if index is None:  # keeps this rank's collectives in step with ranks that have more micro-batches
@@ -243,9 +260,11 @@ def train_step(
     metrics.update({GRAD_NORM: float(grad_norm), LR: lr})
     pairs = int(reduced[_SUMS - 1])
     metrics.update(throughput(int(reduced[-1]), pairs, seconds))
+    metrics.update(health_means(reduced[_HEALTH:_WIDTH], pairs))
+    metrics[NONFINITE] = float(not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))))
     if settings.loss.shifted:
         metrics["bco/delta"] = state.bco_delta  # the δ this step used
-        state = state.after(float(reduced[_SUMS]) / pairs, float(reduced[_SUMS + 1]) / pairs)
+        state = state.after(float(reduced[_SHIFT]) / pairs, float(reduced[_SHIFT + 1]) / pairs)
     return StepResult(metrics, state)
 
 

@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if not ray_was_up:  # while still captured: Ray forwards workers' last lines until it stops
                     _stop_ray()
-    except UserError as e:  # one message, exit status 2, no traceback (dpo_ray.errors)
+    except UserError as e:  # one message, its exit status (2 unless it says otherwise), no traceback
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     return 0
 
 

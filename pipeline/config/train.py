@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from dpo_ray.objective.health import HealthSpec
 from dpo_ray.objective.spec import LossSpec
 from pipeline.config.base import StrictModel, TrackingConfig
 
@@ -106,6 +107,9 @@ class TrainConfig(StrictModel):
         "auto", description="auto: bf16 autocast on GPU, float32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    health: HealthSpec = Field(
+        default_factory=HealthSpec, description="Training-health guards (docs/explanation/health.md)."
+    )
     lora: LoraConfig | None = Field(
         None, description="Train LoRA adapters only (peft); the export is merged (vLLM loads it as a plain model)."
     )

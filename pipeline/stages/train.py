@@ -44,6 +44,13 @@ class TrainCheckError(UserError, RuntimeError):
     """A check before or at the first step refused the run (a user error: the message says why)."""
 
 
+class TrainHealthError(UserError, RuntimeError):
+    """A health guard (train.health), or a non-finite loss or gradient, stopped the run: the message names the
+    signal, step, value and remedies. Exit status 3; nothing is exported, the checkpoints before it are kept."""
+
+    exit_status = 3
+
+
 def _loop_config(
     cfg: TrainConfig, total_steps: int, batching: tuple[str, str], starts_from_reference: bool, has_eval: bool,
     shards: list[ShardInfo],
@@ -95,6 +102,7 @@ def _loop_config(
         check_initial_margin=starts_from_reference and step_zero(cfg.loss).margins_zero,
         initial_tolerance=cfg.initial_check_tolerance or (5e-2 if bf16 else 1e-3),
         step_hook=os.environ.get(STEP_HOOK_ENV) or None,
+        health=cfg.health,
         trust_remote_code=cfg.trust_remote_code,
         lora=None if cfg.lora is None else LoraSettings(**(cfg.lora.model_dump() | {"target_modules": lora_targets})),
         tracking=tracking_settings(cfg.tracking, key=cfg.export),
@@ -162,11 +170,13 @@ def _clear_error(output: str) -> None:
 
 
 def _raise_recorded_error(output: str) -> None:
-    """The workers stopped on a failed check: report it as a user error (exit 2, no traceback)."""
+    """The workers stopped on a failed check (exit status 2) or a health guard (3): a user error, no traceback."""
     fs, path = _error_file(output)
     if fs.exists(path):
         with fs.open(path, "r") as f:
-            raise TrainCheckError(f"train stopped: {json.load(f)['error']}")
+            recorded = json.load(f)
+        error = TrainHealthError if recorded.get("kind") == "health" else TrainCheckError
+        raise error(f"train stopped: {recorded['error']}")
 
 
 def run(cfg: TrainConfig) -> Manifest:

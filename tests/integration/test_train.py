@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,6 +183,9 @@ def test_learns_the_preference(setup):
     for key in ("grad_norm", "lr", "tokens_per_sec", "pairs_per_sec", "logps/chosen", "rewards/chosen"):
         assert key in last
     assert len(_history(cfg)) == 40
+    # A healthy run: the default guards (train.health) stay quiet, and the signals are there at every step.
+    assert not [k for h in _history(cfg) for k in h if k.startswith("health/alarm/")]
+    assert all("health/chosen_logp_shift" in h and h["health/nonfinite"] == 0.0 for h in _history(cfg))
 
 
 def test_export_loads_in_transformers_and_vllm_and_matches_the_last_checkpoint(setup, two_workers, tmp_path):
@@ -448,6 +452,93 @@ def test_a_failed_step0_check_is_a_clear_error(setup, tmp_path, capsys):
     error_lines = [line for line in ours if line.startswith("error: ")]
     assert len(error_lines) == 1 and "step 0 check failed" in error_lines[0] and "Likely causes" in error_lines[0]
     assert not any("Traceback" in line for line in ours)
+    assert not (Path(cfg.export) / "manifest.json").exists()
+
+
+def _altered_scored(setup, out: Path, change) -> Path:
+    """A copy of setup's `scored` artifact with `change(table) -> table` applied to every shard."""
+    import pyarrow.parquet as pq
+
+    from dpo_ray.data import artifacts
+
+    source = artifacts.read_manifest(str(setup["scored"]))
+    out.mkdir()
+    for shard in source.shards:
+        pq.write_table(change(pq.read_table(setup["scored"] / shard.file)), out / shard.file)
+    artifacts.write_manifest(str(out), "scored", source.config, source.fingerprints, source.upstream, source.stats)
+    return out
+
+
+def _latest_checkpoint_step(cfg: TrainConfig) -> int:
+    found = sorted(Path(cfg.checkpoint.storage_path, cfg.run_name).glob("checkpoint_*/trainer.json"))
+    return int(json.loads(found[-1].read_text())["step"]) if found else 0
+
+
+def test_the_displacement_guard_warns_or_stops_a_collapsing_run(setup, tmp_path, capsys):
+    """lr 5e-2 on the tiny model displaces the chosen completions within a few steps. With the guard at warn
+    the run finishes and records the alarm at every step past the limit; at stop it ends at the first of them
+    with exit status 3, a message naming the signal, step, value and remedies, no export, and the checkpoint of
+    the step before kept. The default guards stay quiet on the healthy runs (test_learns_the_preference)."""
+    import yaml
+
+    from pipeline.cli.main import main
+
+    collapse = {"optim__lr": 5e-2, "max_steps": 8, "checkpoint__every": 1, "workers__count": 1}
+    guard = {"limit": -0.5, "action": "warn"}
+    warned = _cfg(setup, "collapse-warn", health__chosen_logp_shift=guard, **collapse)
+    train(warned)
+    hist = _history(warned)
+    shifts = [h["health/chosen_logp_shift"] for h in hist]
+    print("chosen log-prob shift by step:", [round(x, 3) for x in shifts])
+    fired = [h["step"] for h in hist if h.get("health/alarm/chosen_logp_shift")]
+    assert fired and fired == [h["step"] for h in hist if h["health/chosen_logp_shift"] < -0.5], (fired, shifts)
+    first = fired[0]
+    assert first > 1 and (Path(warned.export) / "manifest.json").exists()
+
+    stopped = _cfg(setup, "collapse-stop", health__chosen_logp_shift=guard | {"action": "stop"}, **collapse)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "train": stopped.model_dump(mode="json")}))
+    assert main(["train", "--config", str(path)]) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "a health guard stopped the run" in errors[0], errors
+    assert f"health/chosen_logp_shift {hist[first - 1]['health/chosen_logp_shift']:.4g} at step {first}" in errors[0]
+    assert "Remedies" in errors[0] and "lower train.optim.lr" in errors[0]
+    assert not (Path(stopped.export) / "manifest.json").exists()
+    assert _latest_checkpoint_step(stopped) == first - 1  # the step that fired was not checkpointed
+    assert _history(stopped)[-1]["step"] == first  # its metrics are recorded
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_its_pairs(setup, tmp_path, capsys):
+    """NaN reference log-probs in the pairs of the second global batch: the run stops at step 2 with exit
+    status 3, naming the step and those pairs, and keeps step 1's checkpoint; nothing is exported."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import yaml
+
+    from dpo_ray.data import artifacts
+    from dpo_ray.data.order import epoch_batches, read_split
+    from pipeline.cli.main import main
+
+    source = artifacts.read_manifest(str(setup["scored"]))
+    train_rows = read_split(str(setup["scored"]), source.shards, "train", ["pair_id"])
+    second = set(train_rows["pair_id"][epoch_batches(len(train_rows["pair_id"]), 16, 0, 0)[1]].tolist())
+
+    def poison(table):
+        hit = pc.is_in(table["pair_id"], value_set=pa.array(sorted(second)))
+        nan = pa.array([float("nan")] * len(table), type=pa.float64())
+        column = pc.if_else(hit, nan, table["ref_chosen_logp"])
+        return table.set_column(table.schema.get_field_index("ref_chosen_logp"), "ref_chosen_logp", column)
+
+    scored = _altered_scored(setup, tmp_path / "scored", poison)
+    cfg = _cfg(setup, "nan", scored=str(scored), checkpoint__every=1, workers__count=1)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "train": cfg.model_dump(mode="json")}))
+    assert main(["train", "--config", str(path)]) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "non-finite loss or gradient at step 2" in errors[0], errors
+    named = re.search(r"the batch's pairs: (.*?)\. The step", errors[0]).group(1).split(", ")  # type: ignore[union-attr]
+    assert named[-1] == "..." and len(named) == 9 and set(named[:-1]) <= second  # 8 of the 16 shown
+    assert _latest_checkpoint_step(cfg) == 1
     assert not (Path(cfg.export) / "manifest.json").exists()
 
 
