@@ -20,9 +20,14 @@ from pipeline.core.plan import plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run"]
+__all__ = ["run", "stage_module"]
 
 VLLM_STAGES = ("generate", "reference", "evaluate")  # the stages whose pool actors can be shared
+
+
+def stage_module(stage: str) -> str:
+    """The module whose `run(cfg)` a planned stage calls."""
+    return f"pipeline.stages.{stage}"
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
@@ -41,7 +46,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             if planned.stage not in VLLM_STAGES:
                 units.release()  # train (or prepare) gets the whole cluster
             t0 = time.perf_counter()
-            results[planned.label] = importlib.import_module(f"pipeline.{planned.stage}").run(planned.config)
+            results[planned.label] = importlib.import_module(stage_module(planned.stage)).run(planned.config)
             where = f"β={planned.beta:g}" if planned.group.startswith("β") else str(planned.round)
             timings.append(f"{planned.stage}[{where}] {time.perf_counter() - t0:.0f}s")
     points = [

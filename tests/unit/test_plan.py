@@ -49,6 +49,17 @@ def test_the_demo_plan_chains_rounds_and_the_sweep(tmp_path):
     ]
 
 
+def test_every_planned_stage_has_the_module_run_calls(tmp_path):
+    """Failed before: after the stages moved to pipeline/stages/, run still imported pipeline.<stage>."""
+    import importlib
+
+    from pipeline.cli.run import stage_module
+
+    cfg = load_config(DEMO, [f"run_dir={tmp_path}", "beta_sweep=[0.5]"])
+    for stage in {p.stage for p in plan(cfg)} | {"prepare"}:
+        assert callable(importlib.import_module(stage_module(stage)).run), stage
+
+
 def test_status_reads_the_plan(tmp_path):
     from pipeline.cli.status import collect
 
