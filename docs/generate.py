@@ -123,6 +123,14 @@ def losses_page() -> str:
     for name, fn in LOSSES.items():
         doc = inspect.cleandoc(fn.__doc__ or "")
         out.append(f"\n### `{name}`\n\n{doc}\n")
+    from dpo_ray.objective.health import SIGNALS
+
+    out.append(
+        "\n## Training-health signals\n\nLogged every step as `health/...` (dpo_ray/objective/health.py); "
+        "`train.health` guards act on them ([training health](../explanation/health.md)).\n\n"
+        "| signal | what it is, and the failure it reveals |\n|---|---|\n"
+    )
+    out += [f"| `{name}` | {_cell(text)} |\n" for name, text in SIGNALS.items()]
     return "".join(out)
 
 

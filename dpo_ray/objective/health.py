@@ -30,6 +30,9 @@ __all__ = [
     "Alarm",
     "Guard",
     "HealthSpec",
+    "KLGuard",
+    "RatioGuard",
+    "ShiftGuard",
     "alarms",
     "grad_norm_ratio",
 ]
@@ -62,12 +65,25 @@ REMEDIES = (
 
 
 class Guard(BaseModel):
-    """One guard: fires when its signal crosses `limit` (below it for the shifts, above it otherwise)."""
+    """One guard: fires when its signal crosses `limit` (below it for the shifts, above it otherwise). Each
+    signal's guard is a subclass with its own default limit, so setting only the action keeps that limit."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    limit: float | None = Field(description="The threshold; null: the guard is off.")
+    limit: float | None = Field(None, description="The threshold; null: the guard is off.")
     action: Literal["warn", "stop"] = Field("warn", description="warn: log and record it; stop: end the stage.")
+
+
+class ShiftGuard(Guard):
+    limit: float | None = Field(-1.0, description="nats per token; null: off.")
+
+
+class KLGuard(Guard):
+    limit: float | None = Field(None, description="nats per sequence; null: off.")
+
+
+class RatioGuard(Guard):
+    limit: float | None = Field(20.0, description="times the median gradient norm; null: off.")
 
 
 class HealthSpec(BaseModel):
@@ -75,16 +91,16 @@ class HealthSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    chosen_logp_shift: Guard = Field(
-        default_factory=lambda: Guard(limit=-1.0, action="warn"),
+    chosen_logp_shift: ShiftGuard = Field(
+        default_factory=ShiftGuard,
         description="Fires when the chosen completions' per-token log-prob shift falls below `limit` (nats/token).",
     )
-    kl: Guard = Field(
-        default_factory=lambda: Guard(limit=None, action="warn"),
+    kl: KLGuard = Field(
+        default_factory=KLGuard,
         description="Fires when the training-completion KL estimate exceeds `limit` (nats per sequence).",
     )
-    grad_norm_ratio: Guard = Field(
-        default_factory=lambda: Guard(limit=20.0, action="warn"),
+    grad_norm_ratio: RatioGuard = Field(
+        default_factory=RatioGuard,
         description="Fires when a step's gradient norm exceeds `limit` times the median of the steps before it.",
     )
     after_step: int = Field(

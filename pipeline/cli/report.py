@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from dpo_ray.data import artifacts
@@ -22,6 +23,7 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .samples td{max-width:22em;white-space:pre-wrap;font-size:0.9em}.reward{color:#555;font-size:0.85em}
+.alarm{background:#fde2e1;border:2px solid #c0392b;padding:0.8em;margin:1em 0;font-size:1.1em}
 img{max-width:100%;border:1px solid #eee;margin:0.5em 0}figure{display:inline-block;margin:0 1em 1em 0}
 """
 
@@ -40,6 +42,7 @@ _COLUMNS = [
     ("pref. accuracy", "pref_accuracy", ".2f"),
     ("± se", "pref_stderr", ".2f"),
     ("pairs", "pref_pairs", "d"),
+    ("gate", "gate", None),
 ]
 
 
@@ -105,6 +108,36 @@ def _samples(evals: list[tuple[str, str]]) -> str:
     return f'<table class="samples">{head}</tr>{body}</table>'
 
 
+def _banner(rows: list[dict[str, Any]], evals: Sequence[tuple[str, str]] = ()) -> str:
+    """A failed gate (pipeline.core.gate) and the health guards that fired in training, first on the page."""
+    failed = [r for r in rows if str(r.get("gate", "")).startswith("FAILED")]
+    out = "".join(
+        f'<div class="alarm"><b>GATE FAILED</b> {html.escape(r["label"])}: {html.escape(r["gate"])}</div>'
+        for r in failed
+    )
+    for label, alarms in _health_alarms(evals).items():
+        out += f'<div class="alarm"><b>HEALTH</b> {html.escape(label)}: {html.escape(alarms)}</div>'
+    return out
+
+
+def _health_alarms(evals: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """label → "signal at steps ..." for each evaluated policy whose training fired a guard (its metrics.jsonl)."""
+    found = {}
+    for label, uri in evals:
+        manifest = artifacts.read_manifest(uri)
+        metrics = ((manifest.stats if manifest is not None else {}).get("config") or {}).get("train_metrics")
+        if not metrics:
+            continue
+        steps: dict[str, list[int]] = {}
+        for h in _jsonl(f"{metrics}/metrics.jsonl"):
+            for key in h:
+                if key.startswith("health/alarm/"):
+                    steps.setdefault(key.removeprefix("health/alarm/"), []).append(int(h.get("step", 0)))
+        if steps:
+            found[label] = "; ".join(f"health/{s} fired at steps {', '.join(map(str, v))}" for s, v in steps.items())
+    return found
+
+
 def write_report(run_dir: str, rows: list[dict[str, Any]], table_md: str, evals: list[tuple[str, str]]) -> str:
     """Write <run_dir>/report.html (see the module docstring); returns its URI."""
     fs, out = artifacts.artifact_fs(run_dir)
@@ -114,7 +147,7 @@ def write_report(run_dir: str, rows: list[dict[str, Any]], table_md: str, evals:
         figures.append(("reward vs KL", summary_plot))
     for label, uri in evals:
         efs, epath = artifacts.artifact_fs(uri)
-        for name in ("training_curves.png", "rewards.png"):
+        for name in ("training_curves.png", "training_health.png", "rewards.png"):
             img = _image(efs, f"{epath}/{name}")
             if img:
                 figures.append((f"{label}: {name.removesuffix('.png').replace('_', ' ')}", img))
@@ -124,7 +157,7 @@ def write_report(run_dir: str, rows: list[dict[str, Any]], table_md: str, evals:
     )
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>dpo-ray report: {html.escape(run_dir)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>dpo-ray run {html.escape(run_dir)}</h1>"
+        f"<style>{_STYLE}</style></head><body><h1>dpo-ray run {html.escape(run_dir)}</h1>{_banner(rows, evals)}"
         "<h2>Summary</h2><p>Each statistic with its standard error over prompts (a prompt's samples are averaged "
         "first); preference accuracy over the eval pairs, with its binomial standard error.</p>"
         f"{_table(rows)}<details><summary>as Markdown</summary><pre>{html.escape(table_md)}</pre></details>"

@@ -13,9 +13,11 @@ import logging
 import time
 from typing import Any
 
+from dpo_ray.objective.health import REMEDIES
 from pipeline.cli.summary import EvalPoint, summarize
 from pipeline.config import PipelineConfig
 from pipeline.core import console, units
+from pipeline.core.gate import GateFailed, Verdict, gated, judge
 from pipeline.core.plan import plan
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     timings = []
     stages = plan(cfg)
+    failed: dict[int, Verdict] = {}  # round → its failed gate verdict
+    skipped: set[str] = set()
     with units.sharing():  # vLLM actors (engines loaded) carry over to the next stage with the same engine
         for planned in stages:
+            if _builds_on_failed(planned, failed, cfg):
+                console.result(f"run: {planned.label} not run: round {min(failed)}'s policy failed the gate")
+                skipped.add(planned.label)
+                continue
             console.log_file(planned.label.replace("/", "-"))
             if planned.stage not in VLLM_STAGES:
                 units.release()  # train (or prepare) gets the whole cluster
@@ -49,15 +57,36 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             results[planned.label] = importlib.import_module(stage_module(planned.stage)).run(planned.config)
             where = f"β={planned.beta:g}" if planned.group.startswith("β") else str(planned.round)
             timings.append(f"{planned.stage}[{where}] {time.perf_counter() - t0:.0f}s")
+            if planned.stage == "evaluate" and planned.group.startswith("round") and gated(cfg.gate):
+                verdict = judge(results[planned.label], cfg.gate)
+                if not verdict.passed:
+                    failed[planned.round] = verdict
+                    console.error(f"run: round {planned.round}'s policy FAILED the gate: {verdict.line()}")
     points = [
         EvalPoint(p.group, p.beta if p.beta is not None else 0.0, p.round, p.output)
         for p in stages
-        if p.stage == "evaluate" and cfg.train is not None
+        if p.stage == "evaluate" and cfg.train is not None and p.label not in skipped
     ]
     if points:
-        results["summary"] = summarize(points, cfg.run_dir, _summary_tracking(cfg, stages))
+        results["summary"] = summarize(points, cfg.run_dir, _summary_tracking(cfg, stages), cfg.gate)
     console.result("run: done (" + ", ".join(timings) + f") -> {cfg.run_dir}")
+    if failed and cfg.gate.on_fail == "stop":
+        rounds = ", ".join(f"round {r}: {v.line()}" for r, v in sorted(failed.items()))
+        raise GateFailed(
+            f"the evaluation gate failed ({rounds}); no later round was built on a failed policy. Remedies: "
+            f"{REMEDIES}; or gate.on_fail: continue to build on it anyway"
+        )
     return results
+
+
+def _builds_on_failed(planned: Any, failed: dict[int, Verdict], cfg: PipelineConfig) -> bool:
+    """A stage of a round after one whose policy failed the gate (with gate.on_fail: stop)."""
+    return (
+        bool(failed)
+        and cfg.gate.on_fail == "stop"
+        and planned.group.startswith("round")
+        and planned.round > min(failed)
+    )
 
 
 def _summary_tracking(cfg: PipelineConfig, stages: list[Any]) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 from dpo_ray.data import artifacts
 from pipeline.config import PipelineConfig
 from pipeline.core import console
+from pipeline.core.gate import gated, judge
 from pipeline.core.plan import PlannedStage
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ def collect(cfg: PipelineConfig) -> list[dict[str, Any]]:
                     f"reward {ev['policy']['reward_mean']:+.3f} (πref {ev['reference']['reward_mean']:+.3f}), "
                     f"KL {ev['kl']:.2f}, win rate {ev['win_rate']:.2f}"
                 )
+                if p.group.startswith("round") and gated(cfg.gate):
+                    row["gate"] = judge(ev, cfg.gate).line()
         rows.append(row)
     # Lineage: which artifact of this run has each upstream identity / which export has each model fingerprint.
     by_identity = {r["identity"]: r["label"] for r in rows if "identity" in r}
@@ -166,11 +169,14 @@ def run(cfg: PipelineConfig) -> list[dict[str, Any]]:
     rows = collect(cfg)
     done = sum(r["state"] == "complete" for r in rows)
     console.result(f"status of {cfg.run_dir}: {done}/{len(rows)} stage outputs complete")
+    for r in rows:
+        if str(r.get("gate", "")).startswith("FAILED"):
+            console.error(f"GATE FAILED {r['label']}: {r['gate']}")
     width = max(len(r["label"]) for r in rows) if rows else 0
     for r in rows:
         line = f"  {r['label']:<{width}}  {r['state']:<10}"
         if r["state"] == "complete" and r.get("kind") == "eval":
-            line += f"  {r['summary']}"
+            line += f"  {r['summary']}" + (f"; gate {r['gate']}" if "gate" in r else "")
         elif r["state"] in ("complete", "stale"):
             fps = ", ".join(f"{k} {v[:12]}" for k, v in sorted(r["fingerprints"].items()))
             line += f"  {r['kind']:<11} {r['rows']:>8} rows {r['shards']:>3} shards  [{fps}]"

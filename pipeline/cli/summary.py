@@ -41,12 +41,18 @@ def _pm(value: float | None, stderr: float | None, fmt: str) -> str:
     return format(value, fmt) + ("" if stderr is None else " ± " + format(stderr, fmt.lstrip("+")))
 
 
+def banner(rows: list[dict[str, Any]]) -> str:
+    """The failed gates, as the summary's first lines ("" when none failed)."""
+    failed = [f"{r['label']}: {r['gate']}" for r in rows if str(r.get("gate", "")).startswith("FAILED")]
+    return "".join(f"**GATE FAILED** {line}\n\n" for line in failed)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the summary rows: every statistic ± its standard error, with its count (prompts, each
     sampled `samples` times; eval pairs for the preference accuracy)."""
     head = (
         "| policy | β | round | reward ± se | positive | KL(π‖πref) ± se | win rate vs πref ± se | prompts x samples "
-        "| eval pref. accuracy ± se (pairs) |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| eval pref. accuracy ± se (pairs) | gate |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -59,7 +65,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['label']} | {beta} | {rnd} | {_pm(r['reward_mean'], r.get('reward_stderr'), '+.3f')} "
             f"| {100 * r['positive_fraction']:.0f}% | {kl} | {_pm(r.get('win_rate'), r.get('win_rate_stderr'), '.2f')} "
-            f"| {r['prompts']} x {r['samples']} | {acc} |"
+            f"| {r['prompts']} x {r['samples']} | {acc} | {r.get('gate', '')} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -96,13 +102,15 @@ def _row(label: str, beta: float | None, rnd: int | None, ev: dict[str, Any], mo
     return row
 
 
-def summarize(points: list[EvalPoint], run_dir: str, tracking: Any = None) -> dict[str, Any]:
+def summarize(points: list[EvalPoint], run_dir: str, tracking: Any = None, gate: Any = None) -> dict[str, Any]:
     """Collect the eval.json of each point; write <run_dir>/summary.{json,md}, reward_vs_kl.png and the HTML
     report (pipeline.cli.report); log the table and the plot to `tracking` (dpo_ray.train.tracking settings) if
-    given."""
+    given. With `gate` (a GateConfig that tests something), each round's row carries its verdict
+    (pipeline.core.gate), and a failed one opens the summary and the report as a banner."""
     import fsspec
 
     from pipeline.cli.report import write_report
+    from pipeline.core.gate import gated, judge
 
     rows: list[dict[str, Any]] = []
     evals: list[tuple[str, str]] = []
@@ -113,11 +121,14 @@ def summarize(points: list[EvalPoint], run_dir: str, tracking: Any = None) -> di
             continue
         if not rows:
             rows.append(_row("πref", None, None, ev, "reference"))
-        rows.append(_row(p.label, p.beta, p.round, ev, "policy") | {"eval": f"{p.eval_dir}/eval.json"})
+        row = _row(p.label, p.beta, p.round, ev, "policy") | {"eval": f"{p.eval_dir}/eval.json"}
+        if gate is not None and gated(gate) and p.label.startswith("round"):
+            row["gate"] = judge(ev, gate).line()
+        rows.append(row)
         evals.append((p.label, p.eval_dir))
     if not rows:
         return {"rows": []}
-    md = table(rows)
+    md = banner(rows) + table(rows)
     fs, out = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(out, exist_ok=True)
     with fs.open(f"{out}/summary.json", "w") as f:

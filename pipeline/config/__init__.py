@@ -7,7 +7,7 @@ sub-sections; load: PipelineConfig and load_config. docs/reference/config.md is 
 """
 
 from pipeline.config.base import ConfigError, StrictModel, TrackingConfig, model_of
-from pipeline.config.load import MOVED_KEYS, REMOVED_KEYS, PipelineConfig, load_config, reference_free
+from pipeline.config.load import MOVED_KEYS, REMOVED_KEYS, GateConfig, PipelineConfig, load_config, reference_free
 from pipeline.config.stages import (
     ColumnMap,
     DemoConfig,
@@ -35,6 +35,7 @@ __all__ = [
     "ConfigError",
     "DemoConfig",
     "EvaluateConfig",
+    "GateConfig",
     "GenerateConfig",
     "LoraConfig",
     "OptimConfig",

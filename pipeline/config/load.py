@@ -61,6 +61,26 @@ _PATH_KEYS = {
 }
 
 
+class GateConfig(StrictModel):
+    """`run`'s evaluation gate: after each round's evaluate, its policy must beat its reference
+    (pipeline.core.gate). A failed gate is shown in status, the summary and the report."""
+
+    reward_se: float | None = Field(
+        2.0,
+        ge=0,
+        description="The policy's mean reward gain over its reference (paired per prompt) must exceed this many "
+        "standard errors; null: no reward test.",
+    )
+    max_kl: float | None = Field(
+        None, gt=0, description="KL(π‖πref) budget in nats per sample; a policy above it fails. null: no budget."
+    )
+    on_fail: Literal["stop", "continue"] = Field(
+        "stop",
+        description="stop: no later round is built on a failed policy, and `run` exits with status 4 after the "
+        "summary; continue: go on (the failure is still shown).",
+    )
+
+
 class PipelineConfig(StrictModel):
     run_dir: str = Field("runs/default", description="Root directory (or URI) of this run's artifacts.")
     demo: DemoConfig | None = Field(None, description="Generate demo data and a tiny model before the stages.")
@@ -81,6 +101,7 @@ class PipelineConfig(StrictModel):
         description="`run`: also train round 0's pairs with each of these β (under <run_dir>/beta-<β>/) and "
         "evaluate it: the points of the reward-vs-KL plot beside the main run's.",
     )
+    gate: GateConfig = Field(default_factory=GateConfig, description="`run`: the evaluation gate of each round.")
 
     @model_validator(mode="after")
     def _loop_needs(self) -> PipelineConfig:

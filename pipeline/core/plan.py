@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import PipelineConfig
+from pipeline.core.gate import gated
 
 __all__ = ["PlannedStage", "plan"]
 
@@ -150,5 +151,8 @@ def plan(cfg: PipelineConfig) -> list[PlannedStage]:
                 c = _tracked(cfg, name, c, f"beta {b:g}")
                 out.append(PlannedStage(f"beta-{b:g}/{name}", name, c, _outputs(name, c), f"β={b:g}", b, 0))
     # Evaluations last: they need no later stage's work nor give any, and run back to back they share the
-    # reference's vLLM engine (pipeline.core.units.sharing) instead of starting it again after every train.
-    return [p for p in out if p.stage != "evaluate"] + [p for p in out if p.stage == "evaluate"]
+    # reference's vLLM engine (pipeline.core.units.sharing) instead of starting it again after every train. With
+    # a gate (pipeline.core.gate), a round's evaluation comes before the next round, which builds on its policy.
+    early = {f"round-{r}/evaluate" for r in range(cfg.rounds - 1)} if gated(cfg.gate) else set()
+    late = [p for p in out if p.stage == "evaluate" and p.label not in early]
+    return [p for p in out if p.stage != "evaluate" or p.label in early] + late

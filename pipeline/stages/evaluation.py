@@ -25,7 +25,8 @@ def statistics(
     pol_rewards: list[float],
     ref_rewards: list[float],
 ) -> dict[str, Any]:
-    """Rewards of both models, the KL estimate and the win rate (see the module docstring), each with its
+    """Rewards of both models, the KL estimate, the win rate and the reward gain of the policy over the reference
+    (see pipeline.stages.evaluate's module docstring), each with its
     standard error over prompts: a prompt's n samples are not independent, so each prompt's mean is one
     observation (n_prompts of them)."""
     n = cfg.n
@@ -48,6 +49,7 @@ def statistics(
         }
 
     win = (wins > 0) + 0.5 * (wins == 0)
+    gain = np.asarray(pol_rewards, dtype=np.float64) - np.asarray(ref_rewards, dtype=np.float64)
     return {
         "prompts": n_prompts,
         "samples_per_prompt": n,
@@ -57,6 +59,9 @@ def statistics(
         "kl_stderr": stderr(kl_terms),
         "win_rate": float(win.mean()),
         "win_rate_stderr": stderr(win),
+        # paired by prompt (both models sample the same prompts): the reward gain and its standard error
+        "reward_gain": float(gain.mean()),
+        "reward_gain_stderr": stderr(gain),
         "reward": cfg.reward,
     }
 
@@ -145,6 +150,9 @@ def plots(cfg: EvaluateConfig, policy_rewards: list[float], ref_rewards: list[fl
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
         written.append("training_curves.png")
+        if any("health/chosen_logp_shift" in h for h in history):
+            _health_plot(plt, history, _shift_limit(cfg.policy), fs, f"{out}/training_health.png")
+            written.append("training_health.png")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.linspace(min(policy_rewards + ref_rewards), max(policy_rewards + ref_rewards) + 1e-9, 25).tolist()
     ax.hist(ref_rewards, bins=bins, alpha=0.6, label="reference")
@@ -156,6 +164,36 @@ def plots(cfg: EvaluateConfig, policy_rewards: list[float], ref_rewards: list[fl
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return [*written, "rewards.png"]
+
+
+def _shift_limit(policy: str) -> float | None:
+    """The displacement guard's limit the policy was trained under (its export's manifest), if any."""
+    manifest = artifacts.read_manifest(policy)
+    guard = ((manifest.config if manifest is not None else {}).get("health") or {}).get("chosen_logp_shift") or {}
+    limit = guard.get("limit")
+    return float(limit) if limit is not None else None
+
+
+def _health_plot(plt: Any, history: list[dict[str, Any]], limit: float | None, fs: Any, path: str) -> None:
+    """The displacement signals: per-token log π − log πref of the chosen and the rejected completions by step,
+    0 (the reference) and the guard's limit drawn in, and the steps where a guard fired marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h["step"] for h in history if "health/chosen_logp_shift" in h]
+    for key, label in (("chosen", "chosen"), ("rejected", "rejected")):
+        ax.plot(steps, [h[f"health/{key}_logp_shift"] for h in history if f"health/{key}_logp_shift" in h], label=label)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    if limit is not None:
+        ax.axhline(limit, color="red", linestyle="--", label=f"guard {limit:g}")
+    fired = [h["step"] for h in history if any(k.startswith("health/alarm/") for k in h)]
+    for step in fired:
+        ax.axvline(step, color="red", alpha=0.2)
+    ax.set_title("log π − log πref per token (health)")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    with fs.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
 
 
 def tracked_numbers(result: dict[str, Any]) -> dict[str, float]:

@@ -141,3 +141,61 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
     assert "stale: policy model of round-0/train changed since this artifact was written" in capsys.readouterr().out
     run(load_config(path))
     assert capsys.readouterr().out.count("skipped") == 3  # prepare, reference and train of round 0
+
+
+def test_a_failed_gate_stops_the_loop_before_the_next_round(tmp_path, capsys):
+    """A reward test no policy passes (a gain above 1e6 standard errors): round 0's evaluation fails the gate,
+    round 1 is not built
+    on its policy, `run` exits with status 4 after the summary, and the failure opens the summary, the report
+    and `status`."""
+    from pipeline.cli.main import main
+
+    d = tmp_path / "gated"
+    assets = d / "assets"
+    cfg = {
+        "run_dir": str(d),
+        "rounds": 2,
+        "gate": {"reward_se": 1e6},
+        "demo": {"assets": str(assets), "pairs": 60},
+        "prepare": {
+            "inputs": [str(assets / "pairs.jsonl")],
+            "tokenizer": str(assets / "model"),
+            "max_length": 96,
+            "max_prompt_length": 48,
+            "eval_fraction": 0.3,
+        },
+        "reference": {"model": str(assets / "model"), "backend": "hf", "max_model_len": 128},
+        "train": {"model": str(assets / "model"), "workers": {"count": 0}, "batch_size": 8, "max_steps": 2},
+        "generate": {
+            "policy": str(assets / "model"),
+            "n": 2,
+            "max_tokens": 8,
+            "max_prompts": 8,
+            "reward": "length",
+            "max_model_len": 128,
+            "gpu_memory_utilization": 0.1,
+        },
+        "evaluate": {
+            "reference": str(assets / "model"),
+            "max_prompts": 8,
+            "max_eval_pairs": 0,
+            "max_tokens": 8,
+            "reward": "length",
+            "max_model_len": 128,
+            "gpu_memory_utilization": 0.1,
+        },
+    }
+    path = tmp_path / "gated.yaml"
+    path.write_text(json.dumps(cfg))
+    assert main(["run", "--config", str(path)]) == 4
+    captured = capsys.readouterr()
+    assert "round 0's policy FAILED the gate" in captured.out + captured.err
+    assert "run: round-1/generate not run" in captured.out
+    assert not (d / "round-1").exists()  # nothing of round 1 was built
+    summary = (d / "summary.md").read_text()
+    assert summary.startswith("**GATE FAILED** round 0: FAILED: the reward gain over the reference")
+    assert "GATE FAILED</b> round 0" in (d / "report.html").read_text()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the evaluation gate failed (round 0:" in errors[0] and "gate.on_fail" in errors[0]
+    rows = {r["label"]: r for r in status_rows(load_config(path))}
+    assert rows["round-0/evaluate"]["gate"].startswith("FAILED")

@@ -51,6 +51,9 @@ def test_reduced_demo_improves_the_reward_and_reruns_as_noop(tmp_path, capsys):
     assert ev["kl"] > 0 and ev["win_rate"] > 0.5
     summary = (run_dir / "summary.md").read_text()
     assert "| πref |" in summary and "| round 0 | 0.1 | 0 |" in summary
+    # The run's own verdicts: its training-health guards stayed quiet and its evaluation gate passed.
+    assert not [k for h in history for k in h if k.startswith("health/alarm/")] and "health: " not in out
+    assert "GATE FAILED" not in summary and summary.rstrip().endswith("| passed |"), summary
     assert (run_dir / "reward_vs_kl.png").stat().st_size > 0 and "run: done" in out
 
     assert main(["run", "--config", str(path)]) == 0

@@ -13,7 +13,6 @@ from dpo_ray.objective.health import (
     GRAD_NORM_RATIO,
     KL,
     REJECTED_SHIFT,
-    Guard,
     HealthSpec,
     alarms,
     grad_norm_ratio,
@@ -29,11 +28,13 @@ def test_grad_norm_ratio_is_to_the_median_of_the_steps_before():
 
 
 def test_guards_fire_on_their_side_of_the_limit_from_after_step_on():
-    spec = HealthSpec(
-        chosen_logp_shift=Guard(limit=-0.5, action="stop"),
-        kl=Guard(limit=10.0, action="warn"),
-        grad_norm_ratio=Guard(limit=None),
-        after_step=3,
+    spec = HealthSpec.model_validate(
+        {
+            "chosen_logp_shift": {"limit": -0.5, "action": "stop"},
+            "kl": {"limit": 10.0, "action": "warn"},
+            "grad_norm_ratio": {"limit": None},
+            "after_step": 3,
+        }
     )
     bad = {CHOSEN_SHIFT: -0.6, KL: 12.0, GRAD_NORM_RATIO: 1e6, REJECTED_SHIFT: -9.0}
     assert alarms(bad, spec, step=2) == []  # before after_step
@@ -52,8 +53,11 @@ def test_the_config_validates_the_guards():
     from pipeline.config import ConfigError, load_config
 
     cfg = load_config(None, ["train.model=m", "train.health.kl.limit=30", "train.health.kl.action=stop"])
-    assert cfg.train is not None and cfg.train.health.kl == Guard(limit=30.0, action="stop")
+    assert cfg.train is not None and (cfg.train.health.kl.limit, cfg.train.health.kl.action) == (30.0, "stop")
     assert cfg.train.health.chosen_logp_shift.limit is not None  # on by default
+    # Setting the action alone keeps the signal's own default limit (the guard is not switched off).
+    only = load_config(None, ["train.model=m", "train.health.chosen_logp_shift.action=stop"]).train
+    assert only is not None and only.health.chosen_logp_shift.limit == HealthSpec().chosen_logp_shift.limit
     with pytest.raises(ConfigError, match="train.health.kl.action"):
         load_config(None, ["train.model=m", "train.health.kl.action=explode"])
 

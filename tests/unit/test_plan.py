@@ -20,16 +20,18 @@ def test_the_demo_plan_chains_rounds_and_the_sweep(tmp_path):
         "round-0/generate",
         "round-0/reference",
         "round-0/train",
+        "round-0/evaluate",  # the gate judges round 0 before round 1 builds on its policy
         "round-1/generate",
         "round-1/reference",
         "round-1/train",
         "beta-0.05/train",
         "beta-0.5/train",
-        "round-0/evaluate",
         "round-1/evaluate",
         "beta-0.05/evaluate",
         "beta-0.5/evaluate",
     ]  # β = 0.1 is train.loss.beta: the main run is that point; evaluations last (they share the reference's engine)
+    ungated = [p.label for p in plan(load_config(DEMO, [f"run_dir={tmp_path}", "gate.reward_se=null"]))]
+    assert ungated.index("round-0/evaluate") > ungated.index("round-1/train")  # no gate: every evaluation last
     by = {p.label: p for p in stages}
     r0, r1 = by["round-0/train"].config, by["round-1/train"].config
     assert by["round-0/reference"].config.pairs == by["round-0/generate"].config.output  # on-policy first round

@@ -135,4 +135,66 @@ def test_standard_errors_are_over_prompts():
     row = _row("round 0", 0.1, 0, out, "policy")
     md = table([_row("πref", None, None, out, "reference"), row])
     assert re.search(r"\| round 0 \| 0.1 \| 0 \| \+0\.\d{3} ± 0\.\d{3} \|", md)
-    assert "| 7 x 3 | 0.75 ± 0.07 (40) |" in md
+    assert "| 7 x 3 | 0.75 ± 0.07 (40) |  |" in md  # no gate column value without a gate
+    # The reward gain is paired per prompt: the mean of policy − reference and the stderr of its prompt means.
+    gain = np.array(pol) - np.array(ref)
+    assert out["reward_gain"] == pytest.approx(gain.mean(), rel=1e-12)
+    assert out["reward_gain_stderr"] == pytest.approx(se(gain.tolist()), rel=1e-12)
+
+
+def _evaluation(gain: float, se: float, kl: float) -> dict:
+    return {
+        "reward_gain": gain,
+        "reward_gain_stderr": se,
+        "kl": kl,
+        "policy": {"reward_mean": gain},
+        "reference": {"reward_mean": 0.0},
+    }
+
+
+def test_the_gate_judges_the_reward_gain_in_standard_errors_and_the_kl_budget():
+    from pipeline.config import GateConfig
+    from pipeline.core.gate import judge
+
+    gate = GateConfig(reward_se=2.0, max_kl=20.0)
+    assert judge(_evaluation(0.5, 0.1, 10.0), gate).passed
+    low = judge(_evaluation(0.15, 0.1, 10.0), gate)  # 1.5 standard errors
+    assert not low.passed and "reward gain over the reference +0.150 ± 0.100 is not above 2 standard errors" in (
+        low.line()
+    )
+    assert not judge(_evaluation(-0.3, 0.1, 10.0), gate).passed  # the collapse: worse than the reference
+    far = judge(_evaluation(0.5, 0.1, 74.2), gate)
+    assert not far.passed and "KL(π‖πref) 74.20 is above the budget gate.max_kl 20" in far.line()
+    assert judge(_evaluation(0.5, 0.1, 74.2), GateConfig(max_kl=None)).passed  # no budget: reward only
+    assert not judge(_evaluation(0.0, 0.0, 0.0), gate).passed  # no gain at all does not pass
+
+
+def test_a_failed_gate_opens_the_summary_and_the_report():
+    from pipeline.cli.report import _banner
+    from pipeline.cli.summary import banner
+
+    rows = [{"label": "round 0", "gate": "passed"}, {"label": "round 1", "gate": "FAILED: KL too high"}]
+    assert banner(rows) == "**GATE FAILED** round 1: FAILED: KL too high\n\n"
+    assert "GATE FAILED</b> round 1" in _banner(rows) and banner(rows[:1]) == "" and _banner(rows[:1]) == ""
+
+
+def test_the_guards_that_fired_in_training_open_the_report(tmp_path):
+    """An evaluated policy whose training fired a guard (health/alarm/... in its metrics.jsonl) gets a HEALTH
+    banner naming the signal and the steps; a quiet one gets none."""
+    import json
+
+    from dpo_ray.data import artifacts
+    from pipeline.cli.report import _banner
+
+    evals = []
+    for label, alarm_steps in (("round 0", [3, 4]), ("round 1", [])):
+        train, ev = tmp_path / label / "train", tmp_path / label / "eval"
+        train.mkdir(parents=True)
+        rows = [
+            {"step": s} | ({"health/alarm/chosen_logp_shift": 1.0} if s in alarm_steps else {}) for s in (1, 2, 3, 4)
+        ]
+        (train / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        artifacts.write_manifest(str(ev), "eval", {}, {}, {}, {"config": {"train_metrics": str(train)}})
+        evals.append((label, str(ev)))
+    page = _banner([], evals)
+    assert page.count("HEALTH") == 1 and "round 0: health/chosen_logp_shift fired at steps 3, 4" in page
