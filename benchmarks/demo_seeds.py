@@ -8,7 +8,9 @@ A seed changes everything random in the demo: the review prefixes and the tiny m
     .venv/bin/python benchmarks/demo_seeds.py [--seeds 0 1 2] [--root runs/demo-seeds]
 
 Writes <root>/seeds.md (the table printed at the end) and <root>/seeds.json. A seed whose run directory is
-complete is not rerun (`run` skips complete stages), so the command can be resumed.
+complete is not rerun (`run` skips complete stages), so the command can be resumed. A seed whose run stops at
+a failed gate (exit status 4) counts: its verdicts are the point. Also counted per round: in how many seeds the
+gate passed, and in how many a training-health guard fired (docs/explanation/health.md).
 """
 
 from __future__ import annotations
@@ -53,10 +55,24 @@ def run_seed(root: Path, seed: int) -> tuple[list[dict], float]:
     run_dir = root / f"seed-{seed}"
     cmd = [sys.executable, "-m", "pipeline", "run", "--config", str(ROOT / "pipeline/configs/demo.yaml")]
     t0 = time.perf_counter()
-    subprocess.run([*cmd, *overrides(run_dir, seed)], cwd=ROOT, check=True)
+    done = subprocess.run([*cmd, *overrides(run_dir, seed)], cwd=ROOT)
+    if done.returncode not in (0, 4):  # 4: a round failed the gate (the summary is written first)
+        raise SystemExit(f"seed {seed}: `run` exited with status {done.returncode}")
     seconds = time.perf_counter() - t0
     rows = json.loads((run_dir / "summary.json").read_text())["rows"]
+    for r in rows:
+        r["alarms"] = _alarms(run_dir, r["label"])
     return rows, seconds
+
+
+def _alarms(run_dir: Path, label: str) -> list[str]:
+    """The training-health guards that fired in the training of a round's or β's policy."""
+    sub = {"round 0": "", "round 1": "round-1/"}.get(label, f"beta-{label.removeprefix('β=')}/")
+    path = run_dir / sub / "train" / "metrics.jsonl" if sub else run_dir / "train" / "metrics.jsonl"
+    if label == "πref" or not path.exists():
+        return []
+    found = {k for line in path.read_text().splitlines() for k in json.loads(line) if k.startswith("health/alarm/")}
+    return sorted(found)
 
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
@@ -68,7 +84,7 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
 
 
 def spread(per_seed: dict[int, list[dict]]) -> tuple[str, dict]:
-    labels = [r["label"] for r in next(iter(per_seed.values()))]
+    labels = list(dict.fromkeys(r["label"] for rows in per_seed.values() for r in rows))  # a gated round may be absent
     n = len(per_seed)
     head = (
         "| policy | "
@@ -78,7 +94,7 @@ def spread(per_seed: dict[int, list[dict]]) -> tuple[str, dict]:
     lines = [head, "|" + "---|" * (len(STATS) + 2)]
     record: dict = {}
     for label in labels:
-        rows = [next(r for r in per_seed[s] if r["label"] == label) for s in sorted(per_seed)]
+        rows = [r for s in sorted(per_seed) for r in per_seed[s] if r["label"] == label]
         cells = []
         record[label] = {}
         for key, _, fmt in STATS:
@@ -119,6 +135,23 @@ def orderings(per_seed: dict[int, list[dict]]) -> list[str]:
     return out
 
 
+def verdicts(per_seed: dict[int, list[dict]]) -> list[str]:
+    """Per policy: in how many seeds the evaluation gate passed (a round not built counts as not passed) and in
+    how many a health guard fired in its training, with the KL range over the seeds."""
+    labels = dict.fromkeys(r["label"] for rows in per_seed.values() for r in rows if r["label"] != "πref")
+    out = []
+    for label in labels:
+        rows = [next((r for r in per_seed[s] if r["label"] == label), None) for s in sorted(per_seed)]
+        present = [r for r in rows if r is not None]
+        passed = sum(1 for r in present if r.get("gate", "passed") == "passed")
+        fired = sum(1 for r in present if r.get("alarms"))
+        kls = [r["kl"] for r in present if r.get("kl") is not None]
+        kl = f"KL {min(kls):.1f} to {max(kls):.1f}" if kls else "no KL"
+        gate = f"gate passed in {passed} of {len(rows)} seeds" if label.startswith("round") else "no gate"
+        out.append(f"- {label}: {gate}; a health guard fired in {fired} of {len(present)}; {kl}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -129,7 +162,7 @@ def main() -> None:
     for seed in args.seeds:
         per_seed[seed], seconds[seed] = run_seed(root, seed)
     md, record = spread(per_seed)
-    checks = orderings(per_seed)
+    checks = orderings(per_seed) + verdicts(per_seed)
     text = (
         md
         + "\n"
