@@ -8,7 +8,13 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["named_hook"]
+__all__ = ["STEP_HOOK_ENV", "UNIT_HOOK_ENV", "named_hook"]
+
+# Called after every optimizer step with (step, rank, output); read by the train stage from the driver's environment.
+STEP_HOOK_ENV = "DPO_RAY_STEP_HOOK"
+# Called with no arguments before each unit of work (a pool actor's unit, each shard prepare writes); read in the
+# process doing the work.
+UNIT_HOOK_ENV = "DPO_RAY_UNIT_HOOK"
 
 
 def named_hook(spec: str | None) -> Callable[..., Any] | None:

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 
-__all__ = ["fail", "hold_first_unit"]
+__all__ = ["fail", "hold_first_unit", "hold_unit"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,3 +73,29 @@ def hold_first_unit(directory: str) -> None:
     deadline = time.monotonic() + float(os.environ.get("DPO_RAY_TEST_HOLD_S", "300"))
     while time.monotonic() < deadline:
         time.sleep(0.5)
+
+
+def hold_unit(spec: str) -> None:
+    """'N:DIR': the units of a run are numbered in the order actors start them (0, 1, ...; each caller claims the
+    lowest free number in DIR atomically); the one numbered N writes DIR/held and is held there for at most
+    DPO_RAY_TEST_HOLD_S seconds (default 300), so a test can kill the run while exactly N units are done (with
+    one actor: units 0 .. N-1, written before unit N starts)."""
+    n, directory = spec.split(":", 1)
+    number = 0
+    while True:
+        try:
+            fd = os.open(os.path.join(directory, f"unit-{number}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            number += 1
+            continue
+        os.close(fd)
+        break
+    if number != int(n):
+        return
+    with open(os.path.join(directory, ".held"), "w") as f:
+        f.write(str(number))
+    os.replace(os.path.join(directory, ".held"), os.path.join(directory, "held"))
+    deadline = time.monotonic() + float(os.environ.get("DPO_RAY_TEST_HOLD_S", "300"))
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+

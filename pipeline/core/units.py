@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpo_ray.errors import UserError
-from dpo_ray.hooks import named_hook
+from dpo_ray.hooks import UNIT_HOOK_ENV, named_hook
 from pipeline.core import console
 
 logger = logging.getLogger(__name__)
 
-UNIT_HOOK_ENV = "DPO_RAY_UNIT_HOOK"  # a test's function every actor calls before each unit (dpo_ray.hooks)
 
 __all__ = [
     "PlacementError",

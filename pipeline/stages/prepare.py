@@ -173,8 +173,13 @@ def _finalize(
     """Output shards from consecutive tokenized blocks: duplicates become rejects; pairs go to
     `part-<index>-<j>.parquet`, rejects to `rejects/part-<index>-<j>.parquet` (j > 0 only for a block over
     rows_per_shard); returns the counts and the columns the stats need."""
+    import os
+
     import ray
 
+    from dpo_ray.hooks import UNIT_HOOK_ENV, named_hook
+
+    hook = named_hook(os.environ.get(UNIT_HOOK_ENV))  # a test's hold (dpo_ray.testing.faults), before each write
     table = pa.concat_tables(ray.get(blocks))
     if duplicates:
         rows = table["row"].to_pylist()
@@ -190,6 +195,8 @@ def _finalize(
     rejects = table.filter(pc.invert(is_pair)).select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
     for uri, part in ((output, pairs), (rejects_uri, rejects)):
         for j, start in enumerate(range(0, part.num_rows, rows_per_shard)):
+            if hook is not None:
+                hook()
             artifacts.write_table(part.slice(start, rows_per_shard), uri, f"part-{index:05d}-{j:03d}.parquet")
     return {
         "rows": table.num_rows,

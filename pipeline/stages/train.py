@@ -18,6 +18,7 @@ from typing import Any
 from dpo_ray.data import artifacts
 from dpo_ray.data.artifacts import ArtifactError, Manifest, ShardInfo
 from dpo_ray.errors import UserError
+from dpo_ray.hooks import STEP_HOOK_ENV
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.core import console, stage
 from pipeline.core.inputs import matching_tokenizer, stage_inputs
@@ -28,9 +29,6 @@ from pipeline.core.units import actor_bundle, check_feasible, describe
 
 logger = logging.getLogger(__name__)
 
-# A function the workers call after every optimizer step ("module:function[:ARG]", dpo_ray.train.loop._step_hook):
-# the tests' fault injection (dpo_ray.testing.faults). Read from the driver's environment, never from the config.
-STEP_HOOK_ENV = "DPO_RAY_STEP_HOOK"
 
 __all__ = ["run"]
 

@@ -220,18 +220,26 @@ def test_rerun_is_noop_and_killed_run_reruns_to_same_artifact(tiny_model_dir, tm
     cfg_file.write_text(
         json.dumps({"prepare": _cfg(tiny_model_dir, [path], out, eval_fraction=0.2, **shards).model_dump(mode="json")})
     )
+    # The second shard to be written is held (dpo_ray.testing.faults.hold_unit): the run is killed with a shard
+    # written and certainly unfinished. Failed before on a fast machine: killed when a shard was seen, it
+    # could be done by then.
+    hold = tmp_path / "hold"
+    hold.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "prepare", "--config", str(cfg_file)],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "DPO_RAY_UNIT_HOOK": f"dpo_ray.testing.faults:hold_unit:1:{hold}"},
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("part-*.parquet")) and proc.poll() is None:
-        time.sleep(0.02)
+    deadline = time.monotonic() + 600  # a wait for an event, generous on a slow machine
+    while not (hold / "held").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare never reached its second shard"
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    # At least the first shard is written (more when several writers run at once); never the manifest.
+    assert list(out.glob("part-*.parquet")) and not (out / "manifest.json").exists()
     m = run(_cfg(tiny_model_dir, [path], out, eval_fraction=0.2, **shards))
     a, b = read_artifact(out).sort_by("pair_id"), read_artifact(ref_out).sort_by("pair_id")
     assert a.equals(b)

@@ -133,7 +133,9 @@ def test_refuses_other_tokenizer_and_incomplete_pairs(tiny_model_dir, small_pair
 @pytest.mark.skipif(not HH_SAMPLE.exists(), reason=f"HH-RLHF sample not present at {HH_SAMPLE}")
 @pytest.mark.cluster
 def test_hh_scored_with_vllm_resumes_after_the_driver_is_killed(tiny_model_dir, tmp_path):
-    """`python -m pipeline reference` on the HH pairs, SIGKILLed after its first unit, then rerun."""
+    """`python -m pipeline reference` on the HH pairs, SIGKILLed while its third unit is held in flight (the test
+    hook dpo_ray.testing.faults.hold_unit: two units are certainly done, the rest certainly not), then rerun.
+    Failed before on a fast machine: killed when two shards were seen, the run could be done by then."""
     cfg = {
         "run_dir": str(tmp_path / "run"),
         "prepare": {
@@ -153,7 +155,9 @@ def test_hh_scored_with_vllm_resumes_after_the_driver_is_killed(tiny_model_dir, 
     cfg_file.write_text(json.dumps(cfg))
     pairs_m = prepare(PrepareConfig(**{**cfg["prepare"], "output": str(tmp_path / "run" / "pairs")}))
     out = tmp_path / "run" / "scored"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DPO_RAY_UNIT_HOOK": f"dpo_ray.testing.faults:hold_unit:2:{hold}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "reference", "--config", str(cfg_file)],
         start_new_session=True,
@@ -161,13 +165,14 @@ def test_hh_scored_with_vllm_resumes_after_the_driver_is_killed(tiny_model_dir, 
         stderr=subprocess.DEVNULL,
         env=env,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(list(out.glob("part-*.parquet"))) < 2:
+    deadline = time.monotonic() + 600  # a wait for an event, not a guess at a moment: generous on slow machines
+    while not (hold / "held").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never reached its third unit"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    assert done_before and not (out / "manifest.json").exists(), "killed too late to test resume"
+    assert len(done_before) == 2 and not (out / "manifest.json").exists()  # units 0 and 1, one shard each
 
     m = reference(ReferenceConfig(**{**cfg["reference"], "pairs": str(tmp_path / "run" / "pairs"), "output": str(out)}))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in done_before} == done_before

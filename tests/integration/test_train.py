@@ -67,7 +67,7 @@ def _cfg(setup, name: str, **kw) -> TrainConfig:
 def _fault(spec: str | None) -> Iterator[None]:
     """Train under dpo_ray.testing.faults' step hook 'STEP:RANK[:node]' (None: no fault), set as the train stage
     reads it: from the driver's environment."""
-    from pipeline.stages.train import STEP_HOOK_ENV
+    from dpo_ray.hooks import STEP_HOOK_ENV
 
     before = os.environ.get(STEP_HOOK_ENV)
     if spec is not None:

@@ -103,7 +103,7 @@ def _live_workers() -> int:
 def _wait_workers(count: int) -> None:
     import time
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 180  # an actor's start or end under load can take a while: wait for the event
     while _live_workers() != count:
         assert time.monotonic() < deadline, f"{_live_workers()} pool actors alive, expected {count}"
         time.sleep(0.2)
