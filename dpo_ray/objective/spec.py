@@ -65,7 +65,7 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 class LossSpec(BaseModel):
     """The loss of a train stage (`train.loss`): one loss or a weighted combination, β and every parameter."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # β = inf would train into NaN
 
     name: str | list[str] = Field(
         "sigmoid",

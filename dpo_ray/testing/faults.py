@@ -98,4 +98,3 @@ def hold_unit(spec: str) -> None:
     deadline = time.monotonic() + float(os.environ.get("DPO_RAY_TEST_HOLD_S", "300"))
     while time.monotonic() < deadline:
         time.sleep(0.5)
-

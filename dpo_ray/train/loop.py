@@ -84,6 +84,7 @@ class LoopConfig:
     reference_logps: bool = True  # False: a `pairs` artifact for a reference-free loss (reference log-probs 0)
     step_hook: str | None = None  # "module:function[:ARG]" called with (step, rank, output) after every step
     health: HealthSpec = dataclasses.field(default_factory=HealthSpec)  # the guards (dpo_ray.objective.health)
+    use_gpu: bool = False  # train.workers.use_gpu: the device the batching mode was resolved for
     trust_remote_code: bool = False
     lora: LoraSettings | None = None
     progress: Any = None  # a pipeline.core.progress.Counter actor handle: rank 0 raises it to each finished step
@@ -228,7 +229,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     cfg: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = torch.cuda.is_available()
+    use_gpu = cfg.use_gpu and torch.cuda.is_available()  # the device train.workers.use_gpu chose the batching for
     seed_everything(cfg.seed)
     train_rows, eval_rows = _read_rows(cfg)
     model, problem = _model(cfg, train_rows, use_gpu)
@@ -261,20 +262,15 @@ def worker_loop(config: dict[str, Any]) -> None:
         state.step += 1
         metrics.update(step=state.step, epoch=state.epoch)
         _health(metrics, cfg, state)
-        problem = _guard(metrics, cfg, state, train_rows["pair_id"][rows], rank)
-        if problem is not None:  # stopped before this step's checkpoint: the checkpoints before it are kept
+        step_zero_due = state.step == 1 and cfg.check_initial_margin and checkpoint is None
+        stop = _stop(metrics, cfg, state, train_rows["pair_id"][rows], rank, step_zero_due)
+        if stop is not None:  # before this step's checkpoint: the checkpoints before it are kept
             if rank == 0:
-                write_error(cfg.output, problem, kind="health")
+                write_error(cfg.output, stop[1], kind=stop[0])
                 _log(metrics, cfg, state, rank, started)
             return
         if rank == 0 and cfg.progress is not None:
             cfg.progress.reach.remote(state.step)
-        if state.step == 1 and cfg.check_initial_margin and checkpoint is None:
-            problem = _check_initial(metrics, cfg)
-            if problem is not None:
-                if rank == 0:
-                    write_error(cfg.output, problem)
-                return
         if hook is not None:
             hook(state.step, rank, cfg.output)
         if state.resumed_from is not None:
@@ -284,7 +280,8 @@ def worker_loop(config: dict[str, Any]) -> None:
             metrics.update(_evaluate(model, eval_rows, cfg, rank, world, state.loss))
         if tracker is not None:
             tracker.metrics(train_names(metrics), state.step)
-        if state.step % cfg.log_every == 0 or last or "eval/loss" in metrics:
+        alarmed = any(k.startswith("health/alarm/") for k in metrics)  # a warning is recorded whatever log_every
+        if state.step % cfg.log_every == 0 or last or "eval/loss" in metrics or alarmed:
             _log(metrics, cfg, state, rank, started)
         # Only checkpoints go through ray.train.report: a report synchronises every rank with the controller
         # (~2 s each on CPU, 30x a tiny model's step); metrics.jsonl, the trackers and the progress counter
@@ -308,17 +305,38 @@ def _health(metrics: dict[str, Any], cfg: LoopConfig, state: LoopState) -> None:
             metrics.pop(key, None)
 
 
-def _guard(metrics: dict[str, Any], cfg: LoopConfig, state: LoopState, pair_ids: Any, rank: int) -> str | None:
+def _stop(
+    metrics: dict[str, Any], cfg: LoopConfig, state: LoopState, pair_ids: Any, rank: int, step_zero_due: bool
+) -> tuple[str, str] | None:
+    """Why the run stops after this step, as (kind for write_error, message), or None. In order: a non-finite
+    step (the most specific), then the step-0 check (its diagnosis of mismatched reference log-probs beats a
+    guard's), then the health guards."""
+    problem = _nonfinite(metrics, state, pair_ids)
+    if problem is not None:
+        return "health", problem
+    problem = _check_initial(metrics, cfg) if step_zero_due else None
+    if problem is not None:
+        return "check", problem
+    problem = _guard(metrics, cfg, state, rank)
+    return ("health", problem) if problem is not None else None
+
+
+def _nonfinite(metrics: dict[str, Any], state: LoopState, pair_ids: Any) -> str | None:
+    """A non-finite loss or gradient always stops the run: the message names the step and the batch's pairs."""
+    if not metrics.get(NONFINITE):
+        return None
+    shown = ", ".join(str(p) for p in list(pair_ids)[:8]) + (", ..." if len(pair_ids) > 8 else "")
+    return (
+        f"non-finite loss or gradient at step {state.step} (loss {metrics['loss']}, grad_norm "
+        f"{metrics['grad_norm']}); the batch's pairs: {shown}. The step's update was not checkpointed. "
+        f"Remedies: {REMEDIES}; check these pairs' data."
+    )
+
+
+def _guard(metrics: dict[str, Any], cfg: LoopConfig, state: LoopState, rank: int) -> str | None:
     """Act on the guards that fire (the same on every rank: the signals are all-reduced): warnings are logged
-    (rank 0) and recorded as health/alarm/<signal> = 1; a guard with action stop, or a non-finite loss or
-    gradient, returns the message the stage ends with."""
-    if metrics.get(NONFINITE):
-        shown = ", ".join(str(p) for p in list(pair_ids)[:8]) + (", ..." if len(pair_ids) > 8 else "")
-        return (
-            f"non-finite loss or gradient at step {state.step} (loss {metrics['loss']}, grad_norm "
-            f"{metrics['grad_norm']}); the batch's pairs: {shown}. The step's update was not checkpointed. "
-            f"Remedies: {REMEDIES}; check these pairs' data."
-        )
+    (rank 0) and recorded as health/alarm/<signal> = 1; a guard with action stop returns the message the stage
+    ends with."""
     stops = []
     for alarm in alarms(metrics, cfg.health, state.step):
         metrics[f"health/alarm/{alarm.signal.removeprefix('health/')}"] = 1.0

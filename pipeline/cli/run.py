@@ -72,9 +72,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     console.result("run: done (" + ", ".join(timings) + f") -> {cfg.run_dir}")
     if failed and cfg.gate.on_fail == "stop":
         rounds = ", ".join(f"round {r}: {v.line()}" for r, v in sorted(failed.items()))
+        later = "; no later round was built on a failed policy" if cfg.rounds > 1 else ""
         raise GateFailed(
-            f"the evaluation gate failed ({rounds}); no later round was built on a failed policy. Remedies: "
-            f"{REMEDIES}; or gate.on_fail: continue to build on it anyway"
+            f"the evaluation gate failed ({rounds}){later}. Remedies: {REMEDIES}; or gate.on_fail: continue to go "
+            "on anyway"
         )
     return results
 

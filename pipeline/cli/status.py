@@ -131,12 +131,12 @@ def _check_current(row: dict[str, Any], p: PlannedStage, producers: dict[str, st
     would read now (the comparison `pipeline.core.stage.begin` makes before it skips); `producers`: URI → the label
     of the stage of this run that writes it."""
     from pipeline.core.inputs import changes, known_inputs, reads
-    from pipeline.core.stage import identity
+    from pipeline.core.stage import identity, recorded_identity
 
     manifest = artifacts.read_manifest(row["uri"])
     assert manifest is not None
     now = json.loads(json.dumps(identity(p.config)))  # as the manifest stored it
-    now, then = _dotted(now), _dotted(manifest.config)
+    now, then = _dotted(now), _dotted(recorded_identity(manifest.config))
     why = [f"config key {k} changed" for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
     try:
         sources = {k: producers[ref] for k, ref in reads(p.stage, p.config).items() if ref in producers}

@@ -7,7 +7,15 @@ sub-sections; load: PipelineConfig and load_config. docs/reference/config.md is 
 """
 
 from pipeline.config.base import ConfigError, StrictModel, TrackingConfig, model_of
-from pipeline.config.load import MOVED_KEYS, REMOVED_KEYS, GateConfig, PipelineConfig, load_config, reference_free
+from pipeline.config.load import (
+    MOVED_KEYS,
+    REMOVED_KEYS,
+    GateConfig,
+    PipelineConfig,
+    current_identity,
+    load_config,
+    reference_free,
+)
 from pipeline.config.stages import (
     ColumnMap,
     DemoConfig,
@@ -47,6 +55,7 @@ __all__ = [
     "TrainConfig",
     "VllmConfig",
     "WorkersConfig",
+    "current_identity",
     "load_config",
     "model_of",
     "reference_free",

@@ -249,3 +249,30 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             found = f" (found {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
             lines.append(f"{loc or '<root>'}: {err['msg']}{found}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def current_identity(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stage config as an artifact or checkpoint directory recorded it, in the current form: a train config
+    written when its keys were flat (before the sections) is nested as MOVED_KEYS says, with the old unset loss
+    parameters (null) at their defaults and without fault_injection, then validated and dumped again, so that
+    the work of that dpo-ray version still counts as this config's (skipped, resumed). Any other config, or one
+    that does not validate, is returned unchanged."""
+    flat = [k for k in stored if f"train.{k}" in MOVED_KEYS or k in ("fault_injection",)]
+    train = {"model", "scored", "export"} <= set(stored)  # a train stage's identity, not another stage's
+    if not train or not (flat or isinstance(stored.get("loss"), str | list)):
+        return stored
+    raw: dict[str, Any] = {}
+    for key, value in stored.items():
+        moved = MOVED_KEYS.get(f"train.{key}")
+        if key == "fault_injection" or (moved is not None and moved.startswith("train.loss.") and value is None):
+            continue  # a test key that left the config; an old optional loss parameter left unset
+        if f"train.{key}" in _SECTION_VALUE and not isinstance(value, dict):  # loss: sigmoid, batching: auto
+            raw = _set(raw, f"{key}.{_SECTION_VALUE[f'train.{key}']}", value)
+        elif moved is not None:
+            raw = _set(raw, moved.removeprefix("train."), value)
+        else:
+            raw[key] = value
+    try:
+        return TrainConfig.model_validate(raw).model_dump(mode="json")
+    except ValidationError:
+        return stored

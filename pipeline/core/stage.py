@@ -54,7 +54,7 @@ def begin(
     on a resume."""
     config = identity(cfg)
     stage = type(cfg).__name__.removesuffix("Config").lower()
-    existing = artifacts.complete_manifest(output, config, upstream)
+    existing = artifacts.complete_manifest(output, config, upstream) or _recorded_complete(output, config, upstream)
     if existing is not None:
         console.result(f"{stage}: {output} is complete for this config and these inputs; skipped")
         return existing
@@ -68,13 +68,26 @@ def begin(
     return Build(kind, output, config, upstream, resumed=False)
 
 
-# Keys that say where and how a stage reports, not what it computes: changing them never redoes work.
-REPORTING_KEYS = frozenset({"tracking"})
+# Keys that say where and how a stage reports or watches, not what it computes: changing them never redoes work
+# (train.health: a guard that warned or stopped does not change the numbers computed before it).
+REPORTING_KEYS = frozenset({"tracking", "health"})
 
 
 def identity(cfg: BaseModel) -> dict[str, Any]:
     """The stage config as its artifact's identity: the resolved config without the REPORTING_KEYS."""
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in REPORTING_KEYS}
+    return _without_reporting(cfg.model_dump(mode="json"))
+
+
+def _without_reporting(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in REPORTING_KEYS}
+
+
+def recorded_identity(stored: dict[str, Any]) -> dict[str, Any]:
+    """An identity as an artifact or stamp recorded it, in the current form (pipeline.config.current_identity:
+    work of an older dpo-ray whose config had another layout still counts as the same config's)."""
+    from pipeline.config import current_identity
+
+    return json.loads(json.dumps(_without_reporting(current_identity(stored))))
 
 
 def stamp(directory: str, config: dict[str, Any], upstream: dict[str, str]) -> None:
@@ -99,6 +112,7 @@ def stamped(directory: str, config: dict[str, Any], upstream: dict[str, str]) ->
     found = _stamp_of(directory)
     if found is None:
         return None
+    found = {**found, "config": recorded_identity(found.get("config", {}))}
     return bool(found == json.loads(json.dumps({"config": config, "upstream": upstream})))
 
 
@@ -107,8 +121,11 @@ def claim(directory: str, config: dict[str, Any], upstream: dict[str, str], what
     work there is of this config but older inputs (a retrained model, new pairs: the stage is being redone), remove
     it first and say so; refuse with ArtifactError when another config's stamp is there (another run's work)."""
     found = _stamp_of(directory)
+    if found is not None:
+        found = {**found, "config": recorded_identity(found.get("config", {}))}
     current = json.loads(json.dumps({"config": config, "upstream": upstream}))
     if found == current:
+        stamp(directory, config, upstream)  # in the current form
         return
     if found is not None and found.get("config") != current["config"]:
         raise artifacts.ArtifactError(f"{directory} holds {what} of a run with another config; {fix}")
@@ -119,6 +136,14 @@ def claim(directory: str, config: dict[str, Any], upstream: dict[str, str], what
         console.result(f"{directory}: {what} of this config from older inputs ({', '.join(changed)} changed); removed")
         artifacts.remove_artifact(directory)
     stamp(directory, config, upstream)
+
+
+def _recorded_complete(output: str, config: dict[str, Any], upstream: dict[str, str]) -> Manifest | None:
+    """A complete artifact whose recorded config is this one in an older layout (recorded_identity)."""
+    found = artifacts.read_manifest(output)
+    if found is None or found.config == config or recorded_identity(found.config) != json.loads(json.dumps(config)):
+        return None
+    return artifacts.complete_manifest(output, found.config, upstream)
 
 
 def _same_identity(output: str, config: dict[str, Any], upstream: dict[str, str], also: tuple[str, ...]) -> bool:

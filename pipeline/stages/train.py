@@ -101,6 +101,7 @@ def _loop_config(
         initial_tolerance=cfg.initial_check_tolerance or (5e-2 if bf16 else 1e-3),
         step_hook=os.environ.get(STEP_HOOK_ENV) or None,
         health=cfg.health,
+        use_gpu=cfg.workers.use_gpu,
         trust_remote_code=cfg.trust_remote_code,
         lora=None if cfg.lora is None else LoraSettings(**(cfg.lora.model_dump() | {"target_modules": lora_targets})),
         tracking=tracking_settings(cfg.tracking, key=cfg.export),

@@ -79,6 +79,8 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
             "label_smoothing applies to sigmoid, robust, exo_pair, simpo, aot, aot_unpaired, aot_pair; not to 'orpo'",
         ),
         (["train.loss.name=simpo", "train.loss.simpo_gamma=-1"], "train.loss.simpo_gamma"),
+        (["train.loss.beta=.inf"], "train.loss.beta"),  # accepted by gt=0 alone; trained into NaN
+        (["train.loss.sft_weight=.nan"], "train.loss.sft_weight"),
     ],
 )
 def test_loss_parameters_are_checked_at_load_time(overrides, message):

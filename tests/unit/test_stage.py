@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from dpo_ray.data import artifacts
-from dpo_ray.data.artifacts import Manifest
+from dpo_ray.data.artifacts import ArtifactError, Manifest
 from pipeline.config import ReferenceConfig
 from pipeline.core import stage
 from pipeline.core.stage import Build, begin, finish
@@ -66,3 +66,52 @@ def test_claim_keeps_resumable_work_clears_outdated_work_and_refuses_another_con
     assert "checkpoints of this config from older inputs (model:model changed); removed" in capsys.readouterr().out
     with pytest.raises(ArtifactError, match="holds checkpoints of a run with another config; fix"):
         stage.claim(str(ckpt), {"lr": 2}, {"model:model": "b"}, "checkpoints", "fix")
+
+
+# A train config's identity as dpo-ray recorded it before the train config had sections (its exact dump at
+# commit 4ce1c79): flat keys, unset loss parameters null, fault_injection.
+LEGACY_TRAIN = {
+    "model": "/m", "scored": "/s", "output": "/o", "export": "/e", "storage_path": "/c", "run_name": "dpo",
+    "loss": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.1, "label_smoothing": 0.0,
+    "discopop_tau": None, "dpop_lambda": None, "simpo_gamma": None, "orpo_lambda": None,
+    "f_divergence": "reverse_kl", "f_alpha": None, "sft_weight": 0.0, "average_logps": False, "optimizer": "adamw",
+    "lr": 0.002, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0,
+    "batch_size": 8, "batching": "auto", "token_budget": 16384, "fused_head": False, "attention": "auto",
+    "compile": False, "max_steps": None, "epochs": 1, "seed": 0, "log_every": 1, "eval_every": 0,
+    "checkpoint_every": 3, "keep_checkpoints": 2, "num_workers": 2, "use_gpu": False, "resources_per_worker": {},
+    "accelerator_type": None, "parallelism": "ddp", "precision": "auto", "gradient_checkpointing": False,
+    "lora": None, "max_failures": 2, "initial_check_tolerance": None, "trust_remote_code": False,
+    "fault_injection": None,
+}  # fmt: skip
+
+
+def test_work_recorded_by_the_flat_train_config_still_counts_as_the_same_config(tmp_path):
+    """Checkpoints and an export written before the train config had sections resume and skip under the same
+    settings written the new way; other settings are still another config. Failed before: the export was
+    removed and the checkpoints refused as another run's."""
+    from pipeline.config import TrainConfig
+    from pipeline.core.stage import identity
+
+    same = TrainConfig.model_validate(
+        {
+            "model": "/m", "scored": "/s", "output": "/o", "export": "/e",
+            "checkpoint": {"storage_path": "/c", "every": 3},
+            "loss": {"name": ["sigmoid", "sft"], "weights": [1.0, 0.5]}, "optim": {"lr": 2e-3},
+            "workers": {"count": 2}, "batch_size": 8, "health": {"kl": {"limit": 9.0}},  # health: not identity
+        }
+    )  # fmt: skip
+    ckpt = tmp_path / "checkpoints"
+    stage.stamp(str(ckpt), LEGACY_TRAIN, {"model:model": "a"})
+    (ckpt / "checkpoint_0").mkdir()
+    stage.claim(str(ckpt), identity(same), {"model:model": "a"}, "checkpoints", "fix")
+    assert (ckpt / "checkpoint_0").exists() and stage.stamped(str(ckpt), identity(same), {"model:model": "a"})
+    other = same.model_copy(update={"optim": same.optim.model_copy(update={"lr": 1e-3})})
+    with pytest.raises(ArtifactError, match="another config"):
+        stage.claim(str(ckpt), identity(other), {"model:model": "a"}, "checkpoints", "fix")
+
+    export = tmp_path / "export"
+    artifacts.write_table(pa.table({"x": [1]}), str(export), "part-0.parquet")
+    artifacts.write_manifest(str(export), "model", LEGACY_TRAIN, {}, {"model:model": "a"}, {})
+    found = stage.begin("model", same, {"model:model": "a"}, str(export))
+    assert isinstance(found, Manifest) and found.config == LEGACY_TRAIN  # skipped, kept as written
+    assert not isinstance(stage.begin("model", other, {"model:model": "a"}, str(export)), Manifest)
