@@ -233,6 +233,9 @@ def _finish(
     artifacts.check_shard_schemas(cfg.output, SCORED_SCHEMA)  # SCORED_SCHEMA includes every pairs column
     parity: dict[str, Any] = {"skipped": "backend hf is itself the transformers forward"}
     if cfg.backend == "vllm" and cfg.parity_samples > 0 and rows_out > 0:
+        # Ray as the stage starts it, also on a resume with every unit already scored: ray.remote would otherwise
+        # init Ray itself and join whatever Ray cluster runs on this machine (found with two runs side by side).
+        ensure_ray()
         sample = _parity_sample(cfg.output, cfg.parity_samples)
         task = ray.remote(parity_check).options(
             num_gpus=cfg.num_gpus_per_actor or None, num_cpus=1, accelerator_type=cfg.accelerator_type
