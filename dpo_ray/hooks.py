@@ -12,8 +12,8 @@ __all__ = ["STEP_HOOK_ENV", "UNIT_HOOK_ENV", "named_hook"]
 
 # Called after every optimizer step with (step, rank, output); read by the train stage from the driver's environment.
 STEP_HOOK_ENV = "DPO_RAY_STEP_HOOK"
-# Called with no arguments before each unit of work (a pool actor's unit, each shard prepare writes); read in the
-# process doing the work.
+# Called before each unit of work with its kind: "unit" (a pool actor's unit: reference, generate) or "shard" (a
+# shard prepare writes); read in the process doing the work.
 UNIT_HOOK_ENV = "DPO_RAY_UNIT_HOOK"
 
 

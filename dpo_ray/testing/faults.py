@@ -7,8 +7,8 @@ The train stage passes DPO_RAY_STEP_HOOK from the driver's environment to its wo
 marker file under the train stage's output records that the fault happened, so the restarted run goes on.
 
 `DPO_RAY_UNIT_HOOK=dpo_ray.testing.faults:hold_first_unit:DIR` (in every actor's environment, e.g. a job's
-runtime_env) holds the first unit any actor of the run starts, so that a test can kill that node while the unit
-is in flight.
+runtime_env) holds the first pool-actor unit of the run, so that a test can kill that node while the unit is in
+flight; `...:hold_unit:KIND:N:DIR` holds the N-th unit of work of a kind (a unit, or a shard prepare writes).
 """
 
 from __future__ import annotations
@@ -55,11 +55,15 @@ def fail(spec: str, step: int, rank: int, output: str) -> None:
     os._exit(1)
 
 
-def hold_first_unit(directory: str) -> None:
-    """The first caller of a run writes <directory>/held (its node id; atomically, so exactly one caller does) and
+def hold_first_unit(directory: str, kind: str) -> None:
+    """Of a run's pool-actor units (kind "unit"; prepare's shards are not held), the first caller writes
+    <directory>/held (its node id; atomically, so exactly one caller does) and
     then holds its unit for at most DPO_RAY_TEST_HOLD_S seconds (default 300) before going on; every later unit
     runs at once. `directory` must be one every node can reach."""
     import ray
+
+    if kind != "unit":
+        return
 
     tmp = os.path.join(directory, f".held-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -75,12 +79,14 @@ def hold_first_unit(directory: str) -> None:
         time.sleep(0.5)
 
 
-def hold_unit(spec: str) -> None:
-    """'N:DIR': the units of a run are numbered in the order actors start them (0, 1, ...; each caller claims the
-    lowest free number in DIR atomically); the one numbered N writes DIR/held and is held there for at most
-    DPO_RAY_TEST_HOLD_S seconds (default 300), so a test can kill the run while exactly N units are done (with
-    one actor: units 0 .. N-1, written before unit N starts)."""
-    n, directory = spec.split(":", 1)
+def hold_unit(spec: str, kind: str) -> None:
+    """'KIND:N:DIR': the units of work of that kind ("unit": a pool actor's; "shard": a shard prepare writes) are
+    numbered in the order they start (0, 1, ...; each caller claims the lowest free number in DIR atomically);
+    the one numbered N writes DIR/held and is held there for at most DPO_RAY_TEST_HOLD_S seconds (default 300),
+    so a test can kill the run while exactly N are done (with one worker: 0 .. N-1, before N starts)."""
+    wanted, n, directory = spec.split(":", 2)
+    if kind != wanted:
+        return
     number = 0
     while True:
         try:

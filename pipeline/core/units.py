@@ -94,7 +94,7 @@ class _Worker:
         work = self._get(handler, config)
         hook = named_hook(os.environ.get(UNIT_HOOK_ENV))
         if hook is not None:
-            hook()
+            hook("unit")
         result: dict[str, Any] = work(unit)
         return result
 

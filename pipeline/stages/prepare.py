@@ -196,7 +196,7 @@ def _finalize(
     for uri, part in ((output, pairs), (rejects_uri, rejects)):
         for j, start in enumerate(range(0, part.num_rows, rows_per_shard)):
             if hook is not None:
-                hook()
+                hook("shard")
             artifacts.write_table(part.slice(start, rows_per_shard), uri, f"part-{index:05d}-{j:03d}.parquet")
     return {
         "rows": table.num_rows,

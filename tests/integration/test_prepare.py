@@ -230,7 +230,7 @@ def test_rerun_is_noop_and_killed_run_reruns_to_same_artifact(tiny_model_dir, tm
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "DPO_RAY_UNIT_HOOK": f"dpo_ray.testing.faults:hold_unit:1:{hold}"},
+        env={**os.environ, "DPO_RAY_UNIT_HOOK": f"dpo_ray.testing.faults:hold_unit:shard:1:{hold}"},
     )
     deadline = time.monotonic() + 600  # a wait for an event, generous on a slow machine
     while not (hold / "held").exists():

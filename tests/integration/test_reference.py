@@ -157,7 +157,8 @@ def test_hh_scored_with_vllm_resumes_after_the_driver_is_killed(tiny_model_dir, 
     out = tmp_path / "run" / "scored"
     hold = tmp_path / "hold"
     hold.mkdir()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DPO_RAY_UNIT_HOOK": f"dpo_ray.testing.faults:hold_unit:2:{hold}"}
+    hook = f"dpo_ray.testing.faults:hold_unit:unit:2:{hold}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DPO_RAY_UNIT_HOOK": hook}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "reference", "--config", str(cfg_file)],
         start_new_session=True,
