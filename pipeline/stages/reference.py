@@ -32,7 +32,7 @@ from pipeline.core import console, stage
 from pipeline.core.engines import engine_key, engine_spec
 from pipeline.core.inputs import matching_tokenizer, stage_inputs
 from pipeline.core.runtime import ensure_ray
-from pipeline.core.units import UnitsResult, actor_bundle, describe, run_units
+from pipeline.core.units import UnitsResult, actor_bundle, describe, make_room, run_units
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +236,9 @@ def _finish(
         # Ray as the stage starts it, also on a resume with every unit already scored: ray.remote would otherwise
         # init Ray itself and join whatever Ray cluster runs on this machine (found with two runs side by side).
         ensure_ray()
+        # The task needs a CPU that actors kept for later stages may hold (with a gate, round r's evaluation
+        # engines are kept through round r+1's reference): they make room, or the task waits forever.
+        make_room(actor_bundle(1, cfg.num_gpus_per_actor, cfg.accelerator_type), 1)
         sample = _parity_sample(cfg.output, cfg.parity_samples)
         task = ray.remote(parity_check).options(
             num_gpus=cfg.num_gpus_per_actor or None, num_cpus=1, accelerator_type=cfg.accelerator_type
