@@ -14,10 +14,10 @@ from pipeline.config import load_config
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.pipeline]
 
 
-def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
-    d = tmp_path / "loop"
+def _config(d) -> dict:
+    """Two rounds on the demo's tiny assets under `d`: hf reference, 2 train steps, on-policy round 1."""
     assets = d / "assets"
-    cfg = {
+    return {
         "run_dir": str(d),
         "rounds": 2,
         "demo": {"assets": str(assets), "pairs": 60},
@@ -46,6 +46,12 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
             "gpu_memory_utilization": 0.1,
         },
     }
+
+
+def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
+    d = tmp_path / "loop"
+    assets = d / "assets"
+    cfg = _config(d)
     path = tmp_path / "loop.yaml"
     path.write_text(json.dumps(cfg))
     results = run(load_config(path))
@@ -145,45 +151,25 @@ def test_two_rounds_and_resume_after_a_stop_between_stages(tmp_path, capsys):
 
 def test_a_failed_gate_stops_the_loop_before_the_next_round(tmp_path, capsys):
     """A reward test no policy passes (a gain above 1e6 standard errors): round 0's evaluation fails the gate,
-    round 1 is not built
-    on its policy, `run` exits with status 4 after the summary, and the failure opens the summary, the report
-    and `status`."""
+    round 1 is not built on its policy, `run` exits with status 4 after the summary, and the failure opens the
+    summary, the report and `status`."""
     from pipeline.cli.main import main
 
     d = tmp_path / "gated"
     assets = d / "assets"
-    cfg = {
-        "run_dir": str(d),
-        "rounds": 2,
-        "gate": {"reward_se": 1e6},
-        "demo": {"assets": str(assets), "pairs": 60},
-        "prepare": {
-            "inputs": [str(assets / "pairs.jsonl")],
-            "tokenizer": str(assets / "model"),
-            "max_length": 96,
-            "max_prompt_length": 48,
-            "eval_fraction": 0.3,
-        },
-        "reference": {"model": str(assets / "model"), "backend": "hf", "max_model_len": 128},
-        "train": {"model": str(assets / "model"), "workers": {"count": 0}, "batch_size": 8, "max_steps": 2},
-        "generate": {
-            "policy": str(assets / "model"),
-            "n": 2,
-            "max_tokens": 8,
-            "max_prompts": 8,
-            "reward": "length",
-            "max_model_len": 128,
-            "gpu_memory_utilization": 0.1,
-        },
-        "evaluate": {
-            "reference": str(assets / "model"),
-            "max_prompts": 8,
-            "max_eval_pairs": 0,
-            "max_tokens": 8,
-            "reward": "length",
-            "max_model_len": 128,
-            "gpu_memory_utilization": 0.1,
-        },
+    cfg = _config(d)
+    cfg["gate"] = {"reward_se": 1e6}
+    cfg["prepare"]["eval_fraction"] = 0.3
+    cfg["train"]["optim"] = {"lr": 1e-6}
+    cfg["generate"] |= {"n": 2, "max_prompts": 8}
+    cfg["evaluate"] = {
+        "reference": str(assets / "model"),
+        "max_prompts": 8,
+        "max_eval_pairs": 0,
+        "max_tokens": 8,
+        "reward": "length",
+        "max_model_len": 128,
+        "gpu_memory_utilization": 0.1,
     }
     path = tmp_path / "gated.yaml"
     path.write_text(json.dumps(cfg))
