@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "ALARM",
     "CHOSEN_SHIFT",
     "GRAD_NORM_RATIO",
     "KL",
@@ -42,6 +43,7 @@ REJECTED_SHIFT = "health/rejected_logp_shift"
 KL = "health/kl"
 GRAD_NORM_RATIO = "health/grad_norm_ratio"
 NONFINITE = "health/nonfinite"
+ALARM = "health/alarm/"  # + a guarded signal's name without "health/": set to 1 in the metrics of a step it fired at
 
 # Each signal and the failure it reveals (docs/reference/losses.md lists them).
 SIGNALS: dict[str, str] = {
@@ -130,10 +132,13 @@ class Alarm:
         side = "below" if self.signal in (CHOSEN_SHIFT, REJECTED_SHIFT) else "above"
         return (
             f"{self.signal} {self.value:.4g} at step {self.step}, {side} its limit {self.limit:g} "
-            f"(train.health.{self.signal.removeprefix('health/').removesuffix('_logp_shift')}"
-            f"{'_logp_shift' if self.signal.endswith('_logp_shift') else ''}); {SIGNALS[self.signal]} "
-            f"Remedies: {REMEDIES}"
+            f"(train.health.{self.signal.removeprefix('health/')}); {SIGNALS[self.signal]} Remedies: {REMEDIES}"
         )
+
+    @property
+    def key(self) -> str:
+        """The metric recording that it fired (ALARM + the signal's name)."""
+        return ALARM + self.signal.removeprefix("health/")
 
 
 def grad_norm_ratio(grad_norm: float, previous: list[float]) -> float:

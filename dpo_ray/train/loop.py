@@ -28,6 +28,7 @@ from dpo_ray.data.artifacts import ShardInfo
 from dpo_ray.errors import UserError
 from dpo_ray.hooks import named_hook
 from dpo_ray.objective.health import (
+    ALARM,
     CHOSEN_SHIFT,
     GRAD_NORM_RATIO,
     KL,
@@ -280,7 +281,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             metrics.update(_evaluate(model, eval_rows, cfg, rank, world, state.loss))
         if tracker is not None:
             tracker.metrics(train_names(metrics), state.step)
-        alarmed = any(k.startswith("health/alarm/") for k in metrics)  # a warning is recorded whatever log_every
+        alarmed = any(k.startswith(ALARM) for k in metrics)  # a warning is recorded whatever log_every
         if state.step % cfg.log_every == 0 or last or "eval/loss" in metrics or alarmed:
             _log(metrics, cfg, state, rank, started)
         # Only checkpoints go through ray.train.report: a report synchronises every rank with the controller
@@ -339,7 +340,7 @@ def _guard(metrics: dict[str, Any], cfg: LoopConfig, state: LoopState, rank: int
     ends with."""
     stops = []
     for alarm in alarms(metrics, cfg.health, state.step):
-        metrics[f"health/alarm/{alarm.signal.removeprefix('health/')}"] = 1.0
+        metrics[alarm.key] = 1.0
         if alarm.action == "stop":
             stops.append(alarm.message())
         elif rank == 0:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from dpo_ray.data import artifacts
+from dpo_ray.objective.health import ALARM
+from pipeline.core.gate import failed_gate
 
 __all__ = ["SAMPLED_PROMPTS", "write_report"]
 
@@ -110,7 +112,7 @@ def _samples(evals: list[tuple[str, str]]) -> str:
 
 def _banner(rows: list[dict[str, Any]], evals: Sequence[tuple[str, str]] = ()) -> str:
     """A failed gate (pipeline.core.gate) and the health guards that fired in training, first on the page."""
-    failed = [r for r in rows if str(r.get("gate", "")).startswith("FAILED")]
+    failed = [r for r in rows if failed_gate(r.get("gate"))]
     out = "".join(
         f'<div class="alarm"><b>GATE FAILED</b> {html.escape(r["label"])}: {html.escape(r["gate"])}</div>'
         for r in failed
@@ -131,8 +133,8 @@ def _health_alarms(evals: Sequence[tuple[str, str]]) -> dict[str, str]:
         steps: dict[str, list[int]] = {}
         for h in _jsonl(f"{metrics}/metrics.jsonl"):
             for key in h:
-                if key.startswith("health/alarm/"):
-                    steps.setdefault(key.removeprefix("health/alarm/"), []).append(int(h.get("step", 0)))
+                if key.startswith(ALARM):
+                    steps.setdefault(key.removeprefix(ALARM), []).append(int(h.get("step", 0)))
         if steps:
             found[label] = "; ".join(f"health/{s} fired at steps {', '.join(map(str, v))}" for s, v in steps.items())
     return found

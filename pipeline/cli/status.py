@@ -20,7 +20,7 @@ from typing import Any
 from dpo_ray.data import artifacts
 from pipeline.config import PipelineConfig
 from pipeline.core import console
-from pipeline.core.gate import gated, judge
+from pipeline.core.gate import failed_gate, gated, judge
 from pipeline.core.plan import PlannedStage
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def run(cfg: PipelineConfig) -> list[dict[str, Any]]:
     done = sum(r["state"] == "complete" for r in rows)
     console.result(f"status of {cfg.run_dir}: {done}/{len(rows)} stage outputs complete")
     for r in rows:
-        if str(r.get("gate", "")).startswith("FAILED"):
+        if failed_gate(r.get("gate")):
             console.error(f"GATE FAILED {r['label']}: {r['gate']}")
     width = max(len(r["label"]) for r in rows) if rows else 0
     for r in rows:

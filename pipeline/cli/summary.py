@@ -13,6 +13,7 @@ from typing import Any
 
 from dpo_ray.data import artifacts
 from pipeline.core import console
+from pipeline.core.gate import failed_gate
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _pm(value: float | None, stderr: float | None, fmt: str) -> str:
 
 def banner(rows: list[dict[str, Any]]) -> str:
     """The failed gates, as the summary's first lines ("" when none failed)."""
-    failed = [f"{r['label']}: {r['gate']}" for r in rows if str(r.get("gate", "")).startswith("FAILED")]
+    failed = [f"{r['label']}: {r['gate']}" for r in rows if failed_gate(r.get("gate"))]
     return "".join(f"**GATE FAILED** {line}\n\n" for line in failed)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from dpo_ray.errors import UserError
 
-__all__ = ["GateFailed", "Verdict", "gated", "judge"]
+__all__ = ["GateFailed", "Verdict", "failed_gate", "gated", "judge"]
 
 
 class GateFailed(UserError, RuntimeError):
@@ -30,7 +30,13 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
 
     def line(self) -> str:
+        """ "passed", or "FAILED: " and the reasons (the summary's gate column; failed_gate reads it back)."""
         return "passed" if self.passed else "FAILED: " + "; ".join(self.reasons)
+
+
+def failed_gate(line: str | None) -> bool:
+    """Whether a verdict's line (Verdict.line; None: no gate) says it failed."""
+    return bool(line) and str(line).startswith("FAILED")
 
 
 def gated(gate: Any) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from dpo_ray.data import artifacts
+from dpo_ray.objective.health import ALARM
 from pipeline.config import EvaluateConfig
 from pipeline.core import stage
 
@@ -184,7 +185,7 @@ def _health_plot(plt: Any, history: list[dict[str, Any]], limit: float | None, f
     ax.axhline(0.0, color="grey", linewidth=0.8)
     if limit is not None:
         ax.axhline(limit, color="red", linestyle="--", label=f"guard {limit:g}")
-    fired = [h["step"] for h in history if any(k.startswith("health/alarm/") for k in h)]
+    fired = [h["step"] for h in history if any(k.startswith(ALARM) for k in h)]
     for step in fired:
         ax.axvline(step, color="red", alpha=0.2)
     ax.set_title("log π − log πref per token (health)")
