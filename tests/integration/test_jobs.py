@@ -48,6 +48,8 @@ def head_process(gcs: int, dash: int, env: dict[str, str], log_path: Path, extra
     log = log_path.open("w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        # A ceiling for a hung head, not a measure of speed: `ray start` opens the port in 5-15 s on a
+        # 2-core machine (more under load); the loop returns as soon as the port is open.
         deadline = time.monotonic() + 180
         while not listening_addresses(dash):
             assert head.poll() is None, log_path.read_text()[-3000:]
@@ -124,7 +126,9 @@ class JobClient:
 
 
 def submit(client, **kwargs) -> str:
-    """submit_job, retried while the head's job agent is still starting ("No available agent")."""
+    """submit_job, retried while the head's job agent is still starting ("No available agent"): the job server
+    waits 10 s for the agent per request and creates no job when it refuses, so a retry is safe. The 120 s
+    ceiling only ends a head whose agent never starts; a started agent ends the loop at once."""
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -136,6 +140,8 @@ def submit(client, **kwargs) -> str:
 
 
 def wait(client, job_id: str, timeout: float = 600) -> str:
+    """The job's terminal status. The timeout is a ceiling for a hung job (the reduced pipeline below takes
+    about a minute here); a job that ends returns at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = client.get_job_status(job_id)
@@ -189,6 +195,8 @@ def test_submit_stop_resubmit_and_noop(ray_head, job_client, tmp_path):
 
     # 1. Submit, and stop the job once prepare has finished (a stage boundary) but before train is done.
     first = submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
+    # Prepare's manifest is its last write; the job is polled every 0.5 s and stopped at once, while
+    # generate/reference/train (tens of seconds here) still run. 300 s: a ceiling for a job that never starts.
     deadline = time.monotonic() + 300
     while not (d / "pairs" / "manifest.json").exists():
         assert time.monotonic() < deadline and client.get_job_status(first) in ("PENDING", "RUNNING"), (
