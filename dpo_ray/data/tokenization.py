@@ -63,6 +63,7 @@ REASONS: dict[str, str] = {
     "no_prompt_tokens": "the prompt's only tokens merge with the completion's, so no prompt token is left",
     "too_long": "over max_length / max_prompt_length under truncation: drop",
     "duplicate": "an exact duplicate (same pair_id) of a pair kept earlier",
+    "invalid_label": "unpaired data: the label is absent, null or not a boolean (true: desirable, false: not)",
 }
 
 

@@ -1,0 +1,165 @@
+"""Unpaired feedback: one completion per record with a binary label (TRL's unpaired preference format), and the
+mismatched completions KTO's reference point is estimated from.
+
+A record is {prompt, completion, label}: text (two strings) or conversational (the prompt's messages and the
+completion's assistant message(s)), with `columns` naming the record's keys as for pairs. The label must be a
+JSON boolean: true for a desirable completion, false for an undesirable one; anything else (absent, null, 1,
+"yes") is rejected with reason `invalid_label`. Tokenization and truncation follow the pairs' one rule
+(dpo_ray.data.tokenization): the completion is tokenized after its prompt, ends with the stop token once, and
+is cut to max_length − prompt.
+
+A paired record becomes two unpaired rows on request (`pair_to_unpaired`): its chosen completion desirable, its
+rejected one undesirable, with the pair's tokens unchanged; this is how KTO is compared with DPO on the same data
+(Ethayarajh et al. 2024, section 4).
+
+KL partners (`kl_partners`): KTO's z₀ is a KL estimate over mismatched (prompt, completion) pairs. Here each row
+i gets, once and for all, the completion of another row j of the same split and a different prompt, chosen by a
+seeded permutation of the split's rows (a cycle through them in the order of sha256(seed, row id)): the pairing
+is a function of the rows and the seed alone, not of how a batch is cut into workers or micro-batches, so the
+reference stage can score it once and training holds no reference model. TRL instead rotates completions by one
+within each consecutive block of `per_device_train_batch_size` rows of the dataset (docs/explanation/losses.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpo_ray.data.tokenization import (
+    Format,
+    PairTokenizer,
+    RowRejected,
+    TokenizedPair,
+    _check_messages,
+    _check_text,
+    pair_id,
+)
+
+__all__ = ["TokenizedUnpaired", "kl_partners", "pair_to_unpaired", "record_to_unpaired", "row_id"]
+
+
+@dataclass(frozen=True)
+class TokenizedUnpaired:
+    prompt: str
+    completion: str
+    label: bool
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    truncated: dict[str, bool] = field(default_factory=dict)
+    boundary_merge: bool = False
+
+
+def row_id(prompt: str, completion: str, label: bool) -> str:
+    """Content hash of an unpaired row (32 hex chars): its identity for dedup, as pair_id is a pair's. The label
+    is part of it (the same completion rated both ways is two rows)."""
+    return pair_id(prompt, completion, "desirable" if label else "undesirable")
+
+
+def _label(record: Mapping[str, Any], column: str) -> bool:
+    if column not in record or record[column] is None:
+        raise RowRejected("invalid_label", f"column {column!r} is absent or null; expected true or false")
+    value = record[column]
+    if not isinstance(value, bool):
+        raise RowRejected(
+            "invalid_label", f"column {column!r}: expected true or false, found {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _one(pt: PairTokenizer, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int], dict]:
+    """The pairs' truncation rule with one completion."""
+    p, c, _, truncated = pt._truncate(prompt_ids, completion_ids, completion_ids)
+    return p, c, {"prompt": truncated["prompt"], "completion": truncated["chosen"]}
+
+
+def record_to_unpaired(
+    record: Any, pt: PairTokenizer, columns: Mapping[str, str], fmt: Format = "auto"
+) -> TokenizedUnpaired:
+    """One raw record → a TokenizedUnpaired, or RowRejected with a reason.
+
+    columns maps "prompt", "completion" and "label" to the record's keys. Formats: explicit text (prompt and
+    completion strings) and conversational (message lists); "auto" decides from the completion's type. The
+    implicit format of pairs (a prompt inferred from two completions) has no unpaired form."""
+    if not isinstance(record, Mapping):
+        raise RowRejected("not_an_object", f"expected an object with columns, found {type(record).__name__}")
+    pcol, ccol, lcol = columns["prompt"], columns["completion"], columns["label"]
+    for col in (pcol, ccol):
+        if record.get(col) is None:
+            raise RowRejected("missing_field", f"column {col!r} is absent or null (present: {sorted(record)[:10]})")
+    label = _label(record, lcol)
+    if fmt == "implicit":
+        raise ValueError("prepare.format implicit infers a prompt from two completions: unpaired data has one")
+    if fmt == "auto":
+        fmt = "conversational" if isinstance(record[ccol], list) else "explicit"
+    limit = pt.max_text_chars
+    if fmt == "explicit":
+        prompt, completion = _check_text(record[pcol], pcol, limit), _check_text(record[ccol], ccol, limit)
+        if not prompt.strip():
+            raise RowRejected("empty_prompt", "the prompt is empty or whitespace")
+        if not completion.strip():
+            raise RowRejected("empty_completion", "the completion is empty or whitespace")
+        prompt_ids, (completion_ids,), merged = pt.text_ids(prompt, [completion])
+    else:
+        prompt_msgs, msgs = _check_messages(record[pcol], pcol, limit), _check_messages(record[ccol], ccol, limit)
+        if msgs[-1]["role"] != "assistant":
+            raise RowRejected(
+                "wrong_type", f"completion: the last message's role is {msgs[-1]['role']!r}, not 'assistant'"
+            )
+        if not "".join(m["content"] for m in msgs).strip():
+            raise RowRejected("empty_completion", "the completion has no content")
+        if not "".join(m["content"] for m in prompt_msgs).strip():
+            raise RowRejected("empty_prompt", "the prompt messages have no content")
+        prompt, (completion,), prompt_ids, (completion_ids,), merged = pt.render_chat(prompt_msgs, [msgs])
+    p, c, truncated = _one(pt, prompt_ids, completion_ids)
+    return TokenizedUnpaired(prompt, completion, label, p, c, truncated, merged)
+
+
+def pair_to_unpaired(pair: TokenizedPair) -> tuple[TokenizedUnpaired, TokenizedUnpaired]:
+    """A tokenized pair as two unpaired rows: chosen desirable, rejected undesirable (same tokens)."""
+    t = pair.truncated
+    return (
+        TokenizedUnpaired(
+            pair.prompt,
+            pair.chosen,
+            True,
+            list(pair.prompt_ids),
+            list(pair.chosen_ids),
+            {"prompt": t.get("prompt", False), "completion": t.get("chosen", False)},
+            pair.boundary_merge,
+        ),
+        TokenizedUnpaired(
+            pair.prompt,
+            pair.rejected,
+            False,
+            list(pair.prompt_ids),
+            list(pair.rejected_ids),
+            {"prompt": t.get("prompt", False), "completion": t.get("rejected", False)},
+            pair.boundary_merge,
+        ),
+    )
+
+
+def kl_partners(row_ids: Sequence[str], prompts: Sequence[str], seed: int) -> list[int | None]:
+    """For each row, the index of the row whose completion is its mismatched KL completion (None: no row of
+    another prompt exists, e.g. a split of one prompt).
+
+    The rows are ordered by sha256(seed, row id) and each takes the completion of the row before it in that
+    cycle; where that row has the same prompt, the nearest earlier row in the cycle with another prompt is
+    taken instead. A function of (row ids, prompts, seed): the same rows in any input order get the same
+    partners. Call it per split, so a partner never crosses the train/eval boundary."""
+    if len(row_ids) != len(prompts):
+        raise ValueError(f"kl_partners: {len(row_ids)} row ids but {len(prompts)} prompts")
+    n = len(row_ids)
+    order = sorted(range(n), key=lambda i: (hashlib.sha256(f"{seed}:{row_ids[i]}".encode()).hexdigest(), row_ids[i], i))
+    partners: list[int | None] = [None] * n
+    if len({*prompts}) < 2:
+        return partners
+    for k, i in enumerate(order):
+        for step in range(1, n):
+            j = order[(k - step) % n]
+            if prompts[j] != prompts[i]:
+                partners[i] = j
+                break
+    return partners
