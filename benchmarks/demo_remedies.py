@@ -130,9 +130,7 @@ def table(per_seed: dict[int, dict[str, dict]], reward_se: float, max_kl: float 
             for signal, step in r["fired"].items():
                 fired.setdefault(signal, []).append(step)
         guards = "; ".join(f"{sig} in {len(st)} of {n} (step {_range(st, 'd')})" for sig, st in fired.items())
-        lines.append(
-            f"| {name} | {passed} of {n} | {reward} ({ref}) | {kl} | {shift} | {guards or 'none'} |"
-        )
+        lines.append(f"| {name} | {passed} of {n} | {reward} ({ref}) | {kl} | {shift} | {guards or 'none'} |")
     return "\n".join(lines) + "\n"
 
 
