@@ -117,7 +117,7 @@ def split_of(prompt: str, eval_fraction: float, salt: str = "") -> str:
     return "eval" if int(key[:8], 16) / 0x1_0000_0000 < eval_fraction else "train"
 
 
-def _check_text(value: Any, column: str, max_chars: int) -> str:
+def check_text(value: Any, column: str, max_chars: int) -> str:
     if value is None:
         raise RowRejected("missing_field", f"column {column!r} is null")
     if not isinstance(value, str):
@@ -131,7 +131,7 @@ def _check_text(value: Any, column: str, max_chars: int) -> str:
     return value
 
 
-def _check_messages(value: Any, column: str, max_chars: int) -> list[dict[str, str]]:
+def check_messages(value: Any, column: str, max_chars: int) -> list[dict[str, str]]:
     if value is None:
         raise RowRejected("missing_field", f"column {column!r} is null")
     if not isinstance(value, list) or not value:
@@ -140,7 +140,7 @@ def _check_messages(value: Any, column: str, max_chars: int) -> list[dict[str, s
     for i, m in enumerate(value):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or "content" not in m:
             raise RowRejected("wrong_type", f"column {column!r} message {i}: expected {{role: str, content: str}}")
-        out.append({"role": m["role"], "content": _check_text(m["content"], f"{column}[{i}].content", max_chars)})
+        out.append({"role": m["role"], "content": check_text(m["content"], f"{column}[{i}].content", max_chars)})
     return out
 
 
@@ -299,6 +299,11 @@ class PairTokenizer:
             rejected, truncated["rejected"] = rejected[:budget], True
         return prompt, chosen, rejected, truncated
 
+    def truncate_one(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int], dict[str, bool]]:
+        """The truncation rule with one completion (unpaired rows): (prompt, completion, truncated flags)."""
+        p, c, _, truncated = self._truncate(prompt, completion, completion)
+        return p, c, {"prompt": truncated["prompt"], "completion": truncated["chosen"]}
+
     def pair(
         self,
         prompt: str,
@@ -427,16 +432,16 @@ def record_to_pair(
         raise RowRejected("missing_field", f"column {pcol!r} is absent or null")
     limit = pt.max_text_chars
     if fmt == "explicit":
-        prompt = _check_text(record[pcol], pcol, limit)
-        return pt.pair(prompt, _check_text(record[ccol], ccol, limit), _check_text(record[rcol], rcol, limit))
+        prompt = check_text(record[pcol], pcol, limit)
+        return pt.pair(prompt, check_text(record[ccol], ccol, limit), check_text(record[rcol], rcol, limit))
     if fmt == "implicit":
-        chosen, rejected = _check_text(record[ccol], ccol, limit), _check_text(record[rcol], rcol, limit)
+        chosen, rejected = check_text(record[ccol], ccol, limit), check_text(record[rcol], rcol, limit)
         prompt = _implicit_prompt(chosen, rejected, implicit_marker)
         return pt.pair(prompt, chosen[len(prompt) :], rejected[len(prompt) :])
-    chosen_msgs = _check_messages(record[ccol], ccol, limit)
-    rejected_msgs = _check_messages(record[rcol], rcol, limit)
+    chosen_msgs = check_messages(record[ccol], ccol, limit)
+    rejected_msgs = check_messages(record[rcol], rcol, limit)
     if has_prompt:
-        prompt_msgs = _check_messages(record[pcol], pcol, limit)
+        prompt_msgs = check_messages(record[pcol], pcol, limit)
     else:
         if chosen_msgs[:-1] != rejected_msgs[:-1] or len(chosen_msgs) < 2:
             raise RowRejected("no_shared_prefix", "chosen and rejected differ before their last message")

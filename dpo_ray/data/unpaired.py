@@ -23,19 +23,12 @@ within each consecutive block of `per_device_train_batch_size` rows of the datas
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_ray.data.tokenization import (
-    Format,
-    PairTokenizer,
-    RowRejected,
-    TokenizedPair,
-    _check_messages,
-    _check_text,
-    pair_id,
-)
+from dpo_ray.data.tokenization import Format, PairTokenizer, RowRejected, TokenizedPair, check_messages, check_text
 
 __all__ = ["TokenizedUnpaired", "kl_partners", "pair_to_unpaired", "record_to_unpaired", "row_id"]
 
@@ -52,9 +45,10 @@ class TokenizedUnpaired:
 
 
 def row_id(prompt: str, completion: str, label: bool) -> str:
-    """Content hash of an unpaired row (32 hex chars): its identity for dedup, as pair_id is a pair's. The label
-    is part of it (the same completion rated both ways is two rows)."""
-    return pair_id(prompt, completion, "desirable" if label else "undesirable")
+    """Content hash of an unpaired row (32 hex chars): its identity for dedup, as pair_id is a pair's, in a space
+    of its own (the hashed list starts with "unpaired"). The label is part of it: the same completion rated both
+    ways is two rows."""
+    return hashlib.sha256(json.dumps(["unpaired", prompt, completion, bool(label)]).encode("utf-8")).hexdigest()[:32]
 
 
 def _label(record: Mapping[str, Any], column: str) -> bool:
@@ -66,12 +60,6 @@ def _label(record: Mapping[str, Any], column: str) -> bool:
             "invalid_label", f"column {column!r}: expected true or false, found {type(value).__name__} {value!r}"
         )
     return value
-
-
-def _one(pt: PairTokenizer, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int], dict]:
-    """The pairs' truncation rule with one completion."""
-    p, c, _, truncated = pt._truncate(prompt_ids, completion_ids, completion_ids)
-    return p, c, {"prompt": truncated["prompt"], "completion": truncated["chosen"]}
 
 
 def record_to_unpaired(
@@ -95,14 +83,14 @@ def record_to_unpaired(
         fmt = "conversational" if isinstance(record[ccol], list) else "explicit"
     limit = pt.max_text_chars
     if fmt == "explicit":
-        prompt, completion = _check_text(record[pcol], pcol, limit), _check_text(record[ccol], ccol, limit)
+        prompt, completion = check_text(record[pcol], pcol, limit), check_text(record[ccol], ccol, limit)
         if not prompt.strip():
             raise RowRejected("empty_prompt", "the prompt is empty or whitespace")
         if not completion.strip():
             raise RowRejected("empty_completion", "the completion is empty or whitespace")
         prompt_ids, (completion_ids,), merged = pt.text_ids(prompt, [completion])
     else:
-        prompt_msgs, msgs = _check_messages(record[pcol], pcol, limit), _check_messages(record[ccol], ccol, limit)
+        prompt_msgs, msgs = check_messages(record[pcol], pcol, limit), check_messages(record[ccol], ccol, limit)
         if msgs[-1]["role"] != "assistant":
             raise RowRejected(
                 "wrong_type", f"completion: the last message's role is {msgs[-1]['role']!r}, not 'assistant'"
@@ -112,7 +100,7 @@ def record_to_unpaired(
         if not "".join(m["content"] for m in prompt_msgs).strip():
             raise RowRejected("empty_prompt", "the prompt messages have no content")
         prompt, (completion,), prompt_ids, (completion_ids,), merged = pt.render_chat(prompt_msgs, [msgs])
-    p, c, truncated = _one(pt, prompt_ids, completion_ids)
+    p, c, truncated = pt.truncate_one(prompt_ids, completion_ids)
     return TokenizedUnpaired(prompt, completion, label, p, c, truncated, merged)
 
 
@@ -147,8 +135,9 @@ def kl_partners(row_ids: Sequence[str], prompts: Sequence[str], seed: int) -> li
 
     The rows are ordered by sha256(seed, row id) and each takes the completion of the row before it in that
     cycle; where that row has the same prompt, the nearest earlier row in the cycle with another prompt is
-    taken instead. A function of (row ids, prompts, seed): the same rows in any input order get the same
-    partners. Call it per split, so a partner never crosses the train/eval boundary."""
+    taken instead. With distinct prompts this uses every completion once (a permutation); rows of a prompt that
+    follow each other in the cycle share a partner. A function of (row ids, prompts, seed): the same rows in any
+    input order get the same partners. Call it per split, so a partner never crosses the train/eval boundary."""
     if len(row_ids) != len(prompts):
         raise ValueError(f"kl_partners: {len(row_ids)} row ids but {len(prompts)} prompts")
     n = len(row_ids)
@@ -156,10 +145,12 @@ def kl_partners(row_ids: Sequence[str], prompts: Sequence[str], seed: int) -> li
     partners: list[int | None] = [None] * n
     if len({*prompts}) < 2:
         return partners
-    for k, i in enumerate(order):
-        for step in range(1, n):
-            j = order[(k - step) % n]
-            if prompts[j] != prompts[i]:
-                partners[i] = j
-                break
+    # Round the cycle once from a row whose predecessor has another prompt: each row takes its predecessor, or,
+    # when that one has the same prompt, the predecessor's own partner (the nearest earlier row of another
+    # prompt). O(n) whatever the prompts' sizes; a run of one prompt's rows shares one partner.
+    start = next(k for k in range(n) if prompts[order[k - 1]] != prompts[order[k]])
+    for step in range(n):
+        k = (start + step) % n
+        i, before = order[k], order[k - 1]
+        partners[i] = before if prompts[before] != prompts[i] else partners[before]
     return partners

@@ -14,7 +14,8 @@ and per row, with λ_D, λ_U the desirable and undesirable weights,
 The optimiser's objective is the mean over the rows of the global batch. z₀ is a number of the whole global
 batch, detached (no gradient flows through it, as in the paper and in TRL): the caller all-reduces the sum of
 the mismatched log-ratios and their count over every worker and micro-batch (reference_point), so any split of
-the batch gives the same z₀ and the same losses. Only torch is imported here.
+the batch gives the same z₀ and the same losses. TRL averages each GPU's mean instead, which equals this when
+every GPU holds the same number of rows. Only torch is imported here.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def unpaired_losses(
             f"shapes: policy_logps {tuple(policy_logps.shape)}, ref_logps {tuple(ref_logps.shape)} and desirable "
             f"{tuple(desirable.shape)} must be the same (B,)"
         )
+    z0 = float(z0)  # a number: no gradient flows through the reference point
     r = policy_logps - ref_logps.to(policy_logps.dtype)
     good = desirable.to(torch.bool)
     if name == "kto":
