@@ -114,6 +114,8 @@ def losses_page() -> str:
     for name, e in ENTRIES.items():
         smoothing = "needs ε > 0" if e.needs_smoothing else ("takes ε" if e.smoothing else "")
         state = "δ (running reward mean)" if e.shift else ("sorts the global batch" if e.sorts_batch else "")
+        if e.unpaired:
+            state = "unpaired rows" + ("; z₀ over the global batch" if name == "kto" else "")
         params = ", ".join(f"`{p}`" for p in e.params)
         out.append(f"| `{name}` | {'none' if e.reference_free else 'yes'} | {smoothing} | {params} | {state} |\n")
     out.append(
@@ -123,6 +125,10 @@ def losses_page() -> str:
     for name, fn in LOSSES.items():
         doc = inspect.cleandoc(fn.__doc__ or "")
         out.append(f"\n### `{name}`\n\n{doc}\n")
+    from dpo_ray.objective import unpaired
+
+    names = " and ".join(f"`{n}`" for n in unpaired.UNPAIRED_LOSSES)
+    out.append(f"\n### {names}: unpaired rows\n\n{inspect.cleandoc(unpaired.__doc__ or '')}\n")
     from dpo_ray.objective.health import SIGNALS
 
     out.append(

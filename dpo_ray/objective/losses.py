@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpo_ray.objective.spec import ENTRIES, F_DIVERGENCES, SFT, LossSpec
+from dpo_ray.objective.unpaired import UNPAIRED_LOSSES
 
 __all__ = [
     "LOSSES",
@@ -340,8 +341,13 @@ def _aot_unpaired_of_logratios(c: Tensor, r: Tensor, p: LossSpec, state: BatchSt
 
 LOSSES["aot"] = _aot_of_logratios
 LOSSES["aot_unpaired"] = LOSSES["aot_pair"] = _aot_unpaired_of_logratios
-if set(LOSSES) != set(ENTRIES):  # one function per spec entry (dpo_ray.objective.spec.ENTRIES), and no other
-    raise ImportError(f"dpo_ray.objective.losses: functions {sorted(LOSSES)} but spec entries {sorted(ENTRIES)}")
+_PAIRED = {n for n, e in ENTRIES.items() if not e.unpaired}
+if set(LOSSES) != _PAIRED:  # one function per paired spec entry (dpo_ray.objective.spec.ENTRIES), and no other
+    raise ImportError(f"dpo_ray.objective.losses: functions {sorted(LOSSES)} but spec entries {sorted(_PAIRED)}")
+if set(UNPAIRED_LOSSES) != set(ENTRIES) - _PAIRED:  # the unpaired ones: dpo_ray.objective.unpaired
+    raise ImportError(
+        f"dpo_ray.objective.unpaired: losses {UNPAIRED_LOSSES} but spec entries {sorted(set(ENTRIES) - _PAIRED)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -385,7 +391,11 @@ class StepZero:
 
 
 def step_zero(spec: LossSpec) -> StepZero:
-    """StepZero of preference_loss(spec, ...): Σ weights·initial_loss over the members."""
+    """StepZero of preference_loss(spec, ...): Σ weights·initial_loss over the members. An unpaired loss's
+    value depends on the batch's labels (dpo_ray.objective.unpaired.unpaired_step_zero): None here, and its
+    rewards (not margins) are 0 at step 0."""
+    if spec.unpaired:
+        return StepZero(value=None, slope=0.25 * max(spec.desirable_weight, spec.undesirable_weight), margins_zero=True)
     names = spec.names
     w = [1.0] * len(names) if spec.weights is None else list(spec.weights)
     known = [(n, x) for n, x in zip(names, w, strict=True) if n != SFT and not ENTRIES[n].reference_free]
@@ -425,6 +435,8 @@ def preference_loss(
     to 1), where the member "sft" is the NLL of the chosen, −log πθ(y_w|x)/|y_w|; the rewards are those of
     the first member that is not "sft".
     """
+    if spec.unpaired:
+        raise ValueError(f"loss {spec.label} trains on unpaired rows: dpo_ray.objective.unpaired.unpaired_losses")
     state = state or BatchState()
     names = spec.names
     w = [1.0] * len(names) if spec.weights is None else [float(x) for x in spec.weights]

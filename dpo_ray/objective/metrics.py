@@ -15,6 +15,8 @@ from dpo_ray.objective.health import CHOSEN_SHIFT, KL, NONFINITE, REJECTED_SHIFT
 from dpo_ray.objective.losses import LossOutput
 
 __all__ = [
+    "COUNT_DESIRABLE",
+    "COUNT_UNDESIRABLE",
     "GRAD_NORM",
     "HEALTH_SUMS",
     "NONFINITE",
@@ -34,6 +36,8 @@ __all__ = [
     "metric_means",
     "pair_metric_sums",
     "throughput",
+    "unpaired_metric_means",
+    "unpaired_metric_sums",
 ]
 
 LOSS = "loss"
@@ -96,15 +100,69 @@ def health_sums(lp: Any, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:
     return torch.stack([c.sum() for c in columns])
 
 
-def health_means(sums: Tensor, pairs: int) -> dict[str, float]:
-    """The health signals from (added-up) health_sums of `pairs` pairs: the per-token mean log-prob shift of the
-    chosen and of the rejected completions, and the mean over both of log πref − log π per sequence."""
+def health_means(sums: Tensor, sequences: int) -> dict[str, float]:
+    """The health signals from (added-up) health_sums over `sequences` completions (2 per pair; 1 per unpaired
+    row): the per-token mean log-prob shift of the chosen (desirable) and of the rejected (undesirable)
+    completions, and the mean over all of them of log πref − log π per sequence."""
     c, n_c, r, n_r = (float(x) for x in sums.detach().cpu().double().tolist())
     return {
         CHOSEN_SHIFT: c / n_c if n_c else float("nan"),
         REJECTED_SHIFT: r / n_r if n_r else float("nan"),
-        KL: -(c + r) / (2 * pairs) if pairs else float("nan"),
+        KL: -(c + r) / sequences if sequences else float("nan"),
     }
+
+
+COUNT_DESIRABLE = "count/desirable"
+COUNT_UNDESIRABLE = "count/undesirable"
+
+
+def unpaired_metric_sums(
+    losses: Tensor, rewards: Tensor, policy_logps: Tensor, desirable: Tensor, lengths: Tensor, ref_logps: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The sums of unpaired rows, in the width of pair_metric_sums, and their health sums (as health_sums: the
+    desirable completions in the chosen slots, the undesirable in the rejected ones), both float64:
+    (Σ loss, Σ reward_D, Σ reward_U, n_D, n_U, Σ logp_D, Σ logp_U, rows); unpaired_metric_means reads them."""
+    good = desirable.to(torch.bool)
+    bad = ~good
+    r, lp = rewards.detach().double(), policy_logps.detach().double()
+    shift = lp - ref_logps.double()
+    n = lengths.double()
+    sums = torch.stack(
+        [
+            losses.detach().double().sum(),
+            r[good].sum(),
+            r[bad].sum(),
+            good.double().sum(),
+            bad.double().sum(),
+            lp[good].sum(),
+            lp[bad].sum(),
+            torch.tensor(float(len(r)), dtype=torch.float64, device=r.device),
+        ]
+    )
+    health = torch.stack([shift[good].sum(), n[good].sum(), shift[bad].sum(), n[bad].sum()])
+    return sums, health
+
+
+def unpaired_metric_means(sums: Tensor, prefix: str = "") -> dict[str, float]:
+    """Means from (added-up) unpaired_metric_sums, under TRL's KTO names: the loss per row, rewards/chosen and
+    logps/chosen over the desirable rows, rewards/rejected and logps/rejected over the undesirable ones (NaN for
+    a side with no row), rewards/margins their difference, and the two counts."""
+    loss, r_d, r_u, n_d, n_u, lp_d, lp_u, rows = sums.detach().cpu().double().tolist()
+    if rows <= 0:
+        raise ValueError("unpaired_metric_means: no rows were accumulated")
+    nan = float("nan")
+    chosen, rejected = (r_d / n_d if n_d else nan), (r_u / n_u if n_u else nan)
+    out = {
+        LOSS: loss / rows,
+        REWARDS_CHOSEN: chosen,
+        REWARDS_REJECTED: rejected,
+        REWARDS_MARGINS: chosen - rejected,
+        LOGPS_CHOSEN: lp_d / n_d if n_d else nan,
+        LOGPS_REJECTED: lp_u / n_u if n_u else nan,
+        COUNT_DESIRABLE: n_d,
+        COUNT_UNDESIRABLE: n_u,
+    }
+    return {prefix + k: v for k, v in out.items()}
 
 
 def metric_means(sums: Tensor, prefix: str = "") -> dict[str, float]:

@@ -27,6 +27,8 @@ class LossEntry:
     params: the LossSpec fields this loss alone reads.
     sorts_batch: its loss sorts the global batch (AOT: partners are gathered over every worker first).
     shift: reads BCO's reward shift δ, a running mean the training loop keeps (dpo_ray.objective.losses.LossState).
+    unpaired: trains on unpaired rows (one completion and a desirable/undesirable label each), not on pairs; its
+        function is in dpo_ray.objective.unpaired, and it is never combined with other losses.
     """
 
     reference_free: bool = False
@@ -35,6 +37,7 @@ class LossEntry:
     params: tuple[str, ...] = ()
     sorts_batch: bool = False
     shift: bool = False
+    unpaired: bool = False
 
 
 ENTRIES: dict[str, LossEntry] = {
@@ -56,6 +59,8 @@ ENTRIES: dict[str, LossEntry] = {
     "aot": LossEntry(smoothing=True, sorts_batch=True),
     "aot_unpaired": LossEntry(smoothing=True, sorts_batch=True),
     "aot_pair": LossEntry(smoothing=True, sorts_batch=True),  # older TRL's name of aot_unpaired
+    "kto": LossEntry(unpaired=True, params=("desirable_weight", "undesirable_weight")),
+    "apo_zero_unpaired": LossEntry(unpaired=True, params=("desirable_weight", "undesirable_weight")),
 }
 LOSS_NAMES = tuple(ENTRIES)
 SFT = "sft"  # a member of a combination: the NLL of the chosen completion, −log πθ(y_w|x)/|y_w|
@@ -90,6 +95,12 @@ class LossSpec(BaseModel):
         "reverse_kl", description="f-DPO (Wang et al. 2023): the divergence of the sigmoid loss (reverse_kl: DPO)."
     )
     f_alpha: float = Field(0.5, gt=0, description="α of alpha_divergence, TRL's convention.")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="λ_D of kto and apo_zero_unpaired: the desirable rows' weight."
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="λ_U of kto and apo_zero_unpaired: the undesirable rows' weight."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> LossSpec:
@@ -110,6 +121,10 @@ class LossSpec(BaseModel):
         if any(w < 0 or not math.isfinite(w) for w in self.weights or []):
             raise ValueError(f"loss.weights: must be finite numbers >= 0, found {self.weights}")
         entries = [ENTRIES[n] for n in names if n != SFT]
+        if any(e.unpaired for e in entries) and (len(names) > 1 or self.sft_weight):
+            raise ValueError(f"loss.name {self.name}: an unpaired loss (kto, apo_zero_unpaired) is trained alone")
+        if any(e.unpaired for e in entries) and self.average_logps:
+            raise ValueError(f"loss.average_logps: {self.name} uses summed log-probs, as the KTO paper and TRL do")
         if self.label_smoothing and not any(e.smoothing for e in entries):
             takes = ", ".join(n for n, e in ENTRIES.items() if e.smoothing)
             raise ValueError(f"loss.label_smoothing applies to {takes}; not to {self.name!r}")
@@ -127,10 +142,14 @@ class LossSpec(BaseModel):
         # A parameter of a loss that is not trained would change nothing. By value, not by whether it was set:
         # the stage handlers validate the dumped config (every key set) again.
         fields = type(self).model_fields
+        owners: dict[str, list[str]] = {}
         for owner, entry in ENTRIES.items():
             for key in entry.params:
-                if getattr(self, key) != fields[key].default and owner not in names:
-                    raise ValueError(f"loss.{key} is a parameter of loss {owner!r}, but loss.name is {self.name!r}")
+                owners.setdefault(key, []).append(owner)
+        for key, those in owners.items():
+            if getattr(self, key) != fields[key].default and not set(those) & set(names):
+                owner = " and ".join(map(repr, those))
+                raise ValueError(f"loss.{key} is a parameter of loss {owner}, but loss.name is {self.name!r}")
         if self.f_alpha != fields["f_alpha"].default and self.f_divergence != "alpha_divergence":
             raise ValueError(f"loss.f_alpha is a parameter of f_divergence alpha_divergence, not {self.f_divergence}")
         return self
@@ -159,6 +178,11 @@ class LossSpec(BaseModel):
     def shifted(self) -> bool:
         """A member reads BCO's reward shift δ (the loop keeps it: dpo_ray.objective.losses.LossState)."""
         return any(n != SFT and ENTRIES[n].shift for n in self.names)
+
+    @property
+    def unpaired(self) -> bool:
+        """The loss trains on unpaired rows (kto, apo_zero_unpaired)."""
+        return any(n != SFT and ENTRIES[n].unpaired for n in self.names)
 
     @property
     def label(self) -> str:

@@ -48,11 +48,15 @@ from dpo_ray.objective.metrics import (
     metric_means,
     pair_metric_sums,
     throughput,
+    unpaired_metric_means,
+    unpaired_metric_sums,
 )
 from dpo_ray.objective.spec import LossSpec
+from dpo_ray.objective.unpaired import reference_point, unpaired_losses
 from dpo_ray.train.collectives import aligned, all_reduce_sum, gather_rows
 
 __all__ = [
+    "KTO_Z0",
     "MODES",
     "BatchingMode",
     "StepBatch",
@@ -98,29 +102,47 @@ class StepResult:
 
 @dataclass(frozen=True)
 class StepBatch:
-    """This worker's pairs of one global batch, with their reference log-prob sums (B,) float64."""
+    """This worker's pairs of one global batch, with their reference log-prob sums (B,) float64.
+
+    Unpaired rows (an unpaired loss: kto, apo_zero_unpaired) travel in the same shape, so every batching mode
+    computes them unchanged: the row's completion in the chosen slot, its mismatched KL completion (another
+    row's completion after this row's prompt, dpo_ray.data.unpaired.kl_partners) in the rejected slot, and
+    `labels` (B,) bool, True for a desirable completion."""
 
     pairs: list[PairTokens]
     ref_chosen: Tensor
     ref_rejected: Tensor
     partners: Tensor | None = None  # (B, 2): AOT's sorted partners over the global batch (_with_aot_partners)
+    labels: Tensor | None = None  # (B,) bool: unpaired rows only
 
     @classmethod
     def from_columns(cls, batch: dict[str, Any]) -> StepBatch:
-        """From a columnar batch with prompt_ids, chosen_ids, rejected_ids, ref_chosen_logp, ref_rejected_logp."""
+        """From a columnar batch with prompt_ids, chosen_ids, rejected_ids, ref_chosen_logp, ref_rejected_logp
+        (pairs), or with prompt_ids, completion_ids, kl_completion_ids, ref_completion_logp, ref_kl_logp and
+        label (unpaired rows)."""
+        unpaired = "label" in batch
+        first, second = ("completion", "kl_completion") if unpaired else ("chosen", "rejected")
+        ref_first, ref_second = (
+            ("ref_completion_logp", "ref_kl_logp") if unpaired else ("ref_chosen_logp", "ref_rejected_logp")
+        )
         pairs = [
             PairTokens(list(map(int, p)), list(map(int, c)), list(map(int, r)))
-            for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True)
+            for p, c, r in zip(batch["prompt_ids"], batch[f"{first}_ids"], batch[f"{second}_ids"], strict=True)
         ]
+        labels = torch.tensor(np.asarray(batch["label"], dtype=bool)) if unpaired else None
         return cls(
             pairs,
-            torch.tensor(np.asarray(batch["ref_chosen_logp"], dtype=np.float64)),
-            torch.tensor(np.asarray(batch["ref_rejected_logp"], dtype=np.float64)),
+            torch.tensor(np.asarray(batch[ref_first], dtype=np.float64)),
+            torch.tensor(np.asarray(batch[ref_second], dtype=np.float64)),
+            labels=labels,
         )
 
     def select(self, index: list[int]) -> StepBatch:
         partners = None if self.partners is None else self.partners[index]
-        return StepBatch([self.pairs[i] for i in index], self.ref_chosen[index], self.ref_rejected[index], partners)
+        labels = None if self.labels is None else self.labels[index]
+        return StepBatch(
+            [self.pairs[i] for i in index], self.ref_chosen[index], self.ref_rejected[index], partners, labels
+        )
 
     @property
     def tokens(self) -> int:
@@ -181,12 +203,26 @@ def micro_batch_logps(model: Any, batch: StepBatch, s: TrainSettings) -> PairLog
         return mode.logps(model, mode.collate(batch.pairs, s.pad_token_id).to(device), s)
 
 
-def _micro_batch_loss(model: Any, batch: StepBatch, s: TrainSettings, delta: float) -> tuple[Tensor, Tensor]:
+def _micro_batch_loss(
+    model: Any, batch: StepBatch, s: TrainSettings, delta: float, z0: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """Summed loss of the batch's pairs (graph attached), and its metric sums followed by the sums of the
     two shift rewards (LossOutput.shift_rewards; zeros when no member reads BCO's δ) and the health sums
-    (dpo_ray.objective.metrics.health_sums)."""
+    (dpo_ray.objective.metrics.health_sums). Unpaired rows: their loss with KTO's reference point `z0`, and
+    unpaired_metric_sums in the same layout."""
     device = model_device(model)
     lp = micro_batch_logps(model, batch, s)
+    if s.loss.unpaired:
+        if batch.labels is None:
+            raise ValueError(f"loss {s.loss.label} trains on unpaired rows: this batch holds pairs (no labels)")
+        labels, ref = batch.labels.to(device), batch.ref_chosen.to(device)
+        spec = s.loss
+        rows = unpaired_losses(
+            str(spec.name), lp.chosen, ref, labels, z0, spec.beta, spec.desirable_weight, spec.undesirable_weight
+        )
+        sums, health = unpaired_metric_sums(rows.losses, rows.rewards, lp.chosen, labels, lp.chosen_lengths, ref)
+        no_shift = torch.zeros(2, dtype=torch.float64, device=device)
+        return rows.losses.sum(), torch.cat([sums, no_shift, health])
     partners = None if batch.partners is None else batch.partners.to(device)
     out = preference_loss(
         s.loss,
@@ -237,14 +273,15 @@ def train_step(
     groups = aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), model_device(model))
     scale = world_size / global_batch_size
     batch = _with_aot_partners(model, batch, settings, groups)
+    z0 = _kto_reference_point(model, batch, settings, groups)
     sums = torch.zeros(_WIDTH, dtype=torch.float64)
     for k, index in enumerate(groups):
         with _sync(model, enabled=k == len(groups) - 1):
             if index is None:  # keeps this rank's collectives in step with ranks that have more micro-batches
-                loss_sum, _ = _micro_batch_loss(model, _placeholder(settings), settings, state.bco_delta)
+                loss_sum, _ = _micro_batch_loss(model, _placeholder(settings), settings, state.bco_delta, z0)
                 (loss_sum * 0.0).backward()
                 continue
-            loss_sum, metric_sums = _micro_batch_loss(model, batch.select(index), settings, state.bco_delta)
+            loss_sum, metric_sums = _micro_batch_loss(model, batch.select(index), settings, state.bco_delta, z0)
             (loss_sum * scale).backward()
         sums += metric_sums.cpu()
     max_norm = settings.max_grad_norm if settings.max_grad_norm else math.inf
@@ -256,11 +293,13 @@ def train_step(
     tokens = torch.tensor([float(batch.tokens)], dtype=torch.float64)
     reduced = all_reduce_sum(torch.cat([sums, tokens]).to(model_device(model))).cpu()
     seconds = time.perf_counter() - t0
-    metrics = metric_means(reduced[:_SUMS])
+    metrics = unpaired_metric_means(reduced[:_SUMS]) if settings.loss.unpaired else metric_means(reduced[:_SUMS])
     metrics.update({GRAD_NORM: float(grad_norm), LR: lr})
+    if settings.loss.name == "kto":
+        metrics[KTO_Z0] = z0
     pairs = int(reduced[_SUMS - 1])
     metrics.update(throughput(int(reduced[-1]), pairs, seconds))
-    metrics.update(health_means(reduced[_HEALTH:_WIDTH], pairs))
+    metrics.update(health_means(reduced[_HEALTH:_WIDTH], pairs if settings.loss.unpaired else 2 * pairs))
     metrics[NONFINITE] = float(not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))))
     if settings.loss.shifted:
         metrics["bco/delta"] = state.bco_delta  # the δ this step used
@@ -275,13 +314,36 @@ def eval_sums(model: Any, batch: StepBatch, settings: TrainSettings, loss_state:
     sums = torch.zeros(_SUMS, dtype=torch.float64)
     groups = aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), model_device(model))
     batch = _with_aot_partners(model, batch, settings, groups)
+    z0 = _kto_reference_point(model, batch, settings, groups)
     with torch.no_grad():
         for index in groups:
             if index is None:
-                _micro_batch_loss(model, _placeholder(settings), settings, delta)
+                _micro_batch_loss(model, _placeholder(settings), settings, delta, z0)
             else:
-                sums += _micro_batch_loss(model, batch.select(index), settings, delta)[1][:_SUMS].cpu()
+                sums += _micro_batch_loss(model, batch.select(index), settings, delta, z0)[1][:_SUMS].cpu()
     return sums
+
+
+KTO_Z0 = "kto/z0"  # the reference point of the step's global batch (dpo_ray.objective.unpaired.reference_point)
+
+
+def _kto_reference_point(model: Any, batch: StepBatch, s: TrainSettings, groups: list[list[int] | None]) -> float:
+    """KTO's z₀ for the whole global batch: a forward without gradients over this rank's micro-batches gives the
+    policy's log-probs of each row's KL completion; the sums of log π − log πref over them and their count are
+    all-reduced over every rank, so z₀ is the same for any number of workers or micro-batches (the same
+    number of forwards on every rank: collectives.aligned). 0 for any other loss (no forward)."""
+    if s.loss.name != "kto":
+        return 0.0
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for index in groups:
+            part = _placeholder(s) if index is None else batch.select(index)
+            lp = micro_batch_logps(model, part, s)
+            if index is not None:
+                total[0] += float((lp.rejected.double().cpu() - part.ref_rejected.double()).sum())
+                total[1] += len(index)
+    reduced = all_reduce_sum(total.to(model_device(model))).cpu()
+    return reference_point(float(reduced[0]), int(reduced[1]))
 
 
 def _with_aot_partners(model: Any, batch: StepBatch, s: TrainSettings, groups: list[list[int] | None]) -> StepBatch:
@@ -319,4 +381,5 @@ def _placeholder(settings: TrainSettings) -> StepBatch:
     takes part in the collectives."""
     t = settings.pad_token_id
     zero = torch.zeros(1, dtype=torch.float64)
-    return StepBatch([PairTokens([t], [t], [t])], zero, zero)
+    labels = torch.ones(1, dtype=torch.bool) if settings.loss.unpaired else None
+    return StepBatch([PairTokens([t], [t], [t])], zero, zero, labels=labels)

@@ -183,6 +183,12 @@ def run(cfg: TrainConfig) -> Manifest:
     from dpo_ray.models.loading import model_fingerprint, resolve_model_dir
     from dpo_ray.objective.spec import ENTRIES
 
+    if cfg.loss.unpaired:
+        raise ConfigError(
+            f"train.loss.name {cfg.loss.name}: an unpaired loss trains on unpaired rows (a completion, its label and a "
+            "mismatched KL completion each), and no stage writes them yet: prepare and reference read and score "
+            "pairs only (issue 27). The loss itself is in dpo_ray.objective.unpaired; train a paired loss here."
+        )
     kinds = ("scored", "pairs") if cfg.reference_free else ("scored",)
     free = ", ".join(n for n, e in ENTRIES.items() if e.reference_free)
     hint = f" (a 'pairs' artifact serves a reference-free loss only: {free})"

@@ -30,14 +30,17 @@ def _model():
     return LlamaForCausalLM(config)
 
 
-def _batch(pairs):
+def _batch(pairs, loss: str = "sigmoid"):
     from dpo_ray.compute.batching import PairTokens
+    from dpo_ray.objective.spec import LossSpec
     from dpo_ray.train.step import StepBatch
 
     ref = torch.tensor([-10.0 - i for i in range(len(pairs))], dtype=torch.float64)
     # rejected references in another order than the chosen ones: AOT's two sorted orders then differ, so
-    # sorting each rank's share alone would pair other values than sorting the global batch
-    return StepBatch([PairTokens(*p) for p in pairs], ref, ref.flip(0) * 1.5)
+    # sorting each rank's share alone would pair other values than sorting the global batch. For KTO the
+    # rejected slot is each row's KL completion: its references below the policy make z0 > 0 (not clamped).
+    labels = torch.tensor([i % 2 == 0 for i in range(len(pairs))]) if LossSpec(name=loss).unpaired else None
+    return StepBatch([PairTokens(*p) for p in pairs], ref, ref.flip(0) * 1.5, labels=labels)
 
 
 def _settings(budget: int, loss: str = "sigmoid"):
@@ -54,7 +57,7 @@ def _rank(rank: int, port: int, out: str, loss: str = "sigmoid") -> None:
 
     from dpo_ray.compute.attention import enable_segment_attention
     from dpo_ray.train.optim import make_optimizer, make_scheduler
-    from dpo_ray.train.step import StepBatch, eval_sums, train_step
+    from dpo_ray.train.step import eval_sums, train_step
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = enable_segment_attention(_model())
@@ -63,15 +66,16 @@ def _rank(rank: int, port: int, out: str, loss: str = "sigmoid") -> None:
     fully_shard(model)
     opt = make_optimizer(model, "adamw", 1e-2, 0.0)
     sched = make_scheduler(opt, 0, 1, "constant")
-    mine = _batch(PAIRS).select([0, 1, 2] if rank == 0 else [3])  # the single process's pairs and references
+    mine = _batch(PAIRS, loss).select([0, 1, 2] if rank == 0 else [3])  # the single process's pairs and references
     metrics = train_step(model, opt, sched, mine, _settings(1 if rank == 0 else 1000, loss), 4, world_size=2).metrics
-    empty = StepBatch([], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
-    sums = eval_sums(model, _batch(PAIRS) if rank == 0 else empty, _settings(1, loss))
+    empty = _batch(PAIRS, loss).select([])
+    sums = eval_sums(model, _batch(PAIRS, loss) if rank == 0 else empty, _settings(1, loss))
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
     if rank == 0:
         weight = full["model.layers.0.self_attn.q_proj.weight"]
         result = {"loss": metrics["loss"], "eval_pairs": float(sums[-1]), "q": weight.flatten()[:20].tolist()}
         result["grad_norm"] = metrics["grad_norm"]
+        result["z0"] = metrics.get("kto/z0")
         with open(out, "w") as f:
             json.dump(result, f)
     dist.barrier()  # both ranks done with every collective
@@ -82,7 +86,8 @@ def _rank(rank: int, port: int, out: str, loss: str = "sigmoid") -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("loss", ["sigmoid", "aot_unpaired"])  # AOT sorts over the global batch: gathered first
+# AOT sorts over the global batch (gathered first); KTO's z0 is a mean over the global batch (all-reduced first)
+@pytest.mark.parametrize("loss", ["sigmoid", "aot_unpaired", "kto"])
 def test_uneven_micro_batches_under_fsdp_do_not_hang_and_match_one_process(tmp_path, loss):
     import torch.multiprocessing as mp
 
@@ -100,7 +105,9 @@ def test_uneven_micro_batches_under_fsdp_do_not_hang_and_match_one_process(tmp_p
     model = enable_segment_attention(_model())
     opt = make_optimizer(model, "adamw", 1e-2, 0.0)
     sched = make_scheduler(opt, 0, 1, "constant")
-    single = train_step(model, opt, sched, _batch(PAIRS), _settings(1000, loss), 4).metrics
+    single = train_step(model, opt, sched, _batch(PAIRS, loss), _settings(1000, loss), 4).metrics
+    if loss == "kto":  # z0 > 0 (the clamp is not what makes it equal) and the same on every rank
+        assert single["kto/z0"] > 1.0 and got["z0"] == pytest.approx(single["kto/z0"], rel=1e-6)
     assert got["loss"] == pytest.approx(single["loss"], abs=1e-6)
     # The loss is computed before the step, so only the gradient shows a wrong sum over the ranks: its norm.
     assert got["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)

@@ -177,7 +177,9 @@ def test_mismatched_shapes_and_unknown_variant():
         loss("sigmoid", t[0][:3], *t[1:], beta=0.1)
     with pytest.raises(ValueError, match="shapes"):
         loss("sigmoid", t[0].reshape(4, 4), *[x.reshape(4, 4) for x in t[1:]], beta=0.1)
-    with pytest.raises(ValueError, match="unknown loss 'kto'"):
+    with pytest.raises(ValueError, match="unknown loss 'xpo'"):
+        loss("xpo", *t, beta=0.1)
+    with pytest.raises(ValueError, match="trains on unpaired rows"):  # kto has its own function and batches
         loss("kto", *t, beta=0.1)
 
 
@@ -351,7 +353,9 @@ def test_bad_combinations_name_the_problem():
         loss(["sigmoid", "ipo", "sft"], *t, beta=0.1, weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="finite numbers >= 0"):
         loss(["sigmoid", "sft"], *t, beta=0.1, weights=[1.0, -1.0])
-    with pytest.raises(ValueError, match="unknown loss 'kto'"):
+    with pytest.raises(ValueError, match="unknown loss 'xpo'"):
+        loss(["sigmoid", "xpo"], *t, beta=0.1)
+    with pytest.raises(ValueError, match="is trained alone"):
         loss(["sigmoid", "kto"], *t, beta=0.1)
 
 
