@@ -12,16 +12,6 @@ from dpo_ray.models.loading import load_tokenizer
 COLS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return load_tokenizer(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def pt(tok):
-    return PairTokenizer(tok, max_length=64, max_prompt_length=32, truncation="keep_end")
-
-
 def _reason(record, pt, fmt="auto") -> str:
     with pytest.raises(RowRejected) as e:
         record_to_pair(record, pt, COLS, fmt)

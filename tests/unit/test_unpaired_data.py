@@ -9,20 +9,9 @@ import pytest
 
 from dpo_ray.data.tokenization import REASONS, PairTokenizer, RowRejected, record_to_pair
 from dpo_ray.data.unpaired import kl_partners, pair_to_unpaired, record_to_unpaired, row_id
-from dpo_ray.models.loading import load_tokenizer
+from tests.unit.test_tokenization import COLS as PAIR_COLS
 
 COLS = {"prompt": "prompt", "completion": "completion", "label": "label"}
-PAIR_COLS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return load_tokenizer(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def pt(tok):
-    return PairTokenizer(tok, max_length=64, max_prompt_length=32, truncation="keep_end")
 
 
 def _reason(record, pt) -> str:
