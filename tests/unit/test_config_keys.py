@@ -44,6 +44,8 @@ _NEEDS: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "loss.dpop_lambda": ({"loss": {"name": "dpop"}}, [5.0]),
     "loss.simpo_gamma": ({"loss": {"name": "simpo"}}, [1.0]),
     "loss.orpo_lambda": ({"loss": {"name": "orpo"}}, [0.3]),
+    "loss.desirable_weight": ({"loss": {"name": "kto"}}, [1.33]),
+    "loss.undesirable_weight": ({"loss": {"name": "apo_zero_unpaired"}}, [1.33]),
     "loss.f_alpha": ({"loss": {"f_divergence": "alpha_divergence"}}, [0.3]),
     "loss.name": ({}, ["ipo", ["sigmoid", "sft"]]),
     "batching.attention": ({"workers": {"use_gpu": True}}, ["flex"]),
