@@ -328,32 +328,23 @@ KTO_Z0 = "kto/z0"  # the reference point of the step's global batch (dpo_ray.obj
 
 
 def _kto_reference_point(model: Any, batch: StepBatch, s: TrainSettings, groups: list[list[int] | None]) -> float:
-    """KTO's z₀ for the whole global batch: a forward without gradients over this rank's micro-batches gives the
-    policy's log-probs of each row's KL completion; the sums of log π − log πref over them and their count are
-    all-reduced over every rank, so z₀ is the same for any number of workers or micro-batches (the same
-    number of forwards on every rank: collectives.aligned). 0 for any other loss (no forward)."""
+    """KTO's z₀ for the whole global batch: the policy's log-probs of each row's KL completion (a forward without
+    gradients, _logps_without_grad); the sums of log π − log πref over them and their count are all-reduced over
+    every rank, so z₀ is the same for any number of workers or micro-batches. 0 for any other loss (no forward)."""
     if s.loss.name != "kto":
         return 0.0
-    total = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        for index in groups:
-            part = _placeholder(s) if index is None else batch.select(index)
-            lp = micro_batch_logps(model, part, s)
-            if index is not None:
-                total[0] += float((lp.rejected.double().cpu() - part.ref_rejected.double()).sum())
-                total[1] += len(index)
+    _, kl_logps, _ = _logps_without_grad(model, batch, s, groups)
+    total = torch.tensor([float((kl_logps - batch.ref_rejected.double()).sum()), len(batch.pairs)], dtype=torch.float64)
     reduced = all_reduce_sum(total.to(model_device(model))).cpu()
     return reference_point(float(reduced[0]), int(reduced[1]))
 
 
-def _with_aot_partners(model: Any, batch: StepBatch, s: TrainSettings, groups: list[list[int] | None]) -> StepBatch:
-    """For an AOT loss: `batch` with each pair's partners in the sorted order of the whole global batch. A
-    forward without gradients over this rank's micro-batches (the same count on every rank, see collectives.aligned)
-    gives its pairs' values; every rank gathers all of them (rank order), so the loss is the same for any
-    number of workers or micro-batches. Other losses: `batch` as it is."""
-    name = s.loss.sorting
-    if name is None:
-        return batch
+def _logps_without_grad(
+    model: Any, batch: StepBatch, s: TrainSettings, groups: list[list[int] | None]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The chosen and the rejected log-prob sums (B,) of this rank's pairs and their lengths (2, B), float64 on
+    the CPU, from a forward without gradients over its micro-batches: the same count on every rank, placeholders
+    included (collectives.aligned), so that FSDP's all-gathers stay in step."""
     n = len(batch.pairs)
     chosen = torch.zeros(n, dtype=torch.float64)
     rejected = torch.zeros(n, dtype=torch.float64)
@@ -366,6 +357,19 @@ def _with_aot_partners(model: Any, batch: StepBatch, s: TrainSettings, groups: l
                 chosen[index], rejected[index] = lp.chosen.double().cpu(), lp.rejected.double().cpu()
                 lengths[0, index] = lp.chosen_lengths.double().cpu()
                 lengths[1, index] = lp.rejected_lengths.double().cpu()
+    return chosen, rejected, lengths
+
+
+def _with_aot_partners(model: Any, batch: StepBatch, s: TrainSettings, groups: list[list[int] | None]) -> StepBatch:
+    """For an AOT loss: `batch` with each pair's partners in the sorted order of the whole global batch. A
+    forward without gradients over this rank's micro-batches (_logps_without_grad) gives its pairs' values;
+    every rank gathers all of them (rank order), so the loss is the same for any number of workers or
+    micro-batches. Other losses: `batch` as it is."""
+    name = s.loss.sorting
+    if name is None:
+        return batch
+    n = len(batch.pairs)
+    chosen, rejected, lengths = _logps_without_grad(model, batch, s, groups)
     ref_c, ref_r = batch.ref_chosen.double(), batch.ref_rejected.double()
     if s.loss.average_logps:
         chosen, rejected = chosen / lengths[0], rejected / lengths[1]
