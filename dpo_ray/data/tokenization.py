@@ -144,6 +144,29 @@ def check_messages(value: Any, column: str, max_chars: int) -> list[dict[str, st
     return out
 
 
+def check_texts(prompt: str, completions: Mapping[str, str]) -> None:
+    """RowRejected when the prompt or a completion (by its column's role: chosen, rejected, completion) is empty or
+    whitespace."""
+    if not prompt.strip():
+        raise RowRejected("empty_prompt", "the prompt is empty or whitespace")
+    for name, text in completions.items():
+        if not text.strip():
+            raise RowRejected("empty_completion", f"{name} is empty or whitespace")
+
+
+def check_chat_turns(prompt_msgs: list[dict[str, str]], completions: Mapping[str, list[dict[str, str]]]) -> None:
+    """RowRejected unless each completion's messages end with the assistant's turn and hold content, and the
+    prompt's messages hold content."""
+    for name, msgs in completions.items():
+        if msgs[-1]["role"] != "assistant":
+            raise RowRejected("wrong_type", f"{name}: the last message's role is {msgs[-1]['role']!r}, not 'assistant'")
+    for name, msgs in completions.items():
+        if not "".join(m["content"] for m in msgs).strip():
+            raise RowRejected("empty_completion", f"{name} has no content")
+    if not "".join(m["content"] for m in prompt_msgs).strip():
+        raise RowRejected("empty_prompt", "the prompt messages have no content")
+
+
 _PROBE = "dpo_ray_probe_text"
 
 
@@ -313,11 +336,7 @@ class PairTokenizer:
         boundary_merge: bool = False,
     ) -> TokenizedPair:
         """Checks and tokenizes (or takes the given `ids` of) a text pair, then truncates."""
-        if not prompt.strip():
-            raise RowRejected("empty_prompt", "the prompt is empty or whitespace")
-        for name, text in (("chosen", chosen), ("rejected", rejected)):
-            if not text.strip():
-                raise RowRejected("empty_completion", f"{name} is empty or whitespace")
+        check_texts(prompt, {"chosen": chosen, "rejected": rejected})
         if chosen == rejected:
             raise RowRejected("identical_completions", "chosen and rejected are the same text")
         if ids is None:
@@ -446,14 +465,7 @@ def record_to_pair(
         if chosen_msgs[:-1] != rejected_msgs[:-1] or len(chosen_msgs) < 2:
             raise RowRejected("no_shared_prefix", "chosen and rejected differ before their last message")
         prompt_msgs, chosen_msgs, rejected_msgs = chosen_msgs[:-1], chosen_msgs[-1:], rejected_msgs[-1:]
-    for name, msgs in (("chosen", chosen_msgs), ("rejected", rejected_msgs)):
-        if msgs[-1]["role"] != "assistant":
-            raise RowRejected("wrong_type", f"{name}: the last message's role is {msgs[-1]['role']!r}, not 'assistant'")
-    for name, msgs in (("chosen", chosen_msgs), ("rejected", rejected_msgs)):
-        if not "".join(m["content"] for m in msgs).strip():
-            raise RowRejected("empty_completion", f"{name} has no content")
-    if not "".join(m["content"] for m in prompt_msgs).strip():
-        raise RowRejected("empty_prompt", "the prompt messages have no content")
+    check_chat_turns(prompt_msgs, {"chosen": chosen_msgs, "rejected": rejected_msgs})
     prompt_text, (chosen_text, rejected_text), p_ids, (c_ids, r_ids), merged = pt.render_chat(
         prompt_msgs, [chosen_msgs, rejected_msgs]
     )

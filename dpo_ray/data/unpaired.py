@@ -28,7 +28,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_ray.data.tokenization import Format, PairTokenizer, RowRejected, TokenizedPair, check_messages, check_text
+from dpo_ray.data.tokenization import (
+    Format,
+    PairTokenizer,
+    RowRejected,
+    TokenizedPair,
+    check_chat_turns,
+    check_messages,
+    check_text,
+    check_texts,
+)
 
 __all__ = ["TokenizedUnpaired", "kl_partners", "pair_to_unpaired", "record_to_unpaired", "row_id"]
 
@@ -84,21 +93,11 @@ def record_to_unpaired(
     limit = pt.max_text_chars
     if fmt == "explicit":
         prompt, completion = check_text(record[pcol], pcol, limit), check_text(record[ccol], ccol, limit)
-        if not prompt.strip():
-            raise RowRejected("empty_prompt", "the prompt is empty or whitespace")
-        if not completion.strip():
-            raise RowRejected("empty_completion", "the completion is empty or whitespace")
+        check_texts(prompt, {"completion": completion})
         prompt_ids, (completion_ids,), merged = pt.text_ids(prompt, [completion])
     else:
         prompt_msgs, msgs = check_messages(record[pcol], pcol, limit), check_messages(record[ccol], ccol, limit)
-        if msgs[-1]["role"] != "assistant":
-            raise RowRejected(
-                "wrong_type", f"completion: the last message's role is {msgs[-1]['role']!r}, not 'assistant'"
-            )
-        if not "".join(m["content"] for m in msgs).strip():
-            raise RowRejected("empty_completion", "the completion has no content")
-        if not "".join(m["content"] for m in prompt_msgs).strip():
-            raise RowRejected("empty_prompt", "the prompt messages have no content")
+        check_chat_turns(prompt_msgs, {"completion": msgs})
         prompt, (completion,), prompt_ids, (completion_ids,), merged = pt.render_chat(prompt_msgs, [msgs])
     p, c, truncated = pt.truncate_one(prompt_ids, completion_ids)
     return TokenizedUnpaired(prompt, completion, label, p, c, truncated, merged)
@@ -106,27 +105,14 @@ def record_to_unpaired(
 
 def pair_to_unpaired(pair: TokenizedPair) -> tuple[TokenizedUnpaired, TokenizedUnpaired]:
     """A tokenized pair as two unpaired rows: chosen desirable, rejected undesirable (same tokens)."""
-    t = pair.truncated
-    return (
-        TokenizedUnpaired(
-            pair.prompt,
-            pair.chosen,
-            True,
-            list(pair.prompt_ids),
-            list(pair.chosen_ids),
-            {"prompt": t.get("prompt", False), "completion": t.get("chosen", False)},
-            pair.boundary_merge,
-        ),
-        TokenizedUnpaired(
-            pair.prompt,
-            pair.rejected,
-            False,
-            list(pair.prompt_ids),
-            list(pair.rejected_ids),
-            {"prompt": t.get("prompt", False), "completion": t.get("rejected", False)},
-            pair.boundary_merge,
-        ),
-    )
+
+    def row(side: str, text: str, ids: list[int], label: bool) -> TokenizedUnpaired:
+        truncated = {"prompt": pair.truncated.get("prompt", False), "completion": pair.truncated.get(side, False)}
+        return TokenizedUnpaired(
+            pair.prompt, text, label, list(pair.prompt_ids), list(ids), truncated, pair.boundary_merge
+        )
+
+    return row("chosen", pair.chosen, pair.chosen_ids, True), row("rejected", pair.rejected, pair.rejected_ids, False)
 
 
 def kl_partners(row_ids: Sequence[str], prompts: Sequence[str], seed: int) -> list[int | None]:
