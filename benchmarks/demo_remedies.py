@@ -86,16 +86,12 @@ def run_seed(root: Path, seed: int, lr: float) -> dict[str, dict]:
 
 def measure(train_dir: Path, eval_dir: Path) -> dict:
     """The outcome of one training: reward gain, KL, the lowest chosen shift and the guards' first firings."""
-    from dpo_ray.objective.health import ALARM
+    from dpo_ray.objective.health import fired_steps
 
     ev = json.loads((eval_dir / "eval.json").read_text())
     steps = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [s for s in steps if "loss" in s]  # training steps (eval lines carry eval/ keys only)
-    fired: dict[str, int] = {}
-    for s in steps:
-        for key in s:
-            if key.startswith(ALARM) and s[key]:
-                fired.setdefault(key.removeprefix(ALARM), int(s["step"]))
+    fired = {signal: at[0] for signal, at in fired_steps(steps).items()}
     shifts = [s["health/chosen_logp_shift"] for s in steps if "health/chosen_logp_shift" in s]
     return {
         "reward": ev["policy"]["reward_mean"],

@@ -71,10 +71,9 @@ def _alarms(run_dir: Path, label: str) -> list[str]:
     path = run_dir / sub / "train" / "metrics.jsonl" if sub else run_dir / "train" / "metrics.jsonl"
     if label == "πref" or not path.exists():
         return []
-    from dpo_ray.objective.health import ALARM
+    from dpo_ray.objective.health import fired_steps
 
-    found = {k for line in path.read_text().splitlines() for k in json.loads(line) if k.startswith(ALARM)}
-    return sorted(found)
+    return sorted(fired_steps(json.loads(line) for line in path.read_text().splitlines()))
 
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:

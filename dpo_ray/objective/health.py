@@ -14,13 +14,15 @@ No torch here: the config validates HealthSpec, and the workers get it whole.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "ALARM",
+    "fired_steps",
     "CHOSEN_SHIFT",
     "GRAD_NORM_RATIO",
     "KL",
@@ -139,6 +141,17 @@ class Alarm:
     def key(self) -> str:
         """The metric recording that it fired (ALARM + the signal's name)."""
         return ALARM + self.signal.removeprefix("health/")
+
+
+def fired_steps(history: Iterable[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """The steps each guard fired at, by signal name without "health/", from a run's metrics (metrics.jsonl's
+    lines: a step it fired at holds its Alarm.key)."""
+    steps: dict[str, list[int]] = {}
+    for h in history:
+        for key in h:
+            if key.startswith(ALARM):
+                steps.setdefault(key.removeprefix(ALARM), []).append(int(h.get("step", 0)))
+    return steps
 
 
 def grad_norm_ratio(grad_norm: float, previous: list[float]) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dpo_ray.data import artifacts
-from dpo_ray.objective.health import ALARM
+from dpo_ray.objective.health import fired_steps
 from pipeline.core.gate import failed_gate
 
 __all__ = ["SAMPLED_PROMPTS", "write_report"]
@@ -130,11 +130,7 @@ def _health_alarms(evals: Sequence[tuple[str, str]]) -> dict[str, str]:
         metrics = ((manifest.stats if manifest is not None else {}).get("config") or {}).get("train_metrics")
         if not metrics:
             continue
-        steps: dict[str, list[int]] = {}
-        for h in _jsonl(f"{metrics}/metrics.jsonl"):
-            for key in h:
-                if key.startswith(ALARM):
-                    steps.setdefault(key.removeprefix(ALARM), []).append(int(h.get("step", 0)))
+        steps = fired_steps(_jsonl(f"{metrics}/metrics.jsonl"))
         if steps:
             found[label] = "; ".join(f"health/{s} fired at steps {', '.join(map(str, v))}" for s, v in steps.items())
     return found
