@@ -121,9 +121,9 @@ class LossSpec(BaseModel):
         if any(w < 0 or not math.isfinite(w) for w in self.weights or []):
             raise ValueError(f"loss.weights: must be finite numbers >= 0, found {self.weights}")
         entries = [ENTRIES[n] for n in names if n != SFT]
-        if any(e.unpaired for e in entries) and (len(names) > 1 or self.sft_weight):
+        if self.unpaired and (len(names) > 1 or self.sft_weight):
             raise ValueError(f"loss.name {self.name}: an unpaired loss (kto, apo_zero_unpaired) is trained alone")
-        if any(e.unpaired for e in entries) and self.average_logps:
+        if self.unpaired and self.average_logps:
             raise ValueError(f"loss.average_logps: {self.name} uses summed log-probs, as the KTO paper and TRL do")
         if self.label_smoothing and not any(e.smoothing for e in entries):
             takes = ", ".join(n for n, e in ENTRIES.items() if e.smoothing)
