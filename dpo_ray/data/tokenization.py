@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 __all__ = [
     "REASONS",
     "SPLIT_RULE",
     "PairTokenizer",
     "RowRejected",
+    "batch_encoded",
     "TokenizedPair",
     "common_prefix_length",
     "encode_many",
@@ -43,6 +44,7 @@ __all__ = [
     "split_of",
 ]
 
+T = TypeVar("T")
 Truncation = Literal["keep_start", "keep_end", "drop"]
 Format = Literal["auto", "explicit", "implicit", "conversational"]
 
@@ -62,8 +64,9 @@ REASONS: dict[str, str] = {
     "text_too_long": "a text field exceeds max_text_chars characters",
     "no_prompt_tokens": "the prompt's only tokens merge with the completion's, so no prompt token is left",
     "too_long": "over max_length / max_prompt_length under truncation: drop",
-    "duplicate": "an exact duplicate (same pair_id) of a pair kept earlier",
+    "duplicate": "an exact duplicate (same pair_id; unpaired: same row_id) of a row kept earlier",
     "invalid_label": "unpaired data: the label is absent, null or not a boolean (true: desirable, false: not)",
+    "no_kl_partner": "unpaired data: no row of another prompt in the row's shard and split gives it a KL completion",
 }
 
 
@@ -390,11 +393,18 @@ def records_to_pairs(
     them all at once (a fast tokenizer spreads a batch over every core); a second pass applies the rule with
     those ids. The same texts go through the same tokenizer, so the result is record_to_pair's, row for row."""
 
-    def each() -> list[TokenizedPair | RowRejected]:
-        out: list[TokenizedPair | RowRejected] = []
+    return batch_encoded(pt, records, lambda record: record_to_pair(record, pt, columns, fmt, implicit_marker))
+
+
+def batch_encoded(pt: PairTokenizer, records: list[Any], convert: Callable[[Any], T]) -> list[T | RowRejected]:
+    """`convert` (a function of one record that tokenizes through `pt`) of each record, or its RowRejected, with
+    every text of the batch encoded in one tokenizer call (records_to_pairs' two passes)."""
+
+    def each() -> list[T | RowRejected]:
+        out: list[T | RowRejected] = []
         for record in records:
             try:
-                out.append(record_to_pair(record, pt, columns, fmt, implicit_marker))
+                out.append(convert(record))
             except RowRejected as e:
                 out.append(e)
         return out

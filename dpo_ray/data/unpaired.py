@@ -39,7 +39,15 @@ from dpo_ray.data.tokenization import (
     check_texts,
 )
 
-__all__ = ["TokenizedUnpaired", "kl_partners", "pair_to_unpaired", "record_to_unpaired", "row_id"]
+__all__ = [
+    "TokenizedUnpaired",
+    "kl_completion",
+    "kl_partners",
+    "pair_to_unpaired",
+    "record_to_unpaired",
+    "row_id",
+    "split_partners",
+]
 
 
 @dataclass(frozen=True)
@@ -140,3 +148,26 @@ def kl_partners(row_ids: Sequence[str], prompts: Sequence[str], seed: int) -> li
         i, before = order[k], order[k - 1]
         partners[i] = before if prompts[before] != prompts[i] else partners[before]
     return partners
+
+
+def split_partners(
+    row_ids: Sequence[str], splits: Sequence[str], prompts: Sequence[str], seed: int
+) -> list[int | None]:
+    """kl_partners within each split of the rows (indices into the rows; None: the row's split has no other
+    prompt among them)."""
+    partners: list[int | None] = [None] * len(row_ids)
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(splits):
+        groups.setdefault(s, []).append(i)
+    for members in groups.values():
+        found = kl_partners([row_ids[i] for i in members], [prompts[i] for i in members], seed)
+        for i, j in zip(members, found, strict=True):
+            partners[i] = None if j is None else members[j]
+    return partners
+
+
+def kl_completion(completion_ids: Sequence[int], prompt_length: int, max_length: int | None) -> list[int]:
+    """Another row's completion as this row's KL completion: cut to the max_length − prompt_length tokens that fit
+    after this row's prompt (the rows' own rule, keep_start; None: no limit)."""
+    ids = list(completion_ids)
+    return ids if max_length is None else ids[: max(0, max_length - prompt_length)]

@@ -117,7 +117,29 @@ class PipelineConfig(StrictModel):
             raise ValueError("beta_sweep needs 'train:' and 'evaluate:' sections")
         if any(b <= 0 for b in self.beta_sweep):
             raise ValueError(f"beta_sweep: every β must be > 0, found {self.beta_sweep}")
+        self._unpaired_data()
         return self
+
+    def _unpaired_data(self) -> None:
+        """The stages that write train's data write the rows its loss reads: unpaired rows for an unpaired loss
+        (kto), pairs for the others."""
+        if self.train is None:
+            return
+        unpaired = self.train.loss.unpaired
+        writers: list[tuple[str, str | None]] = []
+        if self.generate is not None and (self.rounds > 1 or self.on_policy_first_round):
+            writers.append(("generate", self.generate.unpaired))
+        if self.prepare is not None and not self.on_policy_first_round:
+            writers.append(("prepare", self.prepare.unpaired))
+        for section, setting in writers:
+            if (setting is not None) != unpaired:
+                want = f"{section}.unpaired (records or pairs)" if section == "prepare" else "generate.unpaired"
+                raise ValueError(
+                    f"train.loss {self.train.loss.label} trains on unpaired rows: set {want}"
+                    if unpaired
+                    else f"{section}.unpaired {setting}: train.loss {self.train.loss.label} trains on pairs; "
+                    "remove it or use an unpaired loss (kto, apo_zero_unpaired)"
+                )
 
     @model_validator(mode="before")
     @classmethod

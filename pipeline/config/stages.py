@@ -17,6 +17,10 @@ class ColumnMap(StrictModel):
     )
     chosen: str = Field("chosen", description="Input column holding the preferred completion or dialog.")
     rejected: str = Field("rejected", description="Input column holding the dispreferred completion or dialog.")
+    completion: str = Field(
+        "completion", description="prepare.unpaired records: input column holding the rated completion."
+    )
+    label: str = Field("label", description="prepare.unpaired records: input column holding the boolean label.")
 
 
 class PrepareConfig(StrictModel):
@@ -49,6 +53,14 @@ class PrepareConfig(StrictModel):
     )
     max_text_chars: int = Field(1_000_000, ge=1, description="Reject a text field longer than this (text_too_long).")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of pairs in the eval split (by hash).")
+    unpaired: Literal["records", "pairs"] | None = Field(
+        None,
+        description="Write an `unpaired` artifact (for an unpaired loss: kto) instead of pairs. records: the inputs "
+        "are unpaired records (prompt, completion, label: true or false); pairs: the inputs are pairs, each split "
+        "into its chosen completion (desirable) and its rejected one (undesirable), an input record counting as "
+        "its two rows. Each row gets a KL completion: another prompt's completion of its shard and split.",
+    )
+    seed: int = Field(0, description="prepare.unpaired: the seed of the KL completions' assignment.")
     dedup: bool = Field(True, description="Drop exact duplicate pairs (same pair_id); they go to rejects.")
     rows_per_shard: int = Field(100_000, ge=1, description="Upper bound on rows per output Parquet shard.")
     num_actors: int = Field(1, ge=1, description="Tokenizer actors (Ray Data actor pool size).")
@@ -59,6 +71,11 @@ class PrepareConfig(StrictModel):
     def _lengths(self) -> PrepareConfig:
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        if self.unpaired == "records" and self.format == "implicit":
+            raise ValueError(
+                "prepare.format implicit infers a prompt from two completions; unpaired records have one: use "
+                "explicit, conversational or auto"
+            )
         return self
 
 
@@ -162,8 +179,16 @@ class GenerateConfig(VllmConfig):
     max_pairs_per_prompt: int = Field(1, ge=1, description="margin/all_pairs: at most this many pairs per prompt.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of new pairs in the eval split.")
     prompts_per_unit: int = Field(64, ge=1, description="Prompts per unit of work; a unit is the resume granularity.")
+    unpaired: Literal["pairs", "threshold"] | None = Field(
+        None,
+        description="Write an `unpaired` artifact (for an unpaired loss: kto) instead of pairs. pairs: each pair of "
+        "the pairing strategy gives its chosen completion as desirable and its rejected one as undesirable; "
+        "threshold: every sample, desirable when its reward >= desirable_threshold. Each row's KL completion is "
+        "another prompt's completion of the same unit and split (dpo_ray.data.unpaired).",
+    )
+    desirable_threshold: float = Field(0.0, description="unpaired threshold: the reward a desirable sample reaches.")
     generations: str = Field("", description="Output `generations` artifact; default <run_dir>/generations.")
-    output: str = Field("", description="Output `pairs` artifact; default <run_dir>/generated_pairs.")
+    output: str = Field("", description="Output `pairs` (or `unpaired`) artifact; default <run_dir>/generated_pairs.")
 
     @model_validator(mode="after")
     def _strategy_keys(self) -> GenerateConfig:
@@ -172,6 +197,18 @@ class GenerateConfig(VllmConfig):
         ignored = [k for k in ("margin",) if self.strategy != "margin" and self.margin != fields[k].default]
         if self.strategy == "best_vs_worst" and self.max_pairs_per_prompt != fields["max_pairs_per_prompt"].default:
             ignored.append("max_pairs_per_prompt")
+        if self.unpaired != "threshold" and self.desirable_threshold != fields["desirable_threshold"].default:
+            raise ValueError("generate.desirable_threshold is read with unpaired: threshold only; remove it")
+        if self.unpaired == "threshold":  # every sample is labelled by the threshold; no pairing strategy is read
+            ignored = [
+                k for k in ("strategy", "margin", "max_pairs_per_prompt") if getattr(self, k) != fields[k].default
+            ]
+            if ignored:
+                raise ValueError(
+                    f"generate.unpaired threshold labels every sample by its reward: {', '.join(ignored)} (pairing) "
+                    "would change nothing; remove them or use unpaired: pairs"
+                )
+            return self
         if ignored:
             raise ValueError(
                 f"generate.strategy {self.strategy} does not read {', '.join(ignored)} (margin: strategy margin; "

@@ -7,6 +7,12 @@ row, position), the driver finds the repeated pair_ids (the first in input order
 write consecutive blocks as the Parquet shards of `pairs` and `rejects` (explicit Arrow schemas), returning
 the columns the stats need. The manifests come last. Every input row is accounted for: rows_in == rows_out +
 rows_rejected, checked before the manifest is written.
+
+With `unpaired` the rows are unpaired feedback (dpo_ray.data.unpaired) and the artifact `unpaired`: records of
+(prompt, completion, label), or pairs each split into a desirable and an undesirable row (an input record is
+then two rows, `<row>/chosen` and `<row>/rejected`, each kept or rejected). The dedup is by row_id, and each
+shard's kept rows get their KL completions from the shard's other prompts of their split (split_partners, seeded
+by prepare.seed): rows of a shard and split with no other prompt are rejected as no_kl_partner.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import pyarrow.compute as pc
 
 from dpo_ray.data import artifacts
 from dpo_ray.data.artifacts import Manifest
-from dpo_ray.data.schema import PAIRS_SCHEMA, REJECTS_SCHEMA
+from dpo_ray.data.schema import PAIRS_SCHEMA, REJECTS_SCHEMA, UNPAIRED_SCHEMA
 from dpo_ray.errors import UserError
 from pipeline.config import PrepareConfig
 from pipeline.core import console, stage
@@ -48,6 +54,14 @@ UNIFIED_SCHEMA = pa.schema(
     ]
     + [(name, pa.bool_()) for name in (*_TRUNC, "boundary_merge")]
 )
+# The same for unpaired rows (kind "row"); their KL completions are assigned when the shard is written.
+_UNPAIRED_TRUNC = ("trunc_prompt", "trunc_completion")
+_UNPAIRED_OWN = [f for f in UNPAIRED_SCHEMA if f.name not in ("kl_completion_ids", "kl_row_id")]
+UNIFIED_UNPAIRED_SCHEMA = pa.schema(
+    _UNPAIRED_OWN
+    + [(name, UNIFIED_SCHEMA.field(name).type) for name in ("kind", "row", "reason", "detail", "record")]
+    + [(name, pa.bool_()) for name in (*_UNPAIRED_TRUNC, "boundary_merge")]
+)
 
 
 class PrepareError(UserError, RuntimeError):
@@ -70,6 +84,8 @@ class Tokenize:
         self.progress = progress  # a pipeline.core.progress.Counter handle, advanced by the rows of each batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.cfg.unpaired is not None:
+            return self._unpaired(batch)
         from dpo_ray.data.tokenization import RowRejected, pair_id, records_to_pairs, split_of
 
         cols = [batch[c].to_pylist() for c in ("row", "source", "record", "reason", "detail")]
@@ -118,6 +134,55 @@ class Tokenize:
             self.progress.add.remote(len(rows))
         return pa.Table.from_pylist(rows, schema=UNIFIED_SCHEMA)
 
+    def _unpaired(self, batch: pa.Table) -> pa.Table:
+        """Unpaired rows (UNIFIED_UNPAIRED_SCHEMA): a record's one row, or a pair record's two."""
+        from dpo_ray.data.tokenization import RowRejected, batch_encoded, record_to_pair, split_of
+        from dpo_ray.data.unpaired import TokenizedUnpaired, pair_to_unpaired, record_to_unpaired, row_id
+
+        c = self.cfg
+        cols = [batch[k].to_pylist() for k in ("row", "source", "record", "reason", "detail")]
+        todo = [i for i, reason in enumerate(cols[3]) if not reason]
+        records = [json.loads(cols[2][i]) for i in todo]
+
+        def convert(record: Any) -> list[TokenizedUnpaired]:
+            if c.unpaired == "records":
+                return [record_to_unpaired(record, self.pt, self.columns, c.format)]
+            return list(pair_to_unpaired(record_to_pair(record, self.pt, self.columns, c.format, c.implicit_marker)))
+
+        found = batch_encoded(self.pt, records, convert)
+        by_index = dict(zip(todo, found, strict=True))
+        sides = ("",) if c.unpaired == "records" else ("/chosen", "/rejected")
+        rows: list[dict[str, Any]] = []
+        for i, (row, source, record, reason, detail) in enumerate(zip(*cols, strict=True)):
+            got = by_index.get(i)
+            if isinstance(got, RowRejected):
+                reason, detail = got.reason, got.detail
+            for k, side in enumerate(sides):
+                out: dict[str, Any] = {"row": row + side, "source": source, "record": record}
+                if got is None or isinstance(got, RowRejected):
+                    rows.append(out | {"kind": "reject", "reason": reason, "detail": detail})
+                    continue
+                u: TokenizedUnpaired = got[k]
+                rows.append(
+                    out
+                    | {
+                        "kind": "row",
+                        "row_id": row_id(u.prompt, u.completion, u.label),
+                        "split": split_of(u.prompt, c.eval_fraction),
+                        "prompt_ids": u.prompt_ids,
+                        "completion_ids": u.completion_ids,
+                        "label": u.label,
+                        "prompt": u.prompt,
+                        "completion": u.completion,
+                        "trunc_prompt": u.truncated.get("prompt", False),
+                        "trunc_completion": u.truncated.get("completion", False),
+                        "boundary_merge": u.boundary_merge,
+                    }
+                )
+        if self.progress is not None:
+            self.progress.add.remote(len(cols[0]))
+        return pa.Table.from_pylist(rows, schema=UNIFIED_UNPAIRED_SCHEMA)
+
 
 def _percentiles(values: np.ndarray) -> dict[str, int]:
     if values.size == 0:
@@ -129,14 +194,20 @@ def _percentiles(values: np.ndarray) -> dict[str, int]:
     }
 
 
+def _id(block: pa.Table) -> tuple[str, str]:
+    """A tokenized block's (identity column, kind of its kept rows): pairs or unpaired rows."""
+    return ("row_id", "row") if "row_id" in block.column_names else ("pair_id", "pair")
+
+
 def _keys(block: pa.Table) -> tuple[int, pa.Table]:
     """A tokenized block's row count and its pairs' (pair_id, row, position in the block): what the dedup
-    needs, a small part of the block."""
-    is_pair = pc.equal(block["kind"], "pair")
+    needs, a small part of the block (unpaired rows: row_id in the pair_id column)."""
+    key, kept = _id(block)
+    is_pair = pc.equal(block["kind"], kept)
     positions = pa.array(np.arange(block.num_rows, dtype=np.int64))
     return block.num_rows, pa.table(
         {
-            "pair_id": block["pair_id"].filter(is_pair),
+            "pair_id": block[key].filter(is_pair),
             "row": block["row"].filter(is_pair),
             "position": positions.filter(is_pair),
         }
@@ -167,12 +238,58 @@ def _duplicates(keys: list[pa.Table]) -> list[dict[str, str]]:
     return found
 
 
+def _reject(table: pa.Table, which: pa.Array, reason: str, details: pa.Array) -> pa.Table:
+    """`table` with the rows where `which` is true turned into rejects with `reason` and their detail."""
+    kind = pc.if_else(which, "reject", table["kind"])
+    reasons = pc.if_else(which, reason, table["reason"])
+    detail = pc.if_else(which, details, table["detail"])
+    for name, values in (("kind", kind), ("reason", reasons), ("detail", detail)):
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table
+
+
+def _with_kl_completions(table: pa.Table, seed: int, max_length: int, rows_per_shard: int) -> pa.Table:
+    """Unpaired rows of one group of blocks with their KL completions and the output shard each goes to (column
+    `shard`: the kept rows, in order, cut into rows_per_shard): dpo_ray.data.unpaired.split_partners within each
+    shard and split; a kept row without a partner becomes a no_kl_partner reject."""
+    from dpo_ray.data.unpaired import kl_completion, split_partners
+
+    kept = np.flatnonzero(pc.equal(table["kind"], "row").to_numpy(zero_copy_only=False))
+    shard = np.full(table.num_rows, -1, dtype=np.int64)
+    shard[kept] = np.arange(kept.size) // rows_per_shard
+    ids, splits, prompts = (table[c].take(pa.array(kept)).to_pylist() for c in ("row_id", "split", "prompt"))
+    partners = split_partners(ids, [f"{shard[i]}/{s}" for i, s in zip(kept, splits, strict=True)], prompts, seed)
+    completions, prompt_ids = table["completion_ids"], table["prompt_ids"]
+    kl_ids: list[list[int] | None] = [None] * table.num_rows
+    kl_rows: list[str | None] = [None] * table.num_rows
+    alone = np.zeros(table.num_rows, dtype=bool)
+    for i, j in zip(kept.tolist(), partners, strict=True):
+        if j is None:
+            alone[i] = True
+            continue
+        source = int(kept[j])
+        kl_ids[i] = kl_completion(completions[source].as_py(), len(prompt_ids[i].as_py()), max_length)
+        kl_rows[i] = ids[j]
+    table = table.append_column("kl_completion_ids", pa.array(kl_ids, UNPAIRED_SCHEMA.field("kl_completion_ids").type))
+    table = table.append_column("kl_row_id", pa.array(kl_rows, pa.string()))
+    table = table.append_column("shard", pa.array(shard))
+    detail = pa.array([f"split {s}: no other prompt in this shard" for s in table["split"].to_pylist()], pa.string())
+    return _reject(table, pa.array(alone), "no_kl_partner", detail)
+
+
 def _finalize(
-    index: int, blocks: list[Any], duplicates: dict[str, str], output: str, rejects_uri: str, rows_per_shard: int
+    index: int,
+    blocks: list[Any],
+    duplicates: dict[str, str],
+    output: str,
+    rejects_uri: str,
+    rows_per_shard: int,
+    unpaired: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Output shards from consecutive tokenized blocks: duplicates become rejects; pairs go to
     `part-<index>-<j>.parquet`, rejects to `rejects/part-<index>-<j>.parquet` (j > 0 only for a block over
-    rows_per_shard); returns the counts and the columns the stats need."""
+    rows_per_shard); returns the counts and the columns the stats need. unpaired: (seed, max_length) of unpaired
+    rows, which get their KL completions here."""
     import os
 
     import ray
@@ -181,58 +298,76 @@ def _finalize(
 
     hook = named_hook(os.environ.get(UNIT_HOOK_ENV))  # a test's hold (dpo_ray.testing.faults), before each write
     table = pa.concat_tables(ray.get(blocks))
+    key, kept_kind = _id(table)
     if duplicates:
         rows = table["row"].to_pylist()
         dup = pa.array([r in duplicates for r in rows])
-        kind = pc.if_else(dup, "reject", table["kind"])
-        reason = pc.if_else(dup, "duplicate", table["reason"])
-        detail = pc.if_else(dup, pa.array([f"same pair_id as {duplicates.get(r)}" for r in rows]), table["detail"])
-        for name, values in (("kind", kind), ("reason", reason), ("detail", detail)):
-            table = table.set_column(table.schema.get_field_index(name), name, values)
-    is_pair = pc.equal(table["kind"], "pair")
+        table = _reject(table, dup, "duplicate", pa.array([f"same {key} as {duplicates.get(r)}" for r in rows]))
+    if unpaired is not None:
+        table = _with_kl_completions(table, *unpaired, rows_per_shard)
+    schema = PAIRS_SCHEMA if unpaired is None else UNPAIRED_SCHEMA
+    is_pair = pc.equal(table["kind"], kept_kind)
     kept = table.filter(is_pair)
-    pairs = kept.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA)
+    pairs = kept.select(schema.names).cast(schema)
     rejects = table.filter(pc.invert(is_pair)).select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
     for uri, part in ((output, pairs), (rejects_uri, rejects)):
-        for j, start in enumerate(range(0, part.num_rows, rows_per_shard)):
+        if unpaired is not None and part is pairs:  # the shards the KL completions were drawn within
+            shard = kept["shard"].to_numpy()
+            pieces = [part.filter(pa.array(shard == j)) for j in np.unique(shard)]
+        else:
+            pieces = [part.slice(start, rows_per_shard) for start in range(0, part.num_rows, rows_per_shard)]
+        for j, piece in enumerate(pieces):
             if hook is not None:
                 hook("shard")
-            artifacts.write_table(part.slice(start, rows_per_shard), uri, f"part-{index:05d}-{j:03d}.parquet")
+            artifacts.write_table(piece, uri, f"part-{index:05d}-{j:03d}.parquet")
+    texts, trunc = (("chosen", "rejected"), _TRUNC) if unpaired is None else (("completion",), _UNPAIRED_TRUNC)
     return {
         "rows": table.num_rows,
         "pairs": pairs.num_rows,
         "rejects": Counter(rejects["reason"].to_pylist()),
         "columns": {
             "prompt": pc.list_value_length(kept["prompt_ids"]).to_numpy(),
-            "chosen": pc.list_value_length(kept["chosen_ids"]).to_numpy(),
-            "rejected": pc.list_value_length(kept["rejected_ids"]).to_numpy(),
+            **{t: pc.list_value_length(kept[f"{t}_ids"]).to_numpy() for t in texts},
             "eval": pc.equal(kept["split"], "eval").to_numpy(zero_copy_only=False),
-            **{n: kept[n].to_numpy(zero_copy_only=False) for n in (*_TRUNC, "boundary_merge")},
+            **{n: kept[n].to_numpy(zero_copy_only=False) for n in (*trunc, "boundary_merge")},
+            **({"label": kept["label"].to_numpy(zero_copy_only=False)} if unpaired is not None else {}),
         },
     }
 
 
-def _pair_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Token-length percentiles, truncation counts and split sizes over the shards' columns."""
+def _pair_stats(parts: list[dict[str, Any]], unpaired: bool = False) -> dict[str, Any]:
+    """Token-length percentiles, truncation counts and split sizes over the shards' columns (and, of unpaired
+    rows, the label counts)."""
+    texts, trunc = (("completion",), _UNPAIRED_TRUNC) if unpaired else (("chosen", "rejected"), _TRUNC)
+    names = ("prompt", *texts, "eval", *trunc, "boundary_merge", *(("label",) if unpaired else ()))
     cols = {
         name: np.concatenate([p["columns"][name] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-        for name in ("prompt", "chosen", "rejected", "eval", *_TRUNC, "boundary_merge")
+        for name in names
     }
     n, n_eval = int(cols["prompt"].size), int(cols["eval"].sum())
-    return {
-        "tokens": {k: _percentiles(cols[k]) for k in ("prompt", "chosen", "rejected")},
-        "truncated": {k.removeprefix("trunc_"): int(cols[k].sum()) for k in _TRUNC},
+    stats = {
+        "tokens": {k: _percentiles(cols[k]) for k in ("prompt", *texts)},
+        "truncated": {k.removeprefix("trunc_"): int(cols[k].sum()) for k in trunc},
         # Pairs whose prompt merged with the completion at the boundary (dpo_ray.data.tokenization's fallback rule).
         "boundary_merges": int(cols["boundary_merge"].sum()),
         "splits": {"train": n - n_eval, "eval": n_eval},
     }
+    if unpaired:
+        desirable = int(cols["label"].sum())
+        stats["labels"] = {"desirable": desirable, "undesirable": n - desirable}
+    return stats
 
 
 def _summary(manifest: Manifest, rows_in: int, output: str) -> str:
     s = manifest.stats
     tok = s["tokens"]
+    what = (
+        "pairs"
+        if "labels" not in s
+        else "unpaired rows ({desirable} desirable, {undesirable} undesirable)".format(**s["labels"])
+    )
     lines = [
-        f"prepare: {rows_in} rows in -> {manifest.rows} pairs "
+        f"prepare: {rows_in} rows in -> {manifest.rows} {what} "
         f"(train {s['splits']['train']}, eval {s['splits']['eval']}), {s['rows_rejected']} rejected",
         f"  output: {output}",
         "  tokens p50/p95/max: " + ", ".join(f"{k} {v['p50']}/{v['p95']}/{v['max']}" for k, v in tok.items()),
@@ -253,7 +388,8 @@ def run(cfg: PrepareConfig) -> Manifest:
 
     files = resolve_inputs(cfg.inputs, cfg.input_type)
     upstream = stage_inputs("prepare", cfg)
-    build = stage.begin("pairs", cfg, upstream, cfg.output)
+    kind = "pairs" if cfg.unpaired is None else "unpaired"
+    build = stage.begin(kind, cfg, upstream, cfg.output)
     if isinstance(build, Manifest):
         return build
     tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
@@ -281,8 +417,8 @@ def run(cfg: PrepareConfig) -> Manifest:
             f"prepare: all {rows_in} rows were rejected ({top}); see {rejects_uri}. "
             "Check prepare.columns and prepare.format against your data."
         )
-    artifacts.check_shard_schemas(cfg.output, PAIRS_SCHEMA)
-    stats = {"rejects": reject_counts, **_pair_stats(parts)}
+    artifacts.check_shard_schemas(cfg.output, PAIRS_SCHEMA if cfg.unpaired is None else UNPAIRED_SCHEMA)
+    stats = {"rejects": reject_counts, **_pair_stats(parts, cfg.unpaired is not None)}
     manifest = stage.finish(build, fingerprints, stats, accounting=(rows_in, rows_out, rows_in - rows_out))
     console.result(_summary(manifest, rows_in, cfg.output))
     return manifest
@@ -297,7 +433,10 @@ def _tokenized(cfg: PrepareConfig, files: list[Any], config: dict[str, Any], cou
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # output shards in input order, the same every run
     try:
-        records = read_records(files, (cfg.columns.chosen, cfg.columns.rejected), cfg.hf_split)
+        text_columns = (
+            (cfg.columns.completion,) if cfg.unpaired == "records" else (cfg.columns.chosen, cfg.columns.rejected)
+        )
+        records = read_records(files, text_columns, cfg.hf_split)
         tokenized = records.map_batches(
             Tokenize,
             fn_constructor_args=(config, counter),
@@ -340,6 +479,7 @@ def _write_shards(cfg: PrepareConfig, blocks: list[Any], rejects_uri: str) -> li
             cfg.output,
             rejects_uri,
             cfg.rows_per_shard,
+            None if cfg.unpaired is None else (cfg.seed, cfg.max_length),
         )
         for g, group in enumerate(groups)
     ]

@@ -126,3 +126,81 @@ def test_a_split_of_one_prompt_has_no_partner():
     assert kl_partners([], [], seed=0) == []
     with pytest.raises(ValueError, match="row ids"):
         kl_partners(["a"], [], seed=0)
+
+
+def test_split_partners_stay_within_their_split():
+    """Partners by split: each row's partner is a row of its split with another prompt; a split of one prompt
+    gets none, whatever the other split holds."""
+    from dpo_ray.data.unpaired import split_partners
+
+    rng = random.Random(3)
+    prompts = [f"p{rng.randrange(12)}" for _ in range(60)] + ["lonely", "lonely"]
+    splits = ["train" if int(p[1:]) % 3 else "eval" for p in prompts[:60]] + ["other", "other"]
+    ids = [row_id(p, f"c{i}", bool(i % 2)) for i, p in enumerate(prompts)]
+    partners = split_partners(ids, splits, prompts, seed=5)
+    for i, j in enumerate(partners[:60]):
+        assert j is not None and splits[j] == splits[i] and prompts[j] != prompts[i]
+    assert partners[60:] == [None, None]
+    # the same rows in another order: the same partner (by row id) for each row
+    order = list(range(len(ids)))
+    rng.shuffle(order)
+    again = split_partners([ids[k] for k in order], [splits[k] for k in order], [prompts[k] for k in order], seed=5)
+    assert {ids[order[a]]: ids[order[b]] for a, b in enumerate(again) if b is not None} == {
+        ids[i]: ids[j] for i, j in enumerate(partners) if j is not None
+    }
+
+
+def test_a_kl_completion_is_cut_to_fit_after_its_prompt():
+    from dpo_ray.data.unpaired import kl_completion
+
+    assert kl_completion([5, 6, 7, 2], prompt_length=3, max_length=5) == [5, 6]
+    assert kl_completion([5, 6, 7, 2], prompt_length=3, max_length=10) == [5, 6, 7, 2]
+    assert kl_completion([5, 6, 7, 2], prompt_length=3, max_length=None) == [5, 6, 7, 2]
+
+
+def _gens(rewards: dict[str, list[float]]) -> list[dict]:
+    """generate's samples: per prompt, one completion per reward; samples 2 and 3 of a prompt are one text (and
+    prompts share texts)."""
+    out = []
+    for p, rs in rewards.items():
+        for i, r in enumerate(rs):
+            out.append(
+                {
+                    "prompt_id": f"id-{p}",
+                    "prompt": p,
+                    "prompt_ids": [1, 2],
+                    "completion_ids": [10 + min(i, 2), 2],
+                    "completion": f"c{min(i, 2)}",
+                    "sample_index": i,
+                    "reward": r,
+                }
+            )
+    return out
+
+
+def test_generate_labels_pairs_and_thresholds_with_a_partner_of_another_prompt():
+    """generate.unpaired: pairs → the pairs' chosen desirable, rejected undesirable; threshold → every sample by
+    its reward; a completion rated twice the same way for a prompt is one row; each row's KL completion is
+    another prompt's completion of the unit and split, and a row without one is dropped and counted."""
+    from pipeline.config import GenerateConfig
+    from pipeline.stages.generate import _label, _pair
+
+    rewards = {f"prompt {k}": [0.1 * k, -0.2, 0.5, 0.5] for k in range(6)}
+    gens = _gens(rewards)
+    base = {"policy": "m", "n": 4, "eval_fraction": 0.0}
+    c = GenerateConfig(**base, unpaired="pairs", strategy="all_pairs", max_pairs_per_prompt=3)
+    pairs, _ = _pair(c, gens)
+    rows, counts = _label(c, gens, pairs)
+    kept = {(r["prompt"], r["completion"], r["label"]) for r in rows}
+    want = {(p["prompt"], p["chosen"], True) for p in pairs} | {(p["prompt"], p["rejected"], False) for p in pairs}
+    assert kept == want and len(rows) == len(want) and counts["repeated_rows"] == 2 * len(pairs) - len(want) > 0
+    by_id = {r["row_id"]: r for r in rows}
+    for r in rows:
+        other = by_id[r["kl_row_id"]]
+        assert other["prompt"] != r["prompt"] and r["kl_completion_ids"] == other["completion_ids"]
+    t = GenerateConfig(**base, unpaired="threshold", desirable_threshold=0.3)
+    rows, counts = _label(t, gens, [])
+    assert sorted(r["label"] for r in rows) == sorted(g["reward"] >= 0.3 for g in gens if g["sample_index"] != 3)
+    assert counts["repeated_rows"] == 6 and counts["no_kl_partner"] == 0  # samples 2 and 3 are one text
+    lone, counts = _label(t, _gens({"only": [0.9, 0.1]}), [])
+    assert lone == [] and counts["no_kl_partner"] == 2
