@@ -1,5 +1,7 @@
 """generate (on-policy): a policy samples n completions per prompt with vLLM, a reward scores them, and
-pairs are formed per prompt → a `generations` artifact and a `pairs` artifact that reference/train take.
+pairs are formed per prompt → a `generations` artifact and a `pairs` artifact that reference/train take. With
+`unpaired` set, the samples are labelled desirable or not instead (from the pairs, or by a reward threshold) and
+written as an `unpaired` artifact, each row with a KL completion of another prompt of its unit and split.
 
 Prompts are the unique train-split prompts of a `pairs` artifact (their stored ids, so the tokenization
 rule holds). Each prompt's request has its own seed (the config seed mixed with the prompt id), so a rerun
@@ -20,7 +22,7 @@ import pyarrow.parquet as pq
 
 from dpo_ray.data import artifacts
 from dpo_ray.data.artifacts import Manifest
-from dpo_ray.data.schema import GENERATIONS_SCHEMA, PAIRS_SCHEMA
+from dpo_ray.data.schema import GENERATIONS_SCHEMA, KINDS
 from pipeline.config import GenerateConfig
 from pipeline.core import console, stage
 from pipeline.core.engines import engine_key, engine_spec
@@ -103,15 +105,19 @@ class GenerateUnits:
         for g, value in zip(gens, rewards, strict=True):
             g["reward"] = value
         pairs, counts = _pair(self.cfg, gens)
+        if self.cfg.unpaired is not None:
+            pairs, more = _label(self.cfg, gens, pairs)
+            counts |= more
         artifacts.write_table(pa.Table.from_pylist(gens, schema=GENERATIONS_SCHEMA), self.cfg.generations, name)
         counts |= {"prompts": len(prompts), "samples": len(gens), "pairs": len(pairs)}
         fs, path = artifacts.artifact_fs(_counts_uri(self.cfg.output, name))
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "w") as f:
             json.dump(counts, f)
-        artifacts.write_table(pa.Table.from_pylist(pairs, schema=PAIRS_SCHEMA), self.cfg.output, name)  # "done"
+        schema = KINDS[_kind(self.cfg)]
+        artifacts.write_table(pa.Table.from_pylist(pairs, schema=schema), self.cfg.output, name)  # last: "done"
         seconds = time.perf_counter() - t0
-        logger.info("generate: %s: %d prompts, %d pairs in %.1fs", name, len(prompts), len(pairs), seconds)
+        logger.info("generate: %s: %d prompts, %d rows in %.1fs", name, len(prompts), len(pairs), seconds)
         return {"name": name, **counts}
 
     def __call__(self, unit: dict[str, Any]) -> dict[str, Any]:
@@ -167,12 +173,65 @@ def _pair(c: GenerateConfig, gens: list[dict[str, Any]]) -> tuple[list[dict[str,
     return out, counts
 
 
+def _kind(c: GenerateConfig) -> str:
+    return "pairs" if c.unpaired is None else "unpaired"
+
+
+def _label(
+    c: GenerateConfig, gens: list[dict[str, Any]], pairs: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The unit's unpaired rows: from its pairs (chosen desirable, rejected undesirable) or from every sample
+    by the reward threshold; a completion rated the same way twice for one prompt is one row (counted), and a
+    row whose split of the unit holds no other prompt has no KL completion and is dropped (counted)."""
+    from dpo_ray.data.tokenization import split_of
+    from dpo_ray.data.unpaired import row_id, split_partners
+
+    if c.unpaired == "pairs":
+        rated = [(p["prompt"], p["prompt_ids"], p[f"{side}_ids"], p[side], side == "chosen") for p in pairs
+                 for side in ("chosen", "rejected")]  # fmt: skip
+    else:
+        rated = [
+            (g["prompt"], g["prompt_ids"], g["completion_ids"], g["completion"], g["reward"] >= c.desirable_threshold)
+            for g in sorted(gens, key=lambda g: (g["prompt_id"], g["sample_index"]))
+        ]
+    rows: dict[str, dict[str, Any]] = {}
+    for prompt, prompt_ids, ids, text, label in rated:
+        rid = row_id(prompt, text, label)
+        rows.setdefault(
+            rid,
+            {
+                "row_id": rid,
+                "split": split_of(prompt, c.eval_fraction, salt="generate"),
+                "prompt_ids": prompt_ids,
+                "completion_ids": ids,
+                "label": label,
+                "prompt": prompt,
+                "completion": text,
+                "source": f"generate:{c.policy}",
+            },
+        )
+    found = list(rows.values())
+    partners = split_partners(
+        [r["row_id"] for r in found], [r["split"] for r in found], [r["prompt"] for r in found], c.seed
+    )
+    out = []
+    for r, j in zip(found, partners, strict=True):
+        if j is not None:  # prompt + any completion fits: prompts and max_tokens bound every sample alike
+            out.append(r | {"kl_completion_ids": found[j]["completion_ids"], "kl_row_id": found[j]["row_id"]})
+    counts = {
+        "repeated_rows": len(rated) - len(found),
+        "no_kl_partner": len(found) - len(out),
+        "desirable": sum(r["label"] for r in out),
+    }
+    return out, counts
+
+
 def run(cfg: GenerateConfig) -> Manifest:
     """Sample, score, pair, unit by unit; resumes an interrupted run (only the missing units are generated),
     skips a complete one."""
-    prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
+    prompts_manifest = artifacts.require_complete(cfg.prompts, ("pairs", "unpaired"))
     upstream = stage_inputs("generate", cfg)
-    build = stage.begin("pairs", cfg, upstream, cfg.output, resumable=True, also_clear=(cfg.generations,))
+    build = stage.begin(_kind(cfg), cfg, upstream, cfg.output, resumable=True, also_clear=(cfg.generations,))
     if isinstance(build, Manifest):
         return build
     tok_fp = matching_tokenizer(upstream["tokenizer:policy"], cfg.policy, prompts_manifest, cfg.prompts)
@@ -225,7 +284,8 @@ def _finish(
         with fs.open(path, "r") as f:
             counts = {k: counts.get(k, 0) + v for k, v in json.load(f).items()}
     if counts["pairs"] == 0:
-        raise artifacts.ArtifactError(f"generate: no pairs from {counts['prompts']} prompts (ties {counts['ties']})")
+        dropped = f"ties {counts['ties']}" + (f", no KL partner {counts['no_kl_partner']}" if cfg.unpaired else "")
+        raise artifacts.ArtifactError(f"generate: no {_kind(cfg)} rows from {counts['prompts']} prompts ({dropped})")
     rewards = np.concatenate(_column(cfg.generations, names, "reward"))
     gen_stats = {
         "prompts": counts["prompts"],
@@ -237,7 +297,7 @@ def _finish(
     artifacts.write_manifest(
         cfg.generations, "generations", build.config, fingerprints, build.upstream, gen_stats, shards=gen_shards
     )
-    artifacts.check_shard_schemas(cfg.output, PAIRS_SCHEMA)
+    artifacts.check_shard_schemas(cfg.output, KINDS[_kind(cfg)])
     shards = [s for s in artifacts.shard_infos(cfg.output) if s.file in set(names)]
     n_eval = int(sum((split == "eval").sum() for split in _column(cfg.output, names, "split")))
     stats = {
@@ -246,6 +306,16 @@ def _finish(
         "ties_dropped": counts["ties"],
         "identical_dropped": counts["identical"],
         "strategy": cfg.strategy,
+        **(
+            {
+                "unpaired": cfg.unpaired,
+                "labels": {"desirable": counts["desirable"], "undesirable": counts["pairs"] - counts["desirable"]},
+                "repeated_rows_dropped": counts["repeated_rows"],
+                "no_kl_partner_dropped": counts["no_kl_partner"],
+            }
+            if cfg.unpaired
+            else {}
+        ),
         "units": len(names),
         "units_generated_this_run": ran[0],
         "units_retried_this_run": ran[1],
@@ -255,7 +325,13 @@ def _finish(
     manifest = stage.finish(build, fingerprints, stats, shards=shards)
     console.result(
         f"generate: {counts['prompts']} prompts x {cfg.n} samples, reward mean {gen_stats['reward_mean']:.3f}; "
-        f"{counts['pairs']} pairs ({counts['ties']} ties dropped); {ran[0]}/{len(names)} units generated this run"
+        + (
+            f"{counts['pairs']} pairs ({counts['ties']} ties dropped)"
+            if cfg.unpaired is None
+            else f"{counts['pairs']} unpaired rows ({counts['desirable']} desirable; {counts['no_kl_partner']} "
+            f"without a KL partner dropped)"
+        )
+        + f"; {ran[0]}/{len(names)} units generated this run"
         + (f" ({ran[1]} retried)" if ran[1] else "")
         + f" -> {cfg.output}"
     )
