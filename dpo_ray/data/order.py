@@ -22,9 +22,22 @@ import pyarrow.compute as pc
 
 from dpo_ray.data.artifacts import ShardInfo, read_shard
 
-__all__ = ["TRAIN_COLUMNS", "RaggedColumn", "epoch_batches", "read_split", "read_splits", "split_counts"]
+__all__ = [
+    "TRAIN_COLUMNS",
+    "UNPAIRED_TRAIN_COLUMNS",
+    "RaggedColumn",
+    "epoch_batches",
+    "read_split",
+    "read_splits",
+    "split_counts",
+]
 
+# What training reads of a `scored` and of a `scored_unpaired` artifact; the first column is the row's identity,
+# the base order.
 TRAIN_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
+UNPAIRED_TRAIN_COLUMNS = [
+    "row_id", "prompt_ids", "completion_ids", "kl_completion_ids", "label", "ref_completion_logp", "ref_kl_logp",
+]  # fmt: skip
 
 
 def split_counts(artifact: str, shards: Sequence[ShardInfo]) -> dict[str, int]:
@@ -72,9 +85,13 @@ class RaggedColumn:
 def read_splits(
     artifact: str, shards: Sequence[ShardInfo], splits: Sequence[str], columns: Sequence[str] = TRAIN_COLUMNS
 ) -> dict[str, dict[str, Any]]:
-    """The rows of each of `splits` from all the artifact's shards (each shard read once), sorted by pair_id, as
-    {split: {column: array}}: list columns as RaggedColumn, the others as numpy arrays."""
-    wanted = list(dict.fromkeys(["pair_id", *columns]))
+    """The rows of each of `splits` from all the artifact's shards (each shard read once), sorted by the identity
+    column (`columns[0]`: pair_id or row_id), as {split: {column: array}}: list columns as RaggedColumn, the others
+    as numpy arrays."""
+    key = columns[0]
+    if key not in ("pair_id", "row_id"):
+        raise ValueError(f"read_splits: the first column must be the rows' identity (pair_id or row_id), found {key!r}")
+    wanted = list(dict.fromkeys(columns))
     parts: dict[str, list[pa.Table]] = {s: [] for s in splits}
     for shard in shards:
         table = read_shard(artifact, shard, [*wanted, "split"])
@@ -82,7 +99,7 @@ def read_splits(
             parts[s].append(table.filter(pc.equal(table["split"], s)).drop_columns(["split"]))
     out: dict[str, dict[str, Any]] = {}
     for s in splits:
-        table = pa.concat_tables(parts[s]).sort_by("pair_id") if parts[s] else pa.table({c: [] for c in wanted})
+        table = pa.concat_tables(parts[s]).sort_by(key) if parts[s] else pa.table({c: [] for c in wanted})
         out[s] = {
             c: RaggedColumn.from_arrow(table[c]) if pa.types.is_list(table[c].type) else table[c].to_numpy()
             for c in columns

@@ -40,7 +40,16 @@ from dpo_ray.objective.health import (
     grad_norm_ratio,
 )
 from dpo_ray.objective.losses import LossState, step_zero
-from dpo_ray.objective.metrics import PAIR_METRICS, metric_means
+from dpo_ray.objective.metrics import (
+    COUNT_DESIRABLE,
+    COUNT_UNDESIRABLE,
+    PAIR_METRICS,
+    REWARDS_CHOSEN,
+    REWARDS_REJECTED,
+    metric_means,
+    unpaired_metric_means,
+)
+from dpo_ray.objective.unpaired import unpaired_step_zero
 from dpo_ray.train.checkpoint import LoopState, load_checkpoint, save_checkpoint, seed_everything
 from dpo_ray.train.collectives import all_reduce_sum
 from dpo_ray.train.export import export_model
@@ -146,16 +155,24 @@ def _check_initial(metrics: dict[str, float], cfg: LoopConfig) -> str | None:
     tolerance (the loss's scaled by its slope, so IPO with a small β or a bf16 run is not stopped).
     Returns what failed, or None."""
     tol = cfg.initial_tolerance
-    expected = step_zero(cfg.settings.loss)  # value None: an NLL term or a reference-free member (margins only)
-    loss, margin = metrics["loss"], metrics["rewards/margins"]
+    spec = cfg.settings.loss
+    expected = step_zero(spec)  # value None: an NLL term or a reference-free member (margins only)
+    value, loss, margin = expected.value, metrics["loss"], metrics["rewards/margins"]
+    checked, shown = "margins", f"{margin:.6f}"
+    if spec.unpaired:  # the value follows the batch's labels; a batch of one label has no margin: its rewards are 0
+        n_d, n_u = int(metrics[COUNT_DESIRABLE]), int(metrics[COUNT_UNDESIRABLE])
+        value = unpaired_step_zero(n_d, n_u, spec.desirable_weight, spec.undesirable_weight)
+        rewards = [metrics[k] for k, n in ((REWARDS_CHOSEN, n_d), (REWARDS_REJECTED, n_u)) if n]
+        margin = max(abs(r) for r in rewards)
+        checked, shown = "rewards", ", ".join(f"{r:.6f}" for r in rewards)
     loss_tol = tol + expected.slope * tol
-    bad_loss = expected.value is not None and abs(loss - expected.value) > loss_tol
+    bad_loss = value is not None and abs(loss - value) > loss_tol
     if not bad_loss and abs(margin) <= tol:
         return None
-    want = f"loss {expected.value:.6f} (±{loss_tol:g}) and " if expected.value is not None else ""
+    want = f"loss {value:.6f} (±{loss_tol:g}) and " if value is not None else ""
     return (
-        f"step 0 check failed: the policy starts from the reference weights, so {want}margins 0 (±{tol:g}) are "
-        f"expected; found loss {loss:.6f}, margins {margin:.6f}. The stored reference log-probs do not match this "
+        f"step 0 check failed: the policy starts from the reference weights, so {want}{checked} 0 (±{tol:g}) are "
+        f"expected; found loss {loss:.6f}, {checked} {shown}. The stored reference log-probs do not match this "
         "model's forward. Likely causes: the scored artifact was made with another model or tokenizer "
         "(reference.model vs train.model), the reference backend computes the model differently (e.g. vLLM "
         "without the model's sliding window or softcapping: see the reference stage's parity numbers), or, "
@@ -174,24 +191,35 @@ def _evaluate(
         # Every rank calls eval_sums for every batch, with its pairs or none (see dpo_ray.train.collectives.aligned).
         pairs = StepBatch.from_columns({k: v[mine] for k, v in columns.items()})
         sums += eval_sums(model, pairs, cfg.settings, loss_state)
-    return metric_means(all_reduce_sum(sums.to(model_device(model))).cpu(), prefix="eval/")
+    means = unpaired_metric_means if cfg.settings.loss.unpaired else metric_means
+    return means(all_reduce_sum(sums.to(model_device(model))).cpu(), prefix="eval/")
 
 
 def _check_pairs(columns: dict[str, Any], k: int = 3) -> list[PairTokens]:
-    """The k pairs with the longest sequences (past any sliding window the data reaches), by base order."""
+    """The k pairs (or unpaired rows: completion and KL completion) with the longest sequences (past any
+    sliding window the data reaches), by base order."""
+    first, second = ("completion_ids", "kl_completion_ids") if "label" in columns else ("chosen_ids", "rejected_ids")
     longest = [
         max(len(c), len(r)) + len(p)
-        for p, c, r in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], strict=True)
+        for p, c, r in zip(columns["prompt_ids"], columns[first], columns[second], strict=True)
     ]
     picked = sorted(np.argsort(-np.asarray(longest), kind="stable")[:k])
     return StepBatch.from_columns({key: v[picked] for key, v in columns.items()}).pairs
 
 
+def _ids(rows: dict[str, Any]) -> Any:
+    """The rows' identities: pair_id, or row_id of unpaired rows (dpo_ray.data.order)."""
+    return rows["row_id"] if "row_id" in rows else rows["pair_id"]
+
+
 def _read_rows(cfg: LoopConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The train split and (when evaluating) the eval split, every column the step reads."""
-    from dpo_ray.data.order import TRAIN_COLUMNS, read_splits
+    from dpo_ray.data.order import TRAIN_COLUMNS, UNPAIRED_TRAIN_COLUMNS, read_splits
 
-    columns = TRAIN_COLUMNS if cfg.reference_logps else [c for c in TRAIN_COLUMNS if not c.startswith("ref_")]
+    if cfg.settings.loss.unpaired:
+        columns = UNPAIRED_TRAIN_COLUMNS
+    else:
+        columns = TRAIN_COLUMNS if cfg.reference_logps else [c for c in TRAIN_COLUMNS if not c.startswith("ref_")]
     splits = read_splits(cfg.scored, cfg.scored_shards, ["train", "eval"] if cfg.eval_every else ["train"], columns)
     if not cfg.reference_logps:  # a reference-free loss reads none (dpo_ray.objective.spec.ENTRIES)
         for rows in splits.values():
@@ -256,7 +284,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     started = time.perf_counter()
     tracker = _tracker(cfg, rank)
     hook = named_hook(cfg.step_hook)  # the tests' fault injection (dpo_ray.hooks)
-    for rows in _batches(len(train_rows["pair_id"]), cfg, state):
+    for rows in _batches(len(_ids(train_rows)), cfg, state):
         batch = StepBatch.from_columns(worker_slice(train_rows, rows, rank, world))
         step = train_step(model, optimizer, scheduler, batch, cfg.settings, cfg.batch_size, world, state.loss)
         metrics, state.loss = step.metrics, step.loss_state
@@ -264,7 +292,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         metrics.update(step=state.step, epoch=state.epoch)
         _health(metrics, cfg, state)
         step_zero_due = state.step == 1 and cfg.check_initial_margin and checkpoint is None
-        stop = _stop(metrics, cfg, state, train_rows["pair_id"][rows], rank, step_zero_due)
+        stop = _stop(metrics, cfg, state, _ids(train_rows)[rows], rank, step_zero_due)
         if stop is not None:  # before this step's checkpoint: the checkpoints before it are kept
             if rank == 0:
                 write_error(cfg.output, stop[1], kind=stop[0])
@@ -359,7 +387,7 @@ def _log(metrics: dict[str, Any], cfg: LoopConfig, state: LoopState, rank: int, 
         state.step,
         cfg.total_steps,
         metrics["loss"],
-        metrics["rewards/accuracies"],
+        metrics.get("rewards/accuracies", float("nan")),  # unpaired rows have no accuracy
         metrics["rewards/margins"],
         metrics["tokens_per_sec"],
         time.perf_counter() - started,

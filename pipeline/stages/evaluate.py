@@ -78,8 +78,13 @@ class _Model:
         return [sum(x) for x in score_completions(self.llm, prompts, completions)]
 
 
+# What evaluate.scored may hold: scored pairs, pairs (a reference-free loss) or scored unpaired rows (kto).
+_SCORED_KINDS = ("scored", "pairs", "scored_unpaired")
+
+
 def _preference_accuracy(config: dict[str, Any]) -> dict[str, Any]:
-    """Implicit-reward accuracy of the policy on the scored artifact's eval pairs (HF forward, no grad).
+    """Implicit-reward accuracy of the policy on the scored artifact's eval pairs (HF forward, no grad). On
+    unpaired rows: the share whose log-ratio log π − log πref has the sign of its label (> 0 when desirable).
 
     Runs as a Ray task with the stage's resources (see run): never a model forward in the driver, which on a
     cluster is the CPU-only head node."""
@@ -89,7 +94,7 @@ def _preference_accuracy(config: dict[str, Any]) -> dict[str, Any]:
     from dpo_ray.compute.batching import completion_logps
     from dpo_ray.models.loading import load_causal_lm, load_tokenizer
 
-    manifest = artifacts.require_complete(cfg.scored, ("scored", "pairs"))
+    manifest = artifacts.require_complete(cfg.scored, _SCORED_KINDS)
     rows: list[dict[str, Any]] = []
     for shard in manifest.shards:
         table = artifacts.read_shard(cfg.scored, shard)
@@ -102,6 +107,16 @@ def _preference_accuracy(config: dict[str, Any]) -> dict[str, Any]:
     if torch.cuda.is_available():
         model.cuda()
     pad = load_tokenizer(cfg.policy, cfg.trust_remote_code).pad_token_id
+    if manifest.kind == "scored_unpaired":  # each row's log-ratio should have its label's sign
+        found = completion_logps(model, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad)
+        ratios = np.array([sum(x) for x in found]) - np.array([r["ref_completion_logp"] for r in rows])
+        signs = np.where([r["label"] for r in rows], 1.0, -1.0)
+        return {
+            "pairs": len(rows),
+            "accuracy": float((signs * ratios > 0).mean()),
+            "mean_margin": float((signs * ratios).mean()),
+            "implicit_reward": "label_sign",
+        }
     prompts = [r["prompt_ids"] for r in rows] * 2
     logps = completion_logps(model, prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad)
     sums = np.array([sum(x) for x in logps])
@@ -129,7 +144,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     samples and plots beside it). Returns the evaluation."""
     from dpo_ray.models.rewards import load_reward, score
 
-    prompts_manifest = artifacts.require_complete(cfg.prompts, "pairs")
+    prompts_manifest = artifacts.require_complete(cfg.prompts, ("pairs", "unpaired"))
     inputs = _inputs(cfg, prompts_manifest)
     # The models' fingerprints are part of the identity: a retrained policy at the same path is evaluated anew.
     build = stage.begin("eval", cfg, inputs, cfg.output)
@@ -175,7 +190,7 @@ def _inputs(cfg: EvaluateConfig, prompts_manifest: Manifest) -> dict[str, str]:
     """The evaluation's identity (pipeline.core.inputs): both models and their tokenizers by fingerprint, the prompts
     and the scored pairs by manifest hash; both tokenizers must be the prompts'."""
     if cfg.max_eval_pairs:
-        artifacts.require_complete(cfg.scored, ("scored", "pairs"))  # verified before any work (shard sizes and hashes)
+        artifacts.require_complete(cfg.scored, _SCORED_KINDS)  # verified before any work (shard sizes and hashes)
     inputs = stage_inputs("evaluate", cfg)
     for field in ("policy", "reference"):
         matching_tokenizer(inputs[f"tokenizer:{field}"], getattr(cfg, field), prompts_manifest, cfg.prompts)

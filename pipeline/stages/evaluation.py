@@ -83,7 +83,9 @@ def result_line(result: dict[str, Any]) -> str:
         f"{_pm(pol['reward_mean'], pol.get('reward_stderr'), 3)} vs reference "
         f"{_pm(ref['reward_mean'], ref.get('reward_stderr'), 3)}, KL {_pm(result['kl'], result['kl_stderr'], 2)}, "
         f"win rate {_pm(result['win_rate'], result.get('win_rate_stderr'), 2)}, preference accuracy"
-        + (" (mean log-prob)" if pref.get("implicit_reward") == "mean_logp" else "")
+        + {"mean_logp": " (mean log-prob)", "label_sign": " (log-ratio sign vs label)"}.get(
+            pref.get("implicit_reward", ""), ""
+        )
         + f" {accuracy}"
     )
 
@@ -138,8 +140,10 @@ def plots(cfg: EvaluateConfig, policy_rewards: list[float], ref_rewards: list[fl
         with mfs.open(mpath, "r") as f:
             history = [json.loads(line) for line in f if line.strip()]
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-        for ax, key in zip(axes, ("loss", "rewards/accuracies", "rewards/margins"), strict=True):
-            ax.plot([h["step"] for h in history], [h[key] for h in history], label="train")
+        # Unpaired rows (kto) have no accuracy: their middle panel is KTO's reference point z₀.
+        middle = "rewards/accuracies" if "rewards/accuracies" in history[0] else "kto/z0"
+        for ax, key in zip(axes, ("loss", middle, "rewards/margins"), strict=True):
+            ax.plot([h["step"] for h in history], [h.get(key, float("nan")) for h in history], label="train")
             ev = [h for h in history if f"eval/{key}" in h]
             if ev:
                 ax.plot([h["step"] for h in ev], [h[f"eval/{key}"] for h in ev], "o-", label="eval")

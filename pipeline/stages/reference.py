@@ -1,4 +1,6 @@
-"""reference: a `pairs` artifact → a `scored` artifact with the frozen reference model's per-token log-probs.
+"""reference: a `pairs` artifact → a `scored` artifact with the frozen reference model's per-token log-probs
+(an `unpaired` artifact → `scored_unpaired`: each row's completion and KL completion scored after its prompt, as a
+pair's chosen and rejected are).
 
 The input's shards are cut into units of `rows_per_unit` pairs. A pool of actors (pipeline.core.units; one vLLM engine
 per actor, created once; or a transformers model with `backend: hf`) scores unit after unit and writes each
@@ -25,7 +27,7 @@ import pyarrow.parquet as pq
 
 from dpo_ray.data import artifacts
 from dpo_ray.data.artifacts import Manifest, ShardInfo
-from dpo_ray.data.schema import REJECTS_SCHEMA, SCORED_SCHEMA
+from dpo_ray.data.schema import KINDS, REJECTS_SCHEMA, SCORED_KIND
 from dpo_ray.errors import UserError
 from pipeline.config import ReferenceConfig
 from pipeline.core import console, stage
@@ -43,6 +45,22 @@ class ParityError(UserError, RuntimeError):
     """vLLM's reference log-probs disagree with a transformers forward beyond the tolerance."""
 
 
+# Per input kind: the id column, the text columns a reject keeps, and the two sequences scored after each row's
+# prompt as (token ids, per-token log-probs, their float64 sum).
+_ID = {"pairs": "pair_id", "unpaired": "row_id"}
+_TEXTS = {"pairs": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label", "kl_row_id")}
+_SIDES = {
+    "pairs": (
+        ("chosen_ids", "ref_chosen_logps", "ref_chosen_logp"),
+        ("rejected_ids", "ref_rejected_logps", "ref_rejected_logp"),
+    ),
+    "unpaired": (
+        ("completion_ids", "ref_completion_logps", "ref_completion_logp"),
+        ("kl_completion_ids", "ref_kl_logps", "ref_kl_logp"),
+    ),
+}
+
+
 def _units(manifest: Manifest, rows_per_unit: int) -> list[dict[str, Any]]:
     units = []
     for index, shard in enumerate(manifest.shards):
@@ -53,6 +71,7 @@ def _units(manifest: Manifest, rows_per_unit: int) -> list[dict[str, Any]]:
                     "start": start,
                     "stop": min(shard.rows, start + rows_per_unit),
                     "name": f"part-{index:05d}-{start:09d}.parquet",
+                    "kind": manifest.kind,
                 }
             )
     return units
@@ -96,44 +115,40 @@ class ScoreUnits:
 
         return completion_logps(self.model, prompts, completions, self.pad, self.cfg.hf_token_budget)
 
-    def unit(self, shard: str, start: int, stop: int, name: str) -> dict[str, Any]:
+    def unit(self, shard: str, start: int, stop: int, name: str, kind: str = "pairs") -> dict[str, Any]:
         t0 = time.perf_counter()
         table = self._shard(shard).slice(start, stop - start)
         rows = table.to_pylist()
         limit = self.cfg.max_model_len - 1  # vLLM needs room for the one token it generates
+        (first, *first_out), (second, *second_out) = _SIDES[kind]
+        rid = _ID[kind]
         keep, rejects = [], []
         for r in rows:
-            longest = len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
+            longest = len(r["prompt_ids"]) + max(len(r[first]), len(r[second]))
             if longest > limit:
                 detail = f"{longest} tokens > max_model_len - 1 = {limit}"
-                record = json.dumps({k: r[k] for k in ("pair_id", "prompt", "chosen", "rejected")})
-                rejects.append({"row": r["pair_id"], "reason": "too_long", "detail": detail, "record": record})
+                record = json.dumps({k: r[k] for k in (rid, *_TEXTS[kind])})
+                rejects.append({"row": r[rid], "reason": "too_long", "detail": detail, "record": record})
             else:
                 keep.append(r)
         prompts = [r["prompt_ids"] for r in keep]
-        scores = self.score(prompts * 2, [r["chosen_ids"] for r in keep] + [r["rejected_ids"] for r in keep])
+        scores = self.score(prompts * 2, [r[first] for r in keep] + [r[second] for r in keep])
         for i, r in enumerate(keep):
-            chosen, rejected = scores[i], scores[len(keep) + i]
-            r.update(
-                ref_chosen_logps=chosen,
-                ref_rejected_logps=rejected,
-                ref_chosen_logp=float(np.sum(chosen, dtype=np.float64)),
-                ref_rejected_logp=float(np.sum(rejected, dtype=np.float64)),
-            )
+            for (logps, total), found in ((first_out, scores[i]), (second_out, scores[len(keep) + i])):
+                r.update({logps: found, total: float(np.sum(found, dtype=np.float64))})
         out_uri = self.cfg.output
         artifacts.write_table(
             pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), artifacts.join(out_uri, "rejects"), name
         )
-        artifacts.write_table(pa.Table.from_pylist(keep, schema=SCORED_SCHEMA), out_uri, name)  # last: "done"
-        tokens = sum(
-            len(p) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for p, r in zip(prompts, keep, strict=True)
-        )
+        schema = KINDS[SCORED_KIND[kind]]
+        artifacts.write_table(pa.Table.from_pylist(keep, schema=schema), out_uri, name)  # last: "done"
+        tokens = sum(len(p) * 2 + len(r[first]) + len(r[second]) for p, r in zip(prompts, keep, strict=True))
         seconds = time.perf_counter() - t0
-        logger.info("reference: %s: %d pairs, %d tokens in %.1fs", name, len(keep), tokens, seconds)
+        logger.info("reference: %s: %d rows, %d tokens in %.1fs", name, len(keep), tokens, seconds)
         return {"name": name, "rows": len(keep), "rejected": len(rejects), "tokens": tokens, "seconds": seconds}
 
     def __call__(self, unit: dict[str, Any]) -> dict[str, Any]:
-        return self.unit(unit["shard"], unit["start"], unit["stop"], unit["name"])
+        return self.unit(unit["shard"], unit["start"], unit["stop"], unit["name"], unit.get("kind", "pairs"))
 
 
 def _cuda() -> bool:
@@ -142,8 +157,9 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def parity_check(cfg: dict[str, Any], sample: list[dict[str, Any]]) -> dict[str, Any]:
-    """Re-score `sample` (scored rows) with a transformers forward; max/mean |difference| per token and sequence."""
+def parity_check(cfg: dict[str, Any], sample: list[dict[str, Any]], kind: str = "pairs") -> dict[str, Any]:
+    """Re-score `sample` (scored rows of the input kind `kind`) with a transformers forward; max/mean |difference|
+    per token and sequence."""
     from dpo_ray.compute.batching import completion_logps
     from dpo_ray.models.loading import load_causal_lm, load_tokenizer
 
@@ -152,9 +168,10 @@ def parity_check(cfg: dict[str, Any], sample: list[dict[str, Any]]) -> dict[str,
     if _cuda():
         model.cuda()
     pad = load_tokenizer(c.model, c.trust_remote_code).pad_token_id
+    (first, first_logps, _), (second, second_logps, _) = _SIDES[kind]
     prompts = [r["prompt_ids"] for r in sample] * 2
-    completions = [r["chosen_ids"] for r in sample] + [r["rejected_ids"] for r in sample]
-    stored = [r["ref_chosen_logps"] for r in sample] + [r["ref_rejected_logps"] for r in sample]
+    completions = [r[first] for r in sample] + [r[second] for r in sample]
+    stored = [r[first_logps] for r in sample] + [r[second_logps] for r in sample]
     hf = completion_logps(model, prompts, completions, pad, c.hf_token_budget)
     token_diffs = np.concatenate(
         [np.abs(np.asarray(a, np.float64) - np.asarray(b)) for a, b in zip(hf, stored, strict=True)]
@@ -182,9 +199,9 @@ def _parity_sample(output: str, k: int) -> list[dict[str, Any]]:
 
 def run(cfg: ReferenceConfig) -> Manifest:
     """Run the reference stage; resumes an interrupted run, skips a complete one."""
-    pairs_manifest = artifacts.require_complete(cfg.pairs, "pairs")
+    pairs_manifest = artifacts.require_complete(cfg.pairs, tuple(SCORED_KIND))
     upstream = stage_inputs("reference", cfg)
-    build = stage.begin("scored", cfg, upstream, cfg.output, resumable=True)
+    build = stage.begin(SCORED_KIND[pairs_manifest.kind], cfg, upstream, cfg.output, resumable=True)
     if isinstance(build, Manifest):
         return build
     fingerprints = {
@@ -196,7 +213,8 @@ def run(cfg: ReferenceConfig) -> Manifest:
     pending = [u for u in units if u["name"] not in done]
     bundle = actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type)
     console.header(
-        f"reference: {cfg.pairs} ({pairs_manifest.rows} pairs, {len(units)} units of <= {cfg.rows_per_unit}, "
+        f"reference: {cfg.pairs} ({pairs_manifest.rows} {pairs_manifest.kind} rows, {len(units)} units of <= "
+        f"{cfg.rows_per_unit}, "
         f"{len(pending)} to score) -> {cfg.output}; model {cfg.model} ({cfg.backend}, {cfg.dtype}), "
         f"{cfg.num_actors} actor(s) x {{{describe(bundle)}}}"
     )
@@ -230,7 +248,7 @@ def _finish(
     reject_shards = [s for s in artifacts.shard_infos(rejects_uri) if s.file in set(names)]
     rows_out, rows_rejected = sum(s.rows for s in scored_shards), sum(s.rows for s in reject_shards)
     config = build.config
-    artifacts.check_shard_schemas(cfg.output, SCORED_SCHEMA)  # SCORED_SCHEMA includes every pairs column
+    artifacts.check_shard_schemas(cfg.output, KINDS[build.kind])  # a scored kind holds every input column
     parity: dict[str, Any] = {"skipped": "backend hf is itself the transformers forward"}
     if cfg.backend == "vllm" and cfg.parity_samples > 0 and rows_out > 0:
         # Ray as the stage starts it, also on a resume with every unit already scored: ray.remote would otherwise
@@ -243,7 +261,7 @@ def _finish(
         task = ray.remote(parity_check).options(
             num_gpus=cfg.num_gpus_per_actor or None, num_cpus=1, accelerator_type=cfg.accelerator_type
         )
-        measured: dict[str, Any] = ray.get(task.remote(config, sample))
+        measured: dict[str, Any] = ray.get(task.remote(config, sample, pairs_manifest.kind))
         parity = {**measured, "tolerance": cfg.tolerance}
         logger.info(
             "reference: parity vs transformers on %d pairs: per-token max %.2e (tolerance %.0e), mean %.2e",
@@ -274,7 +292,8 @@ def _finish(
     accounting = (pairs_manifest.rows, rows_out, rows_rejected)
     manifest = stage.finish(build, fingerprints, stats, accounting=accounting, shards=scored_shards)
     console.result(
-        f"reference: {pairs_manifest.rows} pairs -> {rows_out} scored, {rows_rejected} rejected (too_long); "
+        f"reference: {pairs_manifest.rows} {pairs_manifest.kind} rows -> {rows_out} scored, {rows_rejected} "
+        "rejected (too_long); "
         f"{len(summaries)}/{len(units)} units scored this run, {tokens} tokens in {seconds:.1f}s -> {cfg.output}"
     )
     return manifest

@@ -184,14 +184,15 @@ def run(cfg: TrainConfig) -> Manifest:
     from dpo_ray.objective.spec import ENTRIES
 
     if cfg.loss.unpaired:
-        raise ConfigError(
-            f"train.loss.name {cfg.loss.name}: an unpaired loss trains on unpaired rows (a completion, its label and a "
-            "mismatched KL completion each), and no stage writes them yet: prepare and reference read and score "
-            "pairs only (issue 27). The loss itself is in dpo_ray.objective.unpaired; train a paired loss here."
+        kinds: tuple[str, ...] = ("scored_unpaired",)
+        hint = (
+            f" (loss {cfg.loss.label} trains on unpaired rows: prepare with prepare.unpaired, or generate with "
+            "generate.unpaired, then reference)"
         )
-    kinds = ("scored", "pairs") if cfg.reference_free else ("scored",)
-    free = ", ".join(n for n, e in ENTRIES.items() if e.reference_free)
-    hint = f" (a 'pairs' artifact serves a reference-free loss only: {free})"
+    else:
+        kinds = ("scored", "pairs") if cfg.reference_free else ("scored",)
+        free = ", ".join(n for n, e in ENTRIES.items() if e.reference_free)
+        hint = f" (a 'pairs' artifact serves a reference-free loss only: {free}; unpaired rows need an unpaired loss)"
     scored = artifacts.require_complete(cfg.scored, kinds, hint)
     # The export is rewritten whole by rank 0 at the end; checkpoints resume by run name (stage.claim).
     upstream = stage_inputs("train", cfg)
@@ -206,13 +207,21 @@ def run(cfg: TrainConfig) -> Manifest:
     stage.claim(artifacts.join(_storage(cfg), cfg.run_name), build.config, build.upstream, "checkpoints", fix)
     n_train, n_eval, total_steps = _steps(cfg, scored)
     console.header(_header(cfg, (n_train, n_eval, total_steps), batching, starts_from_reference))
+    labels = _label_counts(cfg, scored) if cfg.loss.unpaired else {}
+    if labels:
+        from dpo_ray.objective.unpaired import weight_guidance
+
+        advice = weight_guidance(labels["desirable"], labels["undesirable"], cfg.loss.desirable_weight,
+                                 cfg.loss.undesirable_weight)  # fmt: skip
+        if advice is not None:
+            console.write(f"train: warning: {advice}")
     _check_placement(cfg)
     if cfg.batching.fused_head:  # refused before any work when the model's logits get a scale it does not apply
         from dpo_ray.compute.fused_head import check_fused_head
 
         check_fused_head(model_config)
     loop = _loop_config(cfg, total_steps, batching, starts_from_reference, n_eval > 0, scored.shards)
-    loop = dataclasses.replace(loop, reference_logps=scored.kind == "scored")
+    loop = dataclasses.replace(loop, reference_logps=scored.kind in ("scored", "scored_unpaired"))
     _clear_error(cfg.output)
     with remote_progress("train", total_steps, "steps") as counter:
         result = _trainer(cfg, dataclasses.replace(loop, progress=counter)).fit()
@@ -221,6 +230,7 @@ def run(cfg: TrainConfig) -> Manifest:
         "steps": total_steps,
         "train_pairs": n_train,
         "eval_pairs": n_eval,
+        **({"train_labels": labels} if labels else {}),
         "final_metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "policy_started_from_reference": starts_from_reference,
@@ -235,9 +245,10 @@ def run(cfg: TrainConfig) -> Manifest:
 def _header(cfg: TrainConfig, counts: tuple[int, int, int], batching: tuple[str, str], from_reference: bool) -> str:
     n_train, n_eval, total_steps = counts
     mode, attention = batching
+    rows = "unpaired rows" if cfg.loss.unpaired else "pairs"
     return (
-        f"train: {cfg.scored} ({n_train} train / {n_eval} eval pairs) -> {cfg.export}; {total_steps} steps of "
-        f"{cfg.batch_size} pairs, loss {cfg.loss.label} (beta {cfg.loss.beta:g}), batching {mode}"
+        f"train: {cfg.scored} ({n_train} train / {n_eval} eval {rows}) -> {cfg.export}; {total_steps} steps of "
+        f"{cfg.batch_size} {rows}, loss {cfg.loss.label} (beta {cfg.loss.beta:g}), batching {mode}"
         + (f" ({attention} attention)" if cfg.batching.attention != "auto" and mode != "padded" else "")
         + (", fused head" if cfg.batching.fused_head else "")
         + (", compiled layers" if cfg.batching.compile else "")
@@ -254,8 +265,9 @@ def _result_line(cfg: TrainConfig, steps: int, final: dict[str, Any]) -> str:
     def value(key: str) -> float:
         return float(final.get(key, float("nan")))
 
+    accuracy = "" if cfg.loss.unpaired else f"reward accuracy {value('rewards/accuracies'):.3f}, "
     return (
-        f"train: {steps} steps, final loss {value('loss'):.4f}, reward accuracy {value('rewards/accuracies'):.3f}, "
+        f"train: {steps} steps, final loss {value('loss'):.4f}, {accuracy}"
         f"margin {value('rewards/margins'):.3f} -> {cfg.export}"
     )
 
@@ -270,6 +282,19 @@ def _steps(cfg: TrainConfig, scored: Manifest) -> tuple[int, int, int]:
     if steps_per_epoch == 0:
         raise ArtifactError(f"{cfg.scored} has {n_train} train pairs, fewer than train.batch_size {cfg.batch_size}")
     return n_train, n_eval, cfg.max_steps or cfg.epochs * steps_per_epoch
+
+
+def _label_counts(cfg: TrainConfig, scored: Manifest) -> dict[str, int]:
+    """Desirable and undesirable rows of the train split of a `scored_unpaired` artifact (two columns read)."""
+    import pyarrow.compute as pc
+
+    desirable = undesirable = 0
+    for shard in scored.shards:
+        table = artifacts.read_shard(cfg.scored, shard, ["split", "label"])
+        labels = table.filter(pc.equal(table["split"], "train"))["label"]
+        n_d = int(pc.sum(labels).as_py() or 0)
+        desirable, undesirable = desirable + n_d, undesirable + len(labels) - n_d
+    return {"desirable": desirable, "undesirable": undesirable}
 
 
 def _check_placement(cfg: TrainConfig) -> None:

@@ -118,6 +118,15 @@ def test_a_damaged_shard_is_refused_by_every_consumer(stage, fault, tmp_path, ca
     assert f"{uri}/part-00001.parquet" in err and "expected" in err and "rerun the stage" in err, err
 
 
+# Stages that read more than one kind: reference scores pairs or unpaired rows, generate takes prompts from either,
+# evaluate reads scored pairs, pairs (a reference-free loss) or scored unpaired rows.
+WANTED = {
+    "reference": "'pairs' or 'unpaired'",
+    "generate": "'pairs' or 'unpaired'",
+    "evaluate": "'scored' or 'pairs' or 'scored_unpaired'",
+}
+
+
 @pytest.mark.parametrize("damage", ["truncated", "wrong kind"])
 @pytest.mark.parametrize("stage", sorted(CONSUMERS))
 def test_a_damaged_manifest_is_refused_by_every_consumer(stage, damage, tmp_path, capsys):
@@ -130,7 +139,7 @@ def test_a_damaged_manifest_is_refused_by_every_consumer(stage, damage, tmp_path
         expected = f"{uri}/manifest.json: not a valid manifest"
     else:
         manifest.write_text(manifest.read_text().replace(f'"kind": "{kind}"', '"kind": "generations"'))
-        wanted = f"{kind!r} or 'pairs'" if stage == "evaluate" else repr(kind)  # evaluate reads either
+        wanted = WANTED.get(stage, repr(kind))  # the kinds each stage reads
         expected = f"expected a {wanted} artifact, found 'generations'"
     code, err = _cli(stage, tmp_path, uri, pairs, capsys)
     assert code == 2 and expected in err, err

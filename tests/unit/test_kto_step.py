@@ -132,10 +132,22 @@ def test_pairs_and_an_unpaired_loss_do_not_mix():
         train_step(model, opt, make_scheduler(opt, 0, 1, "constant"), pairs, TrainSettings(LossSpec(name="kto")), 1)
 
 
-def test_the_train_stage_refuses_an_unpaired_loss_before_any_work(tmp_path):
+def test_a_config_feeds_an_unpaired_loss_unpaired_rows_and_a_paired_loss_pairs(tmp_path):
+    """The stage that writes train's data (prepare, or generate on-policy) must write what the loss reads."""
     from pipeline.config import ConfigError, load_config
-    from pipeline.stages.train import run
 
-    cfg = load_config(None, [f"run_dir={tmp_path}", "train.model=m", "train.loss.name=kto"]).train
-    with pytest.raises(ConfigError, match="no stage writes them yet"):
-        run(cfg)
+    base = [f"run_dir={tmp_path}", "prepare.inputs=[x.jsonl]", "prepare.tokenizer=t", "train.model=m"]
+    with pytest.raises(ConfigError, match="trains on unpaired rows: set prepare.unpaired"):
+        load_config(None, [*base, "train.loss.name=kto"])
+    with pytest.raises(ConfigError, match="prepare.unpaired records: train.loss sigmoid trains on pairs"):
+        load_config(None, [*base, "prepare.unpaired=records"])
+    assert load_config(None, [*base, "train.loss.name=kto", "prepare.unpaired=pairs"]).prepare.unpaired == "pairs"
+    on_policy = [*base, "on_policy_first_round=true", "generate.policy=m", "reference.model=m"]
+    with pytest.raises(ConfigError, match="set generate.unpaired"):
+        load_config(None, [*on_policy, "train.loss.name=kto"])
+    cfg = load_config(None, [*on_policy, "train.loss.name=kto", "generate.unpaired=threshold"])
+    assert cfg.generate.unpaired == "threshold" and cfg.prepare.unpaired is None  # prepare gives prompts only
+    with pytest.raises(ConfigError, match="desirable_threshold is read with unpaired: threshold only"):
+        load_config(
+            None, [*on_policy, "train.loss.name=kto", "generate.unpaired=pairs", "generate.desirable_threshold=1"]
+        )
