@@ -274,3 +274,98 @@ def test_reference_free_first_step_matches_trl(models, case):
     assert metrics["loss"] == pytest.approx(expected, rel=RTOL), case
     if case != "orpo":  # the NLL terms' gradients differ by the same definition
         assert metrics["grad_norm"] == pytest.approx(trl_grad, rel=RTOL), case
+
+
+# Unpaired rows for KTO: both labels, completions of several lengths, six prompts (TRL rotates the completions by
+# one within its batch of six: every row's KL completion is another prompt's).
+UNPAIRED_ROWS = [
+    {"prompt": r["prompt"], "completion": r["chosen"] if i % 3 else r["rejected"], "label": bool(i % 3)}
+    for i, r in enumerate(WORD_ROWS)
+]
+UNPAIRED_CASES = {
+    "kto": ("kto", {}),
+    "kto-weighted": ("kto", {"desirable_weight": 1.0, "undesirable_weight": 1.7}),
+    "apo_zero_unpaired": ("apo_zero_unpaired", {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNPAIRED_CASES))
+def test_unpaired_first_step_matches_trl(models, case):
+    """KTO and APO-zero (unpaired) against TRL's KTOTrainer: TRL's tokenization and its KL completions (its
+    rotation within the batch) become this project's unpaired rows, whose reference log-probs are scored as the
+    reference stage does; the first step's loss and gradient norm agree within RTOL, with z₀ > 0 (not clamped)."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from dpo_ray.compute.batching import PairTokens, completion_logps
+    from dpo_ray.models.loading import load_causal_lm, load_tokenizer
+    from dpo_ray.objective.spec import LossSpec
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import KTO_Z0, StepBatch, TrainSettings, train_step
+
+    name, weights = UNPAIRED_CASES[case]
+    # The reference is the policy's peer built with another seed; swapped roles make the batch's mismatched
+    # log-ratios positive on average, so z₀ is a number and not its clamp at 0 (asserted below).
+    policy_dir, ref_dir = models["reference"], models["policy"]
+    args = KTOConfig(
+        output_dir=str(models["root"] / f"out-{case}"),
+        report_to=[],
+        use_cpu=True,
+        loss_type=name,
+        beta=BETA,
+        per_device_train_batch_size=len(UNPAIRED_ROWS),
+        max_length=None,
+        train_sampling_strategy="sequential",
+        **weights,
+    )
+    trainer = KTOTrainer(
+        model=load_causal_lm(str(policy_dir)).to(DTYPE),
+        ref_model=load_causal_lm(str(ref_dir)).to(DTYPE),
+        args=args,
+        train_dataset=Dataset.from_list(UNPAIRED_ROWS),
+        processing_class=load_tokenizer(str(policy_dir)),
+    )
+    trainer.model.train()
+    trl_loss = trainer.compute_loss(trainer.model, next(iter(trainer.get_train_dataloader())))
+    trl_loss.backward()
+    trl_grad = _grad_norm(trainer.model)
+
+    rows = list(trainer.train_dataset)
+    kl_ids = [r.get("KL_completion_ids") for r in rows]
+    if name == "apo_zero_unpaired":  # TRL builds no KL completions for it; any other prompt's completion serves
+        kl_ids = [rows[i - 1]["completion_ids"] for i in range(len(rows))]
+    pairs = [PairTokens(r["prompt_ids"], r["completion_ids"], k) for r, k in zip(rows, kl_ids, strict=True)]
+    assert all(p.rejected_ids != r["completion_ids"] for p, r in zip(pairs, rows, strict=True))
+    reference = load_causal_lm(str(ref_dir)).to(DTYPE)
+    with torch.no_grad():
+        ref = completion_logps(reference, [p.prompt_ids for p in pairs] * 2,
+                               [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], 0)  # fmt: skip
+    sums = torch.tensor([sum(x) for x in ref], dtype=torch.float64)
+    n = len(pairs)
+    labels = torch.tensor([r["label"] for r in rows], dtype=torch.bool)
+    assert 0 < int(labels.sum()) < n
+    policy = load_causal_lm(str(policy_dir)).to(DTYPE)
+    settings = TrainSettings(LossSpec(name=name, beta=BETA, **weights), batching="padded", max_grad_norm=None)
+    optimizer = make_optimizer(policy, "adamw", 1e-3, 0.0)
+    metrics = train_step(
+        policy,
+        optimizer,
+        make_scheduler(optimizer, 0, 1, "constant"),
+        StepBatch(pairs, sums[:n], sums[n:], labels=labels),
+        settings,
+        n,
+    ).metrics
+    if name == "kto":  # z₀ against float64 forwards of both models on the KL completions, and TRL's against it
+        with torch.no_grad():
+            policy64, ref64 = (load_causal_lm(str(d)).to(torch.float64) for d in (policy_dir, ref_dir))
+            kl = [completion_logps(m, [p.prompt_ids for p in pairs], [p.rejected_ids for p in pairs], 0)
+                  for m in (policy64, ref64)]  # fmt: skip
+        z0 = sum(sum(a) - sum(b) for a, b in zip(*kl, strict=True)) / n
+        assert z0 > 0.05, z0  # a real reference point: the comparison sees z₀, not its clamp at 0
+        # Bounds: z₀ is a mean of differences of two ~40-nat sums (7 tokens of a 512-token vocabulary). This
+        # project's float32 log-probs are ~1e-7 relative (tests/unit/test_logps.py): 2 x 40 x 1e-7 < 1e-5. TRL's
+        # fused head is ~1.5e-5 relative (measured: its z₀ 5.9e-4 from float64's, its losses' RTOL above).
+        assert metrics[KTO_Z0] == pytest.approx(z0, abs=1e-5)
+        assert trainer._metrics["train"]["kl"][-1] == pytest.approx(z0, abs=2e-3)
+    assert metrics["loss"] == pytest.approx(float(trl_loss), rel=RTOL), case
+    assert metrics["grad_norm"] == pytest.approx(trl_grad, rel=RTOL), case
