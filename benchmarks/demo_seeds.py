@@ -5,7 +5,10 @@ which orderings held in every seed.
 A seed changes everything random in the demo: the review prefixes and the tiny model's initialisation and SFT
 (`demo.seed`), the sampling of generate and evaluate, and the training order (`*.seed`).
 
-    .venv/bin/python benchmarks/demo_seeds.py [--seeds 0 1 2] [--root runs/demo-seeds]
+    .venv/bin/python benchmarks/demo_seeds.py [--seeds 0 1 2] [--root runs/demo-seeds] [--set KEY=VALUE ...]
+
+--set adds `run` overrides to every seed's run, e.g. the KTO demo (README): `--set train.loss.name=kto
+generate.unpaired=pairs`.
 
 Writes <root>/seeds.md (the table printed at the end) and <root>/seeds.json. A seed whose run directory is
 complete is not rerun (`run` skips complete stages), so the command can be resumed. A seed whose run stops at
@@ -51,11 +54,11 @@ def overrides(run_dir: Path, seed: int) -> list[str]:
     ]
 
 
-def run_seed(root: Path, seed: int) -> tuple[list[dict], float]:
+def run_seed(root: Path, seed: int, extra: list[str]) -> tuple[list[dict], float]:
     run_dir = root / f"seed-{seed}"
     cmd = [sys.executable, "-m", "pipeline", "run", "--config", str(ROOT / "pipeline/configs/demo.yaml")]
     t0 = time.perf_counter()
-    done = subprocess.run([*cmd, *overrides(run_dir, seed)], cwd=ROOT)
+    done = subprocess.run([*cmd, *overrides(run_dir, seed), *extra], cwd=ROOT)
     if done.returncode not in (0, 4):  # 4: a round failed the gate (the summary is written first)
         raise SystemExit(f"seed {seed}: `run` exited with status {done.returncode}")
     seconds = time.perf_counter() - t0
@@ -157,11 +160,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--root", default=str(ROOT / "runs" / "demo-seeds"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every seed's run")
     args = parser.parse_args()
     root = Path(args.root).resolve()
     per_seed, seconds = {}, {}
     for seed in args.seeds:
-        per_seed[seed], seconds[seed] = run_seed(root, seed)
+        per_seed[seed], seconds[seed] = run_seed(root, seed, args.set)
     md, record = spread(per_seed)
     checks = orderings(per_seed) + verdicts(per_seed)
     text = (

@@ -123,8 +123,9 @@ KIND_DOCS: dict[str, str] = {
     "generate and evaluate for their prompts.",
     "scored": "A `pairs` artifact plus the reference model's log-probs of every completion token. Written by "
     "reference; read by train and by evaluate (preference accuracy on the eval split).",
-    "rejects": "Every input record prepare did not turn into a pair, with the reason; under `rejects/` of the "
-    "`pairs` artifact, so the two account for every input row.",
+    "rejects": "Every input record prepare did not turn into a pair (or unpaired row), with the reason; under "
+    "`rejects/` of the `pairs` (or `unpaired`) artifact, so the two account for every input row. The reference "
+    "stage's rejects (too long for its model) are under `rejects/` of its output.",
     "generations": "Every sample generate drew, with its reward; generate pairs them into its `pairs` artifact "
     "(or labels them into its `unpaired` artifact).",
     "unpaired": "Tokenized unpaired feedback (one completion, a desirable/undesirable label) with its split and the "

@@ -57,7 +57,7 @@ from dpo_ray.train.lora import LoraSettings, apply_lora
 from dpo_ray.train.optim import make_optimizer, make_scheduler
 from dpo_ray.train.parallel import compile_layers, wrap
 from dpo_ray.train.preflight import batching_mismatch
-from dpo_ray.train.step import MODES, StepBatch, TrainSettings, eval_sums, model_device, train_step
+from dpo_ray.train.step import KTO_KL, MODES, StepBatch, TrainSettings, eval_sums, model_device, train_step
 from dpo_ray.train.tracking import Tracker, TrackingSettings, train_names
 
 logger = logging.getLogger(__name__)
@@ -163,8 +163,10 @@ def _check_initial(metrics: dict[str, float], cfg: LoopConfig) -> str | None:
         n_d, n_u = int(metrics[COUNT_DESIRABLE]), int(metrics[COUNT_UNDESIRABLE])
         value = unpaired_step_zero(n_d, n_u, spec.desirable_weight, spec.undesirable_weight)
         rewards = [metrics[k] for k, n in ((REWARDS_CHOSEN, n_d), (REWARDS_REJECTED, n_u)) if n]
+        if KTO_KL in metrics:  # the KL completions' log-ratios, before z₀'s clamp at 0 could hide their error
+            rewards.append(spec.beta * metrics[KTO_KL])
         margin = max(abs(r) for r in rewards)
-        checked, shown = "rewards", ", ".join(f"{r:.6f}" for r in rewards)
+        checked, shown = "rewards (and β·KL estimate)", ", ".join(f"{r:.6f}" for r in rewards)
     loss_tol = tol + expected.slope * tol
     bad_loss = value is not None and abs(loss - value) > loss_tol
     if not bad_loss and abs(margin) <= tol:
@@ -382,12 +384,13 @@ def _log(metrics: dict[str, Any], cfg: LoopConfig, state: LoopState, rank: int, 
     if rank != 0:
         return
     _write_metrics(cfg.output, state.history)
+    unpaired = cfg.settings.loss.unpaired  # no accuracy: KTO's reference point instead
     logger.info(
-        "step %d/%d loss %.4f acc %.3f margin %.4f %.0f tok/s (%.0fs)",
+        "step %d/%d loss %.4f " + ("z0 %.3f" if unpaired else "acc %.3f") + " margin %.4f %.0f tok/s (%.0fs)",
         state.step,
         cfg.total_steps,
         metrics["loss"],
-        metrics.get("rewards/accuracies", float("nan")),  # unpaired rows have no accuracy
+        metrics.get("kto/z0", float("nan")) if unpaired else metrics["rewards/accuracies"],
         metrics["rewards/margins"],
         metrics["tokens_per_sec"],
         time.perf_counter() - started,

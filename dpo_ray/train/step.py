@@ -56,6 +56,7 @@ from dpo_ray.objective.unpaired import reference_point, unpaired_losses
 from dpo_ray.train.collectives import aligned, all_reduce_sum, gather_rows
 
 __all__ = [
+    "KTO_KL",
     "KTO_Z0",
     "MODES",
     "BatchingMode",
@@ -273,7 +274,7 @@ def train_step(
     groups = aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), model_device(model))
     scale = world_size / global_batch_size
     batch = _with_aot_partners(model, batch, settings, groups)
-    z0 = _kto_reference_point(model, batch, settings, groups)
+    z0, kl = _kto_reference_point(model, batch, settings, groups)
     sums = torch.zeros(_WIDTH, dtype=torch.float64)
     for k, index in enumerate(groups):
         with _sync(model, enabled=k == len(groups) - 1):
@@ -296,7 +297,7 @@ def train_step(
     metrics = unpaired_metric_means(reduced[:_SUMS]) if settings.loss.unpaired else metric_means(reduced[:_SUMS])
     metrics.update({GRAD_NORM: float(grad_norm), LR: lr})
     if settings.loss.name == "kto":
-        metrics[KTO_Z0] = z0
+        metrics[KTO_Z0], metrics[KTO_KL] = z0, kl
     pairs = int(reduced[_SUMS - 1])
     metrics.update(throughput(int(reduced[-1]), pairs, seconds))
     metrics.update(health_means(reduced[_HEALTH:_WIDTH], pairs if settings.loss.unpaired else 2 * pairs))
@@ -314,7 +315,7 @@ def eval_sums(model: Any, batch: StepBatch, settings: TrainSettings, loss_state:
     sums = torch.zeros(_SUMS, dtype=torch.float64)
     groups = aligned(plan_micro_batches(batch.pairs, settings.token_budget, settings.batching), model_device(model))
     batch = _with_aot_partners(model, batch, settings, groups)
-    z0 = _kto_reference_point(model, batch, settings, groups)
+    z0, _ = _kto_reference_point(model, batch, settings, groups)
     with torch.no_grad():
         for index in groups:
             if index is None:
@@ -325,18 +326,23 @@ def eval_sums(model: Any, batch: StepBatch, settings: TrainSettings, loss_state:
 
 
 KTO_Z0 = "kto/z0"  # the reference point of the step's global batch (dpo_ray.objective.unpaired.reference_point)
+KTO_KL = "kto/kl"  # the KL estimate z₀ clamps at 0: the batch's mean log-ratio of the KL completions
 
 
-def _kto_reference_point(model: Any, batch: StepBatch, s: TrainSettings, groups: list[list[int] | None]) -> float:
-    """KTO's z₀ for the whole global batch: the policy's log-probs of each row's KL completion (a forward without
-    gradients, _logps_without_grad); the sums of log π − log πref over them and their count are all-reduced over
-    every rank, so z₀ is the same for any number of workers or micro-batches. 0 for any other loss (no forward)."""
+def _kto_reference_point(
+    model: Any, batch: StepBatch, s: TrainSettings, groups: list[list[int] | None]
+) -> tuple[float, float]:
+    """KTO's z₀ for the whole global batch and the KL estimate it clamps (the mean log-ratio before max(0, ·)):
+    the policy's log-probs of each row's KL completion (a forward without gradients, _logps_without_grad); the
+    sums of log π − log πref over them and their count are all-reduced over every rank, so z₀ is the same for any
+    number of workers or micro-batches. (0, 0) for any other loss (no forward)."""
     if s.loss.name != "kto":
-        return 0.0
+        return 0.0, 0.0
     _, kl_logps, _ = _logps_without_grad(model, batch, s, groups)
     total = torch.tensor([float((kl_logps - batch.ref_rejected.double()).sum()), len(batch.pairs)], dtype=torch.float64)
     reduced = all_reduce_sum(total.to(model_device(model))).cpu()
-    return reference_point(float(reduced[0]), int(reduced[1]))
+    total_sum, count = float(reduced[0]), int(reduced[1])
+    return reference_point(total_sum, count), total_sum / count if count else 0.0
 
 
 def _logps_without_grad(

@@ -179,7 +179,7 @@ def run(cfg: PipelineConfig) -> list[dict[str, Any]]:
             line += f"  {r['summary']}" + (f"; gate {r['gate']}" if "gate" in r else "")
         elif r["state"] in ("complete", "stale"):
             fps = ", ".join(f"{k} {v[:12]}" for k, v in sorted(r["fingerprints"].items()))
-            line += f"  {r['kind']:<11} {r['rows']:>8} rows {r['shards']:>3} shards  [{fps}]"
+            line += f"  {r['kind']:<15} {r['rows']:>8} rows {r['shards']:>3} shards  [{fps}]"
         line += f"  {r['uri']}"
         console.result(line)
         if r.get("lineage"):

@@ -273,16 +273,39 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
+# Keys only one stage's config has, by which current_identity knows whose identity it reads (reference and
+# evaluate have gained no key since artifacts recorded their configs).
+_STAGE_KEYS: tuple[tuple[type[StrictModel], frozenset[str]], ...] = (
+    (PrepareConfig, frozenset({"inputs", "tokenizer", "max_prompt_length"})),
+    (GenerateConfig, frozenset({"policy", "prompts", "generations"})),
+)
+
+
 def current_identity(stored: dict[str, Any]) -> dict[str, Any]:
-    """A stage config as an artifact or checkpoint directory recorded it, in the current form: a train config
-    written when its keys were flat (before the sections) is nested as MOVED_KEYS says, with the old unset loss
-    parameters (null) at their defaults and without fault_injection, then validated and dumped again, so that
-    the work of that dpo-ray version still counts as this config's (skipped, resumed). Any other config, or one
-    that does not validate, is returned unchanged."""
+    """A stage config as an artifact or checkpoint directory recorded it, in the current form, so that the work of
+    an older dpo-ray version still counts as this config's (skipped, resumed):
+
+    - a train config written when its keys were flat (before the sections) is nested as MOVED_KEYS says, with the
+      old unset loss parameters (null) at their defaults and without fault_injection;
+    - a train, prepare or generate config written before a key was added gets that key at its default
+      (e.g. train.loss.desirable_weight, prepare.unpaired, generate.unpaired);
+
+    each then validated and dumped again. A config that does not validate is returned unchanged."""
     flat = [k for k in stored if f"train.{k}" in MOVED_KEYS or k in ("fault_injection",)]
     train = {"model", "scored", "export"} <= set(stored)  # a train stage's identity, not another stage's
-    if not train or not (flat or isinstance(stored.get("loss"), str | list)):
+    if not train:
+        for model, keys in _STAGE_KEYS:
+            if keys <= set(stored):
+                try:
+                    return model.model_validate(stored).model_dump(mode="json")
+                except ValidationError:
+                    return stored
         return stored
+    if not (flat or isinstance(stored.get("loss"), str | list)):
+        try:
+            return TrainConfig.model_validate(stored).model_dump(mode="json")
+        except ValidationError:
+            return stored
     raw: dict[str, Any] = {}
     for key, value in stored.items():
         moved = MOVED_KEYS.get(f"train.{key}")

@@ -71,6 +71,19 @@ class PrepareConfig(StrictModel):
     def _lengths(self) -> PrepareConfig:
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        fields = type(self).model_fields
+        unread = [k for k in ("seed",) if self.unpaired is None and getattr(self, k) != fields[k].default]
+        defaults = ColumnMap.model_fields
+        unread += [
+            f"columns.{k}"
+            for k in ("completion", "label")
+            if self.unpaired != "records" and getattr(self.columns, k) != defaults[k].default
+        ]
+        if unread:
+            raise ValueError(
+                f"prepare: {', '.join(unread)} apply to unpaired data only (seed: prepare.unpaired; columns.completion "
+                "and columns.label: unpaired: records); remove them or set prepare.unpaired"
+            )
         if self.unpaired == "records" and self.format == "implicit":
             raise ValueError(
                 "prepare.format implicit infers a prompt from two completions; unpaired records have one: use "
@@ -199,6 +212,16 @@ class GenerateConfig(VllmConfig):
             ignored.append("max_pairs_per_prompt")
         if self.unpaired != "threshold" and self.desirable_threshold != fields["desirable_threshold"].default:
             raise ValueError("generate.desirable_threshold is read with unpaired: threshold only; remove it")
+        if self.unpaired == "pairs" and self.strategy != "best_vs_worst":
+            raise ValueError(
+                f"generate.unpaired pairs with strategy {self.strategy}: a sample between two others would be chosen "
+                "in one pair and rejected in another, one completion labelled both ways; use best_vs_worst, or "
+                "unpaired: threshold for more rows per prompt"
+            )
+        if self.unpaired is not None and self.prompts_per_unit < 2:
+            raise ValueError(
+                "generate.unpaired needs prompts_per_unit >= 2: a row's KL completion is another prompt's of its unit"
+            )
         if self.unpaired == "threshold":  # every sample is labelled by the threshold; no pairing strategy is read
             ignored = [
                 k for k in ("strategy", "margin", "max_pairs_per_prompt") if getattr(self, k) != fields[k].default

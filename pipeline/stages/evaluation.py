@@ -136,9 +136,11 @@ def plots(cfg: EvaluateConfig, policy_rewards: list[float], ref_rewards: list[fl
     fs, out = fsspec.core.url_to_fs(cfg.output)
     metrics_path = artifacts.join(cfg.train_metrics, "metrics.jsonl")
     mfs, mpath = fsspec.core.url_to_fs(metrics_path)
+    history: list[dict[str, Any]] = []
     if mfs.exists(mpath):
         with mfs.open(mpath, "r") as f:
             history = [json.loads(line) for line in f if line.strip()]
+    if history:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
         # Unpaired rows (kto) have no accuracy: their middle panel is KTO's reference point z₀.
         middle = "rewards/accuracies" if "rewards/accuracies" in history[0] else "kto/z0"

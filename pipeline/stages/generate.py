@@ -104,10 +104,13 @@ class GenerateUnits:
         rewards = score(self.reward, self.cfg.reward, [g["prompt"] for g in gens], [g["completion"] for g in gens])
         for g, value in zip(gens, rewards, strict=True):
             g["reward"] = value
-        pairs, counts = _pair(self.cfg, gens)
-        if self.cfg.unpaired is not None:
-            pairs, more = _label(self.cfg, gens, pairs)
-            counts |= more
+        if self.cfg.unpaired == "threshold":  # every sample labelled by its reward: no pairing
+            pairs, counts = _label(self.cfg, gens, [])
+        else:
+            pairs, counts = _pair(self.cfg, gens)
+            if self.cfg.unpaired is not None:
+                pairs, more = _label(self.cfg, gens, pairs)
+                counts |= more
         artifacts.write_table(pa.Table.from_pylist(gens, schema=GENERATIONS_SCHEMA), self.cfg.generations, name)
         counts |= {"prompts": len(prompts), "samples": len(gens), "pairs": len(pairs)}
         fs, path = artifacts.artifact_fs(_counts_uri(self.cfg.output, name))
@@ -184,7 +187,7 @@ def _label(
     by the reward threshold; a completion rated the same way twice for one prompt is one row (counted), and a
     row whose split of the unit holds no other prompt has no KL completion and is dropped (counted)."""
     from dpo_ray.data.tokenization import split_of
-    from dpo_ray.data.unpaired import row_id, split_partners
+    from dpo_ray.data.unpaired import kl_completion, row_id, split_partners
 
     if c.unpaired == "pairs":
         rated = [(p["prompt"], p["prompt_ids"], p[f"{side}_ids"], p[side], side == "chosen") for p in pairs
@@ -216,9 +219,12 @@ def _label(
     )
     out = []
     for r, j in zip(found, partners, strict=True):
-        if j is not None:  # prompt + any completion fits: prompts and max_tokens bound every sample alike
-            out.append(r | {"kl_completion_ids": found[j]["completion_ids"], "kl_row_id": found[j]["row_id"]})
+        if j is not None:  # cut to fit after this prompt in max_model_len - 1 (vLLM's room, as reference's)
+            kl = kl_completion(found[j]["completion_ids"], len(r["prompt_ids"]), c.max_model_len - 1)
+            out.append(r | {"kl_completion_ids": kl, "kl_row_id": found[j]["row_id"]})
     counts = {
+        "ties": 0,
+        "identical": 0,
         "repeated_rows": len(rated) - len(found),
         "no_kl_partner": len(found) - len(out),
         "desirable": sum(r["label"] for r in out),
@@ -284,7 +290,11 @@ def _finish(
         with fs.open(path, "r") as f:
             counts = {k: counts.get(k, 0) + v for k, v in json.load(f).items()}
     if counts["pairs"] == 0:
-        dropped = f"ties {counts['ties']}" + (f", no KL partner {counts['no_kl_partner']}" if cfg.unpaired else "")
+        dropped = (
+            f"no KL partner {counts['no_kl_partner']}" if cfg.unpaired == "threshold" else f"ties {counts['ties']}"
+        )
+        if cfg.unpaired == "pairs":
+            dropped += f", no KL partner {counts['no_kl_partner']}"
         raise artifacts.ArtifactError(f"generate: no {_kind(cfg)} rows from {counts['prompts']} prompts ({dropped})")
     rewards = np.concatenate(_column(cfg.generations, names, "reward"))
     gen_stats = {
@@ -303,9 +313,11 @@ def _finish(
     stats = {
         **gen_stats,
         "splits": {"train": counts["pairs"] - n_eval, "eval": n_eval},
-        "ties_dropped": counts["ties"],
-        "identical_dropped": counts["identical"],
-        "strategy": cfg.strategy,
+        **(
+            {}
+            if cfg.unpaired == "threshold"  # no pairing
+            else {"ties_dropped": counts["ties"], "identical_dropped": counts["identical"], "strategy": cfg.strategy}
+        ),
         **(
             {
                 "unpaired": cfg.unpaired,

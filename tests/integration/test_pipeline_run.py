@@ -86,3 +86,40 @@ def test_a_reference_free_loss_runs_without_the_reference_stage(tmp_path, capsys
     assert ev["policy"]["reward_mean"] > ev["reference"]["reward_mean"] + 0.2, ev
     assert ev["preference"]["pairs"] > 0 and ev["preference"]["accuracy"] > 0.5, ev
     assert ev["preference"]["implicit_reward"] == "mean_logp" and "preference accuracy (mean log-prob)" in out
+
+
+def test_kto_on_the_reduced_demo_split_into_unpaired_rows(tmp_path, capsys):
+    """KTO through every stage: generate splits its best-vs-worst pairs into desirable and undesirable rows with
+    KL completions, reference scores both sequences of every row, train starts at πref (the step-0 check: every
+    reward 0 and the loss ½ with equal weights) and the policy's reward rises clearly above πref's within the
+    gate's KL budget; every row is accounted for."""
+    path, run_dir = reduced_demo(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"]["loss"] = {"name": "kto", "beta": 0.5}  # the KTO demo's setting (README)
+    cfg["generate"]["unpaired"] = "pairs"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    generated = json.loads((run_dir / "generated_pairs" / "manifest.json").read_text())
+    scored = json.loads((run_dir / "scored" / "manifest.json").read_text())
+    assert generated["kind"] == "unpaired" and scored["kind"] == "scored_unpaired"
+    labels = generated["stats"]["labels"]
+    assert labels["desirable"] == labels["undesirable"] and generated["rows"] == 2 * labels["desirable"]
+    assert (
+        scored["stats"]["rows_in"]
+        == generated["rows"]
+        == scored["stats"]["rows_out"] + scored["stats"]["rows_rejected"]
+    )
+    assert scored["stats"]["parity"]["token_max_abs"] <= 1e-4
+    history = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    first = history[0]
+    # Bound: the parity gate's 1e-4 per token x at most 24 completion tokens x β 0.5 = 1.2e-3 on a reward; the
+    # loss's slope in a reward is 1/4.
+    assert abs(first["rewards/chosen"]) < 1.2e-3 and abs(first["rewards/rejected"]) < 1.2e-3
+    assert first["loss"] == pytest.approx(0.5, abs=1e-3) and "kto/z0" in first and "eval/loss" in history[-1]
+    assert "unpaired rows" in out and "rewards/accuracies" not in first
+    ev = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert ev["policy"]["reward_mean"] > ev["reference"]["reward_mean"] + 0.2, ev
+    assert ev["preference"]["implicit_reward"] == "label_sign" and ev["preference"]["accuracy"] > 0.5, ev
+    summary = (run_dir / "summary.md").read_text()
+    assert "GATE FAILED" not in summary and summary.rstrip().endswith("| passed |"), summary

@@ -90,6 +90,16 @@ def test_unpaired_records_accounted_with_kl_completions_from_their_shard_and_spl
             assert label_of[r["prompt"] + "|" + r["completion"]] is r["label"]
     again = prepare(_cfg(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "b", **kw))
     assert [(s.file, s.sha256) for s in again.shards] == [(s.file, s.sha256) for s in m.shards]
+    # Shards of 4 rows hold one or two prompts a split: a row alone with its prompt is rejected as no_kl_partner,
+    # and every kept row still has its partner in its own shard.
+    small = prepare(_cfg(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "c", **kw | {"rows_per_shard": 4}))
+    assert small.stats["rejects"].get("no_kl_partner", 0) > 0
+    assert small.stats["rows_out"] + small.stats["rows_rejected"] == 150
+    assert small.rows + small.stats["rejects"]["no_kl_partner"] == m.rows
+    for shard in sorted((tmp_path / "c").glob("part-*.parquet")):
+        rows = {r["row_id"]: r for r in pq.read_table(shard).to_pylist()}
+        assert 0 < len(rows) <= 4
+        assert all(rows[r["kl_row_id"]]["prompt"] != r["prompt"] for r in rows.values())
 
 
 def test_pairs_split_into_desirable_and_undesirable_rows_with_the_pairs_tokens(tiny_model_dir, tmp_path):

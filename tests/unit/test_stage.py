@@ -115,3 +115,35 @@ def test_work_recorded_by_the_flat_train_config_still_counts_as_the_same_config(
     found = stage.begin("model", same, {"model:model": "a"}, str(export))
     assert isinstance(found, Manifest) and found.config == LEGACY_TRAIN  # skipped, kept as written
     assert not isinstance(stage.begin("model", other, {"model:model": "a"}, str(export)), Manifest)
+
+
+# Keys added to a stage's config after artifacts recorded its identity (unpaired feedback, issue 27): such work
+# must still count as the same config's when the new keys are at their defaults.
+ADDED_KEYS = {
+    "prepare": ["unpaired", "seed", "columns.completion", "columns.label"],
+    "generate": ["unpaired", "desirable_threshold"],
+    "train": ["loss.desirable_weight", "loss.undesirable_weight"],
+}
+
+
+@pytest.mark.parametrize("section", sorted(ADDED_KEYS))
+def test_work_recorded_before_a_key_was_added_still_counts_as_the_same_config(section, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.core.stage import identity
+
+    overrides = [f"run_dir={tmp_path}", "prepare.inputs=[x.jsonl]", "prepare.tokenizer=t", "train.model=m",
+                 "generate.policy=m"]  # fmt: skip
+    cfg = getattr(load_config(None, overrides), section)
+    recorded = identity(cfg)
+    for key in ADDED_KEYS[section]:
+        *parents, last = key.split(".")
+        node = recorded
+        for p in parents:
+            node = node[p]
+        del node[last]
+    uri = tmp_path / "artifact"
+    artifacts.write_table(pa.table({"x": [1]}), str(uri), "part-0.parquet")
+    artifacts.write_manifest(str(uri), "pairs", recorded, {}, {}, {})
+    assert isinstance(stage.begin("pairs", cfg, {}, str(uri)), Manifest)  # skipped: the same config
+    changed = cfg.model_copy(update={"seed": 1})
+    assert not isinstance(stage.begin("pairs", changed, {}, str(uri)), Manifest)

@@ -181,26 +181,44 @@ def _gens(rewards: dict[str, list[float]]) -> list[dict]:
 def test_generate_labels_pairs_and_thresholds_with_a_partner_of_another_prompt():
     """generate.unpaired: pairs → the pairs' chosen desirable, rejected undesirable; threshold → every sample by
     its reward; a completion rated twice the same way for a prompt is one row; each row's KL completion is
-    another prompt's completion of the unit and split, and a row without one is dropped and counted."""
+    another prompt's completion of the unit and split, cut to fit max_model_len - 1 after the row's prompt; a
+    row without one is dropped and counted."""
+    from dpo_ray.data.tokenization import split_of
     from pipeline.config import GenerateConfig
     from pipeline.stages.generate import _label, _pair
 
-    rewards = {f"prompt {k}": [0.1 * k, -0.2, 0.5, 0.5] for k in range(6)}
+    rewards = {f"prompt {k}": [0.1 * k, -0.2, 0.5, 0.5] for k in range(12)}
     gens = _gens(rewards)
-    base = {"policy": "m", "n": 4, "eval_fraction": 0.0}
-    c = GenerateConfig(**base, unpaired="pairs", strategy="all_pairs", max_pairs_per_prompt=3)
+    splits = {p: split_of(p, 0.5, salt="generate") for p in rewards}
+    assert sorted(set(splits.values())) == ["eval", "train"]  # both splits hold prompts
+    base = {"policy": "m", "n": 4, "eval_fraction": 0.5}
+    c = GenerateConfig(**base, unpaired="pairs")
     pairs, _ = _pair(c, gens)
     rows, counts = _label(c, gens, pairs)
     kept = {(r["prompt"], r["completion"], r["label"]) for r in rows}
     want = {(p["prompt"], p["chosen"], True) for p in pairs} | {(p["prompt"], p["rejected"], False) for p in pairs}
-    assert kept == want and len(rows) == len(want) and counts["repeated_rows"] == 2 * len(pairs) - len(want) > 0
+    assert kept == want and len(rows) == 2 * len(pairs) and counts["no_kl_partner"] == 0
     by_id = {r["row_id"]: r for r in rows}
     for r in rows:
         other = by_id[r["kl_row_id"]]
         assert other["prompt"] != r["prompt"] and r["kl_completion_ids"] == other["completion_ids"]
+        assert r["split"] == other["split"] == splits[r["prompt"]]
     t = GenerateConfig(**base, unpaired="threshold", desirable_threshold=0.3)
     rows, counts = _label(t, gens, [])
     assert sorted(r["label"] for r in rows) == sorted(g["reward"] >= 0.3 for g in gens if g["sample_index"] != 3)
-    assert counts["repeated_rows"] == 6 and counts["no_kl_partner"] == 0  # samples 2 and 3 are one text
+    assert counts["repeated_rows"] == 12 and counts["no_kl_partner"] == 0  # samples 2 and 3 are one text
+    short = GenerateConfig(**base, unpaired="threshold", max_model_len=4)  # prompts of 2 tokens: room for 1
+    assert {len(r["kl_completion_ids"]) for r in _label(short, gens, [])[0]} == {1}
     lone, counts = _label(t, _gens({"only": [0.9, 0.1]}), [])
     assert lone == [] and counts["no_kl_partner"] == 2
+
+
+def test_generate_refuses_settings_that_would_mislabel_or_strand_rows():
+    from pydantic import ValidationError
+
+    from pipeline.config import GenerateConfig
+
+    with pytest.raises(ValidationError, match="one completion labelled both ways"):
+        GenerateConfig(policy="m", unpaired="pairs", strategy="all_pairs", max_pairs_per_prompt=3)
+    with pytest.raises(ValidationError, match="prompts_per_unit >= 2"):
+        GenerateConfig(policy="m", unpaired="threshold", prompts_per_unit=1)
