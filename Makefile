@@ -40,7 +40,7 @@ demo-kto: install
 NUMERIC := tests/unit/test_families.py tests/unit/test_compile.py tests/unit/test_flex_attention.py \
 	tests/unit/test_fused_head.py tests/unit/test_packing.py tests/unit/test_losses.py tests/unit/test_logps.py \
 	tests/unit/test_batching.py tests/unit/test_loss_family_step.py tests/unit/test_distributed_alignment.py \
-	tests/unit/test_kto_step.py tests/unit/test_unpaired_losses.py
+	tests/unit/test_kto_step.py tests/unit/test_unpaired_losses.py tests/unit/test_sequence_parallel.py
 KERNEL_PATH ?= default
 
 test: lint typecheck

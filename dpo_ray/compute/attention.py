@@ -89,13 +89,22 @@ def segment_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """transformers attention function: per-block attention when `dpo_blocks` is given, else the whole row.
+    """transformers attention function: per-block attention when `dpo_blocks` is given, else the whole row;
+    with `dpo_sp` (a dpo_ray.compute.sequence_parallel.SequenceGroup) the inputs are this rank's shard of the
+    row, gathered per head group around the same attention (Ulysses).
 
     query (1, H, L, D), key/value (1, H_kv, L, D); returns (1, L, H, D) like transformers' SDPA function.
     Honours the layer's `sliding_window` (a key at distance >= window from the query, in positions, is
     masked, as transformers' sliding_window_overlay) and `softcap` (scores → softcap·tanh(scores/softcap)
     before the mask, as Gemma-2's eager attention). Any other attention argument is refused.
     """
+    sp = kwargs.pop("dpo_sp", None)
+    if sp is not None:  # sequence parallel: this rank's tokens in, the whole row for its heads attended, back
+        from dpo_ray.compute.sequence_parallel import heads_to_row, row_to_heads
+
+        q, k, v = (heads_to_row(x, sp) for x in (query, key, value))
+        out, _ = segment_attention(module, q, k, v, attention_mask, scaling, dropout, **kwargs)
+        return row_to_heads(out, sp), None
     blocks: tuple[Block, ...] | None = kwargs.pop("dpo_blocks", None)
     kernel: str = kwargs.pop("dpo_kernel", "blocks")
     window: int | None = kwargs.pop("sliding_window", None)
