@@ -32,7 +32,14 @@ from dpo_ray.compute.batching import PairLogps
 from dpo_ray.compute.layouts import Block, SegmentBatch
 from dpo_ray.compute.logps import DEFAULT_CHUNK_TOKENS, chunked_logps, gathered_logps
 
-__all__ = ["SequenceGroup", "sequence_parallel_logps", "shard_row", "sum_gradients"]
+__all__ = [
+    "SequenceGroup",
+    "current_group",
+    "join_groups",
+    "sequence_parallel_logps",
+    "shard_row",
+    "sum_gradients",
+]
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,35 @@ class SequenceGroup:
     group: Any
     rank: int
     size: int
+
+
+_CURRENT: SequenceGroup | None = None  # this process's group, set once by join_groups
+
+
+def join_groups(size: int) -> SequenceGroup:
+    """Cut the default process group's ranks into groups of `size` consecutive ranks (every rank must call this,
+    in the same order: creating a group is a collective) and make this rank's group the current one. The ranks
+    of a group train the same pairs; the groups are the data-parallel replicas."""
+    global _CURRENT
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if size < 1 or world % size:
+        raise ValueError(f"sequence_parallel {size} must divide the {world} workers")
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = SequenceGroup(group, rank - first, size)
+    assert mine is not None
+    _CURRENT = mine
+    return mine
+
+
+def current_group(size: int) -> SequenceGroup:
+    """The group join_groups made for this process, which must have `size` ranks."""
+    if _CURRENT is None or _CURRENT.size != size:
+        found = "none" if _CURRENT is None else f"one of {_CURRENT.size}"
+        raise RuntimeError(f"sequence parallelism over {size} ranks: join_groups({size}) made no such group ({found})")
+    return _CURRENT
 
 
 @dataclass(frozen=True)
@@ -148,7 +184,7 @@ def sequence_parallel_logps(
 ) -> PairLogps:
     """segment_logps of `batch` computed by the group's ranks together (every rank calls it with the same batch):
     this rank runs its shard of the row; the per-sequence sums are the whole row's, on every rank."""
-    check_heads(model.config, sp.size)
+    check_heads(getattr(model, "module", model).config, sp.size)  # DDP wraps the model
     shard = shard_row(batch, sp.rank, sp.size)
     placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=shard.input_ids.device)
     logits = model(
@@ -165,6 +201,9 @@ def sequence_parallel_logps(
     per_token = chunked_logps(gathered_logps, logits, shard.labels, chunk_tokens, recompute=recompute)
     n = 2 * batch.num_pairs
     partial = torch.zeros(n, dtype=torch.float32, device=per_token.device).index_add(0, shard.seq, per_token)
+    # Every rank's backward must run through the whole forward, whose all-to-alls are collectives: a rank
+    # holding no source position (a short row, a placeholder) is tied to its graph by a zero term.
+    partial = partial + 0.0 * logits.sum()
     sums = _SumForward.apply(partial, sp.group)
     counts = torch.bincount(batch.seq, minlength=n)
     b = batch.num_pairs

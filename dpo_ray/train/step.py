@@ -85,12 +85,27 @@ class TrainSettings:
     cudnn_attention: bool = False  # allow cuDNN SDPA too (slower here: see dpo_ray.compute.attention.SDPA_BACKENDS)
     fused_head: bool = False  # segment modes: log-probs through dpo_ray.compute.fused_head (enabled on the model)
     attention: str = "blocks"  # segment modes: blocks | flex (dpo_ray.compute.attention)
+    # k ranks share each row's tokens (dpo_ray.compute.sequence_parallel; its join_groups made the group): the k
+    # ranks of a group train the same pairs, so the step's all-reduced sums count each pair k times
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
             raise ValueError(f"TrainSettings.batching {self.batching!r}: expected one resolved mode of {BATCHING}")
         if self.attention not in ("blocks", "flex"):
             raise ValueError(f"TrainSettings.attention {self.attention!r}: expected a resolved kernel, blocks or flex")
+        if self.sequence_parallel > 1:
+            refused = [
+                what
+                for what, on in (
+                    (f"batching {self.batching} (a padding-free mode shards one row)", self.batching == "padded"),
+                    ("the fused head", self.fused_head),
+                    (f"loss {self.loss.label} (AOT sorts a batch gathered from every rank)", self.loss.sorting),
+                )
+                if on
+            ]
+            if refused:
+                raise ValueError(f"sequence_parallel {self.sequence_parallel} does not apply {'; '.join(refused)}")
 
 
 @dataclass(frozen=True)
@@ -179,6 +194,10 @@ class BatchingMode:
 
 
 def _segment_logps(model: Any, batch: Any, s: TrainSettings) -> PairLogps:
+    if s.sequence_parallel > 1:
+        from dpo_ray.compute.sequence_parallel import current_group, sequence_parallel_logps
+
+        return sequence_parallel_logps(model, batch, current_group(s.sequence_parallel), s.chunk_tokens, s.attention)
     return segment_logps(model, batch, s.chunk_tokens, fused=s.fused_head, kernel=s.attention)
 
 
@@ -292,7 +311,7 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = torch.tensor([float(batch.tokens)], dtype=torch.float64)
-    reduced = all_reduce_sum(torch.cat([sums, tokens]).to(model_device(model))).cpu()
+    reduced = all_reduce_sum(torch.cat([sums, tokens]).to(model_device(model))).cpu() / settings.sequence_parallel
     seconds = time.perf_counter() - t0
     metrics = unpaired_metric_means(reduced[:_SUMS]) if settings.loss.unpaired else metric_means(reduced[:_SUMS])
     metrics.update({GRAD_NORM: float(grad_norm), LR: lr})

@@ -154,3 +154,109 @@ def test_a_row_is_cut_into_equal_shards_that_predict_every_completion_token_once
         assert sorted(labels.tolist()) == sorted(batch.input_ids[0, batch.targets].tolist())
         ends = {b.end for b in shards[0].blocks}
         assert max(ends) == shards[0].input_ids.shape[1] * size  # the padding is a block of its own
+
+
+STEP_PAIRS = PAIRS + [([1, 3], [5, 6, 7, 2], [8, 2]), ([1, 2, 3, 4, 5], [6, 2], [7, 7, 2])]
+
+
+def _step_batch(loss: str):
+    from dpo_ray.compute.batching import PairTokens
+    from dpo_ray.objective.spec import LossSpec
+    from dpo_ray.train.step import StepBatch
+
+    n = len(STEP_PAIRS)
+    ref = torch.tensor([-10.0 - i for i in range(n)], dtype=torch.float64)
+    labels = torch.tensor([i % 2 == 0 for i in range(n)]) if LossSpec(name=loss).unpaired else None
+    # the rejected (KTO: KL) references far below the policy: z0 > 0, not its clamp
+    return StepBatch([PairTokens(*p) for p in STEP_PAIRS], ref, ref.flip(0) * 4, labels=labels)
+
+
+def _step_settings(loss: str, layout: str, k: int, budget: int):
+    from dpo_ray.objective.spec import LossSpec
+    from dpo_ray.train.step import TrainSettings
+
+    return TrainSettings(
+        LossSpec(name=loss, beta=0.5), token_budget=budget, batching=layout, max_grad_norm=None, sequence_parallel=k
+    )
+
+
+def _step(model, batch, settings, world: int) -> dict:
+    from dpo_ray.train.optim import make_optimizer, make_scheduler
+    from dpo_ray.train.step import train_step
+
+    opt = make_optimizer(model, "adamw", 1e-2, 0.0)
+    metrics = train_step(model, opt, make_scheduler(opt, 0, 1, "constant"), batch, settings, len(STEP_PAIRS), world)
+    return metrics.metrics
+
+
+def _step_rank(rank: int, world: int, k: int, port: int, out: str, loss: str, layout: str, name: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dpo_ray.compute.sequence_parallel import join_groups
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    sp = join_groups(k)
+    model = DistributedDataParallel(_model(name))
+    replicas, replica = world // k, rank // k  # the ranks of a group train the same pairs: its slice of the batch
+    share = [i for i in range(len(STEP_PAIRS)) if i % replicas == replica]
+    # a small token budget on one replica: several micro-batches there, one on the other (collectives aligned)
+    settings = _step_settings(loss, layout, k, 12 if replica == 0 else 1000)
+    metrics = _step(model, _step_batch(loss).select(share), settings, world)
+    if rank == 0:
+        weight = model.module.model.layers[0].self_attn.q_proj.weight.detach().flatten()[:30].tolist()
+        with open(out, "w") as f:
+            json.dump({"metrics": metrics, "q": weight, "sp_rank": sp.rank}, f)
+    dist.barrier()
+    os._exit(0)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("loss", "layout", "world", "k", "name"),
+    [
+        ("sigmoid", "prefix_shared", 4, 2, "llama_gqa"),
+        ("kto", "packed", 2, 2, "gemma2"),
+        ("sigmoid", "packed", 4, 4, "llama_mha"),  # one group of 4: k must divide the key-value heads
+    ],
+)
+def test_a_train_step_with_sequence_parallel_groups_equals_one_process(tmp_path, loss, layout, world, k, name):
+    """One optimizer step under DDP over `world` ranks in groups of k (world / k replicas, uneven micro-batch
+    counts): the loss, KTO's z₀, the gradient norm and the updated weights of one process on all pairs."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.json"
+    mp.spawn(_step_rank, args=(world, k, port, str(out), loss, layout, name), nprocs=world, join=True)
+    got = json.loads(out.read_text())
+    model = _model(name)
+    single = _step(model, _step_batch(loss), _step_settings(loss, layout, 1, 1000), 1)
+    # Bounds: as above, the loss is a mean of per-pair terms of those log-prob sums (1e-4 / pair, slope <= 1),
+    # the gradient norm sums the same products in another order (relative 1e-4); Adam's first step moves each
+    # weight by ~lr = 1e-2 whatever the gradient's size, so the weights agree to lr x the gradients' relative
+    # error where a gradient is not near 0: 1e-5 absolute.
+    assert got["metrics"]["loss"] == pytest.approx(single["loss"], abs=1e-4)
+    assert got["metrics"]["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
+    assert got["metrics"]["rewards/margins"] == pytest.approx(single["rewards/margins"], abs=1e-4)
+    if loss == "kto":
+        assert single["kto/z0"] > 0.1 and got["metrics"]["kto/z0"] == pytest.approx(single["kto/z0"], abs=1e-4)
+        # counts are sums over the ranks: each group's k ranks hold the same rows, counted once
+        assert got["metrics"]["count/desirable"] == single["count/desirable"] == 3
+    expected = model.model.layers[0].self_attn.q_proj.weight.detach().flatten()[:30]
+    assert torch.allclose(torch.tensor(got["q"]), expected, atol=1e-5)
+
+
+def test_settings_sequence_parallel_cannot_compute_are_refused():
+    from dpo_ray.objective.spec import LossSpec
+    from dpo_ray.train.step import TrainSettings
+
+    for kw, why in (
+        ({"batching": "padded"}, "batching padded"),
+        ({"batching": "packed", "fused_head": True}, "the fused head"),
+        ({"batching": "packed", "loss": LossSpec(name="aot")}, "loss aot"),
+    ):
+        with pytest.raises(ValueError, match=f"sequence_parallel 2 does not apply {why}"):
+            TrainSettings(sequence_parallel=2, **kw)
+    TrainSettings(sequence_parallel=2, batching="prefix_shared")
