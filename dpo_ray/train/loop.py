@@ -187,6 +187,8 @@ def _evaluate(
 ) -> dict[str, float]:
     sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
     n_rows = len(columns["prompt_ids"])
+    group = cfg.settings.sequence_parallel  # a group's ranks evaluate the same rows: one replica each
+    rank, world = rank // group, world // group
     for start in range(0, n_rows, cfg.batch_size):
         rows = np.arange(start, min(start + cfg.batch_size, n_rows))
         mine = rows[rank::world] if len(rows) >= world else (rows if rank == 0 else rows[:0])
@@ -194,7 +196,7 @@ def _evaluate(
         pairs = StepBatch.from_columns({k: v[mine] for k, v in columns.items()})
         sums += eval_sums(model, pairs, cfg.settings, loss_state)
     means = unpaired_metric_means if cfg.settings.loss.unpaired else metric_means
-    return means(all_reduce_sum(sums.to(model_device(model))).cpu(), prefix="eval/")
+    return means(all_reduce_sum(sums.to(model_device(model))).cpu() / group, prefix="eval/")
 
 
 def _check_pairs(columns: dict[str, Any], k: int = 3) -> list[PairTokens]:
@@ -262,6 +264,11 @@ def worker_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.use_gpu and torch.cuda.is_available()  # the device train.workers.use_gpu chose the batching for
     seed_everything(cfg.seed)
+    group = cfg.settings.sequence_parallel
+    if group > 1:  # groups of consecutive ranks share each micro-batch's tokens and train the same pairs
+        from dpo_ray.compute.sequence_parallel import join_groups
+
+        join_groups(group)
     train_rows, eval_rows = _read_rows(cfg)
     model, problem = _model(cfg, train_rows, use_gpu)
     if problem is not None:
@@ -287,7 +294,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     tracker = _tracker(cfg, rank)
     hook = named_hook(cfg.step_hook)  # the tests' fault injection (dpo_ray.hooks)
     for rows in _batches(len(_ids(train_rows)), cfg, state):
-        batch = StepBatch.from_columns(worker_slice(train_rows, rows, rank, world))
+        batch = StepBatch.from_columns(worker_slice(train_rows, rows, rank // group, world // group))
         step = train_step(model, optimizer, scheduler, batch, cfg.settings, cfg.batch_size, world, state.loss)
         metrics, state.loss = step.metrics, step.loss_state
         state.step += 1

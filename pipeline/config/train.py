@@ -120,9 +120,31 @@ class TrainConfig(StrictModel):
         "slope); default 1e-3 in float32, 5e-2 under bf16 autocast.",
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the model repo.")
+    sequence_parallel: int = Field(
+        1,
+        ge=1,
+        description="Workers that share each micro-batch's tokens (Ulysses sequence parallelism: an all-to-all "
+        "around attention, dpo_ray.compute.sequence_parallel); workers.count / k groups train disjoint pairs. "
+        "packed or prefix_shared batching only, without the fused head or an AOT loss; k must divide the model's "
+        "key-value heads.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        k = self.sequence_parallel
+        if k > 1:
+            problems = [
+                what
+                for what, on in (
+                    (f"workers.count {self.workers.count} is not a multiple of it", self.workers.count % k != 0),
+                    ("batching.mode padded (a padding-free mode shards one row)", self.batching.mode == "padded"),
+                    ("batching.fused_head", self.batching.fused_head),
+                    (f"loss {self.loss.label} (AOT sorts a batch gathered from every worker)", self.loss.sorting),
+                )
+                if on
+            ]
+            if problems:
+                raise ValueError(f"sequence_parallel {k}: {'; '.join(problems)}")
         if self.batch_size % max(1, self.workers.count):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by workers.count ({self.workers.count})"

@@ -73,6 +73,7 @@ def _loop_config(
         max_grad_norm=cfg.optim.max_grad_norm,
         autocast_dtype=torch.bfloat16 if bf16 else None,
         pad_token_id=int(load_tokenizer(cfg.model, cfg.trust_remote_code).pad_token_id),
+        sequence_parallel=cfg.sequence_parallel,
     )
     return LoopConfig(
         model=cfg.model,
@@ -143,6 +144,11 @@ def _batching(cfg: TrainConfig, config: Any = None) -> tuple[str, str]:
                 f"cannot apply {config.model_type} {', '.join(features)}; use attention auto or blocks and "
                 "fused_head: false"
             )
+    if features and cfg.sequence_parallel > 1:
+        raise ConfigError(
+            f"train.sequence_parallel {cfg.sequence_parallel} shards a padding-free row, which cannot apply "
+            f"{config.model_type} {', '.join(features)}"
+        )
     if features:
         mode = "padded"
     elif b.mode == "auto":
@@ -216,6 +222,10 @@ def run(cfg: TrainConfig) -> Manifest:
         if advice is not None:
             console.write(f"train: warning: {advice}")
     _check_placement(cfg)
+    if cfg.sequence_parallel > 1:  # refused before any work when the heads do not divide among the group
+        from dpo_ray.compute.sequence_parallel import check_heads
+
+        check_heads(model_config, cfg.sequence_parallel)
     if cfg.batching.fused_head:  # refused before any work when the model's logits get a scale it does not apply
         from dpo_ray.compute.fused_head import check_fused_head
 

@@ -317,6 +317,22 @@ def test_fsdp2_gives_the_ddp_updates(setup, two_workers):
     assert (Path(cfg.export) / "model.safetensors").exists()
 
 
+def test_sequence_parallel_trains_as_data_parallel(setup, two_workers):
+    """train.sequence_parallel 2 on 2 workers (one group: both ranks compute every pair, each on half of each
+    row's tokens): the losses, gradient norms, eval losses and exported weights of two data-parallel workers.
+    Bounds as in tests/unit/test_sequence_parallel.py; 5 Adam steps of lr 5e-3 keep the weights within 1e-4."""
+    cfg = _cfg(setup, "sp", workers__count=2, sequence_parallel=2, eval_every=1)
+    train(cfg)
+    sp, ddp = _history(cfg), _history(two_workers)
+    assert len(sp) == len(ddp) == 5
+    for a, b in zip(sp, ddp, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
+        assert a["eval/loss"] == pytest.approx(b["eval/loss"], abs=1e-4), a["step"]
+    mine, theirs = _weights(cfg), _weights(two_workers)
+    assert all(torch.allclose(mine[n], theirs[n], atol=1e-4) for n in theirs)
+
+
 def test_lora_with_prefix_sharing_exports_a_merged_model_vllm_loads(setup, two_workers):
     """LoRA (peft) on 2 workers with prefix_shared batching: step 1 is the reference (ln 2), only the
     adapters train, the export is the merged model (transformers == the PEFT model from the checkpoint,

@@ -57,6 +57,7 @@ _NEEDS: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "workers.resources": ({}, [{"CPU": 2}]),
     "workers.accelerator_type": ({}, ["H100"]),
     "workers.count": ({"batch_size": 8}, [2, 0]),
+    "sequence_parallel": ({"workers": {"count": 2}, "batch_size": 8}, [2]),
 }
 
 

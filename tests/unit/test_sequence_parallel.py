@@ -189,22 +189,34 @@ def _step(model, batch, settings, world: int) -> dict:
     return metrics.metrics
 
 
-def _step_rank(rank: int, world: int, k: int, port: int, out: str, loss: str, layout: str, name: str) -> None:
+def _step_rank(
+    rank: int, world: int, k: int, port: int, out: str, loss: str, layout: str, name: str, fsdp: bool
+) -> None:
     import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
     from dpo_ray.compute.sequence_parallel import join_groups
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     sp = join_groups(k)
-    model = DistributedDataParallel(_model(name))
+    if fsdp:  # FSDP2 shards every parameter over all the ranks, across the groups
+        model = _model(name)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    else:
+        model = DistributedDataParallel(_model(name))
     replicas, replica = world // k, rank // k  # the ranks of a group train the same pairs: its slice of the batch
     share = [i for i in range(len(STEP_PAIRS)) if i % replicas == replica]
     # a small token budget on one replica: several micro-batches there, one on the other (collectives aligned)
     settings = _step_settings(loss, layout, k, 12 if replica == 0 else 1000)
     metrics = _step(model, _step_batch(loss).select(share), settings, world)
+    inner = model if fsdp else model.module
+    weight = inner.model.layers[0].self_attn.q_proj.weight
+    weight = (weight.full_tensor() if isinstance(weight, DTensor) else weight).detach().flatten()[:30].tolist()
     if rank == 0:
-        weight = model.module.model.layers[0].self_attn.q_proj.weight.detach().flatten()[:30].tolist()
         with open(out, "w") as f:
             json.dump({"metrics": metrics, "q": weight, "sp_rank": sp.rank}, f)
     dist.barrier()
@@ -213,23 +225,25 @@ def _step_rank(rank: int, world: int, k: int, port: int, out: str, loss: str, la
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    ("loss", "layout", "world", "k", "name"),
+    ("loss", "layout", "world", "k", "name", "fsdp"),
     [
-        ("sigmoid", "prefix_shared", 4, 2, "llama_gqa"),
-        ("kto", "packed", 2, 2, "gemma2"),
-        ("sigmoid", "packed", 4, 4, "llama_mha"),  # one group of 4: k must divide the key-value heads
+        ("sigmoid", "prefix_shared", 4, 2, "llama_gqa", False),
+        ("sigmoid", "prefix_shared", 4, 2, "llama_gqa", True),
+        ("kto", "packed", 2, 2, "gemma2", False),
+        ("sigmoid", "packed", 4, 4, "llama_mha", False),  # one group of 4: k must divide the key-value heads
     ],
 )
-def test_a_train_step_with_sequence_parallel_groups_equals_one_process(tmp_path, loss, layout, world, k, name):
-    """One optimizer step under DDP over `world` ranks in groups of k (world / k replicas, uneven micro-batch
-    counts): the loss, KTO's z₀, the gradient norm and the updated weights of one process on all pairs."""
+def test_a_train_step_with_sequence_parallel_groups_equals_one_process(tmp_path, loss, layout, world, k, name, fsdp):
+    """One optimizer step under DDP (or FSDP2) over `world` ranks in groups of k (world / k replicas, uneven
+    micro-batch counts): the loss, KTO's z₀, the gradient norm and the updated weights of one process on all
+    pairs."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "rank0.json"
-    mp.spawn(_step_rank, args=(world, k, port, str(out), loss, layout, name), nprocs=world, join=True)
+    mp.spawn(_step_rank, args=(world, k, port, str(out), loss, layout, name, fsdp), nprocs=world, join=True)
     got = json.loads(out.read_text())
     model = _model(name)
     single = _step(model, _step_batch(loss), _step_settings(loss, layout, 1, 1000), 1)
@@ -260,3 +274,18 @@ def test_settings_sequence_parallel_cannot_compute_are_refused():
         with pytest.raises(ValueError, match=f"sequence_parallel 2 does not apply {why}"):
             TrainSettings(sequence_parallel=2, **kw)
     TrainSettings(sequence_parallel=2, batching="prefix_shared")
+
+
+def test_the_train_config_refuses_what_sequence_parallel_cannot_compute():
+    from pipeline.config import ConfigError, load_config
+
+    base = ["train.model=m", "train.batch_size=8", "train.workers.count=4", "train.sequence_parallel=2"]
+    assert load_config(None, base).train.sequence_parallel == 2
+    for extra, why in (
+        (["train.workers.count=3", "train.batch_size=9"], "workers.count 3 is not a multiple of it"),
+        (["train.batching.mode=padded"], "batching.mode padded"),
+        (["train.batching.fused_head=true"], "batching.fused_head"),
+        (["train.loss.name=aot"], "loss aot"),
+    ):
+        with pytest.raises(ConfigError, match=f"sequence_parallel 2: .*{why}"):
+            load_config(None, [*base, *extra])
