@@ -41,6 +41,7 @@ from dpo_ray.data.tokenization import (
 
 __all__ = [
     "TokenizedUnpaired",
+    "kl_assignments",
     "kl_completion",
     "kl_partners",
     "pair_to_unpaired",
@@ -171,3 +172,22 @@ def kl_completion(completion_ids: Sequence[int], prompt_length: int, max_length:
     after this row's prompt (the rows' own rule, keep_start; None: no limit)."""
     ids = list(completion_ids)
     return ids if max_length is None else ids[: max(0, max_length - prompt_length)]
+
+
+def kl_assignments(
+    row_ids: Sequence[str],
+    groups: Sequence[str],
+    prompts: Sequence[str],
+    prompt_lengths: Sequence[int],
+    completions: Sequence[Sequence[int]],
+    seed: int,
+    max_length: int | None,
+) -> list[tuple[list[int], str] | None]:
+    """Each row's KL completion and the row_id it comes from, or None for a row with no partner: split_partners
+    within each of `groups` (a split, or a shard's split), the partner's completion cut by kl_completion to fit
+    after this row's prompt."""
+    partners = split_partners(row_ids, groups, prompts, seed)
+    return [
+        None if j is None else (kl_completion(completions[j], prompt_lengths[i], max_length), row_ids[j])
+        for i, j in enumerate(partners)
+    ]

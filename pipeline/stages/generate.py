@@ -187,7 +187,7 @@ def _label(
     by the reward threshold; a completion rated the same way twice for one prompt is one row (counted), and a
     row whose split of the unit holds no other prompt has no KL completion and is dropped (counted)."""
     from dpo_ray.data.tokenization import split_of
-    from dpo_ray.data.unpaired import kl_completion, row_id, split_partners
+    from dpo_ray.data.unpaired import kl_assignments, row_id
 
     if c.unpaired == "pairs":
         rated = [(p["prompt"], p["prompt_ids"], p[f"{side}_ids"], p[side], side == "chosen") for p in pairs
@@ -214,14 +214,11 @@ def _label(
             },
         )
     found = list(rows.values())
-    partners = split_partners(
-        [r["row_id"] for r in found], [r["split"] for r in found], [r["prompt"] for r in found], c.seed
-    )
-    out = []
-    for r, j in zip(found, partners, strict=True):
-        if j is not None:  # cut to fit after this prompt in max_model_len - 1 (vLLM's room, as reference's)
-            kl = kl_completion(found[j]["completion_ids"], len(r["prompt_ids"]), c.max_model_len - 1)
-            out.append(r | {"kl_completion_ids": kl, "kl_row_id": found[j]["row_id"]})
+    ids, splits, prompts, completions = ([r[k] for r in found] for k in ("row_id", "split", "prompt", "completion_ids"))
+    lengths = [len(r["prompt_ids"]) for r in found]
+    # cut to fit after each prompt in max_model_len - 1 (vLLM's room, as reference's)
+    kls = kl_assignments(ids, splits, prompts, lengths, completions, c.seed, c.max_model_len - 1)
+    out = [r | {"kl_completion_ids": kl[0], "kl_row_id": kl[1]} for r, kl in zip(found, kls, strict=True) if kl]
     counts = {
         "ties": 0,
         "identical": 0,

@@ -250,26 +250,28 @@ def _reject(table: pa.Table, which: pa.Array, reason: str, details: pa.Array) ->
 
 def _with_kl_completions(table: pa.Table, seed: int, max_length: int, rows_per_shard: int) -> pa.Table:
     """Unpaired rows of one group of blocks with their KL completions and the output shard each goes to (column
-    `shard`: the kept rows, in order, cut into rows_per_shard): dpo_ray.data.unpaired.split_partners within each
+    `shard`: the kept rows, in order, cut into rows_per_shard): dpo_ray.data.unpaired.kl_assignments within each
     shard and split; a kept row without a partner becomes a no_kl_partner reject."""
-    from dpo_ray.data.unpaired import kl_completion, split_partners
+    from dpo_ray.data.unpaired import kl_assignments
 
     kept = np.flatnonzero(pc.equal(table["kind"], "row").to_numpy(zero_copy_only=False))
     shard = np.full(table.num_rows, -1, dtype=np.int64)
     shard[kept] = np.arange(kept.size) // rows_per_shard
-    ids, splits, prompts = (table[c].take(pa.array(kept)).to_pylist() for c in ("row_id", "split", "prompt"))
-    partners = split_partners(ids, [f"{shard[i]}/{s}" for i, s in zip(kept, splits, strict=True)], prompts, seed)
-    completions, prompt_ids = table["completion_ids"], table["prompt_ids"]
+    take = pa.array(kept)
+    ids, splits, prompts, completions = (
+        table[c].take(take).to_pylist() for c in ("row_id", "split", "prompt", "completion_ids")
+    )
+    lengths = pc.list_value_length(table["prompt_ids"]).take(take).to_pylist()
+    groups = [f"{shard[i]}/{s}" for i, s in zip(kept, splits, strict=True)]
+    found = kl_assignments(ids, groups, prompts, lengths, completions, seed, max_length)
     kl_ids: list[list[int] | None] = [None] * table.num_rows
     kl_rows: list[str | None] = [None] * table.num_rows
     alone = np.zeros(table.num_rows, dtype=bool)
-    for i, j in zip(kept.tolist(), partners, strict=True):
-        if j is None:
+    for i, kl in zip(kept.tolist(), found, strict=True):
+        if kl is None:
             alone[i] = True
-            continue
-        source = int(kept[j])
-        kl_ids[i] = kl_completion(completions[source].as_py(), len(prompt_ids[i].as_py()), max_length)
-        kl_rows[i] = ids[j]
+        else:
+            kl_ids[i], kl_rows[i] = kl
     table = table.append_column("kl_completion_ids", pa.array(kl_ids, UNPAIRED_SCHEMA.field("kl_completion_ids").type))
     table = table.append_column("kl_row_id", pa.array(kl_rows, pa.string()))
     table = table.append_column("shard", pa.array(shard))
