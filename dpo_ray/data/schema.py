@@ -22,6 +22,7 @@ __all__ = [
     "SCORED_KIND",
     "SCORED_SCHEMA",
     "SCORED_UNPAIRED_SCHEMA",
+    "SEQUENCE_COLUMNS",
     "UNPAIRED_SCHEMA",
     "check_columns",
 ]
@@ -110,6 +111,20 @@ KINDS: dict[str, pa.Schema] = {
     "generations": GENERATIONS_SCHEMA,
     "unpaired": UNPAIRED_SCHEMA,
     "scored_unpaired": SCORED_UNPAIRED_SCHEMA,
+}
+
+# Per kind the reference stage reads: the two sequences scored after each row's prompt, each as (token ids,
+# per-token reference log-probs, their float64 sum). Unpaired rows put the completion and its KL completion
+# where a pair has chosen and rejected.
+SEQUENCE_COLUMNS: dict[str, tuple[tuple[str, str, str], tuple[str, str, str]]] = {
+    "pairs": (
+        ("chosen_ids", "ref_chosen_logps", "ref_chosen_logp"),
+        ("rejected_ids", "ref_rejected_logps", "ref_rejected_logp"),
+    ),
+    "unpaired": (
+        ("completion_ids", "ref_completion_logps", "ref_completion_logp"),
+        ("kl_completion_ids", "ref_kl_logps", "ref_kl_logp"),
+    ),
 }
 
 # The scored kind the reference stage makes of each kind it reads.

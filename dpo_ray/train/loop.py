@@ -25,6 +25,7 @@ from dpo_ray.compute.attention import enable_segment_attention
 from dpo_ray.compute.batching import PairTokens
 from dpo_ray.compute.fused_head import enable_fused_head
 from dpo_ray.data.artifacts import ShardInfo
+from dpo_ray.data.schema import SEQUENCE_COLUMNS
 from dpo_ray.errors import UserError
 from dpo_ray.hooks import named_hook
 from dpo_ray.objective.health import (
@@ -202,7 +203,7 @@ def _evaluate(
 def _check_pairs(columns: dict[str, Any], k: int = 3) -> list[PairTokens]:
     """The k pairs (or unpaired rows: completion and KL completion) with the longest sequences (past any
     sliding window the data reaches), by base order."""
-    first, second = ("completion_ids", "kl_completion_ids") if "label" in columns else ("chosen_ids", "rejected_ids")
+    (first, _, _), (second, _, _) = SEQUENCE_COLUMNS["unpaired" if "label" in columns else "pairs"]
     longest = [
         max(len(c), len(r)) + len(p)
         for p, c, r in zip(columns["prompt_ids"], columns[first], columns[second], strict=True)

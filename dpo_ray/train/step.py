@@ -36,6 +36,7 @@ from dpo_ray.compute.batching import (
 )
 from dpo_ray.compute.layouts import collate_packed, collate_prefix_shared, segment_logps
 from dpo_ray.compute.logps import DEFAULT_CHUNK_TOKENS
+from dpo_ray.data.schema import SEQUENCE_COLUMNS
 from dpo_ray.objective.losses import BatchState, LossState, aot_partners, aot_values, preference_loss
 from dpo_ray.objective.metrics import (
     GRAD_NORM,
@@ -137,13 +138,10 @@ class StepBatch:
         (pairs), or with prompt_ids, completion_ids, kl_completion_ids, ref_completion_logp, ref_kl_logp and
         label (unpaired rows)."""
         unpaired = "label" in batch
-        first, second = ("completion", "kl_completion") if unpaired else ("chosen", "rejected")
-        ref_first, ref_second = (
-            ("ref_completion_logp", "ref_kl_logp") if unpaired else ("ref_chosen_logp", "ref_rejected_logp")
-        )
+        (first, _, ref_first), (second, _, ref_second) = SEQUENCE_COLUMNS["unpaired" if unpaired else "pairs"]
         pairs = [
             PairTokens(list(map(int, p)), list(map(int, c)), list(map(int, r)))
-            for p, c, r in zip(batch["prompt_ids"], batch[f"{first}_ids"], batch[f"{second}_ids"], strict=True)
+            for p, c, r in zip(batch["prompt_ids"], batch[first], batch[second], strict=True)
         ]
         labels = torch.tensor(np.asarray(batch["label"], dtype=bool)) if unpaired else None
         return cls(

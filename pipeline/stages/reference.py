@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from dpo_ray.data import artifacts
 from dpo_ray.data.artifacts import Manifest, ShardInfo
-from dpo_ray.data.schema import KINDS, REJECTS_SCHEMA, SCORED_KIND
+from dpo_ray.data.schema import KINDS, REJECTS_SCHEMA, SCORED_KIND, SEQUENCE_COLUMNS
 from dpo_ray.errors import UserError
 from pipeline.config import ReferenceConfig
 from pipeline.core import console, stage
@@ -46,19 +46,10 @@ class ParityError(UserError, RuntimeError):
 
 
 # Per input kind: the id column, the text columns a reject keeps, and the two sequences scored after each row's
-# prompt as (token ids, per-token log-probs, their float64 sum).
+# prompt (dpo_ray.data.schema.SEQUENCE_COLUMNS).
 _ID = {"pairs": "pair_id", "unpaired": "row_id"}
 _TEXTS = {"pairs": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label", "kl_row_id")}
-_SIDES = {
-    "pairs": (
-        ("chosen_ids", "ref_chosen_logps", "ref_chosen_logp"),
-        ("rejected_ids", "ref_rejected_logps", "ref_rejected_logp"),
-    ),
-    "unpaired": (
-        ("completion_ids", "ref_completion_logps", "ref_completion_logp"),
-        ("kl_completion_ids", "ref_kl_logps", "ref_kl_logp"),
-    ),
-}
+_SIDES = SEQUENCE_COLUMNS
 
 
 def _units(manifest: Manifest, rows_per_unit: int) -> list[dict[str, Any]]:
