@@ -100,9 +100,10 @@ def segment_attention(
     """
     sp = kwargs.pop("dpo_sp", None)
     if sp is not None:  # sequence parallel: this rank's tokens in, the whole row for its heads attended, back
-        from dpo_ray.compute.sequence_parallel import heads_to_row, row_to_heads
+        from dpo_ray.compute.sequence_parallel import heads_to_row, replicate_kv, row_to_heads
 
-        q, k, v = (heads_to_row(x, sp) for x in (query, key, value))
+        q = heads_to_row(query, sp)
+        k, v = (heads_to_row(replicate_kv(x, sp.size), sp) for x in (key, value))
         out, _ = segment_attention(module, q, k, v, attention_mask, scaling, dropout, **kwargs)
         return row_to_heads(out, sp), None
     blocks: tuple[Block, ...] | None = kwargs.pop("dpo_blocks", None)

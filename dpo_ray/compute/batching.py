@@ -144,7 +144,9 @@ def completion_logps(
 ) -> list[list[float]]:
     """Per-token log-probs of each completion given its prompt, from padded forwards of `model` (no grad).
 
-    Sequences are grouped longest-first into forwards of at most ~token_budget padded tokens.
+    Sequences are grouped longest-first into forwards of at most ~token_budget padded tokens. Each forward asks
+    the model for the logits of its last positions only, from the shortest prompt's last token on
+    (`logits_to_keep`, the model's own slicing before its head): a long prompt costs no [prompt × vocab] logits.
     out[i][j] = log p(completion_i[j] | prompt_i, completion_i[:j]).
     """
     out: list[list[float]] = [[] for _ in prompts]
@@ -153,11 +155,14 @@ def completion_logps(
         ids, attn, mask = collate_sequences([prompts[i] for i in idx], [completions[i] for i in idx], pad_token_id)
         device = next(model.parameters()).device
         ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
+        # Positions [start, width) hold every completion token of the group and the position before the first.
+        start = max(0, min(len(prompts[i]) for i in idx) - 1)
+        keep = {"logits_to_keep": ids.shape[1] - start} if start > 0 else {}
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        per_token = token_logps(logits, ids, mask).double().cpu()
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False, **keep).logits
+        per_token = token_logps(logits, ids[:, start:], mask[:, start:]).double().cpu()
         for row, i in enumerate(idx):
-            p = len(prompts[i])
+            p = len(prompts[i]) - start
             out[i] = per_token[row, p : p + len(completions[i])].tolist()
     return out
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from dpo_ray.compute.logps import DEFAULT_CHUNK_TOKENS, chunked_logps, gathered_logps
 from dpo_ray.errors import UserError
 
-__all__ = ["UnsupportedHeadError", "check_fused_head", "enable_fused_head"]
+__all__ = ["UnsupportedHeadError", "check_fused_head", "enable_fused_head", "text_config"]
 
 # Config attributes by which some families scale their logits (Cohere, Granite, Falcon-H1, MiniCPM, ...).
 _SCALINGS = ("logit_scale", "output_multiplier", "logits_scaling", "lm_head_multiplier")
@@ -36,7 +36,8 @@ class UnsupportedHeadError(UserError, ValueError):
     """The model's logits are transformed in a way the fused head does not reproduce."""
 
 
-def _text_config(config: Any) -> Any:
+def text_config(config: Any) -> Any:
+    """The text model's config of a (multimodal or plain) transformers config."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -49,7 +50,7 @@ def _chunk_logps(hidden: Tensor, labels: Tensor, head: Any, softcap: float | Non
 
 def check_fused_head(config: Any) -> None:
     """Refuse (UnsupportedHeadError) a model config whose logits get a scale the fused head does not apply."""
-    config = _text_config(config)
+    config = text_config(config)
     scaled = [a for a in _SCALINGS if getattr(config, a, None) not in (None, 1, 1.0)]
     if scaled:
         raise UnsupportedHeadError(
@@ -62,7 +63,7 @@ def enable_fused_head(model: Any) -> Any:
     """Patch `model` (a transformers causal LM, before LoRA or DDP/FSDP wrapping) as described in the module
     docstring; returns it. Refuses (UnsupportedHeadError) a model with a logit scale."""
     check_fused_head(model.config)
-    softcap = getattr(_text_config(model.config), "final_logit_softcapping", None)
+    softcap = getattr(text_config(model.config), "final_logit_softcapping", None)
     original = model.forward
 
     def forward(

@@ -43,7 +43,15 @@ def chunked_logps(
         else fn(x[s : s + step], labels[s : s + step], *args)
         for s in range(0, x.shape[0], step)
     ]
-    return torch.cat(pieces) if pieces else x.new_zeros(0, dtype=torch.float32)
+    if pieces:
+        return torch.cat(pieces)
+    # No rows: fn still runs once, on none, so that the result depends on x and on fn's parameters (a fused LM
+    # head's): a sequence-parallel rank holding no completion token runs its collectives' backward like the
+    # others, and its head gets a zero gradient, which DDP and FSDP2 reduce with every other rank's.
+    if recompute:
+        empty: Tensor = checkpoint(fn, x, labels, *args, use_reentrant=False)
+        return empty
+    return fn(x, labels, *args)
 
 
 def token_logps(

@@ -15,8 +15,11 @@ gradient through unchanged, because every rank computes the same loss from the s
 parameter gradient is then the part computed on that rank: their sum over the group (sum_gradients) is the
 gradient of one process running the whole row.
 
-Key-value heads must divide among the k ranks (refused otherwise, naming the heads and k). torch only at
-import; torch.distributed is used through its process group.
+Query heads must divide among the k ranks. Key-value heads either divide among them too, or divide k: then
+each key-value head is repeated k / H_kv times before the all-to-all, so every rank receives the one its query
+heads read (repeat_interleave's backward sums the copies' gradients). Anything else is refused, naming the
+heads and k. With the fused head (dpo_ray.compute.fused_head) each rank projects only its own source
+positions through the LM head. torch only at import; torch.distributed is used through its process group.
 """
 
 from __future__ import annotations
@@ -118,18 +121,31 @@ def shard_row(batch: SegmentBatch, rank: int, size: int) -> RowShard:
 
 
 def check_heads(config: Any, size: int) -> None:
-    """Refuse a model whose key-value heads cannot be divided among `size` ranks (each rank attends with H/k
-    query heads and H_kv/k key-value heads)."""
+    """Refuse a model whose heads cannot be split among `size` ranks: each rank attends with H/k query heads and
+    either H_kv/k key-value heads or, where k is a multiple of H_kv, one repeated key-value head."""
+    from dpo_ray.compute.fused_head import text_config
+
+    config = text_config(config)
     heads = int(config.num_attention_heads)
     kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    if heads % size or kv % size:
+    if heads % size or (kv % size and size % kv):
         from dpo_ray.compute.attention import UnsupportedAttention
 
+        fits = [k for k in range(2, heads + 1) if heads % k == 0 and (kv % k == 0 or k % kv == 0)]
         raise UnsupportedAttention(
             f"sequence parallelism over {size} ranks splits the attention heads among them: {config.model_type} has "
-            f"{heads} query and {kv} key-value heads, not divisible by {size}; use a sequence_parallel that divides "
-            f"{kv}"
+            f"{heads} query and {kv} key-value heads; k must divide the {heads} query heads and either divide the "
+            f"key-value heads or be a multiple of them"
+            + (f" (here: {', '.join(map(str, fits))})" if fits else " (no k > 1 does here)")
         )
+
+
+def replicate_kv(x: Tensor, size: int) -> Tensor:
+    """Key or value (1, H_kv, l, D) with k a multiple of H_kv → (1, k, l, D): each head repeated k / H_kv times,
+    so that the all-to-all gives rank j the head its query heads [j·H/k, (j+1)·H/k) read. Unchanged when the
+    key-value heads divide among the ranks."""
+    kv = x.shape[1]
+    return x if kv % size == 0 else x.repeat_interleave(size // kv, dim=1)
 
 
 def _all_to_all(x: Tensor, group: Any) -> Tensor:
@@ -181,29 +197,35 @@ def sequence_parallel_logps(
     sp: SequenceGroup,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     kernel: str = "blocks",
+    fused: bool = False,
 ) -> PairLogps:
     """segment_logps of `batch` computed by the group's ranks together (every rank calls it with the same batch):
-    this rank runs its shard of the row; the per-sequence sums are the whole row's, on every rank."""
+    this rank runs its shard of the row; the per-sequence sums are the whole row's, on every rank. `fused`:
+    through the fused LM head (enabled on the model)."""
     check_heads(getattr(model, "module", model).config, sp.size)  # DDP wraps the model
     shard = shard_row(batch, sp.rank, sp.size)
     placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=shard.input_ids.device)
-    logits = model(
-        input_ids=shard.input_ids,
-        position_ids=shard.position_ids,
-        attention_mask=placeholder,
-        logits_to_keep=shard.sources,
-        use_cache=False,
-        dpo_blocks=shard.blocks,
-        dpo_kernel=kernel,
-        dpo_sp=sp,
-    ).logits[0]
-    recompute = torch.is_grad_enabled() and logits.requires_grad
-    per_token = chunked_logps(gathered_logps, logits, shard.labels, chunk_tokens, recompute=recompute)
+    inputs = {
+        "input_ids": shard.input_ids,
+        "position_ids": shard.position_ids,
+        "attention_mask": placeholder,
+        "logits_to_keep": shard.sources,
+        "use_cache": False,
+        "dpo_blocks": shard.blocks,
+        "dpo_kernel": kernel,
+        "dpo_sp": sp,
+    }
+    # Every rank's backward must run through its whole forward, whose all-to-alls are collectives: a rank
+    # holding no source position (a short row, a placeholder) still gets per-token log-probs tied to its graph
+    # (chunked_logps returns an empty tensor that depends on its input).
+    if fused:
+        per_token: Tensor = model(**inputs, dpo_logps_labels=shard.labels, dpo_logps_chunk=chunk_tokens)
+    else:
+        logits = model(**inputs).logits[0]
+        recompute = torch.is_grad_enabled() and logits.requires_grad
+        per_token = chunked_logps(gathered_logps, logits, shard.labels, chunk_tokens, recompute=recompute)
     n = 2 * batch.num_pairs
     partial = torch.zeros(n, dtype=torch.float32, device=per_token.device).index_add(0, shard.seq, per_token)
-    # Every rank's backward must run through the whole forward, whose all-to-alls are collectives: a rank
-    # holding no source position (a short row, a placeholder) is tied to its graph by a zero term.
-    partial = partial + 0.0 * logits.sum()
     sums = _SumForward.apply(partial, sp.group)
     counts = torch.bincount(batch.seq, minlength=n)
     b = batch.num_pairs

@@ -33,6 +33,9 @@ class EngineSpec:
     enable_prefix_caching: bool = False
     enforce_eager: bool | None = None  # None: eager without CUDA (no compile), compiled on GPU
     in_process: bool | None = None  # None: engine core in this process without CUDA, its own process on GPU
+    # with max_num_batched_tokens unset: vLLM's default tokens a step, lowered to this where it is larger (the
+    # step's prompt log-probs are [tokens x vocab]: pipeline.core.engines.step_budget)
+    step_tokens_cap: int | None = None
 
 
 def make_engine(spec: EngineSpec) -> Any:
@@ -51,12 +54,60 @@ def make_engine(spec: EngineSpec) -> Any:
     eager = (not on_gpu) if spec.enforce_eager is None else spec.enforce_eager
     if in_process:  # read by vLLM when the engine is built; one engine per actor process, so set once
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    kwargs = {k: v for k, v in asdict(spec).items() if v is not None and k != "in_process"}
+    kwargs = {k: v for k, v in asdict(spec).items() if v is not None and k not in ("in_process", "step_tokens_cap")}
     kwargs["enforce_eager"] = eager
+    budget = step_tokens(spec, on_gpu)
+    if budget is not None:
+        kwargs["max_num_batched_tokens"] = budget
+    if not on_gpu:  # no prompt split across steps on CPU (step_tokens): a step holds whole prompts only
+        kwargs["enable_chunked_prefill"] = False
     logger.info("starting vLLM engine (%s): %s", "in process" if in_process else "own process", kwargs)
     from vllm import LLM
 
     return LLM(load_format="safetensors", **kwargs)
+
+
+def step_tokens(spec: EngineSpec, on_gpu: bool) -> int | None:
+    """max_num_batched_tokens for an engine of `spec` (None: vLLM's default).
+
+    On a GPU: a configured one as it is; unset, vLLM's default lowered to spec.step_tokens_cap
+    (lowered_step_budget). On CPU make_engine turns chunked prefill off, so a step must hold a whole prompt:
+    vLLM 0.32's CPU backend cannot sample with a seed after a prompt split across steps (after a partial prefill
+    it rewinds the request's generator, and a CPU generator has no offset: 'CPU Generator does not use offset';
+    64 prompts of 200 tokens with 4 samples each were enough). So on CPU a configured budget below max_model_len
+    is refused (ValueError, naming both), and an unset one is vLLM's default, lowered to the cap, but at least
+    max_model_len. vLLM then warns that the model does not officially support disabling chunked prefill; the
+    parity gate and the sampling tests run this way."""
+    if on_gpu:
+        if spec.max_num_batched_tokens is not None:
+            return spec.max_num_batched_tokens
+        return lowered_step_budget(spec.step_tokens_cap, spec.tensor_parallel_size) if spec.step_tokens_cap else None
+    if spec.max_num_batched_tokens is not None:
+        if spec.max_num_batched_tokens < spec.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens {spec.max_num_batched_tokens} < max_model_len {spec.max_model_len}: on CPU "
+                "a vLLM step must hold a whole prompt (its seeded sampling fails after a prompt split across steps); "
+                "leave max_num_batched_tokens unset or set it to at least max_model_len"
+            )
+        return spec.max_num_batched_tokens
+    default = default_step_tokens(spec.tensor_parallel_size)
+    return max(min(default, spec.step_tokens_cap or default), spec.max_model_len)
+
+
+def default_step_tokens(world_size: int) -> int:
+    """vLLM's default tokens a step for an offline engine on this machine (4096 a worker on CPU)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    return int(EngineArgs.get_batch_defaults(world_size)[0][UsageContext.LLM_CLASS])
+
+
+def lowered_step_budget(cap: int, world_size: int) -> int | None:
+    """`cap` where it is below vLLM's default tokens a step for this device and an offline engine (4096 on CPU,
+    8192-16384 on GPUs), else None (the default stands). A model without chunked prefill needs a step to hold a
+    whole sequence: vLLM refuses a budget below max_model_len for it, naming the setting."""
+    default = default_step_tokens(world_size)
+    return cap if cap < default else None
 
 
 _held: tuple[EngineSpec, Any] | None = None  # this process's engine (shared_engine)

@@ -66,7 +66,8 @@ def lexicon_sentiment(prompts: Sequence[str], completions: Sequence[str]) -> lis
 
 
 class RewardModel:
-    """A sequence-classification reward model scoring prompt + completion texts in batches."""
+    """A sequence-classification reward model scoring prompt + completion texts in batches; a text longer than
+    the model's context is cut from the left (its end, the completion, is scored)."""
 
     def __init__(self, ref: str, batch_size: int = 16, trust_remote_code: bool = False) -> None:
         import torch
@@ -80,6 +81,9 @@ class RewardModel:
             path, use_safetensors=True, trust_remote_code=trust_remote_code
         ).eval()
         self.model.config.pad_token_id = self.tok.pad_token_id
+        # A text longer than the reward model's context keeps its end: the completion and the latest turns
+        # (transformers' default keeps the start, so a long prompt would hide the completion it is to score).
+        self.tok.truncation_side = "left"
         self.batch_size, self.torch = batch_size, torch
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:

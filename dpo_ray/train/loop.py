@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 
 from dpo_ray.compute.attention import enable_segment_attention
 from dpo_ray.compute.batching import PairTokens
-from dpo_ray.compute.fused_head import enable_fused_head
+from dpo_ray.compute.fused_head import enable_fused_head, text_config
 from dpo_ray.data.artifacts import ShardInfo
 from dpo_ray.data.schema import SEQUENCE_COLUMNS
 from dpo_ray.errors import UserError
@@ -200,16 +201,46 @@ def _evaluate(
     return means(all_reduce_sum(sums.to(model_device(model))).cpu() / group, prefix="eval/")
 
 
-def _check_pairs(columns: dict[str, Any], k: int = 3) -> list[PairTokens]:
+def _check_pairs(columns: dict[str, Any], k: int = 3, max_tokens: int | None = None) -> list[PairTokens]:
     """The k pairs (or unpaired rows: completion and KL completion) with the longest sequences (past any
-    sliding window the data reaches), by base order."""
+    sliding window the data reaches), by base order; each sequence cut to at most `max_tokens` (the prompt's end
+    kept, at least half of them, the completions to what is left), since the check's unbatched eager forwards hold a
+    [heads × tokens × tokens] score tensor."""
     (first, _, _), (second, _, _) = SEQUENCE_COLUMNS["unpaired" if "label" in columns else "pairs"]
     longest = [
         max(len(c), len(r)) + len(p)
         for p, c, r in zip(columns["prompt_ids"], columns[first], columns[second], strict=True)
     ]
     picked = sorted(np.argsort(-np.asarray(longest), kind="stable")[:k])
-    return StepBatch.from_columns({key: v[picked] for key, v in columns.items()}).pairs
+    pairs = StepBatch.from_columns({key: v[picked] for key, v in columns.items()}).pairs
+    if max_tokens is None:
+        return pairs
+    cut = []
+    for p in pairs:
+        keep = max(max_tokens // 2, max_tokens - max(len(p.chosen_ids), len(p.rejected_ids)))
+        prompt = p.prompt_ids[-keep:] if len(p.prompt_ids) > keep else p.prompt_ids
+        room = max_tokens - len(prompt)
+        cut.append(PairTokens(prompt, p.chosen_ids[:room], p.rejected_ids[:room]))
+    return cut
+
+
+# What one eager attention score tensor of the pre-training check may hold: its float32 [heads × T × T].
+CHECK_SCORE_BYTES = 1 << 30
+
+
+def check_tokens(config: Any) -> int:
+    """The longest sequence the pre-training check runs: its eager attention scores within CHECK_SCORE_BYTES
+    (8192 tokens for 4 heads, 2896 for 32), or 64 tokens past the model's sliding window when that is longer
+    (a window the check never crosses is a window it does not check: 4160 tokens for a 4096 window)."""
+    config = text_config(config)
+    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1)
+    window = getattr(config, "sliding_window", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    # a window as long as the positions is no window (Phi-3.5-mini ships 262144 with 131072 positions)
+    past_window = 0
+    if isinstance(window, int) and 0 < window and (not isinstance(positions, int) or window < positions):
+        past_window = window + 64
+    return max(2, int(math.isqrt(CHECK_SCORE_BYTES // (4 * heads))), past_window)
 
 
 def _ids(rows: dict[str, Any]) -> Any:
@@ -240,7 +271,7 @@ def _model(cfg: LoopConfig, train_rows: dict[str, Any], use_gpu: bool) -> tuple[
     model = disable_dropout(load_causal_lm(cfg.model, "float32", cfg.trust_remote_code))
     if MODES[cfg.settings.batching].segment_attention:
         enable_segment_attention(model)
-        if cfg.settings.fused_head:
+        if cfg.settings.fused_head or cfg.settings.fused_head_from:
             enable_fused_head(model)  # before LoRA and the DDP/FSDP wrappers (dpo_ray.compute.fused_head)
     if use_gpu:
         model = model.cuda()
@@ -249,7 +280,8 @@ def _model(cfg: LoopConfig, train_rows: dict[str, Any], use_gpu: bool) -> tuple[
             compile_layers(model)
         except UserError as e:
             return model, str(e)
-    return model, batching_mismatch(model, _check_pairs(train_rows), cfg.settings)
+    pairs = _check_pairs(train_rows, max_tokens=check_tokens(model.config))
+    return model, batching_mismatch(model, pairs, cfg.settings)
 
 
 def worker_loop(config: dict[str, Any]) -> None:

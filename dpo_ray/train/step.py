@@ -68,6 +68,7 @@ __all__ = [
     "micro_batch_logps",
     "model_device",
     "train_step",
+    "uses_fused_head",
 ]
 
 
@@ -85,6 +86,9 @@ class TrainSettings:
     batching: str = "padded"  # padded | packed | prefix_shared (dpo_ray.compute.batching.BATCHING)
     cudnn_attention: bool = False  # allow cuDNN SDPA too (slower here: see dpo_ray.compute.attention.SDPA_BACKENDS)
     fused_head: bool = False  # segment modes: log-probs through dpo_ray.compute.fused_head (enabled on the model)
+    # segment modes: a row of at least this many tokens takes the fused head even without fused_head (0: none);
+    # the model must have the fused head enabled when this is set
+    fused_head_from: int = 0
     attention: str = "blocks"  # segment modes: blocks | flex (dpo_ray.compute.attention)
     # k ranks share each row's tokens (dpo_ray.compute.sequence_parallel; its join_groups made the group): the k
     # ranks of a group train the same pairs, so the step's all-reduced sums count each pair k times
@@ -100,7 +104,6 @@ class TrainSettings:
                 what
                 for what, on in (
                     (f"batching {self.batching} (a padding-free mode shards one row)", self.batching == "padded"),
-                    ("the fused head", self.fused_head),
                     (f"loss {self.loss.label} (AOT sorts a batch gathered from every rank)", self.loss.sorting),
                 )
                 if on
@@ -191,12 +194,20 @@ class BatchingMode:
     segment_attention: bool
 
 
+def uses_fused_head(s: TrainSettings, row_tokens: int) -> bool:
+    """Whether a padding-free row of `row_tokens` tokens takes the fused head: always with fused_head, else from
+    fused_head_from tokens on (its unfused logits would be the step's largest tensor)."""
+    return s.fused_head or 0 < s.fused_head_from <= row_tokens
+
+
 def _segment_logps(model: Any, batch: Any, s: TrainSettings) -> PairLogps:
+    fused = uses_fused_head(s, batch.num_tokens)
     if s.sequence_parallel > 1:
         from dpo_ray.compute.sequence_parallel import current_group, sequence_parallel_logps
 
-        return sequence_parallel_logps(model, batch, current_group(s.sequence_parallel), s.chunk_tokens, s.attention)
-    return segment_logps(model, batch, s.chunk_tokens, fused=s.fused_head, kernel=s.attention)
+        group = current_group(s.sequence_parallel)
+        return sequence_parallel_logps(model, batch, group, s.chunk_tokens, s.attention, fused=fused)
+    return segment_logps(model, batch, s.chunk_tokens, fused=fused, kernel=s.attention)
 
 
 MODES: dict[str, BatchingMode] = {

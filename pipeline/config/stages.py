@@ -100,7 +100,15 @@ class VllmConfig(StrictModel):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="vLLM memory fraction for weights + KV cache (on CPU: of host memory; use ~0.1)."
     )
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="vLLM scheduler token budget per step.")
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="vLLM scheduler token budget per step. On GPU (chunked prefill: a longer prompt takes several "
+        "steps) null is vLLM's default, lowered for a large vocabulary so that one step's prompt log-probs "
+        "(tokens x vocab) stay within 4 GiB (4096 tokens at 128k; pipeline.core.engines.step_budget). On CPU "
+        "chunked prefill is off (seeded sampling fails after a split prompt there): a step holds whole prompts, "
+        "so a set value must be at least max_model_len.",
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans.")
     num_actors: int = Field(1, ge=1, description="vLLM actors (one engine each).")
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs each actor requests (>= tensor_parallel_size on GPU).")

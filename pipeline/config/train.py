@@ -53,6 +53,13 @@ class BatchingConfig(StrictModel):
         description="packed / prefix_shared: completion log-probs through a fused LM head that holds one chunk's "
         "logits at a time (never tokens x vocab; dpo_ray.compute.fused_head).",
     )
+    fused_head_from: int = Field(
+        8192,
+        ge=0,
+        description="packed / prefix_shared: a row (micro-batch) of at least this many tokens takes the fused head "
+        "even with fused_head false, since its unfused logits would be the step's largest tensor; 0: never. Not "
+        "for a model whose logits the fused head cannot compute (a logit scale): those rows stay unfused.",
+    )
     compile: bool = Field(
         False, description="torch.compile each decoder layer (the padding-free attention runs eagerly inside)."
     )
@@ -125,8 +132,8 @@ class TrainConfig(StrictModel):
         ge=1,
         description="Workers that share each micro-batch's tokens (Ulysses sequence parallelism: an all-to-all "
         "around attention, dpo_ray.compute.sequence_parallel); workers.count / k groups train disjoint pairs. "
-        "packed or prefix_shared batching only, without the fused head or an AOT loss; k must divide the model's "
-        "key-value heads.",
+        "packed or prefix_shared batching only, without an AOT loss; k must divide the model's query heads and "
+        "either divide its key-value heads or be a multiple of them (each key-value head is then repeated).",
     )
 
     @model_validator(mode="after")
@@ -138,7 +145,6 @@ class TrainConfig(StrictModel):
                 for what, on in (
                     (f"workers.count {self.workers.count} is not a multiple of it", self.workers.count % k != 0),
                     ("batching.mode padded (a padding-free mode shards one row)", self.batching.mode == "padded"),
-                    ("batching.fused_head", self.batching.fused_head),
                     (f"loss {self.loss.label} (AOT sorts a batch gathered from every worker)", self.loss.sorting),
                 )
                 if on

@@ -22,7 +22,7 @@ from dpo_ray.data import artifacts
 from dpo_ray.data.artifacts import Manifest, ShardInfo
 from pipeline.core import console
 
-__all__ = ["REPORTING_KEYS", "Build", "begin", "claim", "finish", "identity", "stamp", "stamped"]
+__all__ = ["LAYOUT_KEYS", "REPORTING_KEYS", "Build", "begin", "claim", "finish", "identity", "stamp", "stamped"]
 
 _PROGRESS = "_progress.json"
 
@@ -71,15 +71,20 @@ def begin(
 # Keys that say where and how a stage reports or watches, not what it computes: changing them never redoes work
 # (train.health: a guard that warned or stopped does not change the numbers computed before it).
 REPORTING_KEYS = frozenset({"tracking", "health"})
+# Keys that spread the same computation over the workers in another way (equal to float32 rounding, tested
+# against one process): a run's checkpoints resume under another value, and its export counts as done.
+# train.sequence_parallel: a run checkpointed with k = 2 resumes with k = 1 (tests/integration/test_train.py).
+LAYOUT_KEYS = frozenset({"sequence_parallel"})
 
 
 def identity(cfg: BaseModel) -> dict[str, Any]:
-    """The stage config as its artifact's identity: the resolved config without the REPORTING_KEYS."""
+    """The stage config as its artifact's identity: the resolved config without the REPORTING_KEYS and
+    LAYOUT_KEYS."""
     return _without_reporting(cfg.model_dump(mode="json"))
 
 
 def _without_reporting(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in REPORTING_KEYS}
+    return {k: v for k, v in config.items() if k not in REPORTING_KEYS | LAYOUT_KEYS}
 
 
 def recorded_identity(stored: dict[str, Any]) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class TrainHealthError(UserError, RuntimeError):
 
 def _loop_config(
     cfg: TrainConfig, total_steps: int, batching: tuple[str, str], starts_from_reference: bool, has_eval: bool,
-    shards: list[ShardInfo],
+    shards: list[ShardInfo], model_config: Any = None,
 ) -> Any:  # fmt: skip
     import torch
 
@@ -69,6 +69,7 @@ def _loop_config(
         token_budget=cfg.batching.token_budget,
         batching=mode,
         fused_head=cfg.batching.fused_head,
+        fused_head_from=_fused_head_from(cfg, mode, model_config),
         attention=attention,
         max_grad_norm=cfg.optim.max_grad_norm,
         autocast_dtype=torch.bfloat16 if bf16 else None,
@@ -117,6 +118,21 @@ def _model_config(cfg: TrainConfig) -> Any:
     from dpo_ray.models.loading import resolve_model_dir
 
     return AutoConfig.from_pretrained(str(resolve_model_dir(cfg.model)), trust_remote_code=cfg.trust_remote_code)
+
+
+def _fused_head_from(cfg: TrainConfig, mode: str, config: Any = None) -> int:
+    """The row length from which a padding-free micro-batch takes the fused head (0: never): the configured one,
+    or 0 in the padded mode, with the fused head on for every row, or for a model whose logits it cannot compute
+    (those rows stay on the exact unfused path; an explicit fused_head: true is refused instead)."""
+    from dpo_ray.compute.fused_head import UnsupportedHeadError, check_fused_head
+
+    if mode == "padded" or cfg.batching.fused_head or not cfg.batching.fused_head_from:
+        return 0
+    try:
+        check_fused_head(config if config is not None else _model_config(cfg))
+    except UnsupportedHeadError:
+        return 0
+    return cfg.batching.fused_head_from
 
 
 def _batching(cfg: TrainConfig, config: Any = None) -> tuple[str, str]:
@@ -230,7 +246,7 @@ def run(cfg: TrainConfig) -> Manifest:
         from dpo_ray.compute.fused_head import check_fused_head
 
         check_fused_head(model_config)
-    loop = _loop_config(cfg, total_steps, batching, starts_from_reference, n_eval > 0, scored.shards)
+    loop = _loop_config(cfg, total_steps, batching, starts_from_reference, n_eval > 0, scored.shards, model_config)
     loop = dataclasses.replace(loop, reference_logps=scored.kind in ("scored", "scored_unpaired"))
     _clear_error(cfg.output)
     with remote_progress("train", total_steps, "steps") as counter:
@@ -244,6 +260,8 @@ def run(cfg: TrainConfig) -> Manifest:
         "final_metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "policy_started_from_reference": starts_from_reference,
+        # a layout key (pipeline.core.stage.LAYOUT_KEYS), not in the config's identity: recorded here
+        "sequence_parallel": cfg.sequence_parallel,
     }
     lineage = {**build.upstream, "scored_path": cfg.scored}
     fingerprints = {"model": model_fingerprint(resolve_model_dir(cfg.export)), "tokenizer": tok_fp}
@@ -262,6 +280,7 @@ def _header(cfg: TrainConfig, counts: tuple[int, int, int], batching: tuple[str,
         + (f" ({attention} attention)" if cfg.batching.attention != "auto" and mode != "padded" else "")
         + (", fused head" if cfg.batching.fused_head else "")
         + (", compiled layers" if cfg.batching.compile else "")
+        + (f", sequence parallel over {cfg.sequence_parallel} workers" if cfg.sequence_parallel > 1 else "")
         + f", {max(1, cfg.workers.count)} worker(s) x {{{describe(_worker_bundle(cfg))}}}; "
         + (
             "reference-free (no reference log-probs)"

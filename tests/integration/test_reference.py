@@ -204,3 +204,20 @@ def test_engine_scores_given_ids_exactly(tiny_model_dir, tiny_model):
     with pytest.raises(ValueError, match="prompts but"):
         score_completions(llm, prompts, completions[:-1])
     del llm
+
+
+def test_seeded_sampling_of_more_prompt_tokens_than_a_step_holds(tiny_model_dir, tiny_model):
+    """dpo_ray.models.engine.sample on CPU with 64 prompts of 200 tokens and 4 samples each (51k prompt tokens,
+    vLLM's CPU default step holds 4,096): every request gets its samples, and the same seeds give the same
+    samples again. Before make_engine turned chunked prefill off on CPU, vLLM split a prompt across steps and
+    failed rewinding its seeded CPU generator ('CPU Generator does not use offset')."""
+    from dpo_ray.models.engine import EngineSpec, make_engine, sample
+
+    llm = make_engine(EngineSpec(model=str(tiny_model_dir), max_model_len=256, gpu_memory_utilization=0.1))
+    vocab = tiny_model.config.vocab_size
+    prompts = [[1] + [3 + (7 * i + j) % (vocab - 3) for j in range(199)] for i in range(64)]
+    first = sample(llm, prompts, 4, 1.0, 1.0, 8, list(range(64)))
+    again = sample(llm, prompts[::-1], 4, 1.0, 1.0, 8, list(range(64))[::-1])[::-1]
+    assert [len(r) for r in first] == [4] * 64
+    assert [[s.completion_ids for s in r] for r in first] == [[s.completion_ids for s in r] for r in again]
+    del llm

@@ -333,6 +333,34 @@ def test_sequence_parallel_trains_as_data_parallel(setup, two_workers):
     assert all(torch.allclose(mine[n], theirs[n], atol=1e-4) for n in theirs)
 
 
+@pytest.mark.parametrize("then", [2, 1])
+def test_a_sequence_parallel_run_resumes_onto_another_group_size(setup, two_workers, then):
+    """A run with k = 2 killed after its step-2 checkpoint (rank 0 fails in step 3) resumes with k = `then`:
+    within the job (k = 2, Ray Train restarts the group) or as a new job with the same run name and k = 1
+    (sequence_parallel spreads the computation, so it is not part of the run's identity). Either way steps 3-5
+    resume from step 2 and every step's loss and grad norm, and the exported weights, are those of the unbroken
+    two-worker run (bounds as in test_sequence_parallel_trains_as_data_parallel)."""
+    name = f"sp-resume-{then}"
+    common = {"workers__count": 2, "checkpoint__every": 2}
+    killed = _cfg(setup, name, sequence_parallel=2, workers__max_failures=1 if then == 2 else 0, **common)
+    if then == 2:
+        with _fault("3:0"):
+            train(killed)
+    else:
+        with _fault("3:0"), pytest.raises(Exception, match="(?i)fail|error"):
+            train(killed)
+        assert not (Path(killed.export) / "manifest.json").exists()
+        train(_cfg(setup, name, sequence_parallel=1, workers__max_failures=0, **common))
+    hist, ddp = _history(killed), _history(two_workers)
+    assert [h["step"] for h in hist] == [1, 2, 3, 4, 5]
+    assert [h.get("resumed_from_step") for h in hist] == [None, None, 2, 2, 2]
+    for a, b in zip(hist, ddp, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
+    mine, theirs = _weights(killed), _weights(two_workers)
+    assert all(torch.allclose(mine[n], theirs[n], atol=1e-4) for n in theirs)
+
+
 def test_lora_with_prefix_sharing_exports_a_merged_model_vllm_loads(setup, two_workers):
     """LoRA (peft) on 2 workers with prefix_shared batching: step 1 is the reference (ln 2), only the
     adapters train, the export is the merged model (transformers == the PEFT model from the checkpoint,

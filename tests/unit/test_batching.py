@@ -54,6 +54,36 @@ def test_padded_batch_matches_unbatched_forwards(tiny_model):
         assert out.rejected_lengths[i] == len(p.rejected_ids)
 
 
+@pytest.mark.parametrize("shortest_prompt", [1, 6])
+def test_completion_logps_keep_only_the_logits_they_read(tiny_model, monkeypatch, shortest_prompt):
+    """completion_logps (the reference's transformers backend, the parity gate's and the pre-training check's
+    independent forward) asks for the logits from the shortest prompt's last position on: each completion
+    token's log-prob still equals a forward of its sequence alone with every logit, and the model was asked for
+    no logits before that position."""
+    from dpo_ray.compute.batching import completion_logps
+
+    rng = random.Random(3)
+    vocab = tiny_model.config.vocab_size
+    lengths = [shortest_prompt, 9, 14, 20]
+    prompts = [[1] + [rng.randrange(3, vocab) for _ in range(n - 1)] for n in lengths]
+    completions = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))] for _ in lengths]
+    kept = []
+    forward = tiny_model.forward
+
+    def spy(*args, **kwargs):
+        kept.append(kwargs.get("logits_to_keep"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", spy)
+    got = completion_logps(tiny_model, prompts, completions, pad_token_id=0, token_budget=10_000)
+    monkeypatch.undo()
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    assert kept == [None if shortest_prompt == 1 else width - shortest_prompt + 1]
+    for p, c, lp in zip(prompts, completions, got, strict=True):
+        assert len(lp) == len(c)
+        assert sum(lp) == pytest.approx(_single_sequence_logp(tiny_model, p, c), abs=1e-5)
+
+
 def test_collate_layout():
     pairs = [PairTokens([1, 5], [6, 2], [7, 8, 2]), PairTokens([1], [9, 2], [2])]
     b = collate_padded(pairs, pad_token_id=0)

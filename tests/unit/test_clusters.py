@@ -115,6 +115,7 @@ def test_every_config_loads(path):
 
 def test_there_are_gpu_configs_for_real_tasks():
     assert [p.name for p in gpu_configs()] == [
+        "llama3-8b-32k.yaml",
         "llama3-8b-ultrafeedback-lora.yaml",
         "llama3-8b.yaml",
         "qwen2.5-0.5b-hh.yaml",
@@ -145,6 +146,35 @@ def test_configs_are_consistent(path):
         assert cfg.train.model == prep.tokenizer
     if cfg.evaluate is not None:
         assert cfg.evaluate.reference == prep.tokenizer
+
+
+def test_the_long_context_config_splits_32k_pairs_across_gpus():
+    """pipeline/configs/llama3-8b-32k.yaml: 32k-token sequences through every stage; train with sequence
+    parallelism that Llama-3.1-8B's heads allow (32 query, 8 key-value), the fused head on its rows, gradient
+    checkpointing, and its comment's memory arithmetic within an H100's 80 GB at k = 4 but not at k = 1."""
+    import transformers
+
+    from dpo_ray.compute.sequence_parallel import check_heads
+
+    cfg = load_config(CONFIGS[[p.name for p in CONFIGS].index("llama3-8b-32k.yaml")])
+    prep, ref, train = cfg.prepare, cfg.reference, cfg.train
+    assert prep is not None and ref is not None and train is not None
+    assert prep.max_length == 32768 and ref.max_model_len > prep.max_length
+    k = train.sequence_parallel
+    assert k == 4 and train.workers.count % k == 0 and train.workers.use_gpu
+    check_heads(transformers.LlamaConfig(num_attention_heads=32, num_key_value_heads=8), k)
+    assert train.gradient_checkpointing and train.workers.parallelism == "fsdp"
+    assert 0 < train.batching.fused_head_from <= prep.max_length and train.batching.token_budget >= 2 * prep.max_length
+    assert ref.max_num_batched_tokens is None  # the step budget comes from the vocabulary (engines.step_budget)
+
+    def gb_per_gpu(k: int) -> float:  # the comment's terms: states, kept layer inputs, one layer, the head chunk
+        tokens = 2 * prep.max_length / k  # a packed row of both sequences, split k ways
+        states = 16 * 8.03e9 / train.workers.count
+        kept = 32 * tokens * 4096 * 4
+        layer = 3e9 * tokens / 16_384  # ~3 GB at 16,384 tokens a GPU, proportional to them
+        return (states + kept + layer + 1.5e9) / 1e9
+
+    assert gb_per_gpu(4) == pytest.approx(29, abs=1) and gb_per_gpu(1) > 60
 
 
 def test_there_is_a_gpu_config_for_a_real_model():

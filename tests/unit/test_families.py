@@ -264,3 +264,23 @@ def test_fsdp_finds_every_familys_decoder_layers(prepared) -> None:
         n = getattr(eager.config, "num_hidden_layers", None) or eager.config.n_layer
         assert len(layers) == n, name
         assert len({type(m).__name__ for m in layers}) == 1
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_completion_logps_with_logits_to_keep_equal_unbatched_eager(prepared, family: str) -> None:
+    """completion_logps (the reference's transformers backend, the parity gate, the pre-training check) asks
+    each family's own forward for the logits of its last positions only (logits_to_keep): per-token log-probs
+    as a plain forward of each sequence with every logit."""
+    from dpo_ray.compute.batching import completion_logps
+
+    eager, models = prepared[family]
+    pairs = _pairs(eager.config.vocab_size, long=True, seed=5)
+    prompts, completions = (
+        [p.prompt_ids for p in pairs] * 2,
+        [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+    )
+    with torch.no_grad():
+        want = _unbatched(eager, pairs)
+    got = completion_logps(models["padded"], prompts, completions, pad_token_id=0, token_budget=10_000)
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        assert_close_to_scale(torch.tensor(g, dtype=torch.float32), w, LOGPS, f"{family} sequence {i}")

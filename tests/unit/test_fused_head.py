@@ -123,3 +123,56 @@ def test_under_bf16_autocast(family_dirs, family):
     assert err(fused, exact) <= 1.5 * err(unfused, exact) + 1e-5
     for name, g in exact_grads.items():
         assert err(fused_grads[name], g) <= 1.5 * err(unfused_grads[name], g) + 1e-5 * float(g.abs().max()), name
+
+
+def _long_rows_setup(family_dirs):
+    from dpo_ray.compute.attention import enable_segment_attention
+    from dpo_ray.compute.fused_head import enable_fused_head
+    from dpo_ray.models.loading import disable_dropout, load_causal_lm
+
+    return enable_fused_head(enable_segment_attention(disable_dropout(load_causal_lm(str(family_dirs["gemma2"])))))
+
+
+@pytest.mark.parametrize("mode", ["packed", "prefix_shared"])
+def test_rows_from_fused_head_from_tokens_take_the_fused_head(family_dirs, monkeypatch, mode):
+    """TrainSettings.fused_head_from (train.batching.fused_head_from): a micro-batch whose row has at least that
+    many tokens goes through the fused head, a shorter one through the unfused head, with the same log-probs
+    (Gemma-2: the fused head applies the final softcap itself)."""
+    from dpo_ray.compute import fused_head
+    from dpo_ray.compute.layouts import collate_packed, collate_prefix_shared
+    from dpo_ray.train.step import StepBatch, TrainSettings, micro_batch_logps, uses_fused_head
+
+    model = _long_rows_setup(family_dirs)
+    row = (collate_packed if mode == "packed" else collate_prefix_shared)(PAIRS).num_tokens
+    calls = []
+    real = fused_head._chunk_logps
+    monkeypatch.setattr(fused_head, "_chunk_logps", lambda *a: calls.append(1) or real(*a))
+    zero = torch.zeros(len(PAIRS), dtype=torch.float64)
+    results = {}
+    for start in (0, row + 1, row):  # 0: never; one token past the row: unfused; the row's length: fused
+        calls.clear()
+        s = TrainSettings(batching=mode, fused_head_from=start)
+        assert uses_fused_head(s, row) == (start == row)
+        with torch.no_grad():
+            lp = micro_batch_logps(model, StepBatch(PAIRS, zero, zero), s)
+        assert bool(calls) == (start == row), start
+        results[start] = torch.cat([lp.chosen, lp.rejected])
+    assert_close_to_scale(results[row], results[0], LOGPS, "fused long row")
+    assert torch.equal(results[row + 1], results[0])
+
+
+def test_the_pre_training_check_covers_the_fused_head_of_long_rows(family_dirs, monkeypatch):
+    """With fused_head_from set, the check before training runs its pairs through both heads: a fused head that
+    is wrong is caught even though the check's pairs are short."""
+    from dpo_ray.compute import fused_head
+    from dpo_ray.train.preflight import batching_mismatch
+    from dpo_ray.train.step import TrainSettings
+
+    model = _long_rows_setup(family_dirs)
+    settings = TrainSettings(batching="packed", fused_head_from=8192)
+    assert batching_mismatch(model, PAIRS, settings) is None
+    real = fused_head._chunk_logps
+    monkeypatch.setattr(fused_head, "_chunk_logps", lambda *a: real(*a) + 0.01)
+    message = batching_mismatch(model, PAIRS, settings)
+    assert message is not None and "(unfused and fused head) is not exact" in message
+    assert batching_mismatch(model, PAIRS, TrainSettings(batching="packed")) is None  # no fused head: not run

@@ -142,3 +142,30 @@ def test_generated_pairs_of_one_prompt_share_a_split():
     assert len(pairs) == len(prompts) * 6 and len(splits) == len(prompts)
     assert all(len(s) == 1 for s in splits.values())
     assert 0.2 * len(prompts) < sum(s == {"eval"} for s in splits.values()) < 0.4 * len(prompts)
+
+
+def test_a_reward_model_scores_the_end_of_a_text_longer_than_its_context(tiny_model_dir, tmp_path):
+    """A long prompt is cut from the left: completions after the same long prompt get their own scores (cut from
+    the right, as transformers does by default, both would score the prompt's start alone)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from dpo_ray.models.loading import load_tokenizer
+
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    tok = load_tokenizer(tiny_model_dir)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(rm_dir, safe_serialization=True)
+    tok.model_max_length = 16  # the reward model's context
+    tok.save_pretrained(rm_dir)
+    prompt = "the movie was great and the story was fun " * 20  # far past 16 tokens
+    completions = [" really boring", " I love it", " not quite"]
+    scores = score(load_reward(f"model:{rm_dir}"), "rm", [prompt] * 3, completions)
+    assert len(set(scores)) == 3, scores
+    model = AutoModelForSequenceClassification.from_pretrained(str(rm_dir)).eval()
+    ids = tok(prompt + completions[0]).input_ids
+    kept = torch.tensor([[ids[0], *ids[-15:]]])  # BOS, then the text's last 15 tokens
+    with torch.no_grad():
+        assert scores[0] == pytest.approx(float(model(input_ids=kept).logits[0, 0]), abs=1e-4)

@@ -105,6 +105,9 @@ def test_work_recorded_by_the_flat_train_config_still_counts_as_the_same_config(
     (ckpt / "checkpoint_0").mkdir()
     stage.claim(str(ckpt), identity(same), {"model:model": "a"}, "checkpoints", "fix")
     assert (ckpt / "checkpoint_0").exists() and stage.stamped(str(ckpt), identity(same), {"model:model": "a"})
+    spread = same.model_copy(update={"sequence_parallel": 2})  # a layout key: the same run's checkpoints
+    stage.claim(str(ckpt), identity(spread), {"model:model": "a"}, "checkpoints", "fix")
+    assert (ckpt / "checkpoint_0").exists()
     other = same.model_copy(update={"optim": same.optim.model_copy(update={"lr": 1e-3})})
     with pytest.raises(ArtifactError, match="another config"):
         stage.claim(str(ckpt), identity(other), {"model:model": "a"}, "checkpoints", "fix")
@@ -122,7 +125,7 @@ def test_work_recorded_by_the_flat_train_config_still_counts_as_the_same_config(
 ADDED_KEYS = {
     "prepare": ["unpaired", "seed", "columns.completion", "columns.label"],
     "generate": ["unpaired", "desirable_threshold"],
-    "train": ["loss.desirable_weight", "loss.undesirable_weight"],
+    "train": ["loss.desirable_weight", "loss.undesirable_weight", "batching.fused_head_from"],
 }
 
 
