@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["changes", "known_inputs", "matching_tokenizer", "reads", "stage_inputs", "unique_prompts"]
+__all__ = ["changes", "known_inputs", "matching_tokenizer", "reads", "stage_inputs"]
 
 # The config fields naming what each stage reads: (upstream artifacts, models with their tokenizers). Evaluate
 # reads its scored pairs only with max_eval_pairs (the preference accuracy).
@@ -162,21 +162,3 @@ def matching_tokenizer(found: str, model: str, manifest: Any, artifact: str) -> 
             "use the same tokenizer in every stage (rerun prepare with prepare.tokenizer set to this model's)"
         )
     return found
-
-
-def unique_prompts(uri: str, manifest: Any, split: str, limit: int | None) -> list[dict[str, Any]]:
-    """Unique prompts (by text) of one split of a `pairs` artifact, ordered by prompt id; 3 columns are read."""
-    from dpo_ray.data import artifacts
-    from dpo_ray.data.tokenization import prompt_id
-
-    seen: dict[str, dict[str, Any]] = {}
-    for shard in manifest.shards:
-        for row in artifacts.read_shard(uri, shard, ["prompt", "prompt_ids", "split"]).to_pylist():
-            if row["split"] == split and row["prompt"] not in seen:
-                seen[row["prompt"]] = {
-                    "prompt_id": prompt_id(row["prompt"]),
-                    "prompt": row["prompt"],
-                    "prompt_ids": row["prompt_ids"],
-                }
-    prompts = sorted(seen.values(), key=lambda r: r["prompt_id"])
-    return prompts[:limit] if limit else prompts

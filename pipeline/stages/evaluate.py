@@ -27,8 +27,9 @@ from dpo_ray.data.artifacts import Manifest
 from pipeline.config import EvaluateConfig
 from pipeline.core import console, stage
 from pipeline.core.engines import engine_key, engine_spec
-from pipeline.core.inputs import matching_tokenizer, stage_inputs, unique_prompts
+from pipeline.core.inputs import matching_tokenizer, stage_inputs
 from pipeline.core.progress import gather
+from pipeline.core.prompts import prompt_index, take
 from pipeline.core.runtime import check_pool_fits, ensure_ray
 from pipeline.core.trackers import tracking_settings
 from pipeline.core.units import acquire, actor_bundle, actor_options, check_feasible, describe, give_back, make_room
@@ -179,9 +180,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
 def _prompts(cfg: EvaluateConfig, manifest: Manifest) -> list[dict[str, Any]]:
     """The eval split's unique prompts (up to max_prompts); the train split's when there is no eval split."""
-    prompts = unique_prompts(cfg.prompts, manifest, "eval", cfg.max_prompts)
+    prompts = take(cfg.prompts, manifest, prompt_index(cfg.prompts, manifest, "eval", cfg.max_prompts))
     if not prompts:
-        prompts = unique_prompts(cfg.prompts, manifest, "train", cfg.max_prompts)
+        prompts = take(cfg.prompts, manifest, prompt_index(cfg.prompts, manifest, "train", cfg.max_prompts))
         logger.warning("evaluate: %s has no eval split; using train prompts", cfg.prompts)
     return prompts
 

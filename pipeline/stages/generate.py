@@ -26,7 +26,8 @@ from dpo_ray.data.schema import GENERATIONS_SCHEMA, KINDS
 from pipeline.config import GenerateConfig
 from pipeline.core import console, stage
 from pipeline.core.engines import engine_key, engine_spec
-from pipeline.core.inputs import matching_tokenizer, stage_inputs, unique_prompts
+from pipeline.core.inputs import matching_tokenizer, stage_inputs
+from pipeline.core.prompts import prompt_index, read_unit, write_plan
 from pipeline.core.runtime import ensure_ray
 from pipeline.core.units import actor_bundle, describe, run_units
 
@@ -124,7 +125,7 @@ class GenerateUnits:
         return {"name": name, **counts}
 
     def __call__(self, unit: dict[str, Any]) -> dict[str, Any]:
-        return self.unit(unit["name"], json.loads(unit["prompts"]))
+        return self.unit(unit["name"], read_unit(unit))
 
 
 def _column(uri: str, names: list[str], column: str) -> list[np.ndarray]:
@@ -239,28 +240,36 @@ def run(cfg: GenerateConfig) -> Manifest:
         return build
     tok_fp = matching_tokenizer(upstream["tokenizer:policy"], cfg.policy, prompts_manifest, cfg.prompts)
     fingerprints = {"tokenizer": tok_fp, "model": upstream["model:policy"]}
-    prompts = unique_prompts(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
-    size = cfg.prompts_per_unit
-    units = [
-        {"name": f"part-{i // size:05d}.parquet", "prompts": json.dumps(prompts[i : i + size])}
-        for i in range(0, len(prompts), size)
-    ]
+    # The driver holds the prompts' index only; each unit reads its prompts from the plan (pipeline.core.prompts).
+    index = prompt_index(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
+    names = [f"part-{i:05d}.parquet" for i in range(-(-len(index) // cfg.prompts_per_unit))]
     done = set(artifacts.list_shards(cfg.output))
-    pending = [u for u in units if u["name"] not in done]
+    pending = [n for n in names if n not in done]
     console.header(
-        f"generate: {len(prompts)} prompts x {cfg.n} samples from {cfg.policy} ({len(units)} units, {len(pending)} "
+        f"generate: {len(index)} prompts x {cfg.n} samples from {cfg.policy} ({len(names)} units, {len(pending)} "
         f"to generate), reward {cfg.reward}, pairs by {cfg.strategy} -> {cfg.output}; {cfg.num_actors} actor(s) x "
         f"{{{describe(actor_bundle(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.accelerator_type))}}}"
     )
     t0 = time.perf_counter()
     retried = 0
     if pending:
+        plan = _plan_uri(cfg.output)
+        units = [u for u in write_plan(cfg.prompts, prompts_manifest, index, cfg.prompts_per_unit, plan)
+                 if u["name"] not in done]  # fmt: skip
+        del index
         ensure_ray()
         retried = run_units(
-            GenerateUnits, pending, build.config, cfg, errors=_reward_errors(), engine=engine_key(cfg, cfg.policy)
+            GenerateUnits, units, build.config, cfg, errors=_reward_errors(), engine=engine_key(cfg, cfg.policy)
         ).retried
-    names = [u["name"] for u in units]
-    return _finish(cfg, build, fingerprints, names, (len(pending), retried), time.perf_counter() - t0)
+    manifest = _finish(cfg, build, fingerprints, names, (len(pending), retried), time.perf_counter() - t0)
+    fs, path = artifacts.artifact_fs(_plan_uri(cfg.output))
+    if fs.exists(path):  # written again by a resumed run
+        fs.rm(path, recursive=True)
+    return manifest
+
+
+def _plan_uri(output: str) -> str:
+    return artifacts.join(output, "units", "plan")
 
 
 def _reward_errors() -> tuple[type[BaseException], ...]:
