@@ -1,13 +1,14 @@
-"""What each train worker reads at start, measured: bytes fetched and memory held per worker.
+"""What each train worker reads at start, measured: bytes fetched and memory held per worker, before and after.
 
-Every Ray Train worker reads the train and eval splits of the `scored` artifact itself
-(dpo_ray.data.order.read_splits: every shard once, fetched whole to check its sha256, then the training columns
-decoded; token ids kept as flat arrays) and keeps its slice of each global batch. So the bytes read per
-worker are the artifact's size, whatever the number of workers, and the cluster reads workers x that.
-This script builds a `scored` artifact of HH-RLHF shape (the sample's texts; the token counts of
-benchmarks/hh_lengths.json: the sample tokenized at max_length 512 with an 8k BPE trained on it; random
-ids below 128k and random log-probs), runs each rank's reads as worker_loop does, counts the bytes fetched
-and the memory of the columns held, and extrapolates to 64 workers x 1M pairs.
+Before (dpo_ray.data.order.read_splits): every worker read every shard (fetched whole to check its sha256,
+then the training columns decoded; token ids kept as flat arrays) and kept the whole of both splits, so the
+bytes read per worker were the artifact's size, whatever the number of workers. After (dpo_ray.train.rows, what
+worker_loop runs): each worker reads its own run of shards, the workers exchange their rows over gloo, and each
+holds its shards' rows plus its slices of one epoch's batches. This script builds a `scored` artifact of
+HH-RLHF shape (the sample's texts; the token counts of benchmarks/hh_lengths.json: the sample tokenized at
+max_length 512 with an 8k BPE trained on it; random ids below 128k and random log-probs), runs both readings
+for each rank (the after one in real gloo processes, one epoch fetched), and counts the bytes fetched from
+storage and the bytes of the rows held.
 
     .venv/bin/python benchmarks/worker_reads.py [--pairs 20000] [--workers 4] [--rows-per-shard 5000]
 """
@@ -79,7 +80,44 @@ def _nbytes(column: object) -> int:
     return int(column.nbytes)
 
 
+def _after(rank: int, world: int, port: int, uri: str, batch: int, out: str) -> None:
+    """One gloo rank of the reading worker_loop runs: its shards, the identities, one epoch's slices fetched."""
+    import torch.distributed as dist
+
+    from dpo_ray.train import rows
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    manifest = artifacts.read_manifest(uri)
+    assert manifest is not None
+    fetched = [0]
+    verified_read = rows.read_shard
+
+    def counting(uri: str, shard: artifacts.ShardInfo, columns: list[str] | None = None) -> pa.Table:
+        fetched[0] += shard.size
+        return verified_read(uri, shard, columns)
+
+    rows.read_shard = counting  # type: ignore[assignment]
+    t0 = time.perf_counter()
+    splits = rows.read_split_rows(uri, manifest.shards, ["train", "eval"], order.TRAIN_COLUMNS)
+    train = splits["train"]
+    batches = order.epoch_batches(train.n, batch, 0, 0)
+    per = batch // world
+    epoch = train.fetch(np.concatenate([b[rank * per : (rank + 1) * per] for b in batches]))
+    seconds = time.perf_counter() - t0
+    held_shards = sum(s.table.nbytes for s in splits.values())
+    held_epoch = sum(_nbytes(v) for v in epoch.values())
+    held_ids = sum(s.ids.nbytes + s.longest.nbytes + s.owner.nbytes + s.local.nbytes for s in splits.values())
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"rank": rank, "bytes_fetched": fetched[0], "bytes_held_shards": held_shards,
+                   "bytes_held_epoch": held_epoch, "bytes_held_index": held_ids, "seconds": seconds}, f)  # fmt: skip
+    dist.destroy_process_group()
+
+
 def main() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=20_000)
     ap.add_argument("--workers", type=int, default=4)
@@ -108,6 +146,11 @@ def main() -> None:
                 {"rank": rank, "bytes_fetched": fetched[0], "python_bytes_held": held, "seconds": seconds}
             )
             del splits
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        mp.spawn(_after, args=(args.workers, port, uri, args.workers * 16, tmp), nprocs=args.workers, join=True)
+        after = [json.loads(Path(f"{tmp}/rank{r}.json").read_text()) for r in range(args.workers)]
     pair_bytes = size / args.pairs
     held_per_pair = np.mean([w["python_bytes_held"] for w in per_worker]) / args.pairs
     out = {
@@ -115,14 +158,16 @@ def main() -> None:
         "shards": len(manifest.shards),
         "artifact_bytes": size,
         "artifact_bytes_per_pair": round(pair_bytes, 1),
-        "workers": per_worker,
-        "cluster_bytes_fetched": sum(w["bytes_fetched"] for w in per_worker),
-        "held_bytes_per_pair_per_worker": round(float(held_per_pair), 1),
-        "extrapolated_64_workers_1M_pairs": {
-            "fetched_per_worker_GB": round(pair_bytes * 1e6 / 1e9, 2),
-            "fetched_cluster_GB": round(64 * pair_bytes * 1e6 / 1e9, 1),
-            "held_per_worker_GB": round(float(held_per_pair) * 1e6 / 1e9, 1),
-        },
+        "before_workers": per_worker,
+        "before_cluster_bytes_fetched": sum(w["bytes_fetched"] for w in per_worker),
+        "after_workers": after,
+        "after_cluster_bytes_fetched": sum(w["bytes_fetched"] for w in after),
+        "before_held_bytes_per_pair_per_worker": round(float(held_per_pair), 1),
+        "after_held_bytes_per_pair_per_worker": round(
+            float(np.mean([w["bytes_held_shards"] + w["bytes_held_epoch"] + w["bytes_held_index"] for w in after]))
+            / args.pairs,
+            1,
+        ),
     }
     print(json.dumps(out, indent=2))
 

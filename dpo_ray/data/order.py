@@ -2,8 +2,9 @@
 
 Ray Data does not keep block order by default, so a many-shard artifact read twice came back in two
 orders (two runs of one config differed from step 1, and a restarted job resumed its position in the
-epoch against another order). Here every worker reads the split itself, sorts it by `pair_id` (the
-content hash: the base order does not depend on shards, units or how they were written), and takes
+epoch against another order). Here a split is sorted by `pair_id` (the content hash: the base order does not
+depend on shards, units or how they were written: read_splits reads a whole split so; a train worker holds
+only its share, dpo_ray.train.rows, in the same order), and each worker takes
 epoch e's order from a permutation seeded by (seed, e): identical on every rank, different every epoch
 (so `drop_last` drops different pairs), and restored exactly on resume from (epoch, batch in epoch).
 

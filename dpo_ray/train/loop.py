@@ -59,6 +59,7 @@ from dpo_ray.train.lora import LoraSettings, apply_lora
 from dpo_ray.train.optim import make_optimizer, make_scheduler
 from dpo_ray.train.parallel import compile_layers, wrap
 from dpo_ray.train.preflight import batching_mismatch
+from dpo_ray.train.rows import SplitRows, read_split_rows
 from dpo_ray.train.step import KTO_KL, MODES, StepBatch, TrainSettings, eval_sums, model_device, train_step
 from dpo_ray.train.tracking import Tracker, TrackingSettings, train_names
 
@@ -118,29 +119,45 @@ def write_error(output: str, message: str, kind: str = "check") -> None:
         json.dump({"error": message, "kind": kind}, f)
 
 
-def worker_slice(columns: dict[str, Any], rows: np.ndarray, rank: int, world_size: int) -> dict[str, Any]:
-    """This rank's contiguous share of the global batch `rows` (pairs are never split; equal counts)."""
-    per = len(rows) // world_size
-    mine = rows[rank * per : (rank + 1) * per]
-    return {k: v[mine] for k, v in columns.items()}
+def worker_slice(rows: np.ndarray, replica: int, replicas: int) -> np.ndarray:
+    """Replica `replica`'s contiguous share of the global batch `rows` (pairs are never split; equal counts)."""
+    per = len(rows) // replicas
+    return rows[replica * per : (replica + 1) * per]
 
 
-def _batches(n_rows: int, cfg: LoopConfig, state: LoopState) -> Iterator[np.ndarray]:
-    """The global batches (row indices) still to train, in order, until cfg.total_steps: from the state's
-    position (epoch, batch in epoch; a restored checkpoint's) on, epoch after epoch in dpo_ray.data.order's
-    order. The position is advanced as each batch is handed out, so a checkpoint taken after its step resumes
-    at the next one; the step count is the caller's."""
+def _batches(
+    train: SplitRows, cfg: LoopConfig, state: LoopState, replica: int, replicas: int
+) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """The global batches (row positions) still to train, in order, until cfg.total_steps, each with this
+    replica's slice of it as the step's columns: from the state's position (epoch, batch in epoch; a restored
+    checkpoint's) on, epoch after epoch in dpo_ray.data.order's order. At the start of each epoch (or of its rest,
+    on resume) the slices of the epoch's batches still to train are fetched at once (dpo_ray.train.rows: a
+    collective). The position is advanced as each batch is handed out, so a checkpoint taken after its step
+    resumes at the next one; the step count is the caller's."""
     from dpo_ray.data.order import epoch_batches
 
     while state.step < cfg.total_steps:
-        order = epoch_batches(n_rows, cfg.batch_size, cfg.seed, state.epoch)
-        for rows in order[state.batch_in_epoch :]:
+        order = epoch_batches(train.n, cfg.batch_size, cfg.seed, state.epoch)
+        todo = order[state.batch_in_epoch : state.batch_in_epoch + cfg.total_steps - state.step]
+        per = cfg.batch_size // replicas
+        mine = [worker_slice(rows, replica, replicas) for rows in todo]
+        columns = _fetch(cfg, train, np.concatenate(mine) if mine else np.zeros(0, np.int64))
+        for j, rows in enumerate(todo):
             state.batch_in_epoch += 1
-            yield rows
+            yield rows, {k: v[np.arange(j * per, (j + 1) * per)] for k, v in columns.items()}
             if state.step >= cfg.total_steps:
                 return
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+def _fetch(cfg: LoopConfig, rows: SplitRows, positions: np.ndarray) -> dict[str, Any]:
+    """rows.fetch, with the zero reference log-probs of a reference-free loss (it reads none:
+    dpo_ray.objective.spec.ENTRIES)."""
+    columns = rows.fetch(np.asarray(positions, dtype=np.int64))
+    if not cfg.reference_logps:
+        columns |= {c: np.zeros(len(columns["pair_id"])) for c in ("ref_chosen_logp", "ref_rejected_logp")}
+    return columns
 
 
 def _write_metrics(output: str, history: list[dict[str, Any]]) -> None:
@@ -184,21 +201,32 @@ def _check_initial(metrics: dict[str, float], cfg: LoopConfig) -> str | None:
     )
 
 
-def _evaluate(
-    model: Any, columns: dict[str, Any], cfg: LoopConfig, rank: int, world: int, loss_state: LossState
-) -> dict[str, float]:
+def _eval_batches(cfg: LoopConfig, rows: SplitRows, replica: int, replicas: int) -> list[dict[str, Any]]:
+    """This replica's share of each eval batch, as the step's columns (fetched once: a collective): batch after
+    batch of batch_size rows in base order, of which replica r takes every replicas-th row from r (all of a batch
+    smaller than the replicas goes to replica 0)."""
+    mine = []
+    for start in range(0, rows.n, cfg.batch_size):
+        batch = np.arange(start, min(start + cfg.batch_size, rows.n))
+        mine.append(batch[replica::replicas] if len(batch) >= replicas else (batch if replica == 0 else batch[:0]))
+    columns = _fetch(cfg, rows, np.concatenate(mine or [np.zeros(0, np.int64)]))
+    bounds = np.concatenate([[0], np.cumsum([len(m) for m in mine])])
+    return [{k: v[np.arange(a, b)] for k, v in columns.items()} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _evaluate(model: Any, batches: list[dict[str, Any]], cfg: LoopConfig, loss_state: LossState) -> dict[str, float]:
     sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64)
-    n_rows = len(columns["prompt_ids"])
-    group = cfg.settings.sequence_parallel  # a group's ranks evaluate the same rows: one replica each
-    rank, world = rank // group, world // group
-    for start in range(0, n_rows, cfg.batch_size):
-        rows = np.arange(start, min(start + cfg.batch_size, n_rows))
-        mine = rows[rank::world] if len(rows) >= world else (rows if rank == 0 else rows[:0])
+    for columns in batches:
         # Every rank calls eval_sums for every batch, with its pairs or none (see dpo_ray.train.collectives.aligned).
-        pairs = StepBatch.from_columns({k: v[mine] for k, v in columns.items()})
-        sums += eval_sums(model, pairs, cfg.settings, loss_state)
+        sums += eval_sums(model, StepBatch.from_columns(columns), cfg.settings, loss_state)
     means = unpaired_metric_means if cfg.settings.loss.unpaired else metric_means
+    group = cfg.settings.sequence_parallel  # a group's ranks evaluate the same rows: one replica each
     return means(all_reduce_sum(sums.to(model_device(model))).cpu() / group, prefix="eval/")
+
+
+def check_positions(rows: SplitRows, k: int = 3) -> np.ndarray:
+    """The positions of the k rows with the longest sequences (prompt + the longer completion), in base order."""
+    return np.sort(np.argsort(-rows.longest, kind="stable")[:k])
 
 
 def _check_pairs(columns: dict[str, Any], k: int = 3, max_tokens: int | None = None) -> list[PairTokens]:
@@ -243,27 +271,20 @@ def check_tokens(config: Any) -> int:
     return max(2, int(math.isqrt(CHECK_SCORE_BYTES // (4 * heads))), past_window)
 
 
-def _ids(rows: dict[str, Any]) -> Any:
-    """The rows' identities: pair_id, or row_id of unpaired rows (dpo_ray.data.order)."""
-    return rows["row_id"] if "row_id" in rows else rows["pair_id"]
-
-
-def _read_rows(cfg: LoopConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The train split and (when evaluating) the eval split, every column the step reads."""
-    from dpo_ray.data.order import TRAIN_COLUMNS, UNPAIRED_TRAIN_COLUMNS, read_splits
+def _read_rows(cfg: LoopConfig) -> tuple[SplitRows, SplitRows | None]:
+    """The train split and (when evaluating) the eval split across the ranks, every column the step reads
+    (dpo_ray.train.rows: this rank reads its own shards; a collective)."""
+    from dpo_ray.data.order import TRAIN_COLUMNS, UNPAIRED_TRAIN_COLUMNS
 
     if cfg.settings.loss.unpaired:
         columns = UNPAIRED_TRAIN_COLUMNS
     else:
         columns = TRAIN_COLUMNS if cfg.reference_logps else [c for c in TRAIN_COLUMNS if not c.startswith("ref_")]
-    splits = read_splits(cfg.scored, cfg.scored_shards, ["train", "eval"] if cfg.eval_every else ["train"], columns)
-    if not cfg.reference_logps:  # a reference-free loss reads none (dpo_ray.objective.spec.ENTRIES)
-        for rows in splits.values():
-            rows |= {c: np.zeros(len(rows["pair_id"])) for c in ("ref_chosen_logp", "ref_rejected_logp")}
+    splits = read_split_rows(cfg.scored, cfg.scored_shards, ["train", "eval"] if cfg.eval_every else ["train"], columns)
     return splits["train"], splits.get("eval")
 
 
-def _model(cfg: LoopConfig, train_rows: dict[str, Any], use_gpu: bool) -> tuple[Any, str | None]:
+def _model(cfg: LoopConfig, check_rows: dict[str, Any], use_gpu: bool) -> tuple[Any, str | None]:
     """The policy, ready for the configured batching (attention, fused head, compiled layers), and why it must
     not train (the check against unbatched forwards failed), or None."""
     from dpo_ray.models.loading import disable_dropout, load_causal_lm
@@ -280,7 +301,7 @@ def _model(cfg: LoopConfig, train_rows: dict[str, Any], use_gpu: bool) -> tuple[
             compile_layers(model)
         except UserError as e:
             return model, str(e)
-    pairs = _check_pairs(train_rows, max_tokens=check_tokens(model.config))
+    pairs = _check_pairs(check_rows, max_tokens=check_tokens(model.config))
     return model, batching_mismatch(model, pairs, cfg.settings)
 
 
@@ -303,7 +324,9 @@ def worker_loop(config: dict[str, Any]) -> None:
 
         join_groups(group)
     train_rows, eval_rows = _read_rows(cfg)
-    model, problem = _model(cfg, train_rows, use_gpu)
+    replica, replicas = rank // group, world // group
+    eval_batches = _eval_batches(cfg, eval_rows, replica, replicas) if eval_rows is not None else None
+    model, problem = _model(cfg, _fetch(cfg, train_rows, check_positions(train_rows)), use_gpu)
     if problem is not None:
         if rank == 0:
             write_error(cfg.output, problem)
@@ -326,15 +349,15 @@ def worker_loop(config: dict[str, Any]) -> None:
     started = time.perf_counter()
     tracker = _tracker(cfg, rank)
     hook = named_hook(cfg.step_hook)  # the tests' fault injection (dpo_ray.hooks)
-    for rows in _batches(len(_ids(train_rows)), cfg, state):
-        batch = StepBatch.from_columns(worker_slice(train_rows, rows, rank // group, world // group))
+    for rows, columns in _batches(train_rows, cfg, state, replica, replicas):
+        batch = StepBatch.from_columns(columns)
         step = train_step(model, optimizer, scheduler, batch, cfg.settings, cfg.batch_size, world, state.loss)
         metrics, state.loss = step.metrics, step.loss_state
         state.step += 1
         metrics.update(step=state.step, epoch=state.epoch)
         _health(metrics, cfg, state)
         step_zero_due = state.step == 1 and cfg.check_initial_margin and checkpoint is None
-        stop = _stop(metrics, cfg, state, _ids(train_rows)[rows], rank, step_zero_due)
+        stop = _stop(metrics, cfg, state, train_rows.names(rows), rank, step_zero_due)
         if stop is not None:  # before this step's checkpoint: the checkpoints before it are kept
             if rank == 0:
                 write_error(cfg.output, stop[1], kind=stop[0])
@@ -347,8 +370,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         if state.resumed_from is not None:
             metrics["resumed_from_step"] = state.resumed_from
         last = state.step >= cfg.total_steps
-        if cfg.eval_every and eval_rows is not None and (state.step % cfg.eval_every == 0 or last):
-            metrics.update(_evaluate(model, eval_rows, cfg, rank, world, state.loss))
+        if cfg.eval_every and eval_batches is not None and (state.step % cfg.eval_every == 0 or last):
+            metrics.update(_evaluate(model, eval_batches, cfg, state.loss))
         if tracker is not None:
             tracker.metrics(train_names(metrics), state.step)
         alarmed = any(k.startswith(ALARM) for k in metrics)  # a warning is recorded whatever log_every
