@@ -110,6 +110,7 @@ def _after(rank: int, world: int, port: int, uri: str, batch: int, out: str) -> 
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"rank": rank, "bytes_fetched": fetched[0], "bytes_held_shards": held_shards,
                    "bytes_held_epoch": held_epoch, "bytes_held_index": held_ids, "seconds": seconds}, f)  # fmt: skip
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -29,7 +29,9 @@ from dpo_ray.data.artifacts import ShardInfo, read_shard
 from dpo_ray.data.order import RaggedColumn
 from dpo_ray.data.schema import KINDS
 
-__all__ = ["SplitRows", "as_columns", "owned_shards", "read_split_rows"]
+__all__ = ["FETCH_ROWS", "SplitRows", "as_columns", "owned_shards", "read_split_rows"]
+
+FETCH_ROWS = 1 << 15  # positions a rank asks for in one round of an exchange
 
 
 def owned_shards(shards: Sequence[ShardInfo], rank: int, world: int) -> list[int]:
@@ -99,25 +101,42 @@ class SplitRows:
 
     def fetch(self, positions: np.ndarray) -> dict[str, Any]:
         """The rows at `positions` (of the base order), in that order, as the step's columns. Collective: every rank
-        calls it at the same point, each with its own positions (any number, repeats allowed)."""
+        calls it at the same point, each with its own positions (any number, repeats allowed). The exchange runs
+        in rounds of at most FETCH_ROWS positions a rank, so its buffers stay small beside the rows fetched."""
         positions = np.asarray(positions, dtype=np.int64)
         if self.group is None:
             return as_columns(self.table.take(pa.array(self.local[positions])), self.columns)
+        import torch
+        import torch.distributed as dist
+
+        rounds = torch.tensor([-(-len(positions) // FETCH_ROWS)], dtype=torch.int64)
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=self.group)  # every rank runs as many exchanges
+        parts = [self._exchange_rows(positions[r * FETCH_ROWS : (r + 1) * FETCH_ROWS]) for r in range(int(rounds))]
+        table = pa.concat_tables(parts) if parts else self.table.slice(0, 0)
+        columns = as_columns(table, self.columns)
+        del table, parts
+        pa.default_memory_pool().release_unused()  # the allocator keeps the exchange's freed buffers otherwise
+        return columns
+
+    def _exchange_rows(self, positions: np.ndarray) -> pa.Table:
+        """One round of fetch: the rows at `positions`, in that order, as a table."""
         owners = self.owner[positions]
         by_owner = [np.flatnonzero(owners == o) for o in range(self.world)]  # where each holder's rows go
-        asked = _exchange([self.local[positions[w]].astype(np.int64).tobytes() for w in by_owner], self.group)
+        asked = _exchange([self.local[positions[w]].astype(np.int64).view(np.uint8) for w in by_owner], self.group)
         sent = []
         for request in asked:  # each rank's indices into this rank's rows
-            rows = self.table.take(pa.array(np.frombuffer(request, dtype=np.int64)))
+            rows = self.table.take(pa.array(request.view(np.int64)))
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, rows.schema) as writer:
                 writer.write_table(rows)
-            sent.append(sink.getvalue().to_pybytes())
-        got = [pa.ipc.open_stream(pa.BufferReader(b)).read_all() for b in _exchange(sent, self.group)]
+            sent.append(np.frombuffer(sink.getvalue(), dtype=np.uint8))
+        received = _exchange(sent, self.group)
+        del sent
+        got = [pa.ipc.open_stream(pa.py_buffer(b)).read_all() for b in received]
         table = pa.concat_tables([t for t in got if t.num_rows] or got[:1])  # a rank holding no rows sends none
         back = np.empty(len(positions), dtype=np.int64)  # the row of `table` for each asked position
         back[np.concatenate(by_owner)] = np.arange(len(positions))
-        return as_columns(table.take(pa.array(back)), self.columns)
+        return table.take(pa.array(back))  # new buffers: nothing refers to the received bytes after this
 
 
 def _longest(table: pa.Table) -> np.ndarray:
@@ -127,8 +146,9 @@ def _longest(table: pa.Table) -> np.ndarray:
     return (lengths[0] + np.maximum(lengths[1], lengths[2])).astype(np.int64)
 
 
-def _exchange(outgoing: list[bytes], group: Any) -> list[bytes]:
-    """All-to-all of byte strings: outgoing[r] goes to rank r; returns what each rank sent this one."""
+def _exchange(outgoing: list[np.ndarray], group: Any) -> list[np.ndarray]:
+    """All-to-all of byte arrays (uint8): outgoing[r] goes to rank r; returns what each rank sent this one, as views of
+    one receive buffer."""
     import torch
     import torch.distributed as dist
 
@@ -136,14 +156,10 @@ def _exchange(outgoing: list[bytes], group: Any) -> list[bytes]:
     sizes = torch.tensor([len(b) for b in outgoing], dtype=torch.int64)
     incoming = torch.empty(world, dtype=torch.int64)
     dist.all_to_all_single(incoming, sizes, group=group)
-    send = (
-        torch.frombuffer(bytearray(b"".join(outgoing)), dtype=torch.uint8)
-        if sizes.sum()
-        else torch.empty(0, dtype=torch.uint8)
-    )
+    send = torch.from_numpy(np.concatenate(outgoing)) if outgoing else torch.empty(0, dtype=torch.uint8)
     recv = torch.empty(int(incoming.sum()), dtype=torch.uint8)
     dist.all_to_all_single(recv, send, incoming.tolist(), sizes.tolist(), group=group)
-    data = recv.numpy().tobytes()
+    data = recv.numpy()
     bounds = np.concatenate([[0], np.cumsum(incoming.numpy())])
     return [data[bounds[r] : bounds[r + 1]] for r in range(world)]
 
@@ -168,6 +184,8 @@ def read_split_rows(
         table = read_shard(artifact, shards[index], [*wanted, "split"])
         for s in splits:
             parts[s].append(table.filter(pc.equal(table["split"], s)).drop_columns(["split"]))
+        del table
+        pa.default_memory_pool().release_unused()  # the allocator keeps a shard's freed buffers otherwise
     out = {}
     for s in splits:
         if parts[s]:

@@ -58,13 +58,18 @@ def prompt_index(uri: str, manifest: Any, split: str, limit: int | None = None) 
     for number, shard in enumerate(manifest.shards):
         table = artifacts.read_shard(uri, shard, ["prompt", "split"])
         where = np.flatnonzero(pc.equal(table["split"], split).to_numpy(zero_copy_only=False))
-        texts = table["prompt"].take(pa.array(where)).to_pylist()
-        first: dict[str, int] = {}
-        for text, row in zip(texts, where.tolist(), strict=True):
-            first.setdefault(text, row)
-        ids.append(np.array([prompt_id(t) for t in first], dtype="S32"))
-        shards.append(np.full(len(first), number, dtype=np.int32))
-        rows.append(np.fromiter(first.values(), dtype=np.int64, count=len(first)))
+        # each text's first row in the shard (Arrow's hash grouping), then its id
+        first = (
+            pa.table({"prompt": table["prompt"].take(pa.array(where)), "row": pa.array(where, pa.int64())})
+            .group_by("prompt", use_threads=False)
+            .aggregate([("row", "min")])
+        )
+        del table
+        ids.append(np.array([prompt_id(t) for t in first["prompt"].to_pylist()], dtype="S32"))
+        shards.append(np.full(first.num_rows, number, dtype=np.int32))
+        rows.append(first["row_min"].to_numpy())
+        del first
+        pa.default_memory_pool().release_unused()  # the allocator keeps freed pages otherwise: one shard at a time
     all_ids = np.concatenate(ids) if ids else np.array([], dtype="S32")
     order = np.argsort(all_ids, kind="stable")  # ties (one text in several shards): the first shard's row first
     sorted_ids = all_ids[order]
@@ -126,6 +131,8 @@ def write_plan(uri: str, manifest: Any, index: PromptIndex, per_unit: int, plan:
         which = np.searchsorted(starts, rows["rank"].to_numpy(), side="right") - 1
         for f in np.unique(which).tolist():
             artifacts.write_table(rows.filter(pa.array(which == f)), pieces, f"{f:05d}-{shard:06d}.parquet")
+        del rows
+        pa.default_memory_pool().release_unused()
     units = []
     for f, (name, first, count) in enumerate(files):  # pass 2: a plan file is its pieces, sorted
         names = artifacts.list_shards(pieces, f"{f:05d}-*.parquet")
@@ -140,6 +147,8 @@ def write_plan(uri: str, manifest: Any, index: PromptIndex, per_unit: int, plan:
             pq.write_table(table.select(COLUMNS), fh, row_group_size=per_unit, write_page_checksum=True)
         for piece in names:
             fs.rm(artifacts.join(path, ".pieces", piece))
+        del table, parts
+        pa.default_memory_pool().release_unused()
         units += [
             {"name": f"part-{(first + g * per_unit) // per_unit:05d}.parquet", "plan": artifacts.join(plan, name),
              "group": g}
