@@ -1,0 +1,374 @@
+"""The cost curve in the number of pairs: each measured step at several sizes, its growth exponent between sizes.
+
+Steps (each in a fresh child process, so that its peak resident memory is its own):
+- `prepare`: the prepare stage on an embedded Ray, on HH-RLHF rows made unique (benchmarks/prepare_throughput.py's
+  inputs: 4 JSONL files, every 50th row a duplicate) with an 8k BPE trained on the sample. Measured: wall time, the
+  driver's peak RSS, the largest peak RSS of a Ray worker process (sampled every 0.2 s), the object store's
+  largest use and what it spilled (sampled from Ray's memory summary), the bytes written.
+- `plan-before` / `plan-after`: generate's and evaluate's handling of the prompts at the driver, on a synthetic
+  `scored` artifact of HH shape (the sample's texts made unique, benchmarks/hh_lengths.json's token counts,
+  random ids and log-probs; 50,000 rows a shard): before, the prompts as Python dicts (the code before
+  pipeline.core.prompts, kept here to measure it) and each unit's prompts as JSON; after, the index and the units'
+  plan written to storage (pipeline.core.prompts). Measured: wall time, the driver's peak RSS, bytes written.
+- `read-before` / `read-after`: the train workers' reading, 2 gloo processes, on the same artifact: before, each
+  reads every shard (dpo_ray.data.order.read_splits) and slices each batch; after, dpo_ray.train.rows (its own
+  shards, the rows of one epoch's slices exchanged). Measured: wall time, each worker's peak RSS, bytes fetched.
+
+Memory: `*_growth_mib` is a process's peak resident memory (sampled every 20 ms) over its resident memory when the
+step began (imports and Ray already there); `worker_peak_mib` is the largest resident memory of any Ray worker
+process during prepare (sampled every 0.2 s, imports included).
+
+    .venv/bin/python benchmarks/scale.py [--pairs 10000 100000 1000000] [--steps plan-after read-after ...]
+        [--prepare-max 100000]
+
+The reference, train steps, generate's sampling and evaluate's forwards are linear in tokens by construction and
+are not measured here (benchmarks/reference_throughput.py, train_vs_trl.py measure their rates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+STEPS = ["prepare", "plan-before", "plan-after", "read-before", "read-after"]
+ROWS_PER_SHARD = 50_000
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _Own:
+    """This process's resident memory sampled every 20 ms while the block runs: `growth` is its peak over its
+    resident memory at the start (MiB)."""
+
+    def __enter__(self) -> _Own:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self.peak = self._proc.memory_info().rss / 2**20
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._proc.memory_info().rss / 2**20)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss / 2**20)
+
+    @property
+    def growth(self) -> float:
+        return self.peak - self.start
+
+
+def _du(path: str) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def build_scored(uri: str, pairs: int) -> None:
+    """A synthetic `scored` artifact of HH shape, written shard by shard (bounded memory)."""
+    import pyarrow as pa
+    from hh_llama import hh_records
+
+    from dpo_ray.data import artifacts
+    from dpo_ray.data.schema import SCORED_SCHEMA
+    from dpo_ray.data.tokenization import pair_id, split_of
+
+    records = hh_records()
+    lengths = np.array(json.loads((HERE / "hh_lengths.json").read_text()), dtype=np.int64)
+    rng = np.random.default_rng(0)
+
+    def ragged(counts: np.ndarray, values: np.ndarray) -> pa.Array:
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+    for start in range(0, pairs, ROWS_PER_SHARD):
+        idx = np.arange(start, min(start + ROWS_PER_SHARD, pairs))
+        lp, lc, lr = (lengths[idx % len(lengths), k] for k in range(3))
+        texts = []
+        for i in idx.tolist():
+            rec = records[i % len(records)]
+            cut = rec["chosen"].rfind("Assistant:") + len("Assistant:")
+            texts.append((rec["chosen"][:cut] + f" #{i}", rec["chosen"][cut:], rec["rejected"][cut:]))
+        c_logps = rng.normal(-2, 1, int(lc.sum())).astype(np.float32)
+        r_logps = rng.normal(-2, 1, int(lr.sum())).astype(np.float32)
+        cb, rb = np.concatenate([[0], np.cumsum(lc)]), np.concatenate([[0], np.cumsum(lr)])
+        table = pa.table(
+            {
+                "pair_id": [pair_id(*t) for t in texts],
+                "split": [split_of(t[0], 0.05) for t in texts],
+                "prompt_ids": ragged(lp, rng.integers(0, 8000, int(lp.sum()), dtype=np.int32)),
+                "chosen_ids": ragged(lc, rng.integers(0, 8000, int(lc.sum()), dtype=np.int32)),
+                "rejected_ids": ragged(lr, rng.integers(0, 8000, int(lr.sum()), dtype=np.int32)),
+                "prompt": [t[0] for t in texts],
+                "chosen": [t[1] for t in texts],
+                "rejected": [t[2] for t in texts],
+                "source": ["hh"] * len(idx),
+                "ref_chosen_logps": ragged(lc, c_logps),
+                "ref_rejected_logps": ragged(lr, r_logps),
+                "ref_chosen_logp": np.add.reduceat(c_logps, cb[:-1]).astype(np.float64) if len(idx) else [],
+                "ref_rejected_logp": np.add.reduceat(r_logps, rb[:-1]).astype(np.float64) if len(idx) else [],
+            }
+        ).cast(SCORED_SCHEMA)
+        artifacts.write_table(table, uri, f"part-{start // ROWS_PER_SHARD:05d}.parquet")
+    artifacts.write_manifest(uri, "scored", {}, {}, {}, {}, shards=artifacts.shard_infos(uri))
+
+
+def _old_unique_prompts(uri: str, manifest: Any, split: str, limit: int | None) -> list[dict[str, Any]]:
+    """The driver's prompt list before pipeline.core.prompts (as it was in pipeline/core/inputs.py)."""
+    from dpo_ray.data import artifacts
+    from dpo_ray.data.tokenization import prompt_id
+
+    seen: dict[str, dict[str, Any]] = {}
+    for shard in manifest.shards:
+        for row in artifacts.read_shard(uri, shard, ["prompt", "prompt_ids", "split"]).to_pylist():
+            if row["split"] == split and row["prompt"] not in seen:
+                seen[row["prompt"]] = {"prompt_id": prompt_id(row["prompt"]), "prompt": row["prompt"],
+                                       "prompt_ids": row["prompt_ids"]}  # fmt: skip
+    prompts = sorted(seen.values(), key=lambda r: r["prompt_id"])
+    return prompts[:limit] if limit else prompts
+
+
+def child_plan(uri: str, work: str, after: bool) -> dict[str, Any]:
+    from dpo_ray.data import artifacts
+    from dpo_ray.data.tokenization import prompt_id
+    from pipeline.core.prompts import prompt_index, take, write_plan
+
+    prompt_id("")  # the imports' memory is the base, not the step's
+    manifest = artifacts.read_manifest(uri)
+    own = _Own().__enter__()
+    t0 = time.perf_counter()
+    if after:
+        index = prompt_index(uri, manifest, "train")
+        units = write_plan(uri, manifest, index, 64, f"{work}/plan")
+        evaluated = take(uri, manifest, prompt_index(uri, manifest, "eval", 64))
+        prompts = len(index)
+    else:
+        listed = _old_unique_prompts(uri, manifest, "train", None)
+        units = [{"name": f"part-{i // 64:05d}.parquet", "prompts": json.dumps(listed[i : i + 64])}
+                 for i in range(0, len(listed), 64)]  # fmt: skip
+        evaluated = _old_unique_prompts(uri, manifest, "eval", 64)
+        prompts = len(listed)
+    seconds = time.perf_counter() - t0
+    own.__exit__()
+    written = _du(f"{work}/plan") if after else 0
+    return {"seconds": seconds, "driver_growth_mib": own.growth, "driver_peak_mib": _peak_mib(), "prompts": prompts,
+            "units": len(units), "eval_prompts": len(evaluated), "bytes_written": written}  # fmt: skip
+
+
+def _read_rank(rank: int, world: int, port: int, uri: str, after: bool, out: str) -> None:
+    import torch.distributed as dist
+
+    from dpo_ray.data import artifacts, order
+    from dpo_ray.train import rows
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.barrier()
+    manifest = artifacts.read_manifest(uri)
+    assert manifest is not None
+    fetched = [0]
+    module = rows if after else order
+    verified = module.read_shard
+
+    def counting(u: str, shard: artifacts.ShardInfo, columns: list[str] | None = None) -> Any:
+        fetched[0] += shard.size  # read_shard fetches the whole file (sha256) before decoding columns
+        return verified(u, shard, columns)
+
+    module.read_shard = counting  # type: ignore[attr-defined]
+    own = _Own().__enter__()
+    t0 = time.perf_counter()
+    batch = 64
+    if after:
+        splits = rows.read_split_rows(uri, manifest.shards, ["train", "eval"], order.TRAIN_COLUMNS)
+        n = splits["train"].n
+        per = batch // world
+        mine = [b[rank * per : (rank + 1) * per] for b in order.epoch_batches(n, batch, 0, 0)]
+        held = splits["train"].fetch(np.concatenate(mine))
+    else:
+        both = order.read_splits(uri, manifest.shards, ["train", "eval"])
+        n = len(both["train"]["pair_id"])
+        held = both["train"]
+    seconds = time.perf_counter() - t0
+    own.__exit__()
+    result = {"rank": rank, "seconds": seconds, "growth_mib": own.growth, "bytes_fetched": fetched[0],
+              "rows_held": len(held["pair_id"]), "train_rows": n}  # fmt: skip
+    Path(f"{out}/rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def child_read(uri: str, work: str, after: bool, workers: int) -> dict[str, Any]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    t0 = time.perf_counter()
+    mp.spawn(_read_rank, args=(workers, port, uri, after, work), nprocs=workers, join=True)
+    ranks = [json.loads(Path(f"{work}/rank{r}.json").read_text()) for r in range(workers)]
+    return {"seconds": time.perf_counter() - t0, "worker_growth_mib": max(r["growth_mib"] for r in ranks),
+            "bytes_fetched_per_worker": max(r["bytes_fetched"] for r in ranks), "ranks": ranks}  # fmt: skip
+
+
+class _Sampler:
+    """Every 0.2 s: the largest RSS of any Ray worker process, and the object store's use and spill."""
+
+    def __init__(self) -> None:
+        self.worker_mib, self.store_mib, self.spilled_mib = 0.0, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import re
+
+        import psutil
+        from ray._private.internal_api import memory_summary
+
+        while not self._stop.wait(0.2):
+            for p in psutil.process_iter(["name", "memory_info"]):
+                name = p.info.get("name") or ""
+                if name.startswith("ray::") and p.info.get("memory_info") is not None:
+                    self.worker_mib = max(self.worker_mib, p.info["memory_info"].rss / 2**20)
+            try:
+                text = memory_summary(stats_only=True)
+            except Exception:  # the summary is best effort while Ray starts or stops
+                continue
+            used = re.search(r"Plasma memory usage (\d+) MiB", text)
+            spilled = re.search(r"Spilled (\d+) MiB", text)
+            if used:
+                self.store_mib = max(self.store_mib, float(used.group(1)))
+            if spilled:
+                self.spilled_mib = max(self.spilled_mib, float(spilled.group(1)))
+
+
+def child_prepare(work: str, rows: int) -> dict[str, Any]:
+    from hh_llama import build_hh_llama, hh_records
+    from prepare_throughput import write_inputs
+
+    from pipeline.config import PrepareConfig
+    from pipeline.core.runtime import ensure_ray
+    from pipeline.stages import prepare
+
+    model = build_hh_llama(Path(work) / "model", hh_records(), hidden=64, layers=1)
+    data = Path(work) / "data"
+    data.mkdir()
+    inputs = write_inputs(data, rows, 4)
+    ensure_ray()
+    cfg = PrepareConfig(inputs=inputs, tokenizer=str(model), output=f"{work}/pairs")
+    with _Sampler() as sampled, _Own() as own:
+        t0 = time.perf_counter()
+        manifest = prepare.run(cfg)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "driver_growth_mib": own.growth, "pairs": manifest.rows,
+            "worker_peak_mib": sampled.worker_mib, "object_store_peak_mib": sampled.store_mib,
+            "spilled_mib": sampled.spilled_mib, "bytes_written": _du(f"{work}/pairs")}  # fmt: skip
+
+
+def _child(args: argparse.Namespace) -> None:
+    step, work = args.child, args.work
+    if step == "prepare":
+        out = child_prepare(work, args.n)
+    elif step.startswith("plan"):
+        out = child_plan(args.artifact, work, step.endswith("after"))
+    else:
+        out = child_read(args.artifact, work, step.endswith("after"), args.workers)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _run_child(step: str, n: int, artifact: str, root: Path, workers: int) -> dict[str, Any]:
+    work = tempfile.mkdtemp(dir=root, prefix=f"{step}-{n}-")
+    cmd = [sys.executable, __file__, "--child", step, "--n", str(n), "--artifact", artifact, "--work", work,
+           "--workers", str(workers)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{step} at {n}: exit {done.returncode}\n{done.stderr[-3000:]}")
+    subprocess.run(["rm", "-rf", work], check=False)
+    return dict(json.loads(lines[-1].removeprefix("RESULT ")))
+
+
+KEYS = [
+    "seconds", "driver_growth_mib", "worker_growth_mib", "worker_peak_mib", "object_store_peak_mib", "spilled_mib",
+    "bytes_written", "bytes_fetched_per_worker",
+]  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--steps", nargs="+", default=STEPS, choices=STEPS)
+    ap.add_argument("--prepare-max", type=int, default=100_000, help="prepare runs up to this size only")
+    ap.add_argument("--workers", type=int, default=2, help="train workers of the read steps")
+    ap.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--artifact", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(args)
+        return
+    results: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in args.steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for n in args.pairs:
+            artifact = str(root / f"scored-{n}")
+            if any(s != "prepare" for s in args.steps):
+                t0 = time.perf_counter()
+                build_scored(artifact, n)
+                print(f"# built {n} pairs in {time.perf_counter() - t0:.0f} s ({_du(artifact)} bytes)", flush=True)
+            for step in args.steps:
+                if step == "prepare" and n > args.prepare_max:
+                    continue
+                results[step][n] = r = _run_child(step, n, artifact, root, args.workers)
+                print(json.dumps({"step": step, "pairs": n, **{k: r[k] for k in KEYS if k in r}}), flush=True)
+            subprocess.run(["rm", "-rf", artifact], check=False)
+    print(f"\ncores: {os.cpu_count()}\n")
+    print("| step | pairs | " + " | ".join(KEYS) + " |")
+    print("|---|---|" + "---|" * len(KEYS))
+    for step, by_n in results.items():
+        sizes = sorted(by_n)
+        for n in sizes:
+            cells = [
+                f"{by_n[n][k]:.1f}" if isinstance(by_n[n].get(k), float) else str(by_n[n].get(k, "")) for k in KEYS
+            ]
+            print(f"| {step} | {n} | " + " | ".join(cells) + " |")
+        for a, b in zip(sizes, sizes[1:], strict=False):
+            exps = []
+            for k in KEYS:
+                va, vb = by_n[a].get(k), by_n[b].get(k)
+                ok = isinstance(va, int | float) and isinstance(vb, int | float) and va > 0 and vb > 0
+                exps.append(f"{math.log(vb / va) / math.log(b / a):.2f}" if ok else "")
+            print(f"| {step} | exponent {a}->{b} | " + " | ".join(exps) + " |")
+
+
+if __name__ == "__main__":
+    main()
