@@ -74,7 +74,8 @@ class SplitRows:
     def __init__(self, table: pa.Table, columns: Sequence[str], group: Any) -> None:
         import torch.distributed as dist
 
-        self.columns, self.group, self.table = list(columns), group, table
+        # One chunk: a take from a table of several chunks (one per shard) first copies all of it.
+        self.columns, self.group, self.table = list(columns), group, table.combine_chunks()
         key = self.columns[0]
         ids = np.array(table[key].to_pylist(), dtype="S")  # hex digests: ASCII, ordered as the strings
         longest = _longest(table)
@@ -115,7 +116,6 @@ class SplitRows:
         table = pa.concat_tables(parts) if parts else self.table.slice(0, 0)
         columns = as_columns(table, self.columns)
         del table, parts
-        pa.default_memory_pool().release_unused()  # the allocator keeps the exchange's freed buffers otherwise
         return columns
 
     def _exchange_rows(self, positions: np.ndarray) -> pa.Table:
@@ -125,7 +125,8 @@ class SplitRows:
         asked = _exchange([self.local[positions[w]].astype(np.int64).view(np.uint8) for w in by_owner], self.group)
         sent = []
         for request in asked:  # each rank's indices into this rank's rows
-            rows = self.table.take(pa.array(request.view(np.int64)))
+            wanted = request.view(np.int64)
+            rows = self.table.take(pa.array(wanted)) if len(wanted) else self.table.slice(0, 0)
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, rows.schema) as writer:
                 writer.write_table(rows)
@@ -185,7 +186,6 @@ def read_split_rows(
         for s in splits:
             parts[s].append(table.filter(pc.equal(table["split"], s)).drop_columns(["split"]))
         del table
-        pa.default_memory_pool().release_unused()  # the allocator keeps a shard's freed buffers otherwise
     out = {}
     for s in splits:
         if parts[s]:

@@ -69,7 +69,6 @@ def prompt_index(uri: str, manifest: Any, split: str, limit: int | None = None) 
         shards.append(np.full(first.num_rows, number, dtype=np.int32))
         rows.append(first["row_min"].to_numpy())
         del first
-        pa.default_memory_pool().release_unused()  # the allocator keeps freed pages otherwise: one shard at a time
     all_ids = np.concatenate(ids) if ids else np.array([], dtype="S32")
     order = np.argsort(all_ids, kind="stable")  # ties (one text in several shards): the first shard's row first
     sorted_ids = all_ids[order]
@@ -132,7 +131,6 @@ def write_plan(uri: str, manifest: Any, index: PromptIndex, per_unit: int, plan:
         for f in np.unique(which).tolist():
             artifacts.write_table(rows.filter(pa.array(which == f)), pieces, f"{f:05d}-{shard:06d}.parquet")
         del rows
-        pa.default_memory_pool().release_unused()
     units = []
     for f, (name, first, count) in enumerate(files):  # pass 2: a plan file is its pieces, sorted
         names = artifacts.list_shards(pieces, f"{f:05d}-*.parquet")
@@ -148,12 +146,13 @@ def write_plan(uri: str, manifest: Any, index: PromptIndex, per_unit: int, plan:
         for piece in names:
             fs.rm(artifacts.join(path, ".pieces", piece))
         del table, parts
-        pa.default_memory_pool().release_unused()
         units += [
             {"name": f"part-{(first + g * per_unit) // per_unit:05d}.parquet", "plan": artifacts.join(plan, name),
              "group": g}
             for g in range(-(-count // per_unit))
         ]  # fmt: skip
+    if fs.exists(artifacts.join(path, ".pieces")):
+        fs.rm(artifacts.join(path, ".pieces"), recursive=True)
     return units
 
 

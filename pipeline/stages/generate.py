@@ -253,23 +253,20 @@ def run(cfg: GenerateConfig) -> Manifest:
     t0 = time.perf_counter()
     retried = 0
     if pending:
-        plan = _plan_uri(cfg.output)
-        units = [u for u in write_plan(cfg.prompts, prompts_manifest, index, cfg.prompts_per_unit, plan)
-                 if u["name"] not in done]  # fmt: skip
-        del index
-        ensure_ray()
-        retried = run_units(
-            GenerateUnits, units, build.config, cfg, errors=_reward_errors(), engine=engine_key(cfg, cfg.policy)
-        ).retried
-    manifest = _finish(cfg, build, fingerprints, names, (len(pending), retried), time.perf_counter() - t0)
-    fs, path = artifacts.artifact_fs(_plan_uri(cfg.output))
-    if fs.exists(path):  # written again by a resumed run
-        fs.rm(path, recursive=True)
-    return manifest
-
-
-def _plan_uri(output: str) -> str:
-    return artifacts.join(output, "units", "plan")
+        plan = artifacts.join(cfg.output, "units", "plan")  # rewritten whole by every run that generates
+        try:
+            units = [u for u in write_plan(cfg.prompts, prompts_manifest, index, cfg.prompts_per_unit, plan)
+                     if u["name"] not in done]  # fmt: skip
+            del index
+            ensure_ray()
+            retried = run_units(
+                GenerateUnits, units, build.config, cfg, errors=_reward_errors(), engine=engine_key(cfg, cfg.policy)
+            ).retried
+        finally:
+            fs, path = artifacts.artifact_fs(plan)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+    return _finish(cfg, build, fingerprints, names, (len(pending), retried), time.perf_counter() - t0)
 
 
 def _reward_errors() -> tuple[type[BaseException], ...]:

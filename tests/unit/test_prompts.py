@@ -66,7 +66,7 @@ def test_the_plan_units_are_the_sorted_prompts_cut_per_unit(tmp_path, monkeypatc
     assert got == [expected[i : i + per_unit] for i in range(0, len(expected), per_unit)]
     files = {u["plan"] for u in units}
     assert len(files) == len(P.plan_files(len(expected), per_unit)) and (len(files) > 1) == (plan_rows < 100)
-    assert artifacts.list_shards(plan + "/.pieces", "*") == []  # the pieces are removed
+    assert not (tmp_path / "out" / "units" / "plan" / ".pieces").exists()  # the pieces are removed
 
 
 def test_the_index_reads_two_columns_and_the_plan_each_holding_shard_once_more(tmp_path, monkeypatch):
@@ -81,3 +81,19 @@ def test_the_index_reads_two_columns_and_the_plan_each_holding_shard_once_more(t
     holding = sorted(set(index.shard.tolist()))  # a shard whose texts all appeared before is not read again
     assert len(holding) < len(manifest.shards)
     assert sorted(reads) == [(manifest.shards[s].file, ("prompt", "prompt_ids")) for s in holding]
+
+
+def test_the_plan_on_an_object_store_uri(tmp_path, monkeypatch):
+    """fsspec's memory:// stands for s3:// here: the plan is written, read and its pieces removed through fsspec."""
+    import fsspec
+
+    monkeypatch.setattr(P, "PLAN_ROWS", 32)
+    uri, manifest, rows = _artifact(tmp_path)
+    plan = f"memory://plan-{tmp_path.name}"
+    units = P.write_plan(uri, manifest, P.prompt_index(uri, manifest, "train", 50), 8, plan)
+    expected = _expected(rows, "train", 50)
+    assert [P.read_unit(u) for u in units] == [expected[i : i + 8] for i in range(0, 50, 8)]
+    fs = fsspec.filesystem("memory")
+    assert sorted(fs.find(f"/plan-{tmp_path.name}")) == [
+        f"/plan-{tmp_path.name}/prompts-0000{i}.parquet" for i in (0, 1)
+    ]

@@ -52,7 +52,9 @@ def _cfg(unpaired: bool, steps: int) -> SimpleNamespace:
                            settings=SimpleNamespace(loss=SimpleNamespace(unpaired=unpaired)))  # fmt: skip
 
 
-def _rank(rank: int, world: int, port: int, path: str, out: str, unpaired: bool, group: int, start: list) -> None:
+def _rank(
+    rank: int, world: int, port: int, path: str, out: str, unpaired: bool, group: int, start: list, free: bool
+) -> None:
     import torch.distributed as dist
 
     from dpo_ray.data import artifacts as art
@@ -65,13 +67,14 @@ def _rank(rank: int, world: int, port: int, path: str, out: str, unpaired: bool,
     real = art.read_shard
     rows.read_shard = lambda u, s, c=None: reads.append(s.file) or real(u, s, c)
     rows.FETCH_ROWS = 3 if world == 3 else 1 << 15  # several exchange rounds, different counts per rank (eval)
-    cfg = _cfg(unpaired, steps=start[2])
+    cfg = _cfg(unpaired, steps=0)
     cfg.scored, cfg.scored_shards = path, art.shard_infos(path)
     train, evals = loop._read_rows(cfg)
     replica, replicas = rank // group, world // group
     state = LoopState()
-    state.epoch, state.batch_in_epoch, state.step = start
-    state.step = 0
+    state.epoch, state.batch_in_epoch, state.step = start[0], start[1], 4  # a restored step count
+    cfg.total_steps = state.step + start[2]
+    cfg.reference_logps = not free
     steps = []
     for batch, columns in loop._batches(train, cfg, state, replica, replicas):
         state.step += 1
@@ -90,12 +93,18 @@ def _rank(rank: int, world: int, port: int, path: str, out: str, unpaired: bool,
         dist.destroy_process_group()
 
 
-def _expected(path: str, unpaired: bool, world: int, group: int, start: list) -> list[dict]:
-    """The reading before: every shard, read_splits, and each global batch sliced per replica."""
+def _expected(path: str, unpaired: bool, world: int, group: int, start: list, free: bool) -> list[dict]:
+    """The reading before: every shard, read_splits, and each global batch sliced per replica (a reference-free
+    loss: no reference columns read, zeros in their place)."""
     from dpo_ray.data.order import epoch_batches, read_splits
 
     columns = UNPAIRED_TRAIN_COLUMNS if unpaired else TRAIN_COLUMNS
+    if free:
+        columns = [c for c in columns if not c.startswith("ref_")]
     splits = read_splits(path, artifacts.shard_infos(path), ["train", "eval"], columns)
+    if free:
+        for rows in splits.values():
+            rows |= {c: np.zeros(len(rows["pair_id"])) for c in ("ref_chosen_logp", "ref_rejected_logp")}
     train, evals = splits["train"], splits["eval"]
     n, n_eval = len(train[columns[0]]), len(evals[columns[0]])
     first, second = (columns[2], columns[3])
@@ -134,24 +143,25 @@ def _port() -> int:
 
 
 @pytest.mark.parametrize(
-    "world,group,unpaired,shards,start",
+    "world,group,unpaired,shards,start,free",
     [
-        (1, 1, False, 5, [0, 0, 9]),  # one process: no exchange
-        (2, 1, False, 9, [0, 0, 9]),  # 9 steps of 8 over ~32 train rows: epochs 0, 1 and 2
-        (4, 2, False, 9, [1, 2, 6]),  # sequence-parallel groups of 2; resumed at epoch 1, batch 2
-        (3, 1, True, 2, [0, 1, 5]),  # unpaired; 2 shards for 3 ranks: one reads none; exchanges of 3 rows
+        (1, 1, False, 5, [0, 0, 9], False),  # one process: no exchange
+        (2, 1, False, 9, [0, 0, 9], False),  # 9 steps of 8 over ~32 train rows: epochs 0, 1 and 2
+        (4, 2, False, 9, [1, 2, 6], False),  # sequence-parallel groups of 2; resumed at epoch 1, batch 2
+        (3, 1, True, 2, [0, 1, 5], False),  # unpaired; 2 shards for 3 ranks: one reads none; exchanges of 3 rows
+        (2, 1, False, 4, [0, 3, 4], True),  # a reference-free loss: no reference columns read
     ],
 )
-def test_each_rank_gets_the_rows_of_reading_every_shard(tmp_path, world, group, unpaired, shards, start):
+def test_each_rank_gets_the_rows_of_reading_every_shard(tmp_path, world, group, unpaired, shards, start, free):
     import torch.multiprocessing as mp
 
     path, out = str(tmp_path / "scored"), str(tmp_path)
     _artifact(path, unpaired, n=50, shards=shards)
     if world == 1:
-        _rank(0, 1, 0, path, out, unpaired, group, start)
+        _rank(0, 1, 0, path, out, unpaired, group, start, free)
     else:
-        mp.spawn(_rank, args=(world, _port(), path, out, unpaired, group, start), nprocs=world, join=True)
-    expected = _expected(path, unpaired, world, group, start)
+        mp.spawn(_rank, args=(world, _port(), path, out, unpaired, group, start, free), nprocs=world, join=True)
+    expected = _expected(path, unpaired, world, group, start, free)
     read = []
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:
