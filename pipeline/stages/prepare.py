@@ -2,11 +2,12 @@
 
 One streaming Ray Data execution reads the inputs (pipeline.core.sources) and turns every record into a tokenized
 pair or a reject with its reason (dpo_ray.data.tokenization; the Tokenize actors encode each batch's texts in one
-tokenizer call), in input order. Then the dedup shuffle on keys only: Ray tasks take each block's (pair_id,
-row, position), the driver finds the repeated pair_ids (the first in input order is kept), and Ray tasks
-write consecutive blocks as the Parquet shards of `pairs` and `rejects` (explicit Arrow schemas), returning
-the columns the stats need. The manifests come last. Every input row is accounted for: rows_in == rows_out +
-rows_rejected, checked before the manifest is written.
+tokenizer call), in input order. As each tokenized block comes out, a Ray task writes it to `<output>/.staging/`
+and returns its keys (pair_id, row, position) and row count, so the object store holds the blocks in flight, not
+the dataset. Then the dedup on keys only: the driver finds the repeated pair_ids (the first in input order is
+kept), and Ray tasks write consecutive staged blocks as the Parquet shards of `pairs` and `rejects` (explicit
+Arrow schemas), returning the columns the stats need; the staged blocks are removed. The manifests come last.
+Every input row is accounted for: rows_in == rows_out + rows_rejected, checked before the manifest is written.
 
 With `unpaired` the rows are unpaired feedback (dpo_ray.data.unpaired) and the artifact `unpaired`: records of
 (prompt, completion, label), or pairs each split into a desirable and an undesirable row (an input record is
@@ -199,6 +200,20 @@ def _id(block: pa.Table) -> tuple[str, str]:
     return ("row_id", "row") if "row_id" in block.column_names else ("pair_id", "pair")
 
 
+def _stage(block: pa.Table, uri: str, name: str) -> tuple[int, pa.Table]:
+    """Write one tokenized block to the staging directory; its row count and keys (see _keys)."""
+    artifacts.write_table(block, uri, name)
+    return _keys(block)
+
+
+def _staged(uri: str, name: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    fs, path = artifacts.artifact_fs(uri)
+    with fs.open(artifacts.join(path, name), "rb") as f:
+        return pq.read_table(f, page_checksum_verification=True)
+
+
 def _keys(block: pa.Table) -> tuple[int, pa.Table]:
     """A tokenized block's row count and its pairs' (pair_id, row, position in the block): what the dedup
     needs, a small part of the block (unpaired rows: row_id in the pair_id column)."""
@@ -281,25 +296,23 @@ def _with_kl_completions(table: pa.Table, seed: int, max_length: int, rows_per_s
 
 def _finalize(
     index: int,
-    blocks: list[Any],
+    blocks: list[tuple[str, str]],
     duplicates: dict[str, str],
     output: str,
     rejects_uri: str,
     rows_per_shard: int,
     unpaired: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Output shards from consecutive tokenized blocks: duplicates become rejects; pairs go to
-    `part-<index>-<j>.parquet`, rejects to `rejects/part-<index>-<j>.parquet` (j > 0 only for a block over
+    """Output shards from consecutive tokenized blocks (staged: (directory, file)): duplicates become rejects;
+    pairs go to `part-<index>-<j>.parquet`, rejects to `rejects/part-<index>-<j>.parquet` (j > 0 only for a block over
     rows_per_shard); returns the counts and the columns the stats need. unpaired: (seed, max_length) of unpaired
     rows, which get their KL completions here."""
     import os
 
-    import ray
-
     from dpo_ray.hooks import UNIT_HOOK_ENV, named_hook
 
     hook = named_hook(os.environ.get(UNIT_HOOK_ENV))  # a test's hold (dpo_ray.testing.faults), before each write
-    table = pa.concat_tables(ray.get(blocks))
+    table = pa.concat_tables([_staged(uri, name) for uri, name in blocks])
     key, kept_kind = _id(table)
     if duplicates:
         rows = table["row"].to_pylist()
@@ -405,9 +418,13 @@ def run(cfg: PrepareConfig) -> Manifest:
         f"max_length {cfg.max_length} (prompt {cfg.max_prompt_length}), {cfg.num_actors} tokenize actor(s)"
     )
     rejects_uri = artifacts.join(cfg.output, "rejects")
+    staging = artifacts.join(cfg.output, ".staging")
     with remote_progress("prepare: tokenized", None, "rows") as counter:
-        blocks = _tokenized(cfg, files, build.config, counter)
-    parts = _write_shards(cfg, blocks, rejects_uri)
+        keys = _tokenized(cfg, files, build.config, counter, staging)
+    parts = _write_shards(cfg, keys, staging, rejects_uri)
+    fs, path = artifacts.artifact_fs(staging)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
     rows_in, rows_out = sum(p["rows"] for p in parts), sum(p["pairs"] for p in parts)
     reject_counts = dict(sorted(sum((p["rejects"] for p in parts), Counter()).items()))
     artifacts.write_manifest(
@@ -426,9 +443,13 @@ def run(cfg: PrepareConfig) -> Manifest:
     return manifest
 
 
-def _tokenized(cfg: PrepareConfig, files: list[Any], config: dict[str, Any], counter: Any) -> list[Any]:
-    """Every input row through the Tokenize actors, in input order (one streaming Ray Data execution): the
-    blocks' object refs, each block's rows a pair or a reject with its reason."""
+def _tokenized(
+    cfg: PrepareConfig, files: list[Any], config: dict[str, Any], counter: Any, staging: str
+) -> list[tuple[int, pa.Table]]:
+    """Every input row through the Tokenize actors, in input order (one streaming Ray Data execution), each block
+    (its rows a pair or a reject with its reason) staged as it comes out (`<staging>/block-<i>.parquet`): each
+    block's row count and keys, in input order."""
+    import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     context = DataContext.get_current()
@@ -446,8 +467,13 @@ def _tokenized(cfg: PrepareConfig, files: list[Any], config: dict[str, Any], cou
             batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(size=cfg.num_actors),
         )
-        refs: list[Any] = tokenized.to_arrow_refs()
-        return refs
+        stage = ray.remote(_stage)
+        refs: list[Any] = []
+        for bundle in tokenized.iter_internal_ref_bundles():
+            for block in bundle.block_refs:
+                refs.append(stage.remote(block, staging, f"block-{len(refs):06d}.parquet"))
+        keys: list[tuple[int, pa.Table]] = gather(refs, "prepare: staged", "blocks")
+        return keys
     except Exception as e:
         user_error = unwrap_user_error(e, (InputError,))
         if user_error is not None:
@@ -457,13 +483,14 @@ def _tokenized(cfg: PrepareConfig, files: list[Any], config: dict[str, Any], cou
         context.execution_options.preserve_order = preserve
 
 
-def _write_shards(cfg: PrepareConfig, blocks: list[Any], rejects_uri: str) -> list[dict[str, Any]]:
-    """The dedup (on the pairs' keys only) and the shards: consecutive blocks of at most rows_per_shard rows
+def _write_shards(
+    cfg: PrepareConfig, keys: list[tuple[int, pa.Table]], staging: str, rejects_uri: str
+) -> list[dict[str, Any]]:
+    """The dedup (on the pairs' keys only) and the shards: consecutive staged blocks of at most rows_per_shard rows
     form one output shard, written by a Ray task; returns each shard's counts and stats columns."""
     import ray
 
-    keys = ray.get([ray.remote(_keys).remote(b) for b in blocks])
-    duplicates = _duplicates([k for _, k in keys]) if cfg.dedup else [{} for _ in blocks]
+    duplicates = _duplicates([k for _, k in keys]) if cfg.dedup else [{} for _ in keys]
     groups: list[list[int]] = []
     rows = 0
     for i, (n, _) in enumerate(keys):
@@ -476,7 +503,7 @@ def _write_shards(cfg: PrepareConfig, blocks: list[Any], rejects_uri: str) -> li
     refs = [
         finalize.remote(
             g,
-            [blocks[i] for i in group],
+            [(staging, f"block-{i:06d}.parquet") for i in group],
             {r: k for i in group for r, k in duplicates[i].items()},
             cfg.output,
             rejects_uri,
