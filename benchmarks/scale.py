@@ -19,7 +19,10 @@ step began (imports and Ray already there); `worker_peak_mib` is the largest res
 process during prepare (sampled every 0.2 s, imports included).
 
     .venv/bin/python benchmarks/scale.py [--pairs 10000 100000 1000000] [--steps plan-after read-after ...]
-        [--prepare-max 100000]
+        [--prepare-max 100000] [--workers 2]
+
+prepare's "before" is the same step run on another checkout's code: PYTHONPATH=<checkout> (the step prints the
+file of the prepare stage it ran).
 
 The reference, train steps, generate's sampling and evaluate's forwards are linear in tokens by construction and
 are not measured here (benchmarks/reference_throughput.py, train_vs_trl.py measure their rates).
@@ -235,7 +238,9 @@ class _Sampler:
     """Every 0.2 s: the largest RSS of any Ray worker process, and the object store's use and spill."""
 
     def __init__(self) -> None:
-        self.worker_mib, self.store_mib, self.spilled_mib = 0.0, 0.0, 0.0
+        self.worker_mib = 0.0
+        self.store_mib: float | None = None  # None: Ray's memory summary never answered
+        self.spilled_mib: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -265,9 +270,8 @@ class _Sampler:
             used = re.search(r"Plasma memory usage (\d+) MiB", text)
             spilled = re.search(r"Spilled (\d+) MiB", text)
             if used:
-                self.store_mib = max(self.store_mib, float(used.group(1)))
-            if spilled:
-                self.spilled_mib = max(self.spilled_mib, float(spilled.group(1)))
+                self.store_mib = max(self.store_mib or 0.0, float(used.group(1)))
+                self.spilled_mib = max(self.spilled_mib or 0.0, float(spilled.group(1)) if spilled else 0.0)
 
 
 def child_prepare(work: str, rows: int) -> dict[str, Any]:
@@ -290,7 +294,8 @@ def child_prepare(work: str, rows: int) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
     return {"seconds": seconds, "driver_growth_mib": own.growth, "pairs": manifest.rows,
             "worker_peak_mib": sampled.worker_mib, "object_store_peak_mib": sampled.store_mib,
-            "spilled_mib": sampled.spilled_mib, "bytes_written": _du(f"{work}/pairs")}  # fmt: skip
+            "spilled_mib": sampled.spilled_mib, "bytes_written": _du(f"{work}/pairs"),
+            "code": prepare.__file__}  # fmt: skip
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -349,7 +354,8 @@ def main() -> None:
                 if step == "prepare" and n > args.prepare_max:
                     continue
                 results[step][n] = r = _run_child(step, n, artifact, root, args.workers)
-                print(json.dumps({"step": step, "pairs": n, **{k: r[k] for k in KEYS if k in r}}), flush=True)
+                shown = {k: r[k] for k in [*KEYS, "code"] if k in r}
+                print(json.dumps({"step": step, "pairs": n, **shown}), flush=True)
             subprocess.run(["rm", "-rf", artifact], check=False)
     print(f"\ncores: {os.cpu_count()}\n")
     print("| step | pairs | " + " | ".join(KEYS) + " |")
