@@ -256,15 +256,17 @@ class _Sampler:
         import re
 
         import psutil
+        import ray
         from ray._private.internal_api import memory_summary
 
+        address = ray.get_runtime_context().gcs_address
         while not self._stop.wait(0.2):
             for p in psutil.process_iter(["name", "memory_info"]):
                 name = p.info.get("name") or ""
                 if name.startswith("ray::") and p.info.get("memory_info") is not None:
                     self.worker_mib = max(self.worker_mib, p.info["memory_info"].rss / 2**20)
             try:
-                text = memory_summary(stats_only=True)
+                text = memory_summary(address=address, stats_only=True)
             except Exception:  # the summary is best effort while Ray starts or stops
                 continue
             used = re.search(r"Plasma memory usage (\d+) MiB", text)
