@@ -17,6 +17,7 @@ The prompts are those of reading every row in shard order and keeping a prompt t
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,24 +116,37 @@ def plan_files(count: int, per_unit: int) -> list[tuple[str, int, int]]:
     return [(f"prompts-{i // size:05d}.parquet", i, min(size, count - i)) for i in range(0, count, size)]
 
 
-def write_plan(uri: str, manifest: Any, index: PromptIndex, per_unit: int, plan: str) -> list[dict[str, Any]]:
-    """Write every prompt of `index` under `plan` (see the module docstring) and return the units in prompt-id
-    order: {"name": "part-00000.parquet", "plan": file URI, "group": row group}: unit i holds prompts
-    [i * per_unit, (i + 1) * per_unit). Memory: one shard and one plan file's prompts."""
+def _unit_name(first: int, per_unit: int) -> str:
+    return f"part-{first // per_unit:05d}.parquet"
+
+
+def write_plan(
+    uri: str, manifest: Any, index: PromptIndex, per_unit: int, plan: str, done: Collection[str] = ()
+) -> list[dict[str, Any]]:
+    """Write the prompts of `index` under `plan` (see the module docstring) and return the units in prompt-id
+    order, but those named in `done` (a resumed run's finished units): {"name": "part-00000.parquet", "plan": file
+    URI, "group": row group}: unit i holds prompts [i * per_unit, (i + 1) * per_unit). A plan file whose units are
+    all done is not written, and a shard holding none of the other prompts is not read. Memory: one shard and one
+    plan file's prompts."""
     files = plan_files(len(index), per_unit)
+    needed = [
+        f for f, (_, first, count) in enumerate(files)
+        if any(_unit_name(u, per_unit) not in done for u in range(first, first + count, per_unit))
+    ]  # fmt: skip
     starts = np.array([first for _, first, _ in files], dtype=np.int64)
     fs, path = artifacts.artifact_fs(plan)
     fs.makedirs(path, exist_ok=True)
     pieces = artifacts.join(plan, ".pieces")
-    rank = np.arange(len(index))
-    for shard in np.unique(index.shard).tolist():  # pass 1: each shard's prompts, a piece per plan file
+    rank = np.concatenate([np.arange(files[f][1], files[f][1] + files[f][2]) for f in needed] or [np.zeros(0, int)])
+    for shard in np.unique(index.shard[rank]).tolist():  # pass 1: each shard's prompts, a piece per plan file
         rows = _rows(uri, manifest, index, rank, shard)
         which = np.searchsorted(starts, rows["rank"].to_numpy(), side="right") - 1
         for f in np.unique(which).tolist():
             artifacts.write_table(rows.filter(pa.array(which == f)), pieces, f"{f:05d}-{shard:06d}.parquet")
         del rows
     units = []
-    for f, (name, first, count) in enumerate(files):  # pass 2: a plan file is its pieces, sorted
+    for f in needed:  # pass 2: a plan file is its pieces, sorted
+        name, first, count = files[f]
         names = artifacts.list_shards(pieces, f"{f:05d}-*.parquet")
         parts = []
         for piece in names:
@@ -147,10 +161,10 @@ def write_plan(uri: str, manifest: Any, index: PromptIndex, per_unit: int, plan:
             fs.rm(artifacts.join(path, ".pieces", piece))
         del table, parts
         units += [
-            {"name": f"part-{(first + g * per_unit) // per_unit:05d}.parquet", "plan": artifacts.join(plan, name),
-             "group": g}
+            {"name": _unit_name(first + g * per_unit, per_unit), "plan": artifacts.join(plan, name), "group": g}
             for g in range(-(-count // per_unit))
-        ]  # fmt: skip
+            if _unit_name(first + g * per_unit, per_unit) not in done
+        ]
     if fs.exists(artifacts.join(path, ".pieces")):
         fs.rm(artifacts.join(path, ".pieces"), recursive=True)
     return units

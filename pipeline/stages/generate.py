@@ -253,10 +253,9 @@ def run(cfg: GenerateConfig) -> Manifest:
     t0 = time.perf_counter()
     retried = 0
     if pending:
-        plan = artifacts.join(cfg.output, "units", "plan")  # rewritten whole by every run that generates
+        plan = artifacts.join(cfg.output, "units", "plan")  # the missing units' prompts, written anew by every run
         try:
-            units = [u for u in write_plan(cfg.prompts, prompts_manifest, index, cfg.prompts_per_unit, plan)
-                     if u["name"] not in done]  # fmt: skip
+            units = write_plan(cfg.prompts, prompts_manifest, index, cfg.prompts_per_unit, plan, done)
             del index
             ensure_ray()
             retried = run_units(

@@ -97,3 +97,25 @@ def test_the_plan_on_an_object_store_uri(tmp_path, monkeypatch):
     assert sorted(fs.find(f"/plan-{tmp_path.name}")) == [
         f"/plan-{tmp_path.name}/prompts-0000{i}.parquet" for i in (0, 1)
     ]
+
+
+def test_a_resumed_plan_writes_and_reads_only_what_the_missing_units_need(tmp_path, monkeypatch):
+    """Units 0-3 and 6 done (PLAN_ROWS 32: plan files of 4 units of 8): the first file is not written, the units
+    returned are the others with the same prompts as a full plan, and only the shards holding them are read."""
+    monkeypatch.setattr(P, "PLAN_ROWS", 32)
+    uri, manifest, rows = _artifact(tmp_path)
+    expected = _expected(rows, "train")
+    index = P.prompt_index(uri, manifest, "train")
+    done = {f"part-{i:05d}.parquet" for i in (0, 1, 2, 3, 6)}
+    reads = []
+    real = artifacts.read_shard
+    monkeypatch.setattr(artifacts, "read_shard", lambda u, s, c=None: reads.append(s.file) or real(u, s, c))
+    plan = tmp_path / "plan"
+    units = P.write_plan(uri, manifest, index, 8, str(plan), done)
+    names = [f"part-{i:05d}.parquet" for i in range(-(-len(expected) // 8))]
+    assert [u["name"] for u in units] == [n for n in names if n not in done]
+    assert [P.read_unit(u) for u in units] == [expected[8 * int(u["name"][5:10]) :][:8] for u in units]
+    assert not (plan / "prompts-00000.parquet").exists() and (plan / "prompts-00001.parquet").exists()
+    holding = {manifest.shards[s].file for s in index.shard[32:].tolist()}
+    assert sorted(reads) == sorted(holding)
+    assert P.write_plan(uri, manifest, index, 8, str(tmp_path / "none"), set(names)) == []
