@@ -189,7 +189,7 @@ def _read_rank(rank: int, world: int, port: int, uri: str, after: bool, out: str
     manifest = artifacts.read_manifest(uri)
     assert manifest is not None
     fetched = [0]
-    module = rows if after else order
+    module = order  # both readings read through dpo_ray.data.order.read_shard
     verified = module.read_shard
 
     def counting(u: str, shard: artifacts.ShardInfo, columns: list[str] | None = None) -> Any:

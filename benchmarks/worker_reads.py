@@ -90,13 +90,13 @@ def _after(rank: int, world: int, port: int, uri: str, batch: int, out: str) -> 
     manifest = artifacts.read_manifest(uri)
     assert manifest is not None
     fetched = [0]
-    verified_read = rows.read_shard
+    verified_read = order.read_shard
 
     def counting(uri: str, shard: artifacts.ShardInfo, columns: list[str] | None = None) -> pa.Table:
         fetched[0] += shard.size
         return verified_read(uri, shard, columns)
 
-    rows.read_shard = counting  # type: ignore[assignment]
+    order.read_shard = counting  # type: ignore[assignment]
     t0 = time.perf_counter()
     splits = rows.read_split_rows(uri, manifest.shards, ["train", "eval"], order.TRAIN_COLUMNS)
     train = splits["train"]

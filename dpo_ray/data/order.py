@@ -27,10 +27,12 @@ __all__ = [
     "TRAIN_COLUMNS",
     "UNPAIRED_TRAIN_COLUMNS",
     "RaggedColumn",
+    "as_columns",
     "epoch_batches",
     "read_split",
     "read_splits",
     "split_counts",
+    "split_tables",
 ]
 
 # What training reads of a `scored` and of a `scored_unpaired` artifact; the first column is the row's identity,
@@ -83,28 +85,43 @@ class RaggedColumn:
         return RaggedColumn(values, np.concatenate([np.zeros(1, np.int64), np.cumsum(ends - starts)]))
 
 
-def read_splits(
-    artifact: str, shards: Sequence[ShardInfo], splits: Sequence[str], columns: Sequence[str] = TRAIN_COLUMNS
-) -> dict[str, dict[str, Any]]:
-    """The rows of each of `splits` from all the artifact's shards (each shard read once), sorted by the identity
-    column (`columns[0]`: pair_id or row_id), as {split: {column: array}}: list columns as RaggedColumn, the others
-    as numpy arrays."""
+def split_tables(
+    artifact: str, shards: Sequence[ShardInfo], splits: Sequence[str], columns: Sequence[str]
+) -> dict[str, list[pa.Table]]:
+    """The rows of each of `splits` in `shards` (each shard read once), a table per shard, unsorted, with the
+    columns `columns` (the first must be the rows' identity: pair_id or row_id)."""
     key = columns[0]
     if key not in ("pair_id", "row_id"):
-        raise ValueError(f"read_splits: the first column must be the rows' identity (pair_id or row_id), found {key!r}")
+        raise ValueError(f"the first column must be the rows' identity (pair_id or row_id), found {key!r}")
     wanted = list(dict.fromkeys(columns))
     parts: dict[str, list[pa.Table]] = {s: [] for s in splits}
     for shard in shards:
         table = read_shard(artifact, shard, [*wanted, "split"])
         for s in splits:
             parts[s].append(table.filter(pc.equal(table["split"], s)).drop_columns(["split"]))
+    return parts
+
+
+def as_columns(table: pa.Table, columns: Sequence[str]) -> dict[str, Any]:
+    """A table as the step's columns: list columns as RaggedColumn, the others as numpy arrays."""
+    return {
+        c: RaggedColumn.from_arrow(table[c]) if pa.types.is_list(table[c].type) else table[c].to_numpy()
+        for c in columns
+    }
+
+
+def read_splits(
+    artifact: str, shards: Sequence[ShardInfo], splits: Sequence[str], columns: Sequence[str] = TRAIN_COLUMNS
+) -> dict[str, dict[str, Any]]:
+    """The rows of each of `splits` from all the artifact's shards (each shard read once), sorted by the identity
+    column (`columns[0]`: pair_id or row_id), as {split: {column: array}}: list columns as RaggedColumn, the others
+    as numpy arrays."""
+    parts = split_tables(artifact, shards, splits, columns)
+    wanted = list(dict.fromkeys(columns))
     out: dict[str, dict[str, Any]] = {}
     for s in splits:
-        table = pa.concat_tables(parts[s]).sort_by(key) if parts[s] else pa.table({c: [] for c in wanted})
-        out[s] = {
-            c: RaggedColumn.from_arrow(table[c]) if pa.types.is_list(table[c].type) else table[c].to_numpy()
-            for c in columns
-        }
+        table = pa.concat_tables(parts[s]).sort_by(columns[0]) if parts[s] else pa.table({c: [] for c in wanted})
+        out[s] = as_columns(table, columns)
     return out
 
 

@@ -25,11 +25,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpo_ray.data.artifacts import ShardInfo, read_shard
-from dpo_ray.data.order import RaggedColumn
+from dpo_ray.data.artifacts import ShardInfo
+from dpo_ray.data.order import as_columns, split_tables
 from dpo_ray.data.schema import KINDS
 
-__all__ = ["FETCH_ROWS", "SplitRows", "as_columns", "owned_shards", "read_split_rows"]
+__all__ = ["FETCH_ROWS", "SplitRows", "owned_shards", "read_split_rows"]
 
 FETCH_ROWS = 1 << 15  # positions a rank asks for in one round of an exchange
 
@@ -41,14 +41,6 @@ def owned_shards(shards: Sequence[ShardInfo], rank: int, world: int) -> list[int
     middles = (np.cumsum(sizes) - sizes / 2) / max(sizes.sum(), 1.0)
     owner = np.minimum((middles * world).astype(np.int64), world - 1)
     return np.flatnonzero(owner == rank).tolist()
-
-
-def as_columns(table: pa.Table, columns: Sequence[str]) -> dict[str, Any]:
-    """A table as the step's columns: list columns as RaggedColumn, the others as numpy arrays."""
-    return {
-        c: RaggedColumn.from_arrow(table[c]) if pa.types.is_list(table[c].type) else table[c].to_numpy()
-        for c in columns
-    }
 
 
 def _group() -> Any:
@@ -174,18 +166,8 @@ def read_split_rows(
 
     group = _group()
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
-    key = columns[0]
-    if key not in ("pair_id", "row_id"):
-        raise ValueError(
-            f"read_split_rows: the first column must be the rows' identity (pair_id or row_id), found {key!r}"
-        )
-    wanted = list(dict.fromkeys(columns))
-    parts: dict[str, list[pa.Table]] = {s: [] for s in splits}
-    for index in owned_shards(shards, rank, world):
-        table = read_shard(artifact, shards[index], [*wanted, "split"])
-        for s in splits:
-            parts[s].append(table.filter(pc.equal(table["split"], s)).drop_columns(["split"]))
-        del table
+    key, wanted = columns[0], list(dict.fromkeys(columns))
+    parts = split_tables(artifact, [shards[i] for i in owned_shards(shards, rank, world)], splits, columns)
     out = {}
     for s in splits:
         if parts[s]:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from dpo_ray.data import artifacts
 
-__all__ = ["PLAN_ROWS", "PromptIndex", "prompt_index", "read_unit", "take", "write_plan"]
+__all__ = ["PLAN_ROWS", "PromptIndex", "prompt_index", "read_unit", "take", "unit_names", "write_plan"]
 
 COLUMNS = ["prompt_id", "prompt", "prompt_ids"]  # what a prompt is, for the stages
 PLAN_ROWS = 1 << 14  # prompts a plan file holds at most (rounded down to whole units): the driver's bound
@@ -118,6 +118,11 @@ def plan_files(count: int, per_unit: int) -> list[tuple[str, int, int]]:
 
 def _unit_name(first: int, per_unit: int) -> str:
     return f"part-{first // per_unit:05d}.parquet"
+
+
+def unit_names(count: int, per_unit: int) -> list[str]:
+    """The names of the units (and of their output shards) of `count` prompts, in order."""
+    return [_unit_name(first, per_unit) for first in range(0, count, per_unit)]
 
 
 def write_plan(

@@ -27,7 +27,7 @@ from pipeline.config import GenerateConfig
 from pipeline.core import console, stage
 from pipeline.core.engines import engine_key, engine_spec
 from pipeline.core.inputs import matching_tokenizer, stage_inputs
-from pipeline.core.prompts import prompt_index, read_unit, write_plan
+from pipeline.core.prompts import prompt_index, read_unit, unit_names, write_plan
 from pipeline.core.runtime import ensure_ray
 from pipeline.core.units import actor_bundle, describe, run_units
 
@@ -242,7 +242,7 @@ def run(cfg: GenerateConfig) -> Manifest:
     fingerprints = {"tokenizer": tok_fp, "model": upstream["model:policy"]}
     # The driver holds the prompts' index only; each unit reads its prompts from the plan (pipeline.core.prompts).
     index = prompt_index(cfg.prompts, prompts_manifest, "train", cfg.max_prompts)
-    names = [f"part-{i:05d}.parquet" for i in range(-(-len(index) // cfg.prompts_per_unit))]
+    names = unit_names(len(index), cfg.prompts_per_unit)
     done = set(artifacts.list_shards(cfg.output))
     pending = [n for n in names if n not in done]
     console.header(

@@ -58,6 +58,7 @@ def _rank(
     import torch.distributed as dist
 
     from dpo_ray.data import artifacts as art
+    from dpo_ray.data import order
     from dpo_ray.train import loop, rows
     from dpo_ray.train.checkpoint import LoopState
 
@@ -65,7 +66,7 @@ def _rank(
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     reads = []
     real = art.read_shard
-    rows.read_shard = lambda u, s, c=None: reads.append(s.file) or real(u, s, c)
+    order.read_shard = lambda u, s, c=None: reads.append(s.file) or real(u, s, c)
     rows.FETCH_ROWS = 3 if world == 3 else 1 << 15  # several exchange rounds, different counts per rank (eval)
     cfg = _cfg(unpaired, steps=0)
     cfg.scored, cfg.scored_shards = path, art.shard_infos(path)
