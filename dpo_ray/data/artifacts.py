@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+# Rows per Parquet row group of the shards write_table writes: shard_infos verifies a shard one row group at a
+# time, so its memory is one row group's (a few tens of MB of HH-shaped rows), whatever the shard's size.
+ROW_GROUP_ROWS = 8192
 
 
 class ArtifactError(UserError, ValueError):
@@ -155,15 +158,32 @@ _FIX = "the artifact is damaged: rerun the stage that produced it"
 
 def shard_infos(uri: str, pattern: str = "part-*.parquet") -> list[ShardInfo]:
     """Name, row count, sha256 and size of every shard, each read whole with its page checksums verified (a
-    shard kept from an interrupted run, or a partial upload, is checked before a manifest vouches for it)."""
+    shard kept from an interrupted run, or a partial upload, is checked before a manifest vouches for it). The
+    read streams: the sha256 over 1 MiB reads, the pages one row group at a time (at most ROW_GROUP_ROWS rows of
+    the shards write_table writes), so the memory does not grow with the shard."""
     fs, path = artifact_fs(uri)
     infos = []
     for name in list_shards(uri, pattern):
         full = join(path, name)
-        data = fs.cat_file(full)
-        rows = _parquet(data, f"{uri}/{name}").num_rows
-        infos.append(ShardInfo(name, rows, hashlib.sha256(data).hexdigest(), len(data)))
+        sha, size = _sha256_file(fs, full)
+        infos.append(ShardInfo(name, _verified_rows(fs, full, f"{uri}/{name}"), sha, size))
     return infos
+
+
+def _verified_rows(fs: fsspec.AbstractFileSystem, path: str, where: str) -> int:
+    """The row count of a Parquet file whose every page checksum was verified, read one row group at a time;
+    ArtifactError naming the shard when it is damaged."""
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f, page_checksum_verification=True)
+            rows = 0
+            for group in range(pf.num_row_groups):
+                rows += pf.read_row_group(group).num_rows
+            if rows != pf.metadata.num_rows:
+                raise pa.ArrowInvalid(f"row groups hold {rows} rows, the footer says {pf.metadata.num_rows}")
+            return rows
+    except (OSError, pa.ArrowException) as e:
+        raise ArtifactError(f"{where}: not a readable Parquet shard ({e}); {_FIX}") from None
 
 
 def verify_shards(uri: str, manifest: Manifest) -> None:
@@ -344,5 +364,5 @@ def write_table(table: pa.Table, uri: str, name: str) -> None:
     fs.makedirs(path, exist_ok=True)
     tmp = join(path, f".tmp-{name}")
     with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, write_page_checksum=True)
+        pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS, write_page_checksum=True)
     fs.mv(tmp, join(path, name))

@@ -66,6 +66,20 @@ UNIFIED_UNPAIRED_SCHEMA = pa.schema(
 )
 
 
+# Tokenized blocks being written to the staging directory at once, per tokenizer actor: the driver takes no further
+# block from the execution while this many are unwritten, so the object store holds a bounded number of blocks
+# (each batch_size rows), however many rows there are (benchmarks/RESULTS.md, scale.py).
+STAGING_WINDOW = 4
+# The largest block the execution makes (Ray Data's target_max_block_size, 128 MiB by default): an input file's
+# records and a tokenizer task's output are cut into blocks of this size, so the object store holds a few of them
+# at a time, whatever the size of the input files or the dataset.
+BLOCK_BYTES = 16 * 2**20
+# The execution's share of the object store (Ray Data's resource_limits): the reads stop running ahead of the
+# tokenizers once their blocks fill it. An input file is read by one task, so its records may exceed it by one
+# file's worth (benchmarks/RESULTS.md, scale.py).
+STORE_BUDGET = 16 * BLOCK_BYTES
+
+
 class PrepareError(UserError, RuntimeError):
     """The stage cannot produce a usable artifact (e.g. every row was rejected)."""
 
@@ -454,8 +468,11 @@ def _tokenized(
     from ray.data import ActorPoolStrategy, DataContext
 
     context = DataContext.get_current()
-    preserve = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # output shards in input order, the same every run
+    options = context.execution_options
+    preserve, limits, block_size = options.preserve_order, options.resource_limits, context.target_max_block_size
+    options.preserve_order = True  # output shards in input order, the same every run
+    options.resource_limits = limits.copy(object_store_memory=STORE_BUDGET)
+    context.target_max_block_size = BLOCK_BYTES
     try:
         text_columns = (
             (cfg.columns.completion,) if cfg.unpaired == "records" else (cfg.columns.chosen, cfg.columns.rejected)
@@ -470,9 +487,14 @@ def _tokenized(
         )
         stage = ray.remote(_stage)
         refs: list[Any] = []
+        writing: list[Any] = []
+        window = STAGING_WINDOW * cfg.num_actors
         for bundle in tokenized.iter_internal_ref_bundles():
             for block in bundle.block_refs:
+                if len(writing) >= window:  # backpressure: the execution waits while its blocks are written
+                    _, writing = ray.wait(writing, num_returns=len(writing) - window + 1)
                 refs.append(stage.remote(block, staging, f"block-{len(refs):06d}.parquet"))
+                writing.append(refs[-1])
         keys: list[tuple[int, pa.Table]] = gather(refs, "prepare: staged", "blocks")
         return keys
     except Exception as e:
@@ -481,7 +503,7 @@ def _tokenized(
             raise InputError(str(user_error)) from None
         raise
     finally:
-        context.execution_options.preserve_order = preserve
+        options.preserve_order, options.resource_limits, context.target_max_block_size = preserve, limits, block_size
 
 
 def _write_shards(

@@ -55,3 +55,39 @@ def test_shard_schemas_are_checked_column_by_column(tmp_path):
         artifacts.check_shard_schemas(uri, pa.schema([("x", pa.int64())]))
     with pytest.raises(ValueError, match="missing column 'y'"):
         artifacts.check_shard_schemas(uri, pa.schema([("x", pa.int32()), ("y", pa.list_(pa.int32()))]))
+
+
+def test_shard_infos_verify_a_shard_one_row_group_at_a_time(tmp_path, monkeypatch):
+    """shard_infos' memory is one row group's, whatever the shard's size: write_table cuts a shard into row groups
+    of ROW_GROUP_ROWS, and shard_infos reads them one by one (never the whole file at once), and still catches a
+    damaged page in the last group."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(artifacts, "ROW_GROUP_ROWS", 100)
+    uri = str(tmp_path / "a")
+    _write(uri, list(range(1050)))
+    path = tmp_path / "a" / "part-00000.parquet"
+    assert pq.ParquetFile(path).num_row_groups == 11
+    largest = [0]
+    real = pq.ParquetFile.read_row_group
+
+    def counted(self, i, *args, **kwargs):
+        table = real(self, i, *args, **kwargs)
+        largest[0] = max(largest[0], table.num_rows)
+        return table
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("shard_infos read a whole shard"))
+    (info,) = artifacts.shard_infos(uri)
+    data = path.read_bytes()
+    assert (info.rows, info.size, info.sha256) == (1050, len(data), hashlib.sha256(data).hexdigest())
+    assert largest[0] == 100
+    # A damaged page in the last row group (the last column chunk's values, before the footer) is still refused.
+    meta = pq.ParquetFile(path).metadata
+    chunk = meta.row_group(meta.num_row_groups - 1).column(0)
+    at = chunk.data_page_offset + chunk.total_compressed_size - 8
+    path.write_bytes(data[:at] + bytes(b ^ 0xFF for b in data[at : at + 4]) + data[at + 4 :])
+    with pytest.raises(ArtifactError, match=r"part-00000.parquet: not a readable Parquet shard"):
+        artifacts.shard_infos(uri)
