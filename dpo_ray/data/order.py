@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpo_ray.data.artifacts import ShardInfo, read_shard
+from dpo_ray.data.artifacts import ShardInfo, read_columns, read_shard
 
 __all__ = [
     "TRAIN_COLUMNS",
@@ -44,10 +44,11 @@ UNPAIRED_TRAIN_COLUMNS = [
 
 
 def split_counts(artifact: str, shards: Sequence[ShardInfo]) -> dict[str, int]:
-    """Rows per split over the artifact's shards (decodes only the `split` column)."""
+    """Rows per split over the shards of an artifact verified whole (require_complete): only the `split` column
+    is fetched (artifacts.read_columns), not the artifact a second time."""
     counts: dict[str, int] = {}
     for shard in shards:
-        split = read_shard(artifact, shard, ["split"])["split"].to_numpy(zero_copy_only=False)
+        split = read_columns(artifact, shard, ["split"])["split"].to_numpy(zero_copy_only=False)
         for name, n in zip(*np.unique(split, return_counts=True), strict=True):
             counts[str(name)] = counts.get(str(name), 0) + int(n)
     return counts

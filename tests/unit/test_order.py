@@ -74,3 +74,76 @@ def test_read_splits_reads_each_shard_once_and_matches_the_python_lists(tmp_path
         pick = np.array([len(rows) - 1, 0, 2])
         assert [list(map(int, x)) for x in ids[pick]] == [rows[i]["chosen_ids"] for i in pick]
         assert len(ids[np.array([], dtype=np.int64)]) == 0
+
+
+def test_split_counts_fetch_the_split_column_only(tmp_path, monkeypatch):
+    """train's driver counts the splits of an artifact require_complete already verified whole: it fetches the
+    `split` column's pages, not every shard a second time; a shard of another size, or a damaged page, is refused."""
+    import pyarrow.parquet as pq
+    import pytest
+
+    rng = np.random.default_rng(0)
+    uri = str(tmp_path)
+    for k in range(4):  # shards of 2,000 pairs with 200 token ids each: the split column is a small part of them
+        ids = pa.ListArray.from_arrays(pa.array(np.arange(0, 2001 * 200, 200, dtype=np.int32)),
+                                       pa.array(rng.integers(0, 2**31 - 1, 2000 * 200, dtype=np.int32)))  # fmt: skip
+        split = ["eval" if i % 5 == 0 else "train" for i in range(2000)]
+        table = pa.table({"pair_id": [f"{k}-{i}" for i in range(2000)], "split": split, "chosen_ids": ids})
+        artifacts.write_table(table, uri, f"part-{k:05d}.parquet")
+    shards = artifacts.shard_infos(uri)
+    expected: dict[str, int] = {}
+    for shard in shards:
+        for s in pq.read_table(tmp_path / shard.file, columns=["split"])["split"].to_pylist():
+            expected[s] = expected.get(s, 0) + 1
+    real_fs = artifacts.artifact_fs
+    read = [0]
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, *args):
+            data = self.f.read(*args)
+            read[0] += len(data)
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    class CountingFs:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def open(self, *args, **kwargs):
+            return Counted(self.fs.open(*args, **kwargs))
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+    monkeypatch.setattr(artifacts, "artifact_fs", lambda u: (CountingFs(real_fs(u)[0]), real_fs(u)[1]))
+    assert split_counts(uri, shards) == expected == {"train": 6400, "eval": 1600}
+    # What is fetched: the footers (pyarrow reads up to 64 KiB at a file's end) and the split columns' pages.
+    column = sum(pq.ParquetFile(tmp_path / s.file).metadata.row_group(0).column(1).total_compressed_size
+                 for s in shards)  # fmt: skip
+    assert read[0] <= column + len(shards) * 2**16 < sum(s.size for s in shards) / 10, (read[0], column)
+    path = tmp_path / shards[0].file
+    data = path.read_bytes()
+    path.write_bytes(data + b"x")
+    with pytest.raises(artifacts.ArtifactError, match=f"{shards[0].file}: size expected {len(data)} bytes"):
+        split_counts(uri, shards)
+    meta = pq.ParquetFile(tmp_path / shards[1].file).metadata.row_group(0).column(1)
+    assert meta.path_in_schema == "split"
+    damaged = bytearray((tmp_path / shards[1].file).read_bytes())
+    start = meta.dictionary_page_offset if meta.has_dictionary_page else meta.data_page_offset
+    at = start + meta.total_compressed_size - 4  # in the column chunk's last page
+    damaged[at : at + 2] = bytes(b ^ 0xFF for b in damaged[at : at + 2])
+    (tmp_path / shards[1].file).write_bytes(bytes(damaged))
+    path.write_bytes(data)
+    with pytest.raises(artifacts.ArtifactError, match=f"{shards[1].file}: not a readable Parquet shard"):
+        split_counts(uri, shards)
