@@ -47,8 +47,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-STEPS = ["prepare", "plan-before", "plan-after", "read-before", "read-after"]
+STEPS = ["prepare", "reference-hf", "reference-vllm", "train", "plan-before", "plan-after", "read-before", "read-after"]
+TRAIN_STEPS = 8
 ROWS_PER_SHARD = 50_000
+EVAL_PAIRS = 512
 
 
 def _peak_mib() -> float:
@@ -87,25 +89,32 @@ def _du(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def build_scored(uri: str, pairs: int) -> None:
-    """A synthetic `scored` artifact of HH shape, written shard by shard (bounded memory)."""
+def build_artifact(
+    uri: str, pairs: int, kind: str = "scored", tokenizer: str = "", rows_per_shard: int = ROWS_PER_SHARD
+) -> None:
+    """A synthetic `scored` (or `pairs`: without the reference log-probs) artifact of HH shape, written shard by
+    shard (bounded memory). Its eval split is EVAL_PAIRS pairs at every size (every (pairs // EVAL_PAIRS)-th), so
+    that train's evaluation at its end costs the same at every size. `tokenizer`: the fingerprint recorded as the
+    artifact's tokenizer (the stages refuse an artifact made with another tokenizer than their model's)."""
     import pyarrow as pa
     from hh_llama import hh_records
 
     from dpo_ray.data import artifacts
-    from dpo_ray.data.schema import SCORED_SCHEMA
-    from dpo_ray.data.tokenization import pair_id, split_of
+    from dpo_ray.data.schema import PAIRS_SCHEMA, SCORED_SCHEMA
+    from dpo_ray.data.tokenization import pair_id
 
     records = hh_records()
     lengths = np.array(json.loads((HERE / "hh_lengths.json").read_text()), dtype=np.int64)
     rng = np.random.default_rng(0)
+    stride = max(1, pairs // EVAL_PAIRS)
+    schema = SCORED_SCHEMA if kind == "scored" else PAIRS_SCHEMA
 
     def ragged(counts: np.ndarray, values: np.ndarray) -> pa.Array:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
-    for start in range(0, pairs, ROWS_PER_SHARD):
-        idx = np.arange(start, min(start + ROWS_PER_SHARD, pairs))
+    for start in range(0, pairs, rows_per_shard):
+        idx = np.arange(start, min(start + rows_per_shard, pairs))
         lp, lc, lr = (lengths[idx % len(lengths), k] for k in range(3))
         texts = []
         for i in idx.tolist():
@@ -118,7 +127,7 @@ def build_scored(uri: str, pairs: int) -> None:
         table = pa.table(
             {
                 "pair_id": [pair_id(*t) for t in texts],
-                "split": [split_of(t[0], 0.05) for t in texts],
+                "split": ["eval" if i % stride == 0 and i // stride < EVAL_PAIRS else "train" for i in idx.tolist()],
                 "prompt_ids": ragged(lp, rng.integers(0, 8000, int(lp.sum()), dtype=np.int32)),
                 "chosen_ids": ragged(lc, rng.integers(0, 8000, int(lc.sum()), dtype=np.int32)),
                 "rejected_ids": ragged(lr, rng.integers(0, 8000, int(lr.sum()), dtype=np.int32)),
@@ -131,9 +140,12 @@ def build_scored(uri: str, pairs: int) -> None:
                 "ref_chosen_logp": np.add.reduceat(c_logps, cb[:-1]).astype(np.float64) if len(idx) else [],
                 "ref_rejected_logp": np.add.reduceat(r_logps, rb[:-1]).astype(np.float64) if len(idx) else [],
             }
-        ).cast(SCORED_SCHEMA)
-        artifacts.write_table(table, uri, f"part-{start // ROWS_PER_SHARD:05d}.parquet")
-    artifacts.write_manifest(uri, "scored", {}, {}, {}, {}, shards=artifacts.shard_infos(uri))
+        )
+        artifacts.write_table(
+            table.select(schema.names).cast(schema), uri, f"part-{start // rows_per_shard:05d}.parquet"
+        )
+    fingerprints = {"tokenizer": tokenizer} if tokenizer else {}
+    artifacts.write_manifest(uri, kind, {}, fingerprints, {}, {}, shards=artifacts.shard_infos(uri))
 
 
 def _old_unique_prompts(uri: str, manifest: Any, split: str, limit: int | None) -> list[dict[str, Any]]:
@@ -276,45 +288,114 @@ class _Sampler:
                 self.spilled_mib = max(self.spilled_mib or 0.0, float(spilled.group(1)) if spilled else 0.0)
 
 
-def child_prepare(work: str, rows: int) -> dict[str, Any]:
-    from hh_llama import build_hh_llama, hh_records
+def _warm(model: str) -> None:
+    """What a stage imports and loads first (torch, transformers, the tokenizer), so that a step's growth is its own."""
+    import torch  # noqa: F401
+    import transformers
+
+    from dpo_ray.models.loading import load_tokenizer
+
+    load_tokenizer(model)
+    transformers.AutoConfig.from_pretrained(model)
+    _ = transformers.AutoModelForCausalLM  # the lazy module's import
+
+
+def child_prepare(work: str, rows: int, model: str) -> dict[str, Any]:
+    """prepare into <run_dir>/pairs, then `status` over that run (its prepare output complete)."""
     from prepare_throughput import write_inputs
 
-    from pipeline.config import PrepareConfig
+    from pipeline.cli import status
+    from pipeline.config import load_config
+    from pipeline.core.plan import plan
     from pipeline.core.runtime import ensure_ray
     from pipeline.stages import prepare
 
-    model = build_hh_llama(Path(work) / "model", hh_records(), hidden=64, layers=1)
     data = Path(work) / "data"
     data.mkdir()
     inputs = write_inputs(data, rows, 4)
     ensure_ray()
-    cfg = PrepareConfig(inputs=inputs, tokenizer=str(model), output=f"{work}/pairs")
+    _warm(model)
+    run = load_config(None, [f"run_dir={work}", f"prepare.inputs={json.dumps(inputs)}", f"prepare.tokenizer={model}",
+                             f"reference.model={model}", "reference.backend=hf", f"train.model={model}",
+                             f"evaluate.reference={model}"])  # fmt: skip
+    (cfg,) = [p.config for p in plan(run) if p.stage == "prepare"]
     with _Sampler() as sampled, _Own() as own:
         t0 = time.perf_counter()
         manifest = prepare.run(cfg)
         seconds = time.perf_counter() - t0
+    with _Own() as own_status:
+        t0 = time.perf_counter()
+        rows_seen = status.collect(run)
+        status_seconds = time.perf_counter() - t0
+    assert any(r["state"] == "complete" for r in rows_seen), rows_seen
     return {"seconds": seconds, "driver_growth_mib": own.growth, "pairs": manifest.rows,
             "worker_peak_mib": sampled.worker_mib, "object_store_peak_mib": sampled.store_mib,
-            "spilled_mib": sampled.spilled_mib, "bytes_written": _du(f"{work}/pairs"),
+            "spilled_mib": sampled.spilled_mib, "bytes_written": _du(cfg.output),
+            "status_seconds": status_seconds, "status_growth_mib": own_status.growth,
             "code": prepare.__file__}  # fmt: skip
+
+
+def child_reference(pairs: str, work: str, backend: str, model: str) -> dict[str, Any]:
+    """The reference stage on a synthetic `pairs` artifact, one actor (the hf forward, or a vLLM engine)."""
+    from pipeline.config import ReferenceConfig
+    from pipeline.core.runtime import ensure_ray
+    from pipeline.stages import reference
+
+    ensure_ray()
+    _warm(model)
+    engine = {"gpu_memory_utilization": 0.1, "parity_samples": 8} if backend == "vllm" else {}
+    cfg = ReferenceConfig(model=model, pairs=pairs, output=f"{work}/scored", backend=backend, **engine)
+    with _Sampler() as sampled, _Own() as own:
+        t0 = time.perf_counter()
+        manifest = reference.run(cfg)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "driver_growth_mib": own.growth, "pairs": manifest.rows,
+            "worker_peak_mib": sampled.worker_mib, "object_store_peak_mib": sampled.store_mib,
+            "spilled_mib": sampled.spilled_mib, "bytes_written": _du(cfg.output)}  # fmt: skip
+
+
+def child_train(scored: str, work: str, model: str, workers: int) -> dict[str, Any]:
+    """The train stage on a synthetic `scored` artifact: `workers` Ray Train workers (gloo), TRAIN_STEPS steps of
+    batches of 32, the eval split (EVAL_PAIRS pairs) at the end, the export."""
+    from pipeline.config import TrainConfig
+    from pipeline.core.runtime import ensure_ray
+    from pipeline.stages import train
+
+    ensure_ray()
+    _warm(model)
+    cfg = TrainConfig.model_validate({
+        "model": model, "scored": scored, "output": f"{work}/train", "export": f"{work}/export",
+        "max_steps": TRAIN_STEPS, "batch_size": 32, "workers": {"count": workers},
+        "checkpoint": {"storage_path": f"{work}/checkpoints"},
+    })  # fmt: skip
+    with _Sampler() as sampled, _Own() as own:
+        t0 = time.perf_counter()
+        train.run(cfg)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "driver_growth_mib": own.growth, "worker_peak_mib": sampled.worker_mib,
+            "object_store_peak_mib": sampled.store_mib, "spilled_mib": sampled.spilled_mib,
+            "bytes_written": _du(work)}  # fmt: skip
 
 
 def _child(args: argparse.Namespace) -> None:
     step, work = args.child, args.work
     if step == "prepare":
-        out = child_prepare(work, args.n)
+        out = child_prepare(work, args.n, args.model)
     elif step.startswith("plan"):
         out = child_plan(args.artifact, work, step.endswith("after"))
+    elif step.startswith("reference"):
+        out = child_reference(args.artifact, work, step.removeprefix("reference-"), args.model)
+    elif step == "train":
+        out = child_train(args.artifact, work, args.model, args.workers)
     else:
         out = child_read(args.artifact, work, step.endswith("after"), args.workers)
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def _run_child(step: str, n: int, artifact: str, root: Path, workers: int) -> dict[str, Any]:
+def _run_child(step: str, n: int, artifact: str, root: Path, workers: int, model: str) -> dict[str, Any]:
     work = tempfile.mkdtemp(dir=root, prefix=f"{step}-{n}-")
     cmd = [sys.executable, __file__, "--child", step, "--n", str(n), "--artifact", artifact, "--work", work,
-           "--workers", str(workers)]  # fmt: skip
+           "--workers", str(workers), "--model", model]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -324,8 +405,8 @@ def _run_child(step: str, n: int, artifact: str, root: Path, workers: int) -> di
 
 
 KEYS = [
-    "seconds", "driver_growth_mib", "worker_growth_mib", "worker_peak_mib", "object_store_peak_mib", "spilled_mib",
-    "bytes_written", "bytes_fetched_per_worker",
+    "seconds", "driver_growth_mib", "status_seconds", "status_growth_mib", "worker_growth_mib", "worker_peak_mib",
+    "object_store_peak_mib", "spilled_mib", "bytes_written", "bytes_fetched_per_worker",
 ]  # fmt: skip
 
 
@@ -334,31 +415,44 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--steps", nargs="+", default=STEPS, choices=STEPS)
     ap.add_argument("--prepare-max", type=int, default=100_000, help="prepare runs up to this size only")
-    ap.add_argument("--workers", type=int, default=2, help="train workers of the read steps")
+    ap.add_argument("--reference-max", type=int, default=30_000, help="the reference runs up to this size only")
+    ap.add_argument("--workers", type=int, default=2, help="train workers of the read and train steps")
     ap.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         _child(args)
         return
+    from hh_llama import build_hh_llama, hh_records
+
+    from dpo_ray.models.loading import load_tokenizer, tokenizer_fingerprint
+
     results: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in args.steps}
+    limits = {"prepare": args.prepare_max, "reference-hf": args.reference_max, "reference-vllm": args.reference_max}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        model = str(build_hh_llama(root / "model", hh_records(), hidden=64, layers=1))
+        fingerprint = tokenizer_fingerprint(load_tokenizer(model))
         for n in args.pairs:
-            artifact = str(root / f"scored-{n}")
-            if any(s != "prepare" for s in args.steps):
-                t0 = time.perf_counter()
-                build_scored(artifact, n)
-                print(f"# built {n} pairs in {time.perf_counter() - t0:.0f} s ({_du(artifact)} bytes)", flush=True)
-            for step in args.steps:
-                if step == "prepare" and n > args.prepare_max:
-                    continue
-                results[step][n] = r = _run_child(step, n, artifact, root, args.workers)
+            steps = [s for s in args.steps if n <= limits.get(s, n)]
+            built = {}
+            for kind, needed in (("scored", {"train", *STEPS[4:]}), ("pairs", {"reference-hf", "reference-vllm"})):
+                if needed & set(steps):
+                    t0 = time.perf_counter()
+                    built[kind] = str(root / f"{kind}-{n}")
+                    build_artifact(built[kind], n, kind, fingerprint)
+                    print(f"# built {n} {kind} in {time.perf_counter() - t0:.0f} s ({_du(built[kind])} bytes)",
+                          flush=True)  # fmt: skip
+            for step in steps:
+                artifact = built.get("pairs" if step.startswith("reference") else "scored", "")
+                results[step][n] = r = _run_child(step, n, artifact, root, args.workers, model)
                 shown = {k: r[k] for k in [*KEYS, "code"] if k in r}
                 print(json.dumps({"step": step, "pairs": n, **shown}), flush=True)
-            subprocess.run(["rm", "-rf", artifact], check=False)
+            for uri in built.values():
+                subprocess.run(["rm", "-rf", uri], check=False)
     print(f"\ncores: {os.cpu_count()}\n")
     print("| step | pairs | " + " | ".join(KEYS) + " |")
     print("|---|---|" + "---|" * len(KEYS))
