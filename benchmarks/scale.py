@@ -2,30 +2,36 @@
 
 Steps (each in a fresh child process, so that its peak resident memory is its own):
 - `prepare`: the prepare stage on an embedded Ray, on HH-RLHF rows made unique (benchmarks/prepare_throughput.py's
-  inputs: 4 JSONL files, every 50th row a duplicate) with an 8k BPE trained on the sample. Measured: wall time, the
-  driver's peak RSS, the largest peak RSS of a Ray worker process (sampled every 0.2 s), the object store's
-  largest use and what it spilled (sampled from Ray's memory summary), the bytes written.
+  inputs: 4 JSONL files, every 50th row a duplicate) with an 8k BPE trained on the sample, then `status` over the
+  run. Measured: wall time, the driver's growth, the largest peak RSS of a Ray worker process (sampled every
+  0.2 s), the object store's largest use and what it spilled (sampled from Ray's memory summary), the bytes
+  written; status's time and growth.
+- `reference-hf` / `reference-vllm`: the reference stage (one actor: a transformers forward, or a vLLM engine) on a
+  synthetic `pairs` artifact of HH shape (below) with the tiny model (a 1-layer Llama, hidden 64, the same BPE).
+- `train`: the train stage, 2 Ray Train workers (gloo), TRAIN_STEPS steps of 32 pairs, the eval split's
+  EVAL_PAIRS pairs at the end, the export: what grows with the pairs is the workers' reading and the driver's
+  checks (the steps are a few).
 - `plan-before` / `plan-after`: generate's and evaluate's handling of the prompts at the driver, on a synthetic
-  `scored` artifact of HH shape (the sample's texts made unique, benchmarks/hh_lengths.json's token counts,
-  random ids and log-probs; 50,000 rows a shard): before, the prompts as Python dicts (the code before
-  pipeline.core.prompts, kept here to measure it) and each unit's prompts as JSON; after, the index and the units'
-  plan written to storage (pipeline.core.prompts). Measured: wall time, the driver's peak RSS, bytes written.
-- `read-before` / `read-after`: the train workers' reading, 2 gloo processes, on the same artifact: before, each
-  reads every shard (dpo_ray.data.order.read_splits) and slices each batch; after, dpo_ray.train.rows (its own
-  shards, the rows of one epoch's slices exchanged). Measured: wall time, each worker's peak RSS, bytes fetched.
+  `scored` artifact: before, the prompts as Python dicts (the code before pipeline.core.prompts, kept here to
+  measure it) and each unit's prompts as JSON; after, the index and the units' plan written to storage
+  (pipeline.core.prompts). Measured: wall time, the driver's growth, bytes written.
+- `read-before` / `read-after`: the train workers' reading, `--workers` gloo processes, on the same artifact:
+  before, each reads every shard (dpo_ray.data.order.read_splits); after, dpo_ray.train.rows (its own shards, the
+  rows of one epoch's slices exchanged). Measured: wall time, each worker's growth, bytes fetched.
+
+The synthetic artifacts: the sample's texts made unique, benchmarks/hh_lengths.json's token counts, random ids
+and log-probs, 50,000 rows a shard, an eval split of EVAL_PAIRS pairs at every size.
 
 Memory: `*_growth_mib` is a process's peak resident memory (sampled every 20 ms) over its resident memory when the
-step began (imports and Ray already there); `worker_peak_mib` is the largest resident memory of any Ray worker
-process during prepare (sampled every 0.2 s, imports included).
+step began (imports, Ray and the tokenizer already there); `worker_peak_mib` is the largest resident memory of any
+Ray worker process during the step (sampled every 0.2 s, imports included).
 
-    .venv/bin/python benchmarks/scale.py [--pairs 10000 100000 1000000] [--steps plan-after read-after ...]
-        [--prepare-max 100000] [--workers 2]
+    .venv/bin/python benchmarks/scale.py [--pairs 10000 100000 1000000] [--steps prepare train ...]
+        [--prepare-max 100000] [--reference-max 30000] [--workers 2]
 
 prepare's "before" is the same step run on another checkout's code: PYTHONPATH=<checkout> (the step prints the
-file of the prepare stage it ran).
-
-The reference, train steps, generate's sampling and evaluate's forwards are linear in tokens by construction and
-are not measured here (benchmarks/reference_throughput.py, train_vs_trl.py measure their rates).
+file of the prepare stage it ran). `summary` reads the `eval` artifacts' manifests only, whose size does not
+depend on the pairs; it is not measured here.
 """
 
 from __future__ import annotations

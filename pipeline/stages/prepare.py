@@ -217,56 +217,58 @@ def _id(block: pa.Table) -> tuple[str, str]:
     return ("row_id", "row") if "row_id" in block.column_names else ("pair_id", "pair")
 
 
-def _stage(block: pa.Table, uri: str, name: str) -> tuple[int, pa.Table]:
+def _stage(block: pa.Table, uri: str, name: str) -> tuple[int, np.ndarray, np.ndarray]:
     """Write one tokenized block to the staging directory; its row count and keys (see _keys)."""
     artifacts.write_table(block, uri, name)
     return _keys(block)
 
 
-def _staged(uri: str, name: str) -> pa.Table:
+def _block(index: int) -> str:
+    """The staged file of the index-th tokenized block."""
+    return f"block-{index:06d}.parquet"
+
+
+def _staged(uri: str, name: str, columns: list[str] | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
     fs, path = artifacts.artifact_fs(uri)
     with fs.open(artifacts.join(path, name), "rb") as f:
-        return pq.read_table(f, page_checksum_verification=True)
+        return pq.read_table(f, columns=columns, page_checksum_verification=True)
 
 
-def _keys(block: pa.Table) -> tuple[int, pa.Table]:
-    """A tokenized block's row count and its pairs' (pair_id, row, position in the block): what the dedup
-    needs, a small part of the block (unpaired rows: row_id in the pair_id column)."""
+def _keys(block: pa.Table) -> tuple[int, np.ndarray, np.ndarray]:
+    """A tokenized block's row count, and of its pairs (unpaired rows: row_id) the identity as 16 bytes (the 32
+    hex digits of pair_id: an (n, 2) uint64 array) and the position in the block: what the dedup needs, 20 bytes
+    a pair at the driver."""
     key, kept = _id(block)
-    is_pair = pc.equal(block["kind"], kept)
-    positions = pa.array(np.arange(block.num_rows, dtype=np.int64))
-    return block.num_rows, pa.table(
-        {
-            "pair_id": block[key].filter(is_pair),
-            "row": block["row"].filter(is_pair),
-            "position": positions.filter(is_pair),
-        }
-    )
+    is_pair = pc.equal(block["kind"], kept).to_numpy(zero_copy_only=False)
+    ids = block[key].filter(pa.array(is_pair)).to_pylist()
+    digests = np.frombuffer(b"".join(bytes.fromhex(i) for i in ids), dtype=np.uint64).reshape(len(ids), 2)
+    return block.num_rows, digests, np.flatnonzero(is_pair).astype(np.int32)
 
 
-def _duplicates(keys: list[pa.Table]) -> list[dict[str, str]]:
-    """Per block: {row: kept row} for each pair whose pair_id an earlier pair holds. Of a group of equal
-    pair_ids the first in input order (blocks are in input order) is kept, wherever the others are."""
-    tagged = [k.append_column("block", pa.array(np.full(k.num_rows, i, dtype=np.int64))) for i, k in enumerate(keys)]
-    found: list[dict[str, str]] = [{} for _ in keys]
-    if not tagged:
+def _duplicates(keys: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[int, tuple[int, int]]]:
+    """Per block: {position: (block, position) of the pair kept} for each pair whose identity an earlier pair holds
+    (keys: each block's (digests, positions), see _keys). Of a group of equal identities the first in input order
+    (blocks are in input order) is kept, wherever the others are. Numpy arrays only: 36 bytes a pair at most."""
+    found: list[dict[int, tuple[int, int]]] = [{} for _ in keys]
+    counts = [len(p) for _, p in keys]
+    if sum(counts) < 2:
         return found
-    table = pa.concat_tables(tagged).sort_by(
-        [("pair_id", "ascending"), ("block", "ascending"), ("position", "ascending")]
-    )
-    ids = table["pair_id"].to_numpy(zero_copy_only=False)
-    if ids.size < 2:
-        return found
-    repeated = np.flatnonzero(ids[1:] == ids[:-1]) + 1  # a pair_id equal to the one before (sorted)
+    digests = np.concatenate([d for d, _ in keys])
+    blocks = np.repeat(np.arange(len(keys), dtype=np.int32), counts)
+    positions = np.concatenate([p for _, p in keys])
+    order = np.lexsort((positions, blocks, digests[:, 1], digests[:, 0]))
+    sorted_digests = digests[order]
+    same = (sorted_digests[1:] == sorted_digests[:-1]).all(axis=1)  # equal to the one before (sorted)
+    del sorted_digests
+    repeated = np.flatnonzero(same) + 1
     if repeated.size == 0:
         return found
-    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # where each group of equal pair_ids starts
-    keeper = first[np.searchsorted(first, repeated, side="right") - 1]
-    rows, blocks = table["row"].to_numpy(zero_copy_only=False), table["block"].to_numpy()
-    for i, k in zip(repeated.tolist(), keeper.tolist(), strict=True):
-        found[int(blocks[i])][str(rows[i])] = str(rows[k])
+    first = np.flatnonzero(np.r_[True, ~same])  # where each group of equal identities starts
+    keeper = order[first[np.searchsorted(first, repeated, side="right") - 1]]
+    for i, k in zip(order[repeated].tolist(), keeper.tolist(), strict=True):
+        found[int(blocks[i])][int(positions[i])] = (int(blocks[k]), int(positions[k]))
     return found
 
 
@@ -314,7 +316,7 @@ def _with_kl_completions(table: pa.Table, seed: int, max_length: int, rows_per_s
 def _finalize(
     index: int,
     blocks: list[tuple[str, str]],
-    duplicates: dict[str, str],
+    duplicates: dict[int, tuple[str, int]],
     output: str,
     rejects_uri: str,
     rows_per_shard: int,
@@ -331,10 +333,14 @@ def _finalize(
     hook = named_hook(os.environ.get(UNIT_HOOK_ENV))  # a test's hold (dpo_ray.testing.faults), before each write
     table = pa.concat_tables([_staged(uri, name) for uri, name in blocks])
     key, kept_kind = _id(table)
-    if duplicates:
-        rows = table["row"].to_pylist()
-        dup = pa.array([r in duplicates for r in rows])
-        table = _reject(table, dup, "duplicate", pa.array([f"same {key} as {duplicates.get(r)}" for r in rows]))
+    if duplicates:  # {row of the group: (staged block, position) of the pair kept}: named by its row
+        kept_rows = {name: _staged(blocks[0][0], name, ["row"])["row"] for name in {b for b, _ in duplicates.values()}}
+        dup = np.zeros(table.num_rows, dtype=bool)
+        dup[list(duplicates)] = True
+        details: list[str | None] = [None] * table.num_rows
+        for i, (name, position) in duplicates.items():
+            details[i] = f"same {key} as {kept_rows[name][position].as_py()}"
+        table = _reject(table, pa.array(dup), "duplicate", pa.array(details, pa.string()))
     if unpaired is not None:
         table = _with_kl_completions(table, *unpaired, rows_per_shard)
     schema = PAIRS_SCHEMA if unpaired is None else UNPAIRED_SCHEMA
@@ -462,7 +468,7 @@ def run(cfg: PrepareConfig) -> Manifest:
 
 def _tokenized(
     cfg: PrepareConfig, files: list[Any], config: dict[str, Any], counter: Any, staging: str
-) -> list[tuple[int, pa.Table]]:
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """Every input row through the Tokenize actors, in input order (one streaming Ray Data execution), each block
     (its rows a pair or a reject with its reason) staged as it comes out (`<staging>/block-<i>.parquet`): each
     block's row count and keys, in input order."""
@@ -495,9 +501,9 @@ def _tokenized(
             for block in bundle.block_refs:
                 if len(writing) >= window:  # backpressure: the execution waits while its blocks are written
                     _, writing = ray.wait(writing, num_returns=len(writing) - window + 1)
-                refs.append(stage.remote(block, staging, f"block-{len(refs):06d}.parquet"))
+                refs.append(stage.remote(block, staging, _block(len(refs))))
                 writing.append(refs[-1])
-        keys: list[tuple[int, pa.Table]] = gather(refs, "prepare: staged", "blocks")
+        keys: list[tuple[int, np.ndarray, np.ndarray]] = gather(refs, "prepare: staged", "blocks")
         return keys
     except Exception as e:
         user_error = unwrap_user_error(e, (InputError,))
@@ -509,16 +515,19 @@ def _tokenized(
 
 
 def _write_shards(
-    cfg: PrepareConfig, keys: list[tuple[int, pa.Table]], staging: str, rejects_uri: str
+    cfg: PrepareConfig, keys: list[tuple[int, np.ndarray, np.ndarray]], staging: str, rejects_uri: str
 ) -> list[dict[str, Any]]:
     """The dedup (on the pairs' keys only) and the shards: consecutive staged blocks of at most rows_per_shard rows
     form one output shard, written by a Ray task; returns each shard's counts and stats columns."""
     import ray
 
-    duplicates = _duplicates([k for _, k in keys]) if cfg.dedup else [{} for _ in keys]
+    duplicates = _duplicates([(d, p) for _, d, p in keys]) if cfg.dedup else [{} for _ in keys]
+    counts = [n for n, _, _ in keys]
+    offsets = np.concatenate([[0], np.cumsum(counts)])  # each block's first row in the input order
+    del keys[:]  # the identities are not needed any more (the caller's list: its memory is freed now)
     groups: list[list[int]] = []
     rows = 0
-    for i, (n, _) in enumerate(keys):
+    for i, n in enumerate(counts):
         if not groups or rows + n > cfg.rows_per_shard:
             groups.append([])
             rows = 0
@@ -528,8 +537,12 @@ def _write_shards(
     refs = [
         finalize.remote(
             g,
-            [(staging, f"block-{i:06d}.parquet") for i in group],
-            {r: k for i in group for r, k in duplicates[i].items()},
+            [(staging, _block(i)) for i in group],
+            {
+                int(offsets[i] - offsets[group[0]]) + p: (_block(b), k)
+                for i in group
+                for p, (b, k) in duplicates[i].items()
+            },
             cfg.output,
             rejects_uri,
             cfg.rows_per_shard,
