@@ -479,7 +479,8 @@ def _tokenized(
     options = context.execution_options
     preserve, limits, block_size = options.preserve_order, options.resource_limits, context.target_max_block_size
     options.preserve_order = True  # output shards in input order, the same every run
-    options.resource_limits = limits.copy(object_store_memory=STORE_BUDGET)
+    set_limit = limits.object_store_memory  # a smaller limit set by the user stays
+    options.resource_limits = limits.copy(object_store_memory=min(STORE_BUDGET, set_limit or float("inf")))
     context.target_max_block_size = BLOCK_BYTES
     try:
         text_columns = (
@@ -493,7 +494,9 @@ def _tokenized(
             batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(size=cfg.num_actors),
         )
-        stage = ray.remote(_stage)
+        # No CPU of its own: a write waits on storage, and the driver waits on the writes (the window below), so a
+        # write must not wait for a CPU held by a read task that waits for the tokenizers' blocks to be taken.
+        stage = ray.remote(num_cpus=0)(_stage)
         refs: list[Any] = []
         writing: list[Any] = []
         window = STAGING_WINDOW * cfg.num_actors

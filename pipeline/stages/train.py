@@ -314,12 +314,13 @@ def _steps(cfg: TrainConfig, scored: Manifest) -> tuple[int, int, int]:
 
 
 def _label_counts(cfg: TrainConfig, scored: Manifest) -> dict[str, int]:
-    """Desirable and undesirable rows of the train split of a `scored_unpaired` artifact (two columns read)."""
+    """Desirable and undesirable rows of the train split of a `scored_unpaired` artifact verified whole
+    (require_complete): only its two columns fetched."""
     import pyarrow.compute as pc
 
     desirable = undesirable = 0
     for shard in scored.shards:
-        table = artifacts.read_shard(cfg.scored, shard, ["split", "label"])
+        table = artifacts.read_columns(cfg.scored, shard, ["split", "label"])
         labels = table.filter(pc.equal(table["split"], "train"))["label"]
         n_d = int(pc.sum(labels).as_py() or 0)
         desirable, undesirable = desirable + n_d, undesirable + len(labels) - n_d
