@@ -3,7 +3,8 @@
 One streaming Ray Data execution reads the inputs (pipeline.core.sources) and turns every record into a tokenized
 pair or a reject with its reason (dpo_ray.data.tokenization; the Tokenize actors encode each batch's texts in one
 tokenizer call), in input order. As each tokenized block comes out, a Ray task writes it to `<output>/.staging/`
-and returns its keys (pair_id, row, position) and row count; no block waits for the whole execution to end. The
+and returns its row count and its pairs' keys (16-byte identities and positions, numpy arrays); no block waits
+for the whole execution to end. The
 execution's blocks are at most BLOCK_BYTES and its share of the object store STORE_BUDGET, so the reads do not run
 ahead of the tokenizers by more than that (plus one input file's records: a file is read by one task;
 benchmarks/RESULTS.md, scale.py). Then the dedup on keys only: the driver finds the repeated pair_ids (the
