@@ -9,6 +9,7 @@ prepare would reject them with. Nothing else is run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -26,24 +27,19 @@ class InitError(UserError, ValueError):
 
 
 def _records(data: str, input_type: str) -> tuple[str, list[Any]]:
-    import fsspec
-
-    from pipeline.core.sources import parse_csv, parse_json, parse_jsonl, parse_parquet, resolve_inputs
+    from pipeline.core.sources import parse_file, resolve_inputs
 
     files = resolve_inputs([data], input_type)
     first = files[0]
     if first.kind in ("hf_disk", "hf_hub"):
         raise InitError(f"init checks data files (jsonl, json, csv, parquet); {data} is a {first.kind} dataset")
-    with fsspec.open(first.uri, "rb") as f:
-        raw = f.read()
-    parse = {"jsonl": parse_jsonl, "json": parse_json, "csv": parse_csv}.get(first.kind)
-    rows = parse(raw, first.uri) if parse else parse_parquet(raw, first.uri, ())
     records = []
-    for row in rows:
-        if not row["reason"]:
-            records.append(json.loads(row["record"]))
-        if len(records) >= SAMPLE:
-            break
+    with contextlib.closing(parse_file(first.uri, first.kind)) as rows:  # the file is read up to the sample only
+        for row in rows:
+            if not row["reason"]:
+                records.append(json.loads(row["record"]))
+            if len(records) >= SAMPLE:
+                break
     if not records:
         raise InitError(f"{first.uri}: no readable record")
     return first.uri, records

@@ -7,19 +7,25 @@ stage so that heterogeneous, malformed rows pass through Arrow unharmed and can 
 
 A file that cannot be parsed at all raises InputError naming the file, the line or row, and what was
 expected; a bad record inside a good file becomes a reject, never a lost row.
+
+Files are read as streams (gzip too): a JSONL or CSV line, a Parquet batch at a time, so reading a file holds neither
+the file nor its records, whatever its size (benchmarks/RESULTS.md, scale.py). A JSON array is read whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import gzip
 import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import fsspec
 import pyarrow as pa
@@ -29,7 +35,16 @@ from dpo_ray.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RECORDS_SCHEMA", "InputError", "InputFile", "inputs_fingerprint", "read_records", "resolve_inputs"]
+__all__ = [
+    "RECORDS_SCHEMA",
+    "InputError",
+    "InputFile",
+    "inputs_fingerprint",
+    "open_input",
+    "parse_file",
+    "read_records",
+    "resolve_inputs",
+]
 
 RECORDS_SCHEMA = pa.schema(
     [
@@ -40,6 +55,12 @@ RECORDS_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+
+# Rows of a Parquet input converted to records at a time.
+READ_BATCH_ROWS = 4096
+# An input file is read this many bytes at a time: what one request fetches from object storage, and about what a
+# reading task holds of its file.
+READ_BLOCK_BYTES = 8 * 2**20
 
 _EXTENSIONS = {
     ".jsonl": "jsonl",
@@ -140,53 +161,93 @@ def _row(row: str, source: str, record: str, reason: str = "", detail: str = "")
     return {"row": row, "source": source, "record": record, "reason": reason, "detail": detail}
 
 
-def _maybe_gunzip(data: bytes) -> bytes:
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+@contextlib.contextmanager
+def open_input(uri: str) -> Iterator[IO[bytes]]:
+    """An input file's bytes as a stream (local or fsspec URI), gunzipped as it is read when the file starts with
+    gzip's magic number: nothing is read whole. Reads go through one READ_BLOCK_BYTES buffer; the file object under
+    it fetches what the buffer asks and no more (no read-ahead cache of its own)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    with (
+        fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="none") as raw,
+        io.BufferedReader(raw, buffer_size=READ_BLOCK_BYTES) as buffered,
+    ):
+        if buffered.peek(2)[:2] == b"\x1f\x8b":
+            with gzip.GzipFile(fileobj=buffered) as unzipped:
+                yield cast(IO[bytes], unzipped)
+        else:
+            yield buffered
 
 
-def parse_jsonl(data: bytes, path: str) -> Iterator[dict[str, str]]:
-    """One record per non-blank line; bad lines become rejects unless no line parses at all."""
-    good, first_error = 0, None
-    rows = []
-    for lineno, raw in enumerate(_maybe_gunzip(data).split(b"\n"), start=1):
+Opener = Callable[[], AbstractContextManager[IO[bytes]]]
+
+
+def _lines(opener: Opener) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its newline) of every line, as the file is read."""
+    with opener() as f:
+        for lineno, raw in enumerate(f, start=1):
+            yield lineno, raw[:-1] if raw.endswith(b"\n") else raw
+
+
+def _first_parse_error(opener: Opener) -> tuple[int, json.JSONDecodeError] | None:
+    """The first invalid line of a JSONL file in which no line parses (undecodable lines aside), else None. Reads up
+    to the first line that parses: the first line of a good file."""
+    first_error = None
+    for lineno, raw in _lines(opener):
+        if not raw.strip():
+            continue
+        try:
+            json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+        except json.JSONDecodeError as e:
+            first_error = first_error or (lineno, e)
+            continue
+        return None
+    return first_error
+
+
+def parse_jsonl(opener: Opener, path: str) -> Generator[dict[str, str], None, None]:
+    """One record per non-blank line; bad lines become rejects unless no line parses at all. Streams: one line is
+    held at a time (a first pass reads up to the first line that parses)."""
+    failed = _first_parse_error(opener)
+    if failed is not None:
+        lineno, err = failed
+        raise InputError(f"{path}: line {lineno}: not JSON ({err}); expected one JSON object per line (JSONL)")
+    for lineno, raw in _lines(opener):
         if not raw.strip():
             continue
         where = f"{path}:{lineno}"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            rows.append(
-                _row(
-                    where,
-                    path,
-                    json.dumps(raw.decode("utf-8", "replace")),
-                    "undecodable_text",
-                    f"line {lineno}: {e.reason} at byte {e.start}",
-                )
+            yield _row(
+                where,
+                path,
+                json.dumps(raw.decode("utf-8", "replace")),
+                "undecodable_text",
+                f"line {lineno}: {e.reason} at byte {e.start}",
             )
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            first_error = first_error or (lineno, e)
-            rows.append(_row(where, path, json.dumps(text[:10_000]), "invalid_json", f"line {lineno}: {e}"))
+            yield _row(where, path, json.dumps(text[:10_000]), "invalid_json", f"line {lineno}: {e}")
             continue
-        good += 1
-        rows.append(_row(where, path, _dumps(obj)))
-    if good == 0 and first_error is not None:
-        lineno, err = first_error
-        raise InputError(f"{path}: line {lineno}: not JSON ({err}); expected one JSON object per line (JSONL)")
-    yield from rows
+        yield _row(where, path, _dumps(obj))
 
 
-def parse_json(data: bytes, path: str) -> Iterator[dict[str, str]]:
-    """A JSON array of records, or an object holding exactly one such array."""
+def parse_json(opener: Opener, path: str) -> Generator[dict[str, str], None, None]:
+    """A JSON array of records, or an object holding exactly one such array. Read whole: the json module does not
+    stream (a limit: large inputs belong in JSONL, CSV or Parquet, which stream)."""
+    with opener() as f:
+        data = f.read()
     try:
-        obj = json.loads(_maybe_gunzip(data).decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: byte {e.start}: not UTF-8 ({e.reason}); expected a UTF-8 JSON file") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: line {e.lineno} column {e.colno}: not JSON ({e.msg})") from None
+    del data
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -198,37 +259,53 @@ def parse_json(data: bytes, path: str) -> Iterator[dict[str, str]]:
         yield _row(f"{path}[{i}]", path, _dumps(rec))
 
 
-def parse_csv(data: bytes, path: str) -> Iterator[dict[str, str]]:
-    """A header row, then one record per row; undecodable bytes reach the record as lone surrogates."""
-    text = _maybe_gunzip(data).decode("utf-8", "surrogateescape")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        start = 2
-        for rec in reader:
-            yield _row(f"{path}:{start}", path, _dumps(rec))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise InputError(f"{path}: line {reader.line_num}: not CSV ({e})") from None
+def parse_csv(opener: Opener, path: str) -> Generator[dict[str, str], None, None]:
+    """A header row, then one record per row; undecodable bytes reach the record as lone surrogates. Streams."""
+    with opener() as f:
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        reader = csv.DictReader(text)
+        try:
+            start = 2
+            for rec in reader:
+                yield _row(f"{path}:{start}", path, _dumps(rec))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise InputError(f"{path}: line {reader.line_num}: not CSV ({e})") from None
 
 
-def parse_parquet(data: bytes, path: str, required: tuple[str, ...]) -> Iterator[dict[str, str]]:
-    """Rows of a Parquet file, which must have the `required` columns."""
-    try:
-        pf = pq.ParquetFile(io.BytesIO(data))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(f"{path}: not a Parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise InputError(
-            f"{path}: wrong Parquet schema: missing column(s) {missing}; found {names}. "
-            "Map your column names with prepare.columns (prompt/chosen/rejected)."
-        )
-    index = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for rec in batch.to_pylist():
-            yield _row(f"{path}[{index}]", path, _dumps(rec))
-            index += 1
+def parse_parquet(opener: Opener, path: str, required: tuple[str, ...]) -> Generator[dict[str, str], None, None]:
+    """Rows of a Parquet file, which must have the `required` columns. Streams: one batch of a row group at a
+    time."""
+    with opener() as f:
+        try:
+            pf = pq.ParquetFile(f, pre_buffer=False)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{path}: not a Parquet file ({e})") from None
+        names = pf.schema_arrow.names
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise InputError(
+                f"{path}: wrong Parquet schema: missing column(s) {missing}; found {names}. "
+                "Map your column names with prepare.columns (prompt/chosen/rejected)."
+            )
+        index = 0
+        # A batch reads the row groups it spans (pyarrow's default batch, 65,536 rows, read a test's whole file).
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, use_threads=False):
+            for rec in batch.to_pylist():
+                yield _row(f"{path}[{index}]", path, _dumps(rec))
+                index += 1
+
+
+def parse_file(uri: str, kind: str, required: tuple[str, ...] = ()) -> Generator[dict[str, str], None, None]:
+    """Every record of one input file (jsonl, json, csv or parquet), as RECORDS_SCHEMA rows, in file order."""
+    opener: Opener = functools.partial(open_input, uri)
+    if kind == "jsonl":
+        return parse_jsonl(opener, uri)
+    if kind == "json":
+        return parse_json(opener, uri)
+    if kind == "csv":
+        return parse_csv(opener, uri)
+    return parse_parquet(opener, uri, required)
 
 
 def _hf_records(spec: InputFile, split: str) -> Any:
@@ -258,25 +335,15 @@ def read_records(files: list[InputFile], required: tuple[str, ...], hf_split: st
     import ray
 
     parts = []
-    blobs = [f.uri for f in files if f.kind in ("jsonl", "json", "csv", "parquet")]
-    kinds = {f.uri: f.kind for f in files}
+    blobs = [{"uri": f.uri, "kind": f.kind} for f in files if f.kind in ("jsonl", "json", "csv", "parquet")]
     if blobs:
 
         def parse(item: dict[str, Any]) -> Iterator[dict[str, str]]:
-            path = item["path"]
-            display = next((u for u in kinds if u.endswith(path)), path)
-            kind = kinds.get(display) or _kind_of(path) or "jsonl"
-            data = item["bytes"]
-            if kind == "jsonl":
-                yield from parse_jsonl(data, display)
-            elif kind == "json":
-                yield from parse_json(data, display)
-            elif kind == "csv":
-                yield from parse_csv(data, display)
-            else:
-                yield from parse_parquet(data, display, required)
+            return parse_file(item["uri"], item["kind"], required)
 
-        parts.append(ray.data.read_binary_files(blobs, include_paths=True).flat_map(parse))
+        # One block, so one task, per file: its records stream out in blocks as it is read (the execution's block
+        # size), the task holding a line or a Parquet batch, not the file (benchmarks/RESULTS.md, scale.py).
+        parts.append(ray.data.from_items(blobs, override_num_blocks=len(blobs)).flat_map(parse))
     for f in files:
         if f.kind in ("hf_disk", "hf_hub"):
             parts.append(_hf_records(f, hf_split))

@@ -10,6 +10,7 @@ import pyarrow as pa
 from dpo_ray.data import artifacts
 from dpo_ray.data.artifacts import ShardInfo
 from dpo_ray.data.order import epoch_batches, read_split, split_counts
+from tests.counted_s3 import counted_s3
 
 
 def _shards(tmp_path, n: int = 50, per_shard: int = 7) -> list[ShardInfo]:
@@ -153,33 +154,9 @@ def test_split_counts_on_object_storage_fetch_no_read_ahead(tmp_path, monkeypatc
     """On S3 (moto, server mode, 127.0.0.1) the split column is fetched with ranged reads and nothing more: an
     object store's file read ahead a whole block (s3fs: 50 MB, the rest of each shard) before; the bytes are
     counted by the server."""
-    import threading
-
     import s3fs
-    from moto.moto_server.threaded_moto_server import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-        make_server,
-    )
 
-    served: list[int] = []
-    app = DomainDispatcherApplication(create_backend_app)
-
-    def counted(environ, start_response):
-        body = b"".join(app(environ, start_response))
-        if environ["REQUEST_METHOD"] == "GET" and "/part-" in environ.get("PATH_INFO", ""):
-            served.append(len(body))
-        return [body]
-
-    server = make_server("127.0.0.1", 0, counted, True, request_handler=MotoRequestHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():  # fmt: skip
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
+    with counted_s3(monkeypatch, "/part-") as served:
         fs = s3fs.S3FileSystem()
         fs.mkdir("counted")
         rng = np.random.default_rng(0)
@@ -191,6 +168,3 @@ def test_split_counts_on_object_storage_fetch_no_read_ahead(tmp_path, monkeypatc
         served.clear()
         assert split_counts("s3://counted/a", shards) == {"train": 2250, "eval": 750}
         assert sum(served) <= 2**16 + 2**12 < shards[0].size / 20, (served, shards[0].size)
-    finally:
-        server.shutdown()
-        s3fs.S3FileSystem.clear_instance_cache()
