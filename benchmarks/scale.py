@@ -2,12 +2,14 @@
 
 Steps (each in a fresh child process, so that its peak resident memory is its own):
 - `prepare`: the prepare stage on an embedded Ray, on HH-RLHF rows made unique (benchmarks/prepare_throughput.py's
-  inputs: 4 JSONL files, every 50th row a duplicate) with an 8k BPE trained on the sample, then `status` over the
-  run. Measured: wall time, the driver's growth, the largest peak RSS of a Ray worker process (sampled every
-  0.2 s), the object store's largest use and what it spilled (sampled from Ray's memory summary), the bytes
-  written; status's time and growth.
+  inputs: 4 JSONL files unless --input-files, every 50th row a duplicate) with an 8k BPE trained on the sample, then
+  `status` over the run. Measured: wall time, the driver's growth, the largest peak RSS of a Ray worker process
+  (sampled every 0.2 s), the object store's largest use and what it spilled (sampled from Ray's memory summary),
+  the bytes written; status's time and growth.
 - `reference-hf` / `reference-vllm`: the reference stage (one actor: a transformers forward, or a vLLM engine) on a
   synthetic `pairs` artifact of HH shape (below) with the tiny model (a 1-layer Llama, hidden 64, the same BPE).
+  Above --reference-max it runs --reference-box seconds only (then not at all if 0): its steady rate (the pairs of
+  the units written after the first, over the time since) and its peaks so far.
 - `train`: the train stage, 2 Ray Train workers (gloo), TRAIN_STEPS steps of 32 pairs, the eval split's
   EVAL_PAIRS pairs at the end, the export: what grows with the pairs is the workers' reading and the driver's
   checks (the steps are a few).
@@ -27,7 +29,8 @@ step began (imports, Ray and the tokenizer already there); `worker_peak_mib` is 
 Ray worker process during the step (sampled every 0.2 s, imports included).
 
     .venv/bin/python benchmarks/scale.py [--pairs 10000 100000 1000000] [--steps prepare train ...]
-        [--prepare-max 100000] [--reference-max 30000] [--workers 2]
+        [--prepare-max 100000] [--reference-max 30000] [--workers 2] [--input-files 4]
+        [--reference-box 0]
 
 prepare's "before" is the same step run on another checkout's code: PYTHONPATH=<checkout> (the step prints the
 file of the prepare stage it ran). `summary` reads the `eval` artifacts' manifests only, whose size does not
@@ -306,7 +309,7 @@ def _warm(model: str) -> None:
     _ = transformers.AutoModelForCausalLM  # the lazy module's import
 
 
-def child_prepare(work: str, rows: int, model: str) -> dict[str, Any]:
+def child_prepare(work: str, rows: int, model: str, files: int) -> dict[str, Any]:
     """prepare into <run_dir>/pairs, then `status` over that run (its prepare output complete)."""
     from prepare_throughput import write_inputs
 
@@ -318,7 +321,7 @@ def child_prepare(work: str, rows: int, model: str) -> dict[str, Any]:
 
     data = Path(work) / "data"
     data.mkdir()
-    inputs = write_inputs(data, rows, 4)
+    inputs = write_inputs(data, rows, files)
     ensure_ray()
     _warm(model)
     run = load_config(None, [f"run_dir={work}", f"prepare.inputs={json.dumps(inputs)}", f"prepare.tokenizer={model}",
@@ -341,8 +344,9 @@ def child_prepare(work: str, rows: int, model: str) -> dict[str, Any]:
             "code": prepare.__file__}  # fmt: skip
 
 
-def child_reference(pairs: str, work: str, backend: str, model: str) -> dict[str, Any]:
-    """The reference stage on a synthetic `pairs` artifact, one actor (the hf forward, or a vLLM engine)."""
+def child_reference(pairs: str, work: str, backend: str, model: str, box: float = 0.0) -> dict[str, Any]:
+    """The reference stage on a synthetic `pairs` artifact, one actor (the hf forward, or a vLLM engine), and its
+    steady rate (_Units). box > 0: stopped after `box` seconds (the process prints its RESULT then exits)."""
     from pipeline.config import ReferenceConfig
     from pipeline.core.runtime import ensure_ray
     from pipeline.stages import reference
@@ -351,13 +355,65 @@ def child_reference(pairs: str, work: str, backend: str, model: str) -> dict[str
     _warm(model)
     engine = {"gpu_memory_utilization": 0.1, "parity_samples": 8} if backend == "vllm" else {}
     cfg = ReferenceConfig(model=model, pairs=pairs, output=f"{work}/scored", backend=backend, **engine)
-    with _Sampler() as sampled, _Own() as own:
+    with _Sampler() as sampled, _Own() as own, _Units(cfg.output) as units:
         t0 = time.perf_counter()
+
+        def result() -> dict[str, Any]:
+            return {"seconds": time.perf_counter() - t0, "driver_growth_mib": own.growth,
+                    "worker_peak_mib": sampled.worker_mib, "object_store_peak_mib": sampled.store_mib,
+                    "spilled_mib": sampled.spilled_mib, **units.rate(t0)}  # fmt: skip
+
+        if box:
+
+            def stop() -> None:
+                time.sleep(box)
+                print("RESULT " + json.dumps({**result(), "boxed": True}), flush=True)
+                os._exit(0)
+
+            threading.Thread(target=stop, daemon=True).start()
         manifest = reference.run(cfg)
-        seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "driver_growth_mib": own.growth, "pairs": manifest.rows,
-            "worker_peak_mib": sampled.worker_mib, "object_store_peak_mib": sampled.store_mib,
-            "spilled_mib": sampled.spilled_mib, "bytes_written": _du(cfg.output)}  # fmt: skip
+        out = result()
+    return {**out, "pairs": manifest.rows, "bytes_written": _du(cfg.output)}
+
+
+class _Units:
+    """Every second, the reference's units written so far (their pairs): `rate` is the steady rate, the pairs of
+    the units written after the first over the time since the first (the start, the engine's included, left out)."""
+
+    def __init__(self, output: str) -> None:
+        self.output = Path(output)
+        self.seen: dict[str, int] = {}
+        self.first: tuple[float, int] | None = None  # (when, pairs) at the first unit written
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Units:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _scan(self) -> None:
+        import pyarrow.parquet as pq
+
+        for f in sorted(self.output.glob("part-*.parquet")):
+            if f.name not in self.seen:
+                self.seen[f.name] = pq.read_metadata(f).num_rows
+        if self.first is None and self.seen:
+            self.first = (time.perf_counter(), sum(self.seen.values()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._scan()
+
+    def rate(self, t0: float) -> dict[str, Any]:
+        self._scan()
+        now, scored = time.perf_counter(), sum(self.seen.values())
+        steady = (scored - self.first[1]) / (now - self.first[0]) if self.first and now > self.first[0] else None
+        return {"pairs_scored": scored, "units_written": len(self.seen), "steady_pairs_per_s": steady,
+                "first_unit_seconds": self.first[0] - t0 if self.first else None}  # fmt: skip
 
 
 def child_train(scored: str, work: str, model: str, workers: int) -> dict[str, Any]:
@@ -386,11 +442,11 @@ def child_train(scored: str, work: str, model: str, workers: int) -> dict[str, A
 def _child(args: argparse.Namespace) -> None:
     step, work = args.child, args.work
     if step == "prepare":
-        out = child_prepare(work, args.n, args.model)
+        out = child_prepare(work, args.n, args.model, args.input_files)
     elif step.startswith("plan"):
         out = child_plan(args.artifact, work, step.endswith("after"))
     elif step.startswith("reference"):
-        out = child_reference(args.artifact, work, step.removeprefix("reference-"), args.model)
+        out = child_reference(args.artifact, work, step.removeprefix("reference-"), args.model, args.box)
     elif step == "train":
         out = child_train(args.artifact, work, args.model, args.workers)
     else:
@@ -398,10 +454,12 @@ def _child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def _run_child(step: str, n: int, artifact: str, root: Path, workers: int, model: str) -> dict[str, Any]:
+def _run_child(
+    step: str, n: int, artifact: str, root: Path, workers: int, model: str, files: int, box: float = 0.0
+) -> dict[str, Any]:
     work = tempfile.mkdtemp(dir=root, prefix=f"{step}-{n}-")
     cmd = [sys.executable, __file__, "--child", step, "--n", str(n), "--artifact", artifact, "--work", work,
-           "--workers", str(workers), "--model", model]  # fmt: skip
+           "--workers", str(workers), "--model", model, "--input-files", str(files), "--box", str(box)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -412,7 +470,7 @@ def _run_child(step: str, n: int, artifact: str, root: Path, workers: int, model
 
 KEYS = [
     "seconds", "driver_growth_mib", "status_seconds", "status_growth_mib", "worker_growth_mib", "worker_peak_mib",
-    "object_store_peak_mib", "spilled_mib", "bytes_written", "bytes_fetched_per_worker",
+    "object_store_peak_mib", "spilled_mib", "bytes_written", "bytes_fetched_per_worker", "steady_pairs_per_s",
 ]  # fmt: skip
 
 
@@ -423,6 +481,10 @@ def main() -> None:
     ap.add_argument("--prepare-max", type=int, default=100_000, help="prepare runs up to this size only")
     ap.add_argument("--reference-max", type=int, default=30_000, help="the reference runs up to this size only")
     ap.add_argument("--workers", type=int, default=2, help="train workers of the read and train steps")
+    ap.add_argument("--input-files", type=int, default=4, help="prepare's JSONL input files (the rows split evenly)")
+    ap.add_argument("--reference-box", type=float, default=0.0,
+                    help="seconds: a reference above --reference-max runs this long")  # fmt: skip
+    ap.add_argument("--box", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
@@ -443,7 +505,8 @@ def main() -> None:
         model = str(build_hh_llama(root / "model", hh_records(), hidden=64, layers=1))
         fingerprint = tokenizer_fingerprint(load_tokenizer(model))
         for n in args.pairs:
-            steps = [s for s in args.steps if n <= limits.get(s, n)]
+            boxed = {s for s in args.steps if s.startswith("reference") and n > limits[s] and args.reference_box > 0}
+            steps = [s for s in args.steps if n <= limits.get(s, n) or s in boxed]
             built = {}
             for kind, needed in (("scored", {"train", *STEPS[4:]}), ("pairs", {"reference-hf", "reference-vllm"})):
                 if needed & set(steps):
@@ -454,7 +517,8 @@ def main() -> None:
                           flush=True)  # fmt: skip
             for step in steps:
                 artifact = built.get("pairs" if step.startswith("reference") else "scored", "")
-                results[step][n] = r = _run_child(step, n, artifact, root, args.workers, model)
+                box = args.reference_box if step in boxed else 0.0
+                results[step][n] = r = _run_child(step, n, artifact, root, args.workers, model, args.input_files, box)
                 shown = {k: r[k] for k in [*KEYS, "code"] if k in r}
                 print(json.dumps({"step": step, "pairs": n, **shown}), flush=True)
             for uri in built.values():
@@ -469,7 +533,8 @@ def main() -> None:
                 f"{by_n[n][k]:.1f}" if isinstance(by_n[n].get(k), float) else str(by_n[n].get(k, "")) for k in KEYS
             ]
             print(f"| {step} | {n} | " + " | ".join(cells) + " |")
-        for a, b in zip(sizes, sizes[1:], strict=False):
+        full = [n for n in sizes if not by_n[n].get("boxed")]  # a time-boxed step's seconds are its box
+        for a, b in zip(full, full[1:], strict=False):
             exps = []
             for k in KEYS:
                 va, vb = by_n[a].get(k), by_n[b].get(k)
