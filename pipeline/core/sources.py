@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import IO, Any, cast
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -56,6 +57,9 @@ RECORDS_SCHEMA = pa.schema(
     ]
 )
 
+# The most tasks reading files (Ray Data's own minimum of read tasks, read_op_min_num_blocks): many small files are
+# read a group of consecutive ones per task.
+READ_TASKS = 200
 # Rows of a Parquet input converted to records at a time.
 READ_BATCH_ROWS = 4096
 # An input file is read this many bytes at a time: what one request fetches from object storage, and about what a
@@ -162,44 +166,50 @@ def _row(row: str, source: str, record: str, reason: str = "", detail: str = "")
 
 
 @contextlib.contextmanager
-def open_input(uri: str) -> Iterator[IO[bytes]]:
-    """An input file's bytes as a stream (local or fsspec URI), gunzipped as it is read when the file starts with
-    gzip's magic number: nothing is read whole. Reads go through one READ_BLOCK_BYTES buffer; the file object under
-    it fetches what the buffer asks and no more (no read-ahead cache of its own)."""
+def open_input(uri: str, stream: bool = True) -> Iterator[IO[bytes]]:
+    """An input file's bytes (local or fsspec URI); the file object fetches what is asked and no more (no
+    read-ahead cache of its own). stream: read through one READ_BLOCK_BYTES buffer and gunzipped as it is read when
+    the file starts with gzip's magic number; else the file as it is (Parquet: pyarrow asks for the footer and the
+    column chunks it reads)."""
     fs, path = fsspec.core.url_to_fs(uri)
-    with (
-        fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="none") as raw,
-        io.BufferedReader(raw, buffer_size=READ_BLOCK_BYTES) as buffered,
-    ):
-        if buffered.peek(2)[:2] == b"\x1f\x8b":
-            with gzip.GzipFile(fileobj=buffered) as unzipped:
-                yield cast(IO[bytes], unzipped)
-        else:
-            yield buffered
+    with fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="none") as raw:
+        if not stream:
+            yield raw
+            return
+        with io.BufferedReader(raw, buffer_size=READ_BLOCK_BYTES) as buffered:
+            if buffered.peek(2)[:2] == b"\x1f\x8b":
+                with gzip.GzipFile(fileobj=buffered) as unzipped:
+                    yield cast(IO[bytes], unzipped)
+            else:
+                yield buffered
 
 
 Opener = Callable[[], AbstractContextManager[IO[bytes]]]
+# What json.loads raises on a line that is not a record: not JSON (JSONDecodeError), an integer of more digits than
+# Python converts (ValueError), nesting deeper than the recursion limit (RecursionError).
+_NOT_JSON = (ValueError, RecursionError)
 
 
-def _lines(opener: Opener) -> Iterator[tuple[int, bytes]]:
+def _lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
     """(line number, line without its newline) of every line, as the file is read."""
-    with opener() as f:
-        for lineno, raw in enumerate(f, start=1):
-            yield lineno, raw[:-1] if raw.endswith(b"\n") else raw
+    for lineno, raw in enumerate(f, start=1):
+        yield lineno, raw[:-1] if raw.endswith(b"\n") else raw
 
 
-def _first_parse_error(opener: Opener) -> tuple[int, json.JSONDecodeError] | None:
+def _first_parse_error(f: IO[bytes]) -> tuple[int, Exception] | None:
     """The first invalid line of a JSONL file in which no line parses (undecodable lines aside), else None. Reads up
     to the first line that parses: the first line of a good file."""
     first_error = None
-    for lineno, raw in _lines(opener):
+    for lineno, raw in _lines(f):
         if not raw.strip():
             continue
         try:
-            json.loads(raw.decode("utf-8"))
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             continue
-        except json.JSONDecodeError as e:
+        try:
+            json.loads(text)
+        except _NOT_JSON as e:
             first_error = first_error or (lineno, e)
             continue
         return None
@@ -208,32 +218,35 @@ def _first_parse_error(opener: Opener) -> tuple[int, json.JSONDecodeError] | Non
 
 def parse_jsonl(opener: Opener, path: str) -> Generator[dict[str, str], None, None]:
     """One record per non-blank line; bad lines become rejects unless no line parses at all. Streams: one line is
-    held at a time (a first pass reads up to the first line that parses)."""
-    failed = _first_parse_error(opener)
-    if failed is not None:
-        lineno, err = failed
-        raise InputError(f"{path}: line {lineno}: not JSON ({err}); expected one JSON object per line (JSONL)")
-    for lineno, raw in _lines(opener):
-        if not raw.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield _row(
-                where,
-                path,
-                json.dumps(raw.decode("utf-8", "replace")),
-                "undecodable_text",
-                f"line {lineno}: {e.reason} at byte {e.start}",
-            )
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield _row(where, path, json.dumps(text[:10_000]), "invalid_json", f"line {lineno}: {e}")
-            continue
-        yield _row(where, path, _dumps(obj))
+    held at a time. A first pass reads up to the first line that parses, then the file is read again from its
+    start (a seek within the buffer when that line is in the first READ_BLOCK_BYTES)."""
+    with opener() as f:
+        failed = _first_parse_error(f)
+        if failed is not None:
+            lineno, err = failed
+            raise InputError(f"{path}: line {lineno}: not JSON ({err}); expected one JSON object per line (JSONL)")
+        f.seek(0)
+        for lineno, raw in _lines(f):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield _row(
+                    where,
+                    path,
+                    json.dumps(raw.decode("utf-8", "replace")),
+                    "undecodable_text",
+                    f"line {lineno}: {e.reason} at byte {e.start}",
+                )
+                continue
+            try:
+                obj = json.loads(text)
+            except _NOT_JSON as e:
+                yield _row(where, path, json.dumps(text[:10_000]), "invalid_json", f"line {lineno}: {e}")
+                continue
+            yield _row(where, path, _dumps(obj))
 
 
 def parse_json(opener: Opener, path: str) -> Generator[dict[str, str], None, None]:
@@ -247,6 +260,8 @@ def parse_json(opener: Opener, path: str) -> Generator[dict[str, str], None, Non
         raise InputError(f"{path}: byte {e.start}: not UTF-8 ({e.reason}); expected a UTF-8 JSON file") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: line {e.lineno} column {e.colno}: not JSON ({e.msg})") from None
+    except _NOT_JSON as e:
+        raise InputError(f"{path}: not JSON Python can read ({type(e).__name__}: {e})") from None
     del data
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
@@ -298,7 +313,7 @@ def parse_parquet(opener: Opener, path: str, required: tuple[str, ...]) -> Gener
 
 def parse_file(uri: str, kind: str, required: tuple[str, ...] = ()) -> Generator[dict[str, str], None, None]:
     """Every record of one input file (jsonl, json, csv or parquet), as RECORDS_SCHEMA rows, in file order."""
-    opener: Opener = functools.partial(open_input, uri)
+    opener: Opener = functools.partial(open_input, uri, kind != "parquet")
     if kind == "jsonl":
         return parse_jsonl(opener, uri)
     if kind == "json":
@@ -335,15 +350,18 @@ def read_records(files: list[InputFile], required: tuple[str, ...], hf_split: st
     import ray
 
     parts = []
-    blobs = [{"uri": f.uri, "kind": f.kind} for f in files if f.kind in ("jsonl", "json", "csv", "parquet")]
+    blobs = [f for f in files if f.kind in ("jsonl", "json", "csv", "parquet")]
     if blobs:
+        # Consecutive files in at most READ_TASKS groups, a task each: its files' records stream out in blocks as
+        # they are read (the execution's block size), the task holding a line or a Parquet batch, not a file.
+        groups = [blobs[g[0] : g[-1] + 1] for g in np.array_split(np.arange(len(blobs)), min(len(blobs), READ_TASKS))]
+        items = [{"uris": [f.uri for f in g], "kinds": [f.kind for f in g]} for g in groups]
 
         def parse(item: dict[str, Any]) -> Iterator[dict[str, str]]:
-            return parse_file(item["uri"], item["kind"], required)
+            for uri, kind in zip(item["uris"], item["kinds"], strict=True):
+                yield from parse_file(uri, kind, required)
 
-        # One block, so one task, per file: its records stream out in blocks as it is read (the execution's block
-        # size), the task holding a line or a Parquet batch, not the file (benchmarks/RESULTS.md, scale.py).
-        parts.append(ray.data.from_items(blobs, override_num_blocks=len(blobs)).flat_map(parse))
+        parts.append(ray.data.from_items(items, override_num_blocks=len(items)).flat_map(parse))
     for f in files:
         if f.kind in ("hf_disk", "hf_hub"):
             parts.append(_hf_records(f, hf_split))

@@ -6,8 +6,8 @@ tokenizer call), in input order. As each tokenized block comes out, a Ray task w
 and returns its row count and its pairs' keys (16-byte identities and positions, numpy arrays); no block waits
 for the whole execution to end. The
 execution's blocks are at most BLOCK_BYTES and its share of the object store STORE_BUDGET, so the reads do not run
-ahead of the tokenizers by more than that (plus one input file's records: a file is read by one task;
-benchmarks/RESULTS.md, scale.py). Then the dedup on keys only: the driver finds the repeated pair_ids (the
+ahead of the tokenizers by more than that (a file is read as a stream: pipeline.core.sources; benchmarks/RESULTS.md,
+scale.py). Then the dedup on keys only: the driver finds the repeated pair_ids (the
 first in input order is kept), and Ray tasks write consecutive staged blocks as the Parquet shards of `pairs` and
 `rejects` (explicit Arrow schemas), returning the columns the stats need; the staged blocks are removed. The
 manifests come last.
@@ -74,12 +74,12 @@ UNIFIED_UNPAIRED_SCHEMA = pa.schema(
 # (each batch_size rows), however many rows there are (benchmarks/RESULTS.md, scale.py).
 STAGING_WINDOW = 4
 # The largest block the execution makes (Ray Data's target_max_block_size, 128 MiB by default): an input file's
-# records and a tokenizer task's output are cut into blocks of this size, so the object store holds a few of them
-# at a time, whatever the size of the input files or the dataset.
+# records (streamed out as the file is read) and a tokenizer task's output are cut into blocks of this size, so the
+# object store holds a few of them at a time, whatever the size of the input files or the dataset.
 BLOCK_BYTES = 16 * 2**20
 # The execution's share of the object store (Ray Data's resource_limits): the reads stop running ahead of the
-# tokenizers once their blocks fill it. An input file is read by one task, so its records may exceed it by one
-# file's worth (benchmarks/RESULTS.md, scale.py).
+# tokenizers once their blocks fill it (benchmarks/RESULTS.md, scale.py: 305 MiB at its peak at a million rows read
+# from one file, the writes in flight included).
 STORE_BUDGET = 16 * BLOCK_BYTES
 
 

@@ -46,35 +46,39 @@ class _Counted(io.FileIO):
         return data
 
 
+# The tests' own buffer (io.DEFAULT_BUFFER_SIZE differs between Python versions).
+_BUFFER = 8192
+
+
 @contextlib.contextmanager
 def _counted(path: Path) -> Iterator[IO[bytes]]:
-    with io.BufferedReader(_Counted(path)) as f:
+    with io.BufferedReader(_Counted(path), buffer_size=_BUFFER) as f:
         yield f
 
 
 def _expected_jsonl(data: bytes, path: str) -> list[dict[str, str]]:
-    """The rows of a JSONL file from its whole bytes: lines split at b"\\n", numbered from 1, blank lines skipped."""
+    """The rows of a JSONL file from its whole bytes: lines split at b"\\n", numbered from 1, blank lines skipped;
+    every field (the spec's reasons and details)."""
     rows = []
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
-        where = f"{path}:{lineno}"
+        row = {"row": f"{path}:{lineno}", "source": path}
         try:
             text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            rows.append((where, "undecodable_text"))
+        except UnicodeDecodeError as e:
+            detail = f"line {lineno}: {e.reason} at byte {e.start}"
+            rows.append(row | {"record": json.dumps(raw.decode("utf-8", "replace")), "reason": "undecodable_text",
+                               "detail": detail})  # fmt: skip
             continue
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
-            rows.append((where, "invalid_json"))
+        except (ValueError, RecursionError) as e:
+            rows.append(row | {"record": json.dumps(text[:10_000]), "reason": "invalid_json",
+                               "detail": f"line {lineno}: {e}"})  # fmt: skip
             continue
-        rows.append((where, json.dumps(obj)))
-    return [{"row": w, "what": what} for w, what in rows]
-
-
-def _seen(rows: Iterator[dict[str, str]]) -> list[dict[str, str]]:
-    return [{"row": r["row"], "what": r["reason"] or r["record"]} for r in rows]
+        rows.append(row | {"record": json.dumps(obj), "reason": "", "detail": ""})
+    return rows
 
 
 _MIXED = (
@@ -85,6 +89,12 @@ _MIXED = (
     b"{not json}\n"
     b'{"prompt": "\xff\xfe", "chosen": "b", "rejected": "c"}\n'
     b"[1, 2, 3]\n"
+    + b'{"prompt": '
+    + b"9" * 5000  # more digits than Python converts: a reject, not a crash
+    + b"}\n"
+    + b"[" * 100_000  # nested past the recursion limit: the same
+    + b"]" * 100_000
+    + b"\n"
     b'{"prompt": "last", "chosen": "no newline at the end", "rejected": "c"}'
 )
 
@@ -93,11 +103,11 @@ _MIXED = (
 def test_jsonl_rows_are_those_of_the_whole_file(tmp_path, zipped):
     path = tmp_path / ("mixed.jsonl.gz" if zipped else "mixed.jsonl")
     path.write_bytes(gzip.compress(_MIXED) if zipped else _MIXED)
-    rows = _seen(parse_file(str(path), "jsonl"))
+    rows = list(parse_file(str(path), "jsonl"))
     assert rows == _expected_jsonl(_MIXED, str(path))
-    assert [r["what"] for r in rows].count("invalid_json") == 1
-    assert [r["what"] for r in rows].count("undecodable_text") == 1
-    assert len(rows) == 6
+    assert [r["reason"] for r in rows].count("invalid_json") == 3
+    assert [r["reason"] for r in rows].count("undecodable_text") == 1
+    assert len(rows) == 8
 
 
 def test_jsonl_with_no_line_that_parses_is_refused_at_its_first_bad_line(tmp_path):
@@ -135,8 +145,8 @@ def test_jsonl_streams(tmp_path):
     _Counted.read_bytes = 0
     first = _first(parse_jsonl(functools.partial(_counted, path), str(path)), 10)
     assert [r["row"] for r in first] == [f"{path}:{i}" for i in range(1, 11)]
-    # The first pass reads one buffer (8 KiB), the second one more: a few buffers, not the 4.8 MB file.
-    assert _Counted.read_bytes <= 4 * io.DEFAULT_BUFFER_SIZE < len(data) // 100
+    # The first pass reads one buffer (its first line parses), the second starts from the same buffer.
+    assert _Counted.read_bytes <= 2 * _BUFFER < len(data) // 100
 
 
 def test_gzip_jsonl_streams(tmp_path):
@@ -191,20 +201,52 @@ def test_parquet_streams_by_row_group(tmp_path):
 
 
 def test_object_storage_input_streams(tmp_path, monkeypatch):
-    """On S3 (moto, server mode, 127.0.0.1) the first rows of a JSONL file are served with a read-ahead block or
-    two, not the file; every row comes out as from the local file. The bytes are counted by the server."""
+    """On S3 (moto, server mode, 127.0.0.1) the first rows of a JSONL file are served with one read block, not the
+    file, and every row comes out as from the whole bytes; Parquet is served the footer and the row groups read
+    (each once). The bytes are counted by the server."""
     import s3fs
 
     local = tmp_path / "big.jsonl"
     data = _big_jsonl(local, 100_000)  # 24 MB
-    with counted_s3(monkeypatch, "/big.jsonl") as served:
+    n = 60_000
+    table = pa.table({"prompt": [_noise(i) for i in range(n)], "chosen": ["y"] * n, "rejected": ["n"] * n})
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=5_000, compression="none")  # 12 row groups
+    with counted_s3(monkeypatch, "/big.") as served:
         fs = s3fs.S3FileSystem()
         fs.mkdir("inputs")
         fs.put(str(local), "inputs/big.jsonl")
+        fs.put(str(tmp_path / "big.parquet"), "inputs/big.parquet")
+        size = fs.size("inputs/big.parquet")
         served.clear()
         first = _first(parse_file("s3://inputs/big.jsonl", "jsonl"), 10)
         assert [r["row"] for r in first] == [f"s3://inputs/big.jsonl:{i}" for i in range(1, 11)]
-        # A first pass to the first line that parses, then the rows: a block each.
-        assert sum(served) <= 2 * READ_BLOCK_BYTES < len(data), served
-        rows = _seen(parse_file("s3://inputs/big.jsonl", "jsonl"))
-        assert rows == _expected_jsonl(data, "s3://inputs/big.jsonl")
+        # One open: the check for a line that parses and the rows share the first block.
+        assert served == [READ_BLOCK_BYTES], served
+        assert list(parse_file("s3://inputs/big.jsonl", "jsonl")) == _expected_jsonl(data, "s3://inputs/big.jsonl")
+
+        served.clear()
+        assert len(_first(parse_file("s3://inputs/big.parquet", "parquet", ("chosen",)), 1)) == 1
+        # The footer, then the first batch's row groups (4096 rows: the first group).
+        assert sum(served) < size / 6, (served, size)
+        served.clear()
+        rows = list(parse_file("s3://inputs/big.parquet", "parquet", ("chosen",)))
+        assert [json.loads(r["record"]) for r in rows] == table.to_pylist()
+        assert sum(served) < 1.05 * size, (served, size)
+
+
+def test_gzipped_parquet_is_not_parquet(tmp_path):
+    """Parquet is never unzipped (its reader seeks): a gzipped file is refused, as it was when files were read
+    whole."""
+    path = tmp_path / "zipped.parquet"
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"chosen": ["y"], "rejected": ["n"]}), buffer)
+    path.write_bytes(gzip.compress(buffer.getvalue()))
+    with pytest.raises(InputError, match=r"zipped\.parquet: not a Parquet file"):
+        list(parse_file(str(path), "parquet"))
+
+
+def test_json_array_with_an_unreadable_number_is_refused(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_bytes(b'[{"prompt": ' + b"9" * 5000 + b"}]")
+    with pytest.raises(InputError, match=r"big\.json: not JSON Python can read \(ValueError: "):
+        list(parse_file(str(path), "json"))
