@@ -345,14 +345,38 @@ def _worker_bundle(cfg: TrainConfig) -> dict[str, float]:
     return {**actor_bundle(res.pop("CPU", 1.0), gpus, cfg.workers.accelerator_type), **res}
 
 
+def _trainer_class() -> Any:
+    """Ray Train's TorchTrainer; on the embedded Ray (no RAY_ADDRESS) without its PlacementGroupCleaner.
+
+    The cleaner is a detached actor that asks Ray's State API, every second, whether the controller is alive, to
+    free the workers' placement group if it died. The embedded Ray runs no dashboard, so there is no State API: the
+    cleaner logs a warning a second and frees nothing, and where /tmp/ray/ray_current_cluster names a Ray that is
+    gone (a `ray start` cluster that died) each question blocks 40 s and stopping the cleaner costs the run 12 s.
+    Where that file names another live Ray on the machine, the cleaner asks that Ray's dashboard about this
+    controller, which it does not know, and would free this run's placement group. The embedded Ray ends with the
+    process, placement groups included. On a cluster (RAY_ADDRESS, a dashboard) the cleaner stays."""
+    from ray.train.torch import TorchTrainer
+
+    if os.environ.get("RAY_ADDRESS"):
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class EmbeddedTorchTrainer(TorchTrainer):  # type: ignore[misc,valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()  # type: ignore[misc]  # Train V2; mypy sees V1
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return EmbeddedTorchTrainer
+
+
 def _trainer(cfg: TrainConfig, loop: Any) -> Any:
     """Ray Train's TorchTrainer for the worker loop: workers, resources, checkpoints by run name, retries."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from dpo_ray.train.loop import worker_loop
 
-    return TorchTrainer(
+    return _trainer_class()(
         worker_loop,
         train_loop_config={"loop": loop},
         torch_config=TorchConfig(backend="nccl" if cfg.workers.use_gpu else "gloo"),
