@@ -78,8 +78,8 @@ STAGING_WINDOW = 4
 # object store holds a few of them at a time, whatever the size of the input files or the dataset.
 BLOCK_BYTES = 16 * 2**20
 # The execution's share of the object store (Ray Data's resource_limits): the reads stop running ahead of the
-# tokenizers once their blocks fill it (benchmarks/RESULTS.md, scale.py: 305 MiB at its peak at a million rows read
-# from one file, the writes in flight included).
+# tokenizers once their blocks fill it (benchmarks/RESULTS.md, scale.py: 202 MiB at its peak at 100k rows read from
+# one file, 256-305 MiB at a million, the staged writes in flight included).
 STORE_BUDGET = 16 * BLOCK_BYTES
 
 
