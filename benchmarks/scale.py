@@ -255,17 +255,14 @@ def child_read(uri: str, work: str, after: bool, workers: int) -> dict[str, Any]
             "bytes_fetched_per_worker": max(r["bytes_fetched"] for r in ranks), "ranks": ranks}  # fmt: skip
 
 
-class _Sampler:
-    """Every 0.2 s: the largest RSS of any Ray worker process, and the object store's use and spill."""
+class _Polled:
+    """A background thread calling `_poll` every `interval` seconds while the block runs."""
 
-    def __init__(self) -> None:
-        self.worker_mib = 0.0
-        self.store_mib: float | None = None  # None: Ray's memory summary never answered
-        self.spilled_mib: float | None = None
+    interval = 1.0
+
+    def __enter__(self) -> Any:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _Sampler:
         self._thread.start()
         return self
 
@@ -274,27 +271,45 @@ class _Sampler:
         self._thread.join()
 
     def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def _poll(self) -> None:
+        raise NotImplementedError
+
+
+class _Sampler(_Polled):
+    """Every 0.2 s: the largest RSS of any Ray worker process, and the object store's use and spill."""
+
+    interval = 0.2
+
+    def __init__(self) -> None:
+        self.worker_mib = 0.0
+        self.store_mib: float | None = None  # None: Ray's memory summary never answered
+        self.spilled_mib: float | None = None
+        self._address: str | None = None
+
+    def _poll(self) -> None:
         import re
 
         import psutil
         import ray
         from ray._private.internal_api import memory_summary
 
-        address = ray.get_runtime_context().gcs_address
-        while not self._stop.wait(0.2):
-            for p in psutil.process_iter(["name", "memory_info"]):
-                name = p.info.get("name") or ""
-                if name.startswith("ray::") and p.info.get("memory_info") is not None:
-                    self.worker_mib = max(self.worker_mib, p.info["memory_info"].rss / 2**20)
-            try:
-                text = memory_summary(address=address, stats_only=True)
-            except Exception:  # the summary is best effort while Ray starts or stops
-                continue
-            used = re.search(r"Plasma memory usage (\d+) MiB", text)
-            spilled = re.search(r"Spilled (\d+) MiB", text)
-            if used:
-                self.store_mib = max(self.store_mib or 0.0, float(used.group(1)))
-                self.spilled_mib = max(self.spilled_mib or 0.0, float(spilled.group(1)) if spilled else 0.0)
+        self._address = self._address or ray.get_runtime_context().gcs_address
+        for p in psutil.process_iter(["name", "memory_info"]):
+            name = p.info.get("name") or ""
+            if name.startswith("ray::") and p.info.get("memory_info") is not None:
+                self.worker_mib = max(self.worker_mib, p.info["memory_info"].rss / 2**20)
+        try:
+            text = memory_summary(address=self._address, stats_only=True)
+        except Exception:  # the summary is best effort while Ray starts or stops
+            return
+        used = re.search(r"Plasma memory usage (\d+) MiB", text)
+        spilled = re.search(r"Spilled (\d+) MiB", text)
+        if used:
+            self.store_mib = max(self.store_mib or 0.0, float(used.group(1)))
+            self.spilled_mib = max(self.spilled_mib or 0.0, float(spilled.group(1)) if spilled else 0.0)
 
 
 def _warm(model: str) -> None:
@@ -376,7 +391,7 @@ def child_reference(pairs: str, work: str, backend: str, model: str, box: float 
     return {**out, "pairs": manifest.rows, "bytes_written": _du(cfg.output)}
 
 
-class _Units:
+class _Units(_Polled):
     """Every second, the reference's units written so far (their pairs): `rate` is the steady rate, the pairs of
     the units written after the first over the time since the first (the start, the engine's included, left out)."""
 
@@ -384,16 +399,6 @@ class _Units:
         self.output = Path(output)
         self.seen: dict[str, int] = {}
         self.first: tuple[float, int] | None = None  # (when, pairs) at the first unit written
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _Units:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def _scan(self) -> None:
         import pyarrow.parquet as pq
@@ -404,9 +409,8 @@ class _Units:
         if self.first is None and self.seen:
             self.first = (time.perf_counter(), sum(self.seen.values()))
 
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            self._scan()
+    def _poll(self) -> None:
+        self._scan()
 
     def rate(self, t0: float) -> dict[str, Any]:
         self._scan()
