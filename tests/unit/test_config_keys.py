@@ -115,7 +115,12 @@ def _behaviour(cfg: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> str:
     batching = train._batching(cfg)
     loop = train._loop_config(cfg, steps, batching, True, n_eval > 0, [])
     recorded: dict[str, Any] = {}
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **kw: recorded.update(kw))
+
+    class Recording:  # in place of TorchTrainer (which train subclasses on the embedded Ray)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            recorded.update(kwargs)
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Recording)
     train._trainer(cfg, loop)
     recorded.pop("train_loop_config")
     return repr((dataclasses.replace(loop, tracking_params=None), recorded, train._worker_bundle(cfg), steps))
