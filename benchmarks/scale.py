@@ -66,28 +66,48 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-class _Own:
+class _Polled:
+    """A background thread calling `_poll` every `interval` seconds while the block runs."""
+
+    interval = 1.0
+
+    def __enter__(self) -> Any:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def _poll(self) -> None:
+        raise NotImplementedError
+
+
+class _Own(_Polled):
     """This process's resident memory sampled every 20 ms while the block runs: `growth` is its peak over its
     resident memory at the start (MiB)."""
+
+    interval = 0.02
 
     def __enter__(self) -> _Own:
         import psutil
 
         self._proc = psutil.Process()
         self.start = self.peak = self._proc.memory_info().rss / 2**20
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
+        return super().__enter__()
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._proc.memory_info().rss / 2**20)
+    def _poll(self) -> None:
+        self.peak = max(self.peak, self._proc.memory_info().rss / 2**20)
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss / 2**20)
+        super().__exit__(*exc)
+        self._poll()
 
     @property
     def growth(self) -> float:
@@ -253,29 +273,6 @@ def child_read(uri: str, work: str, after: bool, workers: int) -> dict[str, Any]
     ranks = [json.loads(Path(f"{work}/rank{r}.json").read_text()) for r in range(workers)]
     return {"seconds": time.perf_counter() - t0, "worker_growth_mib": max(r["growth_mib"] for r in ranks),
             "bytes_fetched_per_worker": max(r["bytes_fetched"] for r in ranks), "ranks": ranks}  # fmt: skip
-
-
-class _Polled:
-    """A background thread calling `_poll` every `interval` seconds while the block runs."""
-
-    interval = 1.0
-
-    def __enter__(self) -> Any:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._poll()
-
-    def _poll(self) -> None:
-        raise NotImplementedError
 
 
 class _Sampler(_Polled):
