@@ -9,7 +9,13 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_pool_fits", "ensure_ray", "unwrap_user_error"]
+__all__ = ["check_pool_fits", "embedded", "ensure_ray", "unwrap_user_error"]
+
+
+def embedded() -> bool:
+    """Whether this process runs the embedded local Ray (no RAY_ADDRESS): a fixed set of CPUs, no autoscaler, no
+    dashboard, ending with the process. Otherwise it is connected to a cluster."""
+    return not os.environ.get("RAY_ADDRESS")
 
 
 def ensure_ray() -> None:
@@ -36,7 +42,7 @@ def check_pool_fits(
 
     from pipeline.config import ConfigError
 
-    if os.environ.get("RAY_ADDRESS"):
+    if not embedded():
         return
     resources = ray.cluster_resources()
     if accelerator_type and f"accelerator_type:{accelerator_type}" not in resources:

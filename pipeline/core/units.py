@@ -33,6 +33,7 @@ from typing import Any
 from dpo_ray.errors import UserError
 from dpo_ray.hooks import UNIT_HOOK_ENV, named_hook
 from pipeline.core import console
+from pipeline.core.runtime import embedded
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +276,8 @@ def check_feasible(
 ) -> None:
     """On a cluster whose autoscaler publishes its node types: refuse a per-actor (or per-worker) request
     that no node type offers, before any work, naming `setting`, the request and the node types."""
-    if not os.environ.get("RAY_ADDRESS"):
-        return  # the embedded Ray: pipeline.core.runtime.check_pool_fits applies
+    if embedded():
+        return  # pipeline.core.runtime.check_pool_fits applies
     types = node_types()
     if types is not None and not any(_offers(r, bundle) for r in types.values()):
         raise PlacementError(

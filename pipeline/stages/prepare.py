@@ -4,13 +4,12 @@ One streaming Ray Data execution reads the inputs (pipeline.core.sources) and tu
 pair or a reject with its reason (dpo_ray.data.tokenization; the Tokenize actors encode each batch's texts in one
 tokenizer call), in input order. As each tokenized block comes out, a Ray task writes it to `<output>/.staging/`
 and returns its row count and its pairs' keys (16-byte identities and positions, numpy arrays); no block waits
-for the whole execution to end. The
-execution's blocks are at most BLOCK_BYTES and its share of the object store STORE_BUDGET, so the reads do not run
-ahead of the tokenizers by more than that (a file is read as a stream: pipeline.core.sources; benchmarks/RESULTS.md,
-scale.py). Then the dedup on keys only: the driver finds the repeated pair_ids (the
-first in input order is kept), and Ray tasks write consecutive staged blocks as the Parquet shards of `pairs` and
-`rejects` (explicit Arrow schemas), returning the columns the stats need; the staged blocks are removed. The
-manifests come last.
+for the whole execution to end. The execution's blocks are at most BLOCK_BYTES and its share of the object store
+STORE_BUDGET, so the reads do not run ahead of the tokenizers by more than that (a file is read as a stream:
+pipeline.core.sources; benchmarks/RESULTS.md, scale.py). Then the dedup on keys only: the driver finds the repeated
+pair_ids (the first in input order is kept), and Ray tasks write consecutive staged blocks as the Parquet shards
+of `pairs` and `rejects` (explicit Arrow schemas), returning the columns the stats need; the staged blocks are
+removed. The manifests come last.
 Every input row is accounted for: rows_in == rows_out + rows_rejected, checked before the manifest is written.
 
 With `unpaired` the rows are unpaired feedback (dpo_ray.data.unpaired) and the artifact `unpaired`: records of

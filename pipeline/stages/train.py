@@ -23,7 +23,7 @@ from pipeline.config import ConfigError, TrainConfig
 from pipeline.core import console, stage
 from pipeline.core.inputs import matching_tokenizer, stage_inputs
 from pipeline.core.progress import remote_progress
-from pipeline.core.runtime import check_pool_fits, ensure_ray
+from pipeline.core.runtime import check_pool_fits, embedded, ensure_ray
 from pipeline.core.trackers import tracking_settings
 from pipeline.core.units import actor_bundle, check_feasible, describe
 
@@ -357,7 +357,7 @@ def _trainer_class() -> Any:
     process, placement groups included. On a cluster (RAY_ADDRESS, a dashboard) the cleaner stays."""
     from ray.train.torch import TorchTrainer
 
-    if os.environ.get("RAY_ADDRESS"):
+    if not embedded():
         return TorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
